@@ -1,0 +1,190 @@
+"""The one array/DLPack bridge: NumPy, CuPy, torch (CPU or CUDA) and any ``__dlpack__`` object.
+
+Every call is handled by one :class:`Bridge`, chosen from the arrays passed in.  A bridge turns the caller's
+arrays into the arrays the compute path works on (NumPy for the CPU path, CuPy for the GPU path), allocates
+outputs, and turns results back into the caller's type, zero-copy wherever the two share memory.
+
+bf16: NumPy and CuPy have no native bfloat16, so on the GPU a bf16 tensor travels as a ``uint16`` CuPy view
+of the same memory (no copy, no fp32 round trip); the logical dtype is carried beside it as a string.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import numpy as np
+
+DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def is_torch(x) -> bool:
+    t = _torch()
+    return t is not None and isinstance(x, t.Tensor)
+
+
+def is_cupy(x) -> bool:
+    cp = sys.modules.get("cupy")
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def kind_of(x) -> str:
+    """'numpy', 'cupy', 'torch' or 'dlpack' (any other object with ``__dlpack__``)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if is_torch(x):
+        return "torch"
+    if is_cupy(x):
+        return "cupy"
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        return "dlpack"
+    raise TypeError(f"expected a NumPy array, CuPy array, torch tensor or DLPack object, got {type(x).__name__}")
+
+
+def dtype_name(x) -> str:
+    if is_torch(x):
+        return str(x.dtype).replace("torch.", "")
+    return np.dtype(x.dtype).name if not hasattr(x.dtype, "name") else x.dtype.name
+
+
+def device_of(x):
+    """('cpu', None) or ('cuda', index)."""
+    if isinstance(x, np.ndarray):
+        return ("cpu", None)
+    if is_torch(x):
+        return ("cuda", x.device.index) if x.is_cuda else ("cpu", None)
+    if is_cupy(x):
+        return ("cuda", x.device.id)
+    dev_type, dev_id = x.__dlpack_device__()
+    return ("cuda", int(dev_id)) if int(dev_type) in (2, 3, 13) else ("cpu", None)
+
+
+def is_c_contiguous(x) -> bool:
+    if is_torch(x):
+        return x.is_contiguous()
+    flags = getattr(x, "flags", None)
+    return bool(flags.c_contiguous) if flags is not None else True
+
+
+def require_cupy():
+    try:
+        import cupy
+    except ImportError:
+        raise ImportError(
+            "rwkvops: the GPU path needs CuPy. Install it with `pip install rwkvops[cuda12]` "
+            "(cupy-cuda12x) or `pip install rwkvops[cuda13]` (cupy-cuda13x)."
+        ) from None
+    return cupy
+
+
+class Bridge:
+    """Converts between the caller's arrays and the compute arrays for one call."""
+
+    gpu = False
+
+    def to_compute(self, x, dtype=None):
+        raise NotImplementedError
+
+    def from_compute(self, x, dtype: str):
+        raise NotImplementedError
+
+    def stream(self):
+        return contextlib.nullcontext()
+
+
+class NumpyBridge(Bridge):
+    def to_compute(self, x, dtype=None):
+        return np.asarray(x)
+
+    def from_compute(self, x, dtype):
+        return x
+
+
+class TorchCpuBridge(Bridge):
+    def to_compute(self, x, dtype=None):
+        x = x.detach()
+        if dtype_name(x) == "bfloat16":  # NumPy has no bf16: compute in float32 on the CPU path
+            x = x.float()
+        return x.numpy()
+
+    def from_compute(self, x, dtype):
+        torch = _torch()
+        return torch.from_numpy(np.ascontiguousarray(x)).to(getattr(torch, dtype))
+
+
+class DlpackCpuBridge(NumpyBridge):
+    def to_compute(self, x, dtype=None):
+        return np.from_dlpack(x)
+
+
+class CupyBridge(Bridge):
+    gpu = True
+
+    def __init__(self, device):
+        self.cp = require_cupy()
+        self.device = device
+
+    def to_compute(self, x, dtype=None):
+        return self.cp.asarray(x) if is_cupy(x) else self.cp.from_dlpack(x)
+
+    def from_compute(self, x, dtype):
+        return x
+
+    def empty(self, shape, dtype):
+        return self.cp.empty(shape, dtype=_storage_dtype(dtype))
+
+    def stream(self):
+        return self.cp.cuda.Device(self.device)
+
+
+class TorchCudaBridge(Bridge):
+    """torch CUDA tensors: zero-copy DLPack views, kernels on torch's current stream, torch's allocator."""
+
+    gpu = True
+
+    def __init__(self, device):
+        self.cp = require_cupy()
+        self.torch = _torch()
+        self.device = device
+
+    def to_compute(self, x, dtype=None):
+        x = x.detach()
+        if x.dtype == self.torch.bfloat16:
+            x = x.view(self.torch.int16)
+        return self.cp.from_dlpack(x)
+
+    def from_compute(self, x, dtype):
+        t = self.torch.from_dlpack(x)
+        return t.view(self.torch.bfloat16) if dtype == "bfloat16" else t
+
+    def empty(self, shape, dtype):
+        torch = self.torch
+        t = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=f"cuda:{self.device}")
+        return self.to_compute(t)
+
+    @contextlib.contextmanager
+    def stream(self):
+        # Launch on torch's current stream; producer and consumer streams then match, so DLPack adds no sync.
+        torch = self.torch
+        with self.cp.cuda.Device(self.device):
+            s = torch.cuda.current_stream(self.device)
+            with self.cp.cuda.ExternalStream(s.cuda_stream, self.device):
+                yield
+
+
+def _storage_dtype(dtype: str):
+    return np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def make_bridge(kind: str, device) -> Bridge:
+    on_gpu = device[0] == "cuda"
+    if kind == "numpy":
+        return NumpyBridge()
+    if kind == "torch":
+        return TorchCudaBridge(device[1]) if on_gpu else TorchCpuBridge()
+    if kind in ("cupy", "dlpack"):
+        return CupyBridge(device[1]) if on_gpu else DlpackCpuBridge()
+    raise TypeError(kind)

@@ -1,0 +1,259 @@
+"""Running an op: bind arguments, validate, pick the CPU or GPU path, bridge arrays, autograd for torch.
+
+The Chainer-style pair :func:`forward` / :func:`backward` is the whole engine; ``op(...)`` and the torch
+autograd function are thin layers on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import _arrays
+from ._validate import Plan, check_call
+
+
+@dataclasses.dataclass
+class Context:
+    """What :func:`forward` keeps for :func:`backward`: compute arrays and the launch description."""
+
+    op: object
+    plan: Plan
+    bridge: object
+    x: dict                   # compute arrays (NumPy or CuPy) of the inputs
+    state_in: object          # initial states as used, [num_seqs, ...] (CPU) or the caller's state (GPU)
+    seqs: object              # CPU: list of (start, end) or None; GPU: _gpu.Seqs
+    saved: object = None      # what the GPU forward returned for its backward
+    state_given: bool = False
+
+
+@dataclasses.dataclass
+class GpuCall:
+    """Passed to an op's GPU launchers: what they need to know about this call."""
+
+    op: object
+    dtype: str
+    dims: dict
+    seqs: object
+    empty: object             # empty(shape, dtype_name) -> CuPy array from the caller's allocator
+
+
+def _bind(op, args, kwargs):
+    names = [a.name for a in op.inputs]
+    if len(args) > len(names):
+        raise TypeError(f"{op.name}() takes {len(names)} array arguments ({', '.join(names)}), got {len(args)}")
+    x = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise TypeError(f"{op.name}() got an unexpected argument {k!r}; expected {', '.join(names)}, "
+                            f"state, cu_seqlens, state_indices")
+        if k in x:
+            raise TypeError(f"{op.name}() got argument {k!r} twice")
+        x[k] = v
+    missing = [n for n in names if n not in x]
+    if missing:
+        raise TypeError(f"{op.name}() is missing argument(s) {', '.join(map(repr, missing))}")
+    return x
+
+
+def _prepare(op, args, kwargs, state, cu_seqlens, state_indices):
+    x = _bind(op, args, kwargs)
+    plan = check_call(op, x, state, cu_seqlens, state_indices)
+    bridge = _arrays.make_bridge(plan.kind, plan.device)
+    return x, plan, bridge
+
+
+def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs):
+    """``op(*inputs, state=None, cu_seqlens=None, state_indices=None) -> (y, state_out)``."""
+    x, plan, bridge = _prepare(op, args, kwargs, state, cu_seqlens, state_indices)
+    if plan.kind == "torch":
+        import torch
+        tensors = [*x.values(), state]
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            if plan.pool:
+                raise ValueError(f"{op.name}: gradients through a state pool (state_indices) are not supported; "
+                                 "pass the initial states as a batch [num_seqs, ...] instead")
+            from ._torch import apply
+            return apply(op, plan, bridge, x, state, cu_seqlens, state_indices)
+    y, s, _ = _forward(op, plan, bridge, x, state, cu_seqlens, state_indices, save=False)
+    return y, s
+
+
+def forward(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs):
+    """Explicit forward for NumPy/CuPy callers: ``-> (y, state_out, ctx)``; pass ``ctx`` to :func:`backward`."""
+    x, plan, bridge = _prepare(op, args, kwargs, state, cu_seqlens, state_indices)
+    if plan.pool:
+        raise ValueError(f"{op.name}: forward-for-backward through a state pool is not supported; "
+                         "pass the initial states as a batch [num_seqs, ...] instead")
+    return _forward(op, plan, bridge, x, state, cu_seqlens, state_indices, save=True)
+
+
+def backward(ctx: Context, dy=None, dstate=None) -> dict:
+    """Gradients of ``sum(dy * y) + sum(dstate * state_out)`` w.r.t. every input and the initial state.
+
+    Returns ``{input name: grad, ..., state name: grad}``, each in the caller's array type; input gradients in
+    the inputs' dtype (parameters shared by the batch summed), the state gradient in fp32 (float64 on the CPU
+    path for float64 inputs).  ``dy``/``dstate`` of None count as zeros.
+    """
+    op, plan, bridge = ctx.op, ctx.plan, ctx.bridge
+    with bridge.stream():
+        dy_c = None if dy is None else bridge.to_compute(_contig(dy))
+        ds_c = None if dstate is None else bridge.to_compute(_contig(dstate))
+        if plan.gpu:
+            call = GpuCall(op, plan.dtype, plan.dims, ctx.seqs, bridge.empty)
+            grads = op.gpu_backward(call, ctx.x, ctx.state_in, ctx.saved, dy_c, ds_c)
+        else:
+            grads = _cpu_backward(op, ctx, dy_c, ds_c)
+        out = {}
+        for a in op.inputs:
+            out[a.name] = bridge.from_compute(grads[a.name], plan.dtype if plan.gpu else _cpu_out_dtype(plan))
+        st = grads[op.state.name]
+        out[op.state.name] = bridge.from_compute(st, "float64" if (not plan.gpu and plan.dtype == "float64")
+                                                 else "float32")
+    return out
+
+
+def _contig(a):
+    if _arrays.is_torch(a):
+        return a.contiguous()
+    return a
+
+
+def _cpu_out_dtype(plan):
+    return plan.dtype
+
+
+def _forward(op, plan, bridge, x, state, cu_seqlens, state_indices, save):
+    if plan.gpu:
+        from ._gpu import raise_pending_error
+        raise_pending_error(plan.device[1])
+    with bridge.stream():
+        xc = {k: bridge.to_compute(v) for k, v in x.items()}
+        sc = None if state is None else bridge.to_compute(state)
+        if plan.gpu:
+            y, s_out, ctx = _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save)
+        else:
+            y, s_out, ctx = _cpu_forward(op, plan, bridge, xc, sc, save)
+        y = bridge.from_compute(y, plan.dtype)
+        s_dtype = "float64" if (not plan.gpu and plan.dtype == "float64") else "float32"
+        s_out = state if plan.pool else bridge.from_compute(s_out, s_dtype)
+    if ctx is not None:
+        ctx.state_given = state is not None
+    return y, s_out, ctx
+
+
+# ---------------------------------------------------------------- CPU path (NumPy references)
+
+def _compute_dtype(plan):
+    return np.float64 if plan.dtype == "float64" else np.float32
+
+
+def _split(op, xc, start, end):
+    """Inputs of one sequence [start, end) of a packed (B = 1) call."""
+    out = {}
+    for a in op.inputs:
+        v = xc[a.name]
+        if a.per_token:
+            ax = a.shape.index("T")
+            v = v[(slice(None),) * ax + (slice(start, end),)]
+        out[a.name] = v
+    return out
+
+
+def _cpu_forward(op, plan, bridge, xc, sc, save):
+    ct = _compute_dtype(plan)
+    xc = {k: np.asarray(v, dtype=ct) for k, v in xc.items()}
+    S = plan.num_seqs
+    st_shape = (S,) + tuple(plan.dims.get(s, s) for s in op.state.shape[1:])
+    if sc is None:
+        s0 = np.zeros(st_shape, ct)
+    elif plan.pool:
+        idx = plan.idx_host
+        s0 = np.zeros(st_shape, ct)
+        s0[idx >= 0] = sc[idx[idx >= 0]]
+    else:
+        s0 = np.array(sc, dtype=ct)
+    if plan.varlen:
+        cu = plan.cu_host
+        seqs = [(int(cu[i]), int(cu[i + 1])) for i in range(S)]
+        ys, s1 = [], np.empty_like(s0)
+        for i, (a, b) in enumerate(seqs):
+            xi = _split(op, xc, a, b)
+            if b > a:
+                yi, s1[i:i + 1] = op.reference_forward(xi, s0[i:i + 1])
+            else:
+                yi, s1[i] = np.zeros_like(xi[op.output]), s0[i]
+            ys.append(yi)
+        ax = op.arg(op.output).shape.index("T")
+        y = np.concatenate(ys, axis=ax) if ys else np.zeros_like(xc[op.output])
+    else:
+        seqs = None
+        y, s1 = op.reference_forward(xc, s0)
+    if plan.pool:
+        idx = plan.idx_host
+        keep = idx >= 0
+        sc[idx[keep]] = s1[keep]  # in place, into the caller's pool (a view of its memory)
+        s_out = sc
+    else:
+        s_out = s1
+    ctx = Context(op, plan, bridge, xc, s0, seqs) if save else None
+    return y, s_out, ctx
+
+
+def _cpu_backward(op, ctx, dy, ds):
+    plan = ctx.plan
+    ct = _compute_dtype(plan)
+    x, s0 = ctx.x, ctx.state_in
+    dy = np.zeros_like(x[op.output]) if dy is None else np.asarray(dy, dtype=ct)
+    ds = np.zeros_like(s0) if ds is None else np.asarray(ds, dtype=ct)
+    if ctx.seqs is None:
+        return op.reference_backward(x, s0, dy, ds)
+    grads = {a.name: np.zeros_like(x[a.name]) for a in op.inputs}
+    dstate = np.empty_like(s0)
+    oax = op.arg(op.output).shape.index("T")
+    for i, (a, b) in enumerate(ctx.seqs):
+        if b == a:
+            dstate[i] = ds[i]
+            continue
+        xi = _split(op, x, a, b)
+        dyi = dy[(slice(None),) * oax + (slice(a, b),)]
+        gi = op.reference_backward(xi, s0[i:i + 1], dyi, ds[i:i + 1])
+        for arg in op.inputs:
+            if arg.per_token:
+                ax = arg.shape.index("T")
+                grads[arg.name][(slice(None),) * ax + (slice(a, b),)] = gi[arg.name]
+            else:
+                grads[arg.name] += gi[arg.name]
+        dstate[i] = gi[op.state.name][0]
+    grads[op.state.name] = dstate
+    return grads
+
+
+# ---------------------------------------------------------------- GPU path
+
+def _device_ints(bridge, host, given):
+    """A host-validated int array uploaded as int32, or the caller's device array as a CuPy view."""
+    import cupy
+    if host is not None:
+        return cupy.asarray(host.astype(np.int32))
+    return bridge.to_compute(given)
+
+
+def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save):
+    from ._gpu import Seqs
+    S = plan.num_seqs
+    T = plan.dims.get("T", 0)
+    cu = None if not plan.varlen else _device_ints(bridge, plan.cu_host, cu_seqlens)
+    idx = None if not plan.pool else _device_ints(bridge, plan.idx_host, state_indices)
+    B = plan.dims.get("B", 1)
+    seqs = Seqs(num=S, T=0 if plan.varlen else T, total=B * T, cu_seqlens=cu, state_idx=idx,
+                pool_size=0 if sc is None else int(sc.shape[0]))
+    if plan.pool:
+        s_out = sc
+    else:
+        st_shape = (S,) + tuple(plan.dims.get(s, s) for s in op.state.shape[1:])
+        s_out = bridge.empty(st_shape, "float32")
+    call = GpuCall(op, plan.dtype, plan.dims, seqs, bridge.empty)
+    y, saved = op.gpu_forward(call, xc, sc, s_out, save)
+    ctx = Context(op, plan, bridge, xc, sc, seqs, saved) if save else None
+    return y, s_out, ctx

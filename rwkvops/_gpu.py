@@ -1,0 +1,101 @@
+"""What GPU launchers share: the sequence description, launch helpers and the in-kernel error flag.
+
+Kernel ABI shared by every op (so varlen, pools and dense batches are one code path in CUDA):
+
+* per-token arrays are addressed as flat tokens ``[total_tokens, ...]``; sequence ``s`` covers tokens
+  ``cu_seqlens[s] .. cu_seqlens[s+1]`` when ``cu_seqlens`` is non-null, else ``s*T .. s*T+T``;
+* ``state_in`` may be null (zero initial state); ``state_out`` may be null (not wanted);
+  with ``state_idx`` non-null, sequence ``s`` reads slot ``state_idx[s]`` of ``state_in`` and writes the same
+  slot of ``state_out`` (a pool, in place: they alias); slot ``-1`` starts from zero and writes nothing;
+* ``err`` points at a pinned host word the kernel sets (never clears) when it meets a bad device-side index;
+  the next call on that device raises (see :func:`raise_pending_error`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from ._compile import get_function
+
+ERR_BAD_CU_SEQLENS = 1
+ERR_BAD_STATE_INDEX = 2
+ERR_MESSAGES = {
+    ERR_BAD_CU_SEQLENS: "cu_seqlens (on the GPU) was not non-decreasing from 0 to T",
+    ERR_BAD_STATE_INDEX: "state_indices (on the GPU) held an index outside [-1, pool size)",
+}
+
+
+@dataclasses.dataclass
+class Seqs:
+    """How tokens split into sequences for one launch.
+
+    num: number of sequences (grid dimension); T: tokens per sequence when dense (0 with cu_seqlens);
+    total: total tokens; cu_seqlens: int32 CuPy array [num + 1] or None; max_len: a host-side upper bound
+    on any sequence's length (T when dense, the total otherwise).
+    """
+
+    num: int
+    T: int
+    total: int
+    cu_seqlens: object = None
+    state_idx: object = None
+    pool_size: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.T if self.cu_seqlens is None else self.total
+
+    def chunk_slots(self, chunk: int) -> int:
+        """Upper bound on sum over sequences of ceil(len/chunk); sequence s's chunks start at
+        cu[s] // chunk + s (see the kernels), so checkpoints need no host copy of cu_seqlens."""
+        if self.cu_seqlens is None:
+            return self.num * (-(-self.T // chunk))
+        return self.total // chunk + self.num + 1
+
+
+def ptr(x):
+    """Raw device pointer of a CuPy array, or 0 (null) for None."""
+    import numpy as np
+    return np.uint64(0) if x is None else np.uint64(x.data.ptr)
+
+
+def launch(op_name, source, name_expression, name_expressions, grid, block, args, shared_mem=0):
+    """Launch ``name_expression`` (compiled once with all of ``name_expressions``) on the current stream."""
+    import cupy
+    fn = get_function(op_name, source, name_expression, name_expressions)
+    if shared_mem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = shared_mem
+    fn(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem, stream=cupy.cuda.get_current_stream())
+
+
+@functools.lru_cache(maxsize=None)
+def _error_word(device: int):
+    import cupy
+    import numpy as np
+    with cupy.cuda.Device(device):
+        mem = cupy.cuda.alloc_pinned_memory(4)
+        host = np.frombuffer(mem, dtype=np.int32, count=1)
+        host[0] = 0
+    return mem, host
+
+
+def error_ptr():
+    """Device-visible pointer to this device's pinned error word (pinned host memory is mapped under UVA)."""
+    import cupy
+    import numpy as np
+    mem, _ = _error_word(cupy.cuda.Device().id)
+    return np.uint64(mem.ptr)
+
+
+def raise_pending_error(device: int, sync: bool = False) -> None:
+    """Raise (and clear) an error a kernel reported on ``device``; with ``sync``, wait for the device first."""
+    import cupy
+    mem, host = _error_word(device)
+    if sync:
+        with cupy.cuda.Device(device):
+            cupy.cuda.Device(device).synchronize()
+    code = int(host[0])
+    if code:
+        host[0] = 0
+        raise ValueError("rwkvops: a previous kernel call reported bad input: " + ERR_MESSAGES.get(code, f"code {code}")
+                         + "; its outputs are invalid")

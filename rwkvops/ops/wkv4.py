@@ -1,0 +1,1 @@
+"""RWKV-4 WKV (being written)."""

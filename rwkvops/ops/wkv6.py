@@ -1,0 +1,1 @@
+"""RWKV-6 WKV (being written)."""

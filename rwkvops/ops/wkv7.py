@@ -1,0 +1,217 @@
+"""RWKV-7 WKV: ``S_t = S_{t-1} diag(exp(-exp(w_t))) + (S_{t-1} a_t) b_t^T + v_t k_t^T``, ``y_t = S_t r_t``.
+
+Pieces, side by side:
+
+* :func:`reference_forward` / :func:`reference_backward`: the NumPy oracle, straight from the formula;
+* :func:`gpu_forward` / :func:`gpu_backward`: launchers of the CUDA kernels in ``cuda_src/wkv7.cu``;
+* :func:`to_fla` / :func:`from_fla`: converters to and from flash-linear-attention's convention;
+* :func:`wkv7`: the public function (NumPy, CuPy, torch; torch autograd).
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from ..registry import Arg, Kernel, Op, register_op
+
+__all__ = ["wkv7", "to_fla", "from_fla", "reference_forward", "reference_backward", "OP"]
+
+# ----------------------------------------------------------------------------- NumPy reference
+
+
+def _decay(w):
+    """Per-step decay factor exp(-exp(w)) in w's dtype."""
+    return np.exp(-np.exp(w))
+
+
+def reference_forward(x: dict, state):
+    """Dense-batch forward in the inputs' dtype.  ``x[name]``: [B, T, H, N]; ``state``: [B, H, N, N] (i=value, j=key)."""
+    r, w, k, v, a, b = (x[n] for n in ("r", "w", "k", "v", "a", "b"))
+    dt = r.dtype
+    B, T, H, N = r.shape
+    S = np.array(state, dtype=dt, copy=True)
+    dec = _decay(w)
+    y = np.empty_like(r)
+    for t in range(T):
+        sa = np.einsum("bhij,bhj->bhi", S, a[:, t])                       # S_{t-1} a_t
+        S = (S * dec[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :]
+             + v[:, t, :, :, None] * k[:, t, :, None, :])
+        y[:, t] = np.einsum("bhij,bhj->bhi", S, r[:, t])
+    return y, S
+
+
+def reference_backward(x: dict, state, dy, dstate):
+    """Gradients of ``sum(dy*y) + sum(dstate*S_T)`` w.r.t. r, w, k, v, a, b and the initial state.
+
+    Adjoint recursion (dS_t is the gradient w.r.t. S_t with everything after t accounted for):
+    ``dS_t += dy_t r_t^T``; then with G_t = diag(decay_t) + a_t b_t^T, ``dS_{t-1} = dS_t G_t^T``, and
+    ``dr_t = S_t^T dy_t``, ``dv_t = dS_t k_t``, ``dk_t = dS_t^T v_t``, ``db_t = dS_t^T (S_{t-1} a_t)``,
+    ``da_t = S_{t-1}^T (dS_t b_t)``, ``dw_t[j] = sum_i dS_t[i,j] S_{t-1}[i,j] * decay_t[j] * (-exp(w_t[j]))``.
+    """
+    r, w, k, v, a, b = (x[n] for n in ("r", "w", "k", "v", "a", "b"))
+    dt = r.dtype
+    B, T, H, N = r.shape
+    dec = _decay(w)
+    states = [np.array(state, dtype=dt, copy=True)]
+    S = states[0]
+    for t in range(T):
+        sa = np.einsum("bhij,bhj->bhi", S, a[:, t])
+        S = (S * dec[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :]
+             + v[:, t, :, :, None] * k[:, t, :, None, :])
+        states.append(S)
+    g = {n: np.zeros_like(x[n]) for n in ("r", "w", "k", "v", "a", "b")}
+    dS = np.array(dstate, dtype=dt, copy=True)
+    dy = np.asarray(dy, dtype=dt)
+    for t in range(T - 1, -1, -1):
+        St, Sp = states[t + 1], states[t]
+        dyt = dy[:, t]
+        g["r"][:, t] = np.einsum("bhij,bhi->bhj", St, dyt)
+        dS = dS + dyt[..., :, None] * r[:, t, :, None, :]
+        g["v"][:, t] = np.einsum("bhij,bhj->bhi", dS, k[:, t])
+        g["k"][:, t] = np.einsum("bhij,bhi->bhj", dS, v[:, t])
+        sa = np.einsum("bhij,bhj->bhi", Sp, a[:, t])
+        dsa = np.einsum("bhij,bhj->bhi", dS, b[:, t])
+        g["b"][:, t] = np.einsum("bhij,bhi->bhj", dS, sa)
+        g["a"][:, t] = np.einsum("bhij,bhi->bhj", Sp, dsa)
+        ddec = np.einsum("bhij,bhij->bhj", dS, Sp)
+        g["w"][:, t] = ddec * dec[:, t] * (-np.exp(w[:, t]))
+        dS = dS * dec[:, t, :, None, :] + dsa[..., None] * a[:, t, :, None, :]
+    g["state"] = dS
+    return g
+
+
+# ----------------------------------------------------------------------------- flash-linear-attention
+
+def _is_torch(x):
+    t = sys.modules.get("torch")
+    return t is not None and isinstance(x, t.Tensor)
+
+
+def _exp(x):
+    if _is_torch(x):
+        return x.float().exp().to(x.dtype)
+    if x.dtype.kind == "f" and x.dtype.itemsize < 4:
+        return np.exp(x.astype(np.float32)).astype(x.dtype)
+    return np.exp(x)
+
+
+def _log(x):
+    if _is_torch(x):
+        return x.float().log().to(x.dtype)
+    if x.dtype.kind == "f" and x.dtype.itemsize < 4:
+        return np.log(x.astype(np.float32)).astype(x.dtype)
+    return np.log(x)
+
+
+def _transpose_state(s):
+    if _is_torch(s):
+        return s.transpose(-1, -2).contiguous()
+    out = s.swapaxes(-1, -2)
+    if type(out).__module__.startswith("cupy"):
+        import cupy
+        return cupy.ascontiguousarray(out)
+    return np.ascontiguousarray(out)
+
+
+def to_fla(w=None, state=None):
+    """Convert our decay parameter and/or state to flash-linear-attention's ``chunk_rwkv7`` convention.
+
+    ``w`` (ours, raw: decay factor ``exp(-exp(w))``) becomes fla's log decay ``-exp(w)`` (same shape and dtype,
+    computed in fp32 for 16-bit inputs).  ``state`` ``[B, H, N(value i), N(key j)]`` becomes fla's
+    ``[B, H, K, V]``, i.e. ``state.transpose(-1, -2)`` (a contiguous copy).  The other inputs
+    (``r, k, v, a, b``, shapes ``[B, T, H, N]``, same argument order) pass unchanged; call fla with
+    ``scale=1.0`` (``fused_recurrent_rwkv7`` otherwise defaults to ``1/sqrt(K)``).
+    Works on NumPy, CuPy and torch arrays.  Returns ``(w_fla, state_fla)`` (None where not given).
+    """
+    w_fla = None if w is None else -_exp(w)
+    s_fla = None if state is None else _transpose_state(state)
+    return w_fla, s_fla
+
+
+def from_fla(w=None, state=None):
+    """Inverse of :func:`to_fla`: fla's log decay ``g = -exp(w)`` back to ``w = log(-g)``, and fla's state
+    ``[B, H, K, V]`` back to ours ``[B, H, V, K]`` (transpose of the last two axes).  Returns ``(w, state)``."""
+    w_ours = None if w is None else _log(-w)
+    s_ours = None if state is None else _transpose_state(state)
+    return w_ours, s_ours
+
+
+# ----------------------------------------------------------------------------- GPU launchers
+
+SOURCE = "wkv7.cu"
+CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+HEAD_SIZES = (32, 64, 128)
+CK = 16                       # checkpoint interval (tokens) of the training forward / backward
+
+
+def _names():
+    out = []
+    for ct in CTYPE.values():
+        for n in HEAD_SIZES:
+            out.append(f"wkv7_forward<{ct}, {n}>")
+            out.append(f"wkv7_decode<{ct}, {n}>")
+            out.append(f"wkv7_backward<{ct}, {n}>")
+    return tuple(out)
+
+
+NAME_EXPRESSIONS = _names()
+
+
+def gpu_forward(call, x, state_in, state_out, save):
+    raise NotImplementedError("wkv7 GPU forward: being written")
+
+
+def gpu_backward(call, x, state_in, saved, dy, dstate):
+    raise NotImplementedError("wkv7 GPU backward: being written")
+
+
+# ----------------------------------------------------------------------------- declaration
+
+_BTHN = ("B", "T", "H", "N")
+
+OP = register_op(Op(
+    name="wkv7",
+    inputs=(Arg("r", _BTHN, "receptance"), Arg("w", _BTHN, "raw decay: factor exp(-exp(w))"),
+            Arg("k", _BTHN, "key"), Arg("v", _BTHN, "value"), Arg("a", _BTHN, "in-context rate a (models: -kk)"),
+            Arg("b", _BTHN, "in-context rate b (models: kk*lr)")),
+    state=Arg("state", ("B", "H", "N", "N"), "fp32 state S[b, h, i=value, j=key]"),
+    output="r",
+    reference_forward=reference_forward,
+    reference_backward=reference_backward,
+    dtypes=("float32", "float16", "bfloat16"),
+    head_sizes=HEAD_SIZES,
+    gpu_forward=gpu_forward,
+    gpu_backward=gpu_backward,
+    kernels=(Kernel(SOURCE, NAME_EXPRESSIONS),),
+    doc="RWKV-7 WKV recurrence",
+))
+
+
+def wkv7(r, w, k, v, a, b, state=None, *, cu_seqlens=None, state_indices=None):
+    """RWKV-7 WKV recurrence.
+
+    For every sequence, batch element and head (``i`` = value channel, ``j`` = key channel)::
+
+        S_t = S_{t-1} diag(exp(-exp(w_t))) + (S_{t-1} a_t) b_t^T + v_t k_t^T
+        y_t = S_t r_t
+
+    Parameters
+    ----------
+    r, w, k, v, a, b : arrays ``[B, T, H, N]``, one dtype: float32, float16 or bfloat16 on the GPU (N in 32, 64,
+        128), float64/float32 (also float16/bf16, computed in float32) on the CPU.  ``w`` is the raw decay
+        parameter (the factor ``exp(-exp(w))`` is computed in fp32).  Models pass ``a = -kk``, ``b = kk * lr``.
+    state : optional ``[B, H, N, N]`` float32 (float64 allowed on the CPU), ``state[b, h, i, j]``; None = zeros.
+        With ``state_indices`` it is a pool ``[P, H, N, N]`` updated in place.
+    cu_seqlens : optional int32 ``[num_seqs + 1]`` (host or device): sequences packed along T with ``B = 1``.
+    state_indices : optional int32 ``[num_seqs]``: pool slot of each sequence (read at its start, written at its
+        end); ``-1`` starts from zeros and writes nothing.
+
+    Returns
+    -------
+    ``(y, state_out)``: ``y`` like ``r`` (same shape and dtype); ``state_out`` ``[num_seqs, H, N, N]`` float32
+    (the pool itself with ``state_indices``).  NumPy, CuPy and torch arrays in, the same type out; torch tensors
+    are differentiable (``r, w, k, v, a, b`` and ``state``).  A state is exact continuation: splitting ``T``
+    and passing ``state_out`` on gives the same results.  flash-linear-attention convention: :func:`to_fla`.
+    """
+    return OP(r, w, k, v, a, b, state=state, cu_seqlens=cu_seqlens, state_indices=state_indices)
