@@ -93,7 +93,8 @@ def nvrtc_check(op_name: str, source: str, name_expressions, arch: str = "comput
             ) from None
         for ne in name_expressions:
             nvrtc.getLoweredName(prog, ne)  # every instantiation must exist
-        return nvrtc.getPTX(prog)
+        ptx = nvrtc.getPTX(prog)
+        return ptx.decode() if isinstance(ptx, bytes) else ptx
     finally:
         nvrtc.destroyProgram(prog)
 

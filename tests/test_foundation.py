@@ -206,7 +206,7 @@ def _instantiations():
     out = []
     for name in rwkvops.list_ops():
         for kern in rwkvops.get_op(name).kernels:
-            out.append(pytest.param(name, kern, id=f"{name}-{kern.source}"))
+            out.append(pytest.param(name, kern, id=f"{name}-{os.path.basename(kern.source)}"))
     return out
 
 

@@ -1,1 +1,289 @@
-"""RWKV-4 WKV (being written)."""
+"""RWKV-4 WKV: declaration, NumPy reference (stable form, forward and backward), GPU launchers, fla converters.
+
+Math (per channel c; ``w, u`` are ``[C]``, ``k, v`` are ``[B, T, C]``)::
+
+    y_t = (sum_{s<t} e^{-(t-1-s) e^w + k_s} v_s + e^{u+k_t} v_t) / (sum_{s<t} e^{-(t-1-s) e^w + k_s} + e^{u+k_t})
+
+State (fp32 ``[B, 3, C]``): ``(aa, bb, pp)`` with the true numerator ``num = aa * e^pp`` and denominator
+``den = bb * e^pp`` of the history (all tokens seen so far, as the next token needs them).  With the per-step
+log decay ``w' = -e^w`` one token updates ``num <- e^{w'} num + e^{k} v``, ``den <- e^{w'} den + e^{k}``, and
+the state is kept in the numerically stable form: ``pp`` is the running max exponent,
+``pp_t = max(pp_{t-1} + w', k_t)``, i.e. after T tokens ``pp = max(pp_0 + T w', max_s (k_s + (T-1-s) w'))``,
+and ``aa = num e^{-pp}``, ``bb = den e^{-pp}``.
+
+The empty history is any state with ``aa = bb = 0``; in particular the all-zeros state ``(0, 0, 0)``, which is
+what ``state=None`` means (``pp = 0`` then only takes part in the max of later ``pp`` values; it changes the
+representation of later states, never their value ``num, den`` nor any output ``y``).  A state is exact
+continuation: splitting a sequence anywhere and continuing from ``state_out`` gives the same ``y``.
+
+Gradients: ``dstate[:, 0]`` and ``dstate[:, 1]`` are the derivatives w.r.t. ``aa`` and ``bb``;
+``dstate[:, 2]`` is the derivative w.r.t. ``pp`` as a real-valued input of the function as computed: through the
+history value (``aa dL/daa + bb dL/dbb``) plus, when ``state_out``'s ``pp`` has a gradient, through the max that
+forms ``pp_out`` (the max's derivative goes to its largest term, like ``torch.max``).  Where ``dstate_out`` comes
+from a continuation call (TBPTT), these compose into the exact gradient of the whole sequence.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..registry import Arg, Kernel, Op, register_op
+
+__all__ = ["wkv4", "to_fla", "from_fla", "reference_forward", "reference_backward"]
+
+
+# ---------------------------------------------------------------- NumPy reference (the oracle)
+
+def _states(x, state):
+    """Run the stable recurrence; return y and the state before every token (aa, bb, pp: [T+1, B, C])."""
+    w, u, k, v = x["w"], x["u"], x["k"], x["v"]
+    wp = -np.exp(w)
+    B, T, C = k.shape
+    A = np.empty((T + 1, B, C), k.dtype)
+    Bs = np.empty_like(A)
+    P = np.empty_like(A)
+    aa, bb, pp = state[:, 0].astype(k.dtype), state[:, 1].astype(k.dtype), state[:, 2].astype(k.dtype)
+    y = np.empty_like(k)
+    for t in range(T):
+        A[t], Bs[t], P[t] = aa, bb, pp
+        kt, vt = k[:, t], v[:, t]
+        uk = u + kt
+        q = np.maximum(pp, uk)
+        e1, e2 = np.exp(pp - q), np.exp(uk - q)
+        y[:, t] = (e1 * aa + e2 * vt) / (e1 * bb + e2)
+        pw = pp + wp
+        p1 = np.maximum(pw, kt)
+        f1, f2 = np.exp(pw - p1), np.exp(kt - p1)
+        aa, bb, pp = f1 * aa + f2 * vt, f1 * bb + f2, p1
+    A[T], Bs[T], P[T] = aa, bb, pp
+    return y, A, Bs, P
+
+
+def reference_forward(x: dict, state):
+    """``(y [B,T,C], state_out [B,3,C])`` from NumPy inputs of one float dtype (computed in that dtype)."""
+    y, A, Bs, P = _states(x, state)
+    return y, np.stack([A[-1], Bs[-1], P[-1]], axis=1).astype(state.dtype)
+
+
+def reference_backward(x: dict, state, dy, dstate):
+    """Gradients of ``sum(dy*y) + sum(dstate*state_out)``; ``w``, ``u`` summed over batch and time.
+
+    With scaled adjoints ``ah_t = dL/dnum_t * e^{pp_t}``, ``bh_t = dL/dden_t * e^{pp_t}`` (num_t/den_t: the history
+    after token t), the backward recursion is ``ah_{t-1} = e^{w' + pp_{t-1} - pp_t} ah_t + dy_t e1_t / den_t`` (and
+    ``bh`` with ``-dy_t y_t e1_t / den_t``), every factor <= 1, so it is as stable as the forward.
+    """
+    w, u, k, v = x["w"], x["u"], x["k"], x["v"]
+    dt = k.dtype
+    wp = -np.exp(w)
+    y, A, Bs, P = _states(x, state)
+    B, T, C = k.shape
+    ga, gb, gp = (dstate[:, i].astype(dt) for i in range(3))
+    ah, bh = ga.copy(), gb.copy()
+    route = gp - ga * A[T] - gb * Bs[T]        # dL/dpp_out beyond its effect through aa_out, bb_out
+    dk, dv = np.zeros_like(k), np.zeros_like(v)
+    dw = np.zeros((B, C), dt)
+    du = np.zeros((B, C), dt)
+    for t in reversed(range(T)):
+        aj, bj, pj, pt = A[t], Bs[t], P[t], P[t + 1]
+        kt, vt, g = k[:, t], v[:, t], dy[:, t]
+        uk = u + kt
+        q = np.maximum(pj, uk)
+        e1, e2 = np.exp(pj - q), np.exp(uk - q)
+        den = e1 * bj + e2
+        yt = (e1 * aj + e2 * vt) / den
+        ek = np.exp(kt - pt)
+        dku = g * e2 * (vt - yt) / den
+        du += dku
+        dv[:, t] = g * e2 / den + ah * ek
+        dkt = dku + ek * (ah * vt + bh)
+        pw = pj + wp
+        fac = np.exp(pw - pt)
+        dw += wp * fac * (ah * aj + bh * bj)
+        carry = pw >= kt                       # pp_t = pp_{t-1} + w' (else pp_t = k_t)
+        dw += np.where(carry, route * wp, 0)
+        dkt = dkt + np.where(carry, 0, route)
+        route = np.where(carry, route, 0)
+        dk[:, t] = dkt
+        ah = fac * ah + g * e1 / den
+        bh = fac * bh - g * yt * e1 / den
+    a0, b0 = state[:, 0].astype(dt), state[:, 1].astype(dt)
+    ds = np.stack([ah, bh, ah * a0 + bh * b0 + route], axis=1).astype(state.dtype)
+    return {"w": dw.sum(0), "u": du.sum(0), "k": dk, "v": dv, "state": ds}
+
+
+# ---------------------------------------------------------------- GPU launchers
+
+SOURCE = "wkv4.cu"
+_KERNELS = ("wkv4_fwd_chunk", "wkv4_fwd_scan", "wkv4_fwd_out", "wkv4_bwd_chunk", "wkv4_bwd_scan",
+            "wkv4_bwd_out", "wkv4_bwd_reduce")
+_CTYPES = ("float", "__half", "__nv_bfloat16")
+NAME_EXPRESSIONS = tuple(f"{k}<{t}>" for k in _KERNELS for t in _CTYPES)
+MAX_CHUNK = 64        # must match WKV4_MAX_CHUNK in wkv4.cu (backward keeps one chunk's states per thread)
+_FILL_THREADS = 132 * 2048   # threads that fill an H100
+_BLOCK = 128
+
+
+def _chunk_len(seqs, C: int) -> int:
+    """Chunk length: the longest (<= 64) that still gives about one H100's worth of (chunk, channel) threads."""
+    L = MAX_CHUNK
+    while L > 16:
+        slots = seqs.num * (-(-seqs.T // L)) if seqs.cu_seqlens is None else seqs.total // L + seqs.num
+        if slots * C >= _FILL_THREADS:
+            break
+        L //= 2
+    return L
+
+
+def _name(kernel, dtype):
+    from .._compile import CTYPES
+    return f"{kernel}<{CTYPES[dtype]}>"
+
+
+def _launch(kernel, dtype, grid, args):
+    from .._gpu import launch
+    launch("wkv4", SOURCE, _name(kernel, dtype), NAME_EXPRESSIONS, grid, (_BLOCK, 1, 1), args)
+
+
+def gpu_forward(call, x, state_in, state_out, save):
+    import cupy
+    from .._gpu import error_ptr, ptr
+    seqs = call.seqs
+    C = call.dims["C"]
+    k = x["k"]
+    L = _chunk_len(seqs, C)
+    nslots = seqs.chunk_slots(L)
+    cb = -(-C // _BLOCK)
+    i32 = np.int32
+    seq_args = (ptr(seqs.cu_seqlens), i32(seqs.T), np.int64(seqs.total), i32(L), i32(seqs.num))
+    agg = call.empty((nslots, 3, C), "float32")
+    sin = call.empty((nslots, 3, C), "float32")
+    fin = call.empty((seqs.num, 3, C), "float32") if save else None
+    y = call.empty(tuple(k.shape), call.dtype)
+    err = error_ptr()
+    _launch("wkv4_fwd_chunk", call.dtype, (nslots, cb, 1),
+            (ptr(x["w"]), ptr(k), ptr(x["v"]), *seq_args, ptr(agg), i32(C), err))
+    _launch("wkv4_fwd_scan", call.dtype, (seqs.num, cb, 1),
+            (ptr(x["w"]), *seq_args, ptr(agg), ptr(sin), ptr(state_in), ptr(state_out), ptr(fin),
+             ptr(seqs.state_idx), i32(seqs.pool_size), i32(C), err))
+    _launch("wkv4_fwd_out", call.dtype, (nslots, cb, 1),
+            (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), *seq_args, ptr(sin), ptr(y), i32(C), err))
+    saved = {"L": L, "sin": sin, "fin": fin} if save else None
+    del agg
+    return y, saved
+
+
+def gpu_backward(call, x, state_in, saved, dy, dstate):
+    import cupy
+    from .._gpu import error_ptr, ptr
+    seqs = call.seqs
+    C = call.dims["C"]
+    k = x["k"]
+    L, sin, fin = saved["L"], saved["sin"], saved["fin"]
+    nslots = seqs.chunk_slots(L)
+    cb = -(-C // _BLOCK)
+    i32 = np.int32
+    if dy is not None:
+        if dy.dtype != k.dtype or tuple(dy.shape) != tuple(k.shape):
+            raise TypeError(f"wkv4 backward: dy must be like y ({tuple(k.shape)}, {call.dtype}), "
+                            f"got {tuple(dy.shape)} {dy.dtype}")
+        dy = cupy.ascontiguousarray(dy)
+    if dstate is not None:
+        dstate = cupy.ascontiguousarray(dstate, dtype=cupy.float32)
+        if tuple(dstate.shape) != (seqs.num, 3, C):
+            raise ValueError(f"wkv4 backward: dstate must have shape {(seqs.num, 3, C)}, got {tuple(dstate.shape)}")
+    seq_args = (ptr(seqs.cu_seqlens), i32(seqs.T), np.int64(seqs.total), i32(L), i32(seqs.num))
+    loc = call.empty((nslots, 3, C), "float32")
+    part = call.empty((nslots, 2, C), "float32")
+    ds = call.empty((seqs.num, 3, C), "float32")
+    dk = call.empty(tuple(k.shape), call.dtype)
+    dv = call.empty(tuple(k.shape), call.dtype)
+    dw = call.empty((C,), call.dtype)
+    du = call.empty((C,), call.dtype)
+    err = error_ptr()
+    _launch("wkv4_bwd_chunk", call.dtype, (nslots, cb, 1),
+            (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(dy), *seq_args, ptr(sin), ptr(loc), i32(C), err))
+    _launch("wkv4_bwd_scan", call.dtype, (seqs.num, cb, 1),
+            (ptr(x["w"]), *seq_args, ptr(sin), ptr(fin), ptr(dstate), ptr(loc), ptr(ds), i32(C), err))
+    _launch("wkv4_bwd_out", call.dtype, (nslots, cb, 1),
+            (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(dy), *seq_args, ptr(sin), ptr(fin), ptr(loc),
+             ptr(dk), ptr(dv), ptr(part), i32(C), err))
+    _launch("wkv4_bwd_reduce", call.dtype, (cb, 1, 1),
+            (ptr(part), np.int64(nslots), i32(C), ptr(dw), ptr(du)))
+    return {"w": dw, "u": du, "k": dk, "v": dv, "state": ds}
+
+
+# ---------------------------------------------------------------- declaration
+
+OP = register_op(Op(
+    name="wkv4",
+    inputs=(Arg("w", ("C",), "raw decay: per-step factor exp(-exp(w))"),
+            Arg("u", ("C",), "bonus of the current token"),
+            Arg("k", ("B", "T", "C"), "keys"),
+            Arg("v", ("B", "T", "C"), "values")),
+    state=Arg("state", ("B", 3, "C"), "(aa, bb, pp): num = aa e^pp, den = bb e^pp"),
+    output="k",
+    reference_forward=reference_forward,
+    reference_backward=reference_backward,
+    head_sizes=None,
+    gpu_forward=gpu_forward,
+    gpu_backward=gpu_backward,
+    kernels=(Kernel(SOURCE, NAME_EXPRESSIONS),),
+    reduce_batch=("w", "u"),
+    doc=__doc__,
+))
+
+
+def wkv4(w, u, k, v, state=None, *, cu_seqlens=None, state_indices=None):
+    """RWKV-4 WKV: ``(y, state_out) = wkv4(w, u, k, v, state=None)``.
+
+    Parameters
+    ----------
+    w : [C]  raw decay parameter; the per-step decay factor is ``exp(-exp(w))`` (computed in fp32 on the GPU).
+    u : [C]  bonus applied to the current token.
+    k, v : [B, T, C]  keys and values (time-major, contiguous).
+    state : [B, 3, C] fp32, optional  the history ``(aa, bb, pp)`` with numerator ``aa * e^pp`` and denominator
+        ``bb * e^pp``.  ``None`` is the empty history, the same as all zeros (any ``aa = bb = 0`` is empty).
+        With ``state_indices`` it is a pool ``[P, 3, C]`` updated in place.
+    cu_seqlens : int32 [S+1], optional  sequences packed along T (then B = 1); zero-length sequences pass their
+        state through unchanged.
+    state_indices : int32 [S], optional  pool slot of each sequence (-1: start empty, write nothing back).
+
+    Returns
+    -------
+    y : [B, T, C] in the inputs' dtype (float32, float16 or bfloat16 on the GPU; float64/float32 on the CPU)::
+
+        y_t = (sum_{s<t} e^{-(t-1-s) e^w + k_s} v_s + e^{u+k_t} v_t) / (sum_{s<t} e^{-(t-1-s) e^w + k_s} + e^{u+k_t})
+
+    state_out : [B, 3, C] fp32 (float64 for float64 CPU inputs): the history after the last token, in the stable
+        form ``pp = max(pp_0 + T w', max_s (k_s + (T-1-s) w'))`` with ``w' = -e^w``, ``aa = num e^-pp``,
+        ``bb = den e^-pp``.  Continuing from it is exact: splitting a sequence anywhere gives the same outputs.
+
+    Gradients (torch autograd or :func:`rwkvops.backward`) flow to all inputs and the state; ``w`` and ``u`` get
+    gradients summed over batch and time.  ``dstate[:, 2]`` is the derivative w.r.t. ``pp`` as a real input
+    (through ``aa e^pp`` and ``bb e^pp``, plus through the max forming ``state_out``'s ``pp``).
+
+    Stable for k in [-60, 60] and any T; needs ``w < 88`` (``e^w`` finite in fp32).  The empty history written as
+    zeros keeps ``pp = 0`` in the running max, so a first token with ``u + k < -87`` underflows in fp32.
+    """
+    return OP(w, u, k, v, state=state, cu_seqlens=cu_seqlens, state_indices=state_indices)
+
+
+# ---------------------------------------------------------------- flash-linear-attention conventions
+
+def to_fla(state):
+    """Our ``[B, 3, C]`` state as fla's ``fused_recurrent_rwkv4`` state ``[B, 3, 1, C]`` (alpha, beta, eps).
+
+    The meaning is the same (num = alpha e^eps, den = beta e^eps, eps the running max exponent), and fla's
+    ``fused_recurrent_rwkv4`` takes the same raw ``w`` (it applies ``-exp(w)`` itself): only the shape differs.
+    """
+    return state[:, :, None, :]
+
+
+def from_fla(state):
+    """fla's ``[B, 3, 1, C]`` rwkv4 state as ours ``[B, 3, C]`` (contiguous, fp32 kept as given)."""
+    s = state[:, :, 0, :]
+    if hasattr(s, "contiguous"):
+        return s.contiguous()
+    if hasattr(s, "get"):
+        import cupy
+        return cupy.ascontiguousarray(s)
+    return np.ascontiguousarray(s)

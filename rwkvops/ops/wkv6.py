@@ -1,1 +1,280 @@
-"""RWKV-6 WKV (being written)."""
+"""RWKV-6 WKV: ``wkv6(r, k, v, w, u, state=None) -> (y, state_out)``.
+
+Formula (per batch b and head h; ``i`` is the value channel, ``j`` the key channel)::
+
+    d_t[j]   = exp(-exp(w_t[j]))                                      (computed in fp32 on the GPU)
+    y_t[i]   = sum_j r_t[j] * (u[j] * k_t[j] * v_t[i] + S_{t-1}[i, j])
+    S_t[i,j] = S_{t-1}[i, j] * d_t[j] + k_t[j] * v_t[i]
+
+Files: this module (declaration, NumPy reference forward/backward, GPU launchers, fla converters) and
+``cuda_src/wkv6.cu`` (kernels).  GPU design (see the .cu file for details):
+
+* forward, general T: one block per (sequence, head), thread ``i`` owns state row ``i`` in registers,
+  r/k/decay/u*k of a tile of time steps staged in shared memory (double buffered, one barrier per tile);
+* forward, one-token decode (T == 1, or varlen with one token per sequence on average): 256 threads per
+  (sequence, head), each owning float4 quads of the state (coalesced 16-byte state traffic), row sums by
+  warp shuffles;
+* backward: three passes over the recurrence, none divides by the decay (exact for decays down to 1e-24):
+  (1) forward, thread = key column ``j``: recomputes S, writes dr, the terms X_t[j] = r_t[j] (dy_t . S_{t-1}[:, j])
+      and fp32 checkpoints of S at the end of every CK-token chunk;
+  (2) reverse, thread = key column ``j`` of the adjoint G: dk, du partials (per sequence and head, reduced
+      deterministically afterwards), dstate, and dw through W_t = <G_t, S_t>_col, re-anchored exactly from the
+      checkpoint at every chunk and stepped inside a chunk with W_{t-1} = W_t - Y_t + X_t, Y_t = k_t (G_t^T v_t);
+  (3) reverse, thread = value row ``i`` of G: dv.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..registry import Arg, Kernel, Op, register_op
+
+__all__ = ["wkv6", "to_fla", "from_fla", "reference_forward", "reference_backward", "OP"]
+
+SOURCE = "wkv6.cu"
+HEAD_SIZES = (32, 64, 128)
+_CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+CK = 64              # checkpoint interval (tokens) of the backward pass
+STREAM_THREADS = 256  # block size of the decode kernel
+
+_KERNEL_NAMES = ("wkv6_forward", "wkv6_forward_stream", "wkv6_bwd_colfwd", "wkv6_bwd_colrev",
+                 "wkv6_bwd_rowrev", "wkv6_reduce_u")
+
+
+def _ne(name, ctype, n):
+    return f"{name}<{ctype}, {n}>"
+
+
+NAME_EXPRESSIONS = tuple(_ne(k, c, n) for k in _KERNEL_NAMES for c in _CTYPES.values() for n in HEAD_SIZES)
+
+
+# ---------------------------------------------------------------- NumPy reference (the test oracle)
+
+def _decay(w):
+    return np.exp(-np.exp(w))
+
+
+def reference_forward(x: dict, state):
+    """Dense-batch NumPy reference; computes in the inputs' dtype.  state [B, H, N(value i), N(key j)]."""
+    r, k, v, w, u = (x[n] for n in ("r", "k", "v", "w", "u"))
+    dt = r.dtype
+    B, T, H, N = r.shape
+    S = np.array(state, dtype=dt, copy=True)
+    y = np.empty_like(r)
+    d = _decay(w).astype(dt)
+    for t in range(T):
+        kv = v[:, t, :, :, None] * k[:, t, :, None, :]                  # [B,H,i,j]
+        y[:, t] = np.einsum("bhij,bhj->bhi", S + u[None, :, None, :] * kv, r[:, t])
+        S = S * d[:, t, :, None, :] + kv
+    return y, S
+
+
+def reference_backward(x: dict, state, dy, dstate):
+    """Gradients of sum(dy*y) + sum(dstate*state_out) w.r.t. r, k, v, w, u (summed over batch) and state.
+
+    Derived by hand from the recurrence, with G_t the adjoint of S_t (G_{T-1} = dstate)::
+
+        dr_t[j] = sum_i dy_t[i] (u_j k_t[j] v_t[i] + S_{t-1}[i,j])
+        dk_t[j] = r_t[j] u_j (dy_t . v_t) + sum_i G_t[i,j] v_t[i]
+        dv_t[i] = dy_t[i] sum_j r_t[j] u_j k_t[j] + sum_j G_t[i,j] k_t[j]
+        dw_t[j] = (sum_i G_t[i,j] S_{t-1}[i,j]) * d_t[j] * (-exp(w_t[j]))
+        du[j]   = sum_{b,t} r_t[j] k_t[j] (dy_t . v_t)
+        G_{t-1}[i,j] = G_t[i,j] d_t[j] + dy_t[i] r_t[j];   dstate = G_{-1}
+    """
+    r, k, v, w, u = (x[n] for n in ("r", "k", "v", "w", "u"))
+    dt = r.dtype
+    B, T, H, N = r.shape
+    d = _decay(w).astype(dt)
+    states = np.empty((T + 1, B, H, N, N), dt)
+    states[0] = state
+    for t in range(T):
+        states[t + 1] = states[t] * d[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+    dy = np.asarray(dy, dtype=dt)
+    G = np.array(dstate, dtype=dt, copy=True)
+    dr, dk, dv, dw = (np.empty_like(r) for _ in range(4))
+    du = np.zeros((B, H, N), dt)
+    for t in range(T - 1, -1, -1):
+        Sp = states[t]                                   # S_{t-1}
+        rt, kt, vt, dyt, dtt = r[:, t], k[:, t], v[:, t], dy[:, t], d[:, t]
+        dyv = np.sum(dyt * vt, axis=-1)                  # [B,H]
+        ruk = np.sum(rt * u[None] * kt, axis=-1)         # [B,H]
+        dr[:, t] = u[None] * kt * dyv[..., None] + np.einsum("bhi,bhij->bhj", dyt, Sp)
+        dk[:, t] = rt * u[None] * dyv[..., None] + np.einsum("bhij,bhi->bhj", G, vt)
+        dv[:, t] = dyt * ruk[..., None] + np.einsum("bhij,bhj->bhi", G, kt)
+        dw[:, t] = np.sum(G * Sp, axis=-2) * dtt * (-np.exp(w[:, t]))
+        du += rt * kt * dyv[..., None]
+        G = G * dtt[:, :, None, :] + dyt[..., :, None] * rt[..., None, :]
+    return {"r": dr, "k": dk, "v": dv, "w": dw, "u": du.sum(axis=0), "state": G}
+
+
+# ---------------------------------------------------------------- GPU launchers
+
+def _launch(name, call, grid, block, args, shared_mem=0):
+    from .._gpu import launch
+    n = call.dims["N"]
+    launch("wkv6", SOURCE, _ne(name, _CTYPES[call.dtype], n), NAME_EXPRESSIONS, grid, block, args, shared_mem)
+
+
+def _use_stream(seqs) -> bool:
+    """The decode kernel: one token per sequence (dense T == 1, or varlen with total <= number of sequences)."""
+    if seqs.cu_seqlens is None:
+        return seqs.T == 1
+    return seqs.total <= seqs.num
+
+
+def gpu_forward(call, x, state_in, state_out, save):
+    from .._gpu import error_ptr, ptr
+    i32, i64 = np.int32, np.int64
+    seqs = call.seqs
+    H, N = call.dims["H"], call.dims["N"]
+    y = call.empty(x["r"].shape, call.dtype)
+    common = (ptr(seqs.cu_seqlens), i32(seqs.T), i64(seqs.total), i32(H),
+              ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]),
+              ptr(state_in), ptr(state_out), ptr(seqs.state_idx), i32(seqs.pool_size), ptr(y), error_ptr())
+    if seqs.num > 0:
+        if _use_stream(seqs):
+            _launch("wkv6_forward_stream", call, (seqs.num * H,), (STREAM_THREADS,), common)
+        else:
+            _launch("wkv6_forward", call, (seqs.num * H,), (N,), common)
+    return y, None   # backward recomputes everything it needs from the inputs and the initial state
+
+
+def gpu_backward(call, x, state_in, saved, dy, dstate):
+    import cupy
+    from .._gpu import error_ptr, ptr
+    i32, i64 = np.int32, np.int64
+    seqs = call.seqs
+    H, N = call.dims["H"], call.dims["N"]
+    shape = x["r"].shape
+    if dy is None:
+        dy = cupy.zeros(shape, dtype=x["r"].dtype)
+    grads = {n: call.empty(shape, call.dtype) for n in ("r", "k", "v", "w")}
+    du = call.empty((H, N), call.dtype)
+    dstate_in = call.empty((seqs.num, H, N, N), "float32")
+    xs = cupy.empty((max(seqs.total, 1), H, N), dtype=cupy.float32)
+    ckpt = cupy.empty((max(seqs.chunk_slots(CK), 1), H, N, N), dtype=cupy.float32)
+    du_part = cupy.empty((max(seqs.num, 1), H, N), dtype=cupy.float32)
+    head = (ptr(seqs.cu_seqlens), i32(seqs.T), i64(seqs.total), i32(H),
+            ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(dy))
+    err = error_ptr()
+    grid, block = (seqs.num * H,), (N,)
+    if seqs.num > 0:
+        _launch("wkv6_bwd_colfwd", call, grid, block,
+                head + (ptr(state_in), i32(CK), ptr(grads["r"]), ptr(xs), ptr(ckpt), err))
+        _launch("wkv6_bwd_colrev", call, grid, block,
+                head + (ptr(dstate), i32(CK), ptr(xs), ptr(ckpt), ptr(grads["k"]), ptr(grads["w"]),
+                        ptr(dstate_in), ptr(du_part), err))
+        _launch("wkv6_bwd_rowrev", call, grid, block,
+                head + (ptr(dstate), ptr(grads["v"]), err))
+    else:
+        du_part[...] = 0
+    _launch("wkv6_reduce_u", call, (H,), (N,), (ptr(du_part), i32(max(seqs.num, 1)), i32(H), ptr(du)))
+    grads["u"] = du
+    grads["state"] = dstate_in
+    return grads
+
+
+# ---------------------------------------------------------------- declaration
+
+_BTHN = ("B", "T", "H", "N")
+OP = register_op(Op(
+    name="wkv6",
+    inputs=(Arg("r", _BTHN, "receptance"), Arg("k", _BTHN, "key"), Arg("v", _BTHN, "value"),
+            Arg("w", _BTHN, "raw decay: the step's decay factor is exp(-exp(w))"),
+            Arg("u", ("H", "N"), "bonus of the current token, shared by the batch")),
+    state=Arg("state", ("B", "H", "N", "N"), "fp32 state S[b, h, i=value, j=key]"),
+    output="v",
+    reference_forward=reference_forward,
+    reference_backward=reference_backward,
+    dtypes=("float32", "float16", "bfloat16"),
+    head_sizes=HEAD_SIZES,
+    gpu_forward=gpu_forward,
+    gpu_backward=gpu_backward,
+    kernels=(Kernel(SOURCE, NAME_EXPRESSIONS),),
+    reduce_batch=("u",),
+    doc="RWKV-6 WKV (data-dependent decay, bonus u).",
+))
+
+
+def wkv6(r, k, v, w, u, state=None, *, cu_seqlens=None, state_indices=None):
+    """RWKV-6 WKV recurrence.
+
+    Parameters
+    ----------
+    r, k, v, w : arrays ``[B, T, H, N]`` (NumPy, CuPy or torch; float32/float16/bfloat16 on the GPU,
+        also float64 on the CPU), one dtype for all.  ``w`` is the raw decay parameter: the per-step decay
+        factor is ``exp(-exp(w))`` (computed in fp32 inside the kernels).
+    u : array ``[H, N]``, the bonus applied to the current token; shared by the batch (its gradient is summed
+        over batch and time).
+    state : optional fp32 ``[B, H, N, N]`` initial state ``S[b, h, i, j]`` (``i`` value channel, ``j`` key
+        channel; the official RWKV layout).  None means zeros.  With ``state_indices`` it is a pool
+        ``[P, H, N, N]`` updated in place.
+    cu_seqlens : optional int ``[S + 1]``: sequences packed along T (B must be 1), FlashAttention style.
+    state_indices : optional int ``[S]``: pool slot of each sequence (-1: start from zero, write nothing).
+
+    Returns
+    -------
+    y : like ``v`` ``[B, T, H, N]``, in the inputs' dtype.
+    state_out : fp32 ``[B, H, N, N]`` final states (the pool itself when ``state_indices`` is given).
+
+    Formula::
+
+        y_t[i]   = sum_j r_t[j] (u[j] k_t[j] v_t[i] + S_{t-1}[i, j])
+        S_t[i,j] = S_{t-1}[i, j] exp(-exp(w_t[j])) + k_t[j] v_t[i]
+
+    Gradients (torch autograd, or :func:`rwkvops.forward`/:func:`rwkvops.backward`) cover r, k, v, w, u and
+    the initial state.
+    """
+    return OP(r, k, v, w, u, state=state, cu_seqlens=cu_seqlens, state_indices=state_indices)
+
+
+# ---------------------------------------------------------------- flash-linear-attention conventions
+
+def _xp(a):
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor):
+        return "torch"
+    return "array"
+
+
+def _neg_exp(w):
+    if _xp(w) == "torch":
+        return -w.float().exp().to(w.dtype)
+    import numpy
+    mod = numpy if isinstance(w, numpy.ndarray) else __import__("cupy")
+    return -mod.exp(w)
+
+
+def _log_neg(g):
+    if _xp(g) == "torch":
+        return (-g.float()).log().to(g.dtype)
+    import numpy
+    mod = numpy if isinstance(g, numpy.ndarray) else __import__("cupy")
+    return mod.log(-g)
+
+
+def _transpose(s):
+    if s is None:
+        return None
+    if _xp(s) == "torch":
+        return s.transpose(-1, -2).contiguous()
+    import numpy
+    mod = numpy if isinstance(s, numpy.ndarray) else __import__("cupy")
+    return mod.ascontiguousarray(mod.swapaxes(s, -1, -2))
+
+
+def to_fla(r, k, v, w, u, state=None):
+    """Our arguments in flash-linear-attention's RWKV-6 convention (``chunk_rwkv6``/``fused_recurrent_rwkv6``).
+
+    Returns ``(r, k, v, g, u, initial_state)`` where ``g = -exp(w)`` is fla's log decay and
+    ``initial_state = state.transpose(-1, -2)`` is fla's ``[B, H, K, V]`` layout (None stays None).
+    Call fla with ``scale=1.0`` (fla's default scale is ``1/sqrt(K)``).  Works on NumPy, CuPy and torch.
+    """
+    return r, k, v, _neg_exp(w), u, _transpose(state)
+
+
+def from_fla(r, k, v, g, u, initial_state=None):
+    """Inverse of :func:`to_fla`: fla's ``(r, k, v, g, u, initial_state)`` (``g`` the log decay, must be < 0;
+    state ``[B, H, K, V]``) as our ``(r, k, v, w, u, state)`` with ``w = log(-g)`` and the state transposed to
+    ``[B, H, V(i), K(j)]``.  fla outputs convert the same way: ``y`` is unchanged, final states transpose."""
+    return r, k, v, _log_neg(g), u, _transpose(initial_state)

@@ -158,12 +158,60 @@ def _names():
 NAME_EXPRESSIONS = _names()
 
 
+BWD_MAX_BLOCKS = 512          # backward grid cap (grid-stride over (sequence, head)); bounds the scratch memory
+
+
+def _launch(name, grid, block, args, shared_mem=0):
+    from .._gpu import launch
+    launch("wkv7", SOURCE, name, NAME_EXPRESSIONS, grid, block, args, shared_mem=shared_mem)
+
+
+def _bwd_smem(N):
+    return (9 * CK * N + 2 * N) * 4
+
+
 def gpu_forward(call, x, state_in, state_out, save):
-    raise NotImplementedError("wkv7 GPU forward: being written")
+    """Launch the forward.  Dense T == 1 without backward uses the decode kernel; everything else the recurrent
+    kernel, which with ``save`` also writes fp32 state checkpoints every ``CK`` tokens (``saved['ckpt']``)."""
+    from .._gpu import error_ptr, ptr
+    seqs = call.seqs
+    H, N = call.dims["H"], call.dims["N"]
+    ct = CTYPE[call.dtype]
+    y = call.empty(tuple(x["r"].shape), call.dtype)
+    ins = [ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b")]
+    abi = [ptr(seqs.cu_seqlens), np.int32(seqs.T), np.int64(seqs.total),
+           ptr(state_in), ptr(state_out), ptr(seqs.state_idx), np.int32(seqs.pool_size), error_ptr()]
+    grid = (seqs.num * H,)
+    ckpt = None
+    if not save and seqs.cu_seqlens is None and seqs.T == 1:
+        _launch(f"wkv7_decode<{ct}, {N}>", grid, (4 * N,), (*ins, ptr(y), *abi, np.int32(H)))
+    else:
+        if save:
+            ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
+        _launch(f"wkv7_forward<{ct}, {N}>", grid, (N,), (*ins, ptr(y), *abi, ptr(ckpt), np.int32(H)))
+    return y, {"ckpt": ckpt}
 
 
 def gpu_backward(call, x, state_in, saved, dy, dstate):
-    raise NotImplementedError("wkv7 GPU backward: being written")
+    """Launch the backward: gradients of ``sum(dy*y) + sum(dstate*state_out)`` from the forward's checkpoints."""
+    from .._gpu import error_ptr, ptr
+    seqs = call.seqs
+    H, N = call.dims["H"], call.dims["N"]
+    ct = CTYPE[call.dtype]
+    shape = tuple(x["r"].shape)
+    g = {n: call.empty(shape, call.dtype) for n in ("r", "w", "k", "v", "a", "b")}
+    dstate_in = call.empty((seqs.num, H, N, N), "float32")
+    items = seqs.num * H
+    nblk = max(1, min(items, BWD_MAX_BLOCKS))
+    scratch = call.empty((nblk, CK + 1, N, N), "float32")
+    args = ([ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b")] + [ptr(dy)]
+            + [ptr(g[n]) for n in ("r", "w", "k", "v", "a", "b")]
+            + [ptr(seqs.cu_seqlens), np.int32(seqs.T), np.int64(seqs.total),
+               ptr(dstate), ptr(dstate_in), ptr(None), np.int32(0), error_ptr(),
+               ptr(saved["ckpt"]), ptr(scratch), np.int32(H), np.int32(seqs.num)])
+    _launch(f"wkv7_backward<{ct}, {N}>", (nblk,), (N,), tuple(args), shared_mem=_bwd_smem(N))
+    g["state"] = dstate_in
+    return g
 
 
 # ----------------------------------------------------------------------------- declaration

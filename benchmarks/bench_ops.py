@@ -1,0 +1,154 @@
+"""Benchmarks of every built-in op against its peers (flash-linear-attention when installed, plain PyTorch for
+decode), bf16 inputs, fp32 state, CUDA-event medians.  Run on a GPU: ``make bench``.
+
+Each case records {op, mode, B, T, H, N, dtype, impl, ms, peak_mem_mb, floor_ms}; peers that are missing or fail
+are recorded with ms = null and the error.
+"""
+import importlib
+
+import pytest
+
+import harness
+
+H, N, C = 32, 64, 2048
+TRAIN = [(1, 1024), (1, 4096), (1, 16384), (8, 4096), (16, 4096)]
+DECODE = [1, 64, 256]
+FP32_FMA_TFLOPS = 51.0  # H100 fp32 FMA rate named in DESIGN.md (floor for the recurrent form)
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def make_inputs(op_name, B, T, dtype, seed=0):
+    """Random inputs in the op's realistic range, built on the GPU (the NumPy samplers are too slow at this size)."""
+    torch = _torch()
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dt = getattr(torch, dtype)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale)
+
+    if op_name == "wkv4":
+        x = {"w": randn(C, scale=0.5) - 1.0, "u": randn(C, scale=0.5), "k": randn(B, T, C), "v": randn(B, T, C)}
+    else:
+        shape = (B, T, H, N)
+        w = -torch.rand(*shape, device="cuda", generator=g) * 5.0 - 0.5  # decays in ~(0.37, 0.9999)
+        if op_name == "wkv7":
+            kk = randn(*shape)
+            kk = kk / kk.norm(dim=-1, keepdim=True)
+            lr = torch.sigmoid(randn(*shape))
+            x = {"r": randn(*shape, scale=0.5), "w": w, "k": randn(*shape, scale=0.5), "v": randn(*shape),
+                 "a": -kk, "b": kk * lr}
+        else:
+            x = {"r": randn(*shape, scale=0.5), "k": randn(*shape, scale=0.5), "v": randn(*shape), "w": w,
+                 "u": randn(H, N, scale=0.5)}
+    return {k: v.to(dt).contiguous() for k, v in x.items()}
+
+
+def state_shape(op_name, B):
+    return (B, 3, C) if op_name == "wkv4" else (B, H, N, N)
+
+
+def floor_ms(op_name, mode, B, T, dtype, with_state):
+    """max(bytes / measured copy bandwidth, flops / fp32 FMA peak): no implementation can be much faster."""
+    esize = 4 if dtype == "float32" else 2
+    if op_name == "wkv4":
+        n_tok_arrays, elems, flops_tok = (2, B * T * C, 20 * B * T * C)
+    else:
+        n_tok_arrays = 6 if op_name == "wkv7" else 4
+        elems = B * T * H * N
+        flops_tok = (8 if op_name == "wkv7" else 4) * B * T * H * N * N
+    st = 4 * B * (3 * C if op_name == "wkv4" else H * N * N)
+    nbytes = (n_tok_arrays + 1) * elems * esize + (2 * st if with_state else st)
+    flops = flops_tok
+    if mode == "fwdbwd":
+        nbytes += (n_tok_arrays + 1) * elems * esize + n_tok_arrays * elems * esize
+        flops *= 3
+    bw = harness.ENV.get("copy_gbs", 2900.0) * 1e9
+    return max(nbytes / bw, flops / (FP32_FMA_TFLOPS * 1e12)) * 1e3
+
+
+def _ours(op_name, x, state, requires_grad):
+    import rwkvops
+    op = rwkvops.get_op(op_name)
+    return lambda: op(*x.values(), state=state)
+
+
+def _peer(op_name, impl):
+    if impl == "torch_step":
+        return getattr(importlib.import_module("peers.torch_naive"), f"{op_name}_torch_step", None)
+    try:
+        return getattr(importlib.import_module(f"peers.{op_name}"), impl)
+    except Exception:
+        return None
+
+
+def _run_case(benchmark, op_name, mode, B, T, dtype, impl):
+    torch = _torch()
+    x = make_inputs(op_name, B, T, dtype)
+    decode = mode == "decode"
+    state = torch.randn(*state_shape(op_name, B), device="cuda") * 0.1 if decode else None
+    if op_name == "wkv4" and state is not None:
+        state[:, 1].abs_()
+    req = mode == "fwdbwd"
+    rec = dict(op=op_name, mode=mode, B=B, T=T, H=None if op_name == "wkv4" else H,
+               N=None if op_name == "wkv4" else N, C=C if op_name == "wkv4" else H * N, dtype=dtype, impl=impl,
+               floor_ms=floor_ms(op_name, mode, B, T, dtype, decode))
+    try:
+        if impl == "rwkvops":
+            if req:
+                for v in x.values():
+                    v.requires_grad_(True)
+            fwd = _ours(op_name, x, state, req)
+        else:
+            factory = _peer(op_name, impl)
+            if factory is None:
+                pytest.skip(f"peer {impl} for {op_name} not available")
+            fwd = factory(x, state, req)
+        if req:
+            y, s = fwd()
+            gy, gs = torch.randn_like(y), torch.randn_like(s)
+
+            def fn():
+                y, s = fwd()
+                torch.autograd.backward([y, s], [gy, gs])
+        else:
+            fn = fwd
+        with torch.no_grad() if not req else torch.enable_grad():
+            rec["ms"] = harness.cuda_time(fn)
+            rec["peak_mem_mb"] = harness.peak_mem_mb(fn)
+            if decode:
+                rec["host_ms"] = harness.host_time(fn)
+            benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=3, iterations=1)
+    except pytest.skip.Exception:
+        raise
+    except Exception as exc:  # a failing peer is recorded, not fatal
+        rec["ms"] = None
+        rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    benchmark.extra_info.update(rec)
+    harness.record(**rec)
+    torch.cuda.empty_cache()
+
+
+CASES = []
+for op_name, peers in (("wkv7", ("rwkvops", "fla")), ("wkv6", ("rwkvops", "fla"))):
+    for mode in ("fwd", "fwdbwd"):
+        for B, T in TRAIN:
+            for impl in peers:
+                CASES.append((op_name, mode, B, T, "bfloat16", impl))
+    for B in DECODE:
+        for impl in ("rwkvops", "fla_recurrent", "torch_step"):
+            CASES.append((op_name, "decode", B, 1, "bfloat16", impl))
+for dtype in ("bfloat16", "float32"):
+    for mode in ("fwd", "fwdbwd"):
+        for B, T in ((1, 4096), (1, 16384), (8, 4096)):
+            for impl in ("rwkvops", "fla"):
+                CASES.append(("wkv4", mode, B, T, dtype, impl))
+
+
+@pytest.mark.parametrize("op_name,mode,B,T,dtype,impl", CASES,
+                         ids=[f"{o}-{m}-B{b}-T{t}-{d}-{i}" for o, m, b, t, d, i in CASES])
+def test_bench(benchmark, op_name, mode, B, T, dtype, impl):
+    _run_case(benchmark, op_name, mode, B, T, dtype, impl)

@@ -1,0 +1,120 @@
+"""Benchmark plumbing: CUDA-event timing, peak memory, the results file.
+
+Every figure is a median of CUDA-event timings after warm-up, taken in the same process as the peers it is
+compared with.  Results go to ``benchmarks/results/<gpu>.json`` (see :func:`write_results`); ``report.py``
+turns that file into a Markdown table and a plot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+
+import numpy as np
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RECORDS: list = []
+ENV: dict = {}
+
+
+def cuda_time(fn, warmup=3, reps=15, max_ms=3000.0):
+    """Median milliseconds of ``fn()`` on torch's current stream, by CUDA events, after ``warmup`` calls."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    budget = 0.0
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        t = a.elapsed_time(b)
+        times.append(t)
+        budget += t
+        if budget > max_ms and len(times) >= 3:
+            break
+    return float(np.median(times))
+
+
+def host_time(fn, reps=200):
+    """Median host-side (CPU) milliseconds per call of ``fn`` (launch overhead), without syncing each call."""
+    import time
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return float(np.median(ts))
+
+
+def peak_mem_mb(fn):
+    """Peak CUDA memory (MB, torch's allocator) that one call of ``fn`` adds over what was allocated before."""
+    import torch
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth_gbs():
+    """Measured device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
+    import torch
+    a = torch.empty(2 * 2**30 // 4, dtype=torch.float32, device="cuda").uniform_()
+    b = torch.empty_like(a)
+    ms = cuda_time(lambda: b.copy_(a), warmup=2, reps=10)
+    del a, b
+    return 2 * 2 * 2**30 / (ms * 1e-3) / 1e9
+
+
+def environment():
+    import torch
+    env = {"gpu": torch.cuda.get_device_name(0), "python": platform.python_version(),
+           "torch": torch.__version__, "cuda_runtime": torch.version.cuda}
+    for mod in ("cupy", "triton", "fla", "numpy"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    try:
+        import cupy
+        env["driver"] = cupy.cuda.runtime.driverGetVersion()
+    except Exception:
+        pass
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                       cwd=os.path.dirname(RESULTS_DIR)).stdout.strip() or None
+    except Exception:
+        env["commit"] = None
+    env["commit"] = os.environ.get("RWKVOPS_COMMIT", env.get("commit"))
+    return env
+
+
+def gpu_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name.replace("NVIDIA ", "")).strip("_").lower()
+
+
+def record(**rec):
+    RECORDS.append(rec)
+    print("BENCH", json.dumps(rec), flush=True)
+
+
+def write_results(path=None):
+    if not RECORDS:
+        return None
+    env = ENV or environment()
+    path = path or os.environ.get("RWKVOPS_BENCH_OUT") or os.path.join(RESULTS_DIR, gpu_slug(env["gpu"]) + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**env, "records": RECORDS}, f, indent=1)
+    return path

@@ -1,0 +1,463 @@
+// RWKV-6 WKV kernels (see rwkvops/ops/wkv6.py for the math and the launch code).
+//
+//   d_t[j]   = exp(-exp(w_t[j]))                      (fp32)
+//   y_t[i]   = sum_j r_t[j] (u[j] k_t[j] v_t[i] + S_{t-1}[i,j])
+//   S_t[i,j] = S_{t-1}[i,j] d_t[j] + k_t[j] v_t[i]
+//
+// State layout S[slot, h, i (value), j (key)], fp32.  Per-token arrays are flat tokens [total, H, N].
+// Every kernel: grid = (num_seqs * H), one block per (sequence, head).
+//
+// Staging scheme (all recurrent kernels): a tile of TT = 1024/N time steps is loaded into shared memory
+// with coalesced loads (thread c loads channel c of each step).  Arrays every thread reads ("broadcast")
+// are double buffered, so one __syncthreads per tile suffices: a thread writing buffer p^1 for tile n+1 has
+// passed the barrier of tile n, which every thread reached only after finishing tile n-1 (the last reader
+// of buffer p^1).  Arrays a thread reads only at its own channel ("own") need no barrier and one buffer.
+#include "common.cuh"
+
+namespace wkv6 {
+
+template <int N> struct Tile { static constexpr int TT = 1024 / N; };
+
+__device__ __forceinline__ float decay_of(float w) { return expf(-expf(w)); }
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float& a, float& b, float& c, float& d) {
+    a = rwkv::to_float(p[0]); b = rwkv::to_float(p[1]); c = rwkv::to_float(p[2]); d = rwkv::to_float(p[3]);
+}
+template <>
+__device__ __forceinline__ void load4<float>(const float* p, float& a, float& b, float& c, float& d) {
+    float4 q = *reinterpret_cast<const float4*>(p);
+    a = q.x; b = q.y; c = q.z; d = q.w;
+}
+
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+}  // namespace wkv6
+
+// ------------------------------------------------------------------------------------------------------
+// Forward, general T.  Thread i owns state row i (N fp32 registers, constant-indexed after unrolling).
+// Broadcast per step: r_j, k_j, d_j, u_j k_j.  Own: v_i.
+template <typename T, int N>
+__global__ void __launch_bounds__(N, 1) wkv6_forward(
+    const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
+    const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
+    const T* __restrict__ u,
+    const float* state_in, float* state_out, const int* __restrict__ state_idx, int pool_size,
+    T* __restrict__ y, int* err)
+{
+    constexpr int TT = wkv6::Tile<N>::TT;
+    __shared__ __align__(16) float sr[2][TT * N];
+    __shared__ __align__(16) float sk[2][TT * N];
+    __shared__ __align__(16) float sd[2][TT * N];
+    __shared__ __align__(16) float su[2][TT * N];
+    __shared__ float sv[TT * N];
+
+    const int s = blockIdx.x / H, h = blockIdx.x % H, i = threadIdx.x;
+    long long start, end;
+    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
+    const long long slot = rwkv::state_slot(state_idx, s, pool_size, err);
+    const long long sbase = (slot * H + h) * (long long)(N * N) + (long long)i * N;
+
+    float st[N];
+    if (state_in != nullptr && slot >= 0) {
+#pragma unroll
+        for (int q = 0; q < N / 4; ++q) {
+            float4 a = wkv6::ld4(state_in + sbase + 4 * q);
+            st[4 * q] = a.x; st[4 * q + 1] = a.y; st[4 * q + 2] = a.z; st[4 * q + 3] = a.w;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < N; ++j) st[j] = 0.f;
+    }
+    const float ui = rwkv::to_float(u[h * N + i]);
+    const long long len = end - start;
+    int p = 0;
+    for (long long t0 = 0; t0 < len; t0 += TT, p ^= 1) {
+        const int cnt = (int)min((long long)TT, len - t0);
+        for (int tt = 0; tt < cnt; ++tt) {
+            const long long off = ((start + t0 + tt) * H + h) * N + i;
+            const float kk = rwkv::to_float(k[off]);
+            sr[p][tt * N + i] = rwkv::to_float(r[off]);
+            sk[p][tt * N + i] = kk;
+            sd[p][tt * N + i] = wkv6::decay_of(rwkv::to_float(w[off]));
+            su[p][tt * N + i] = ui * kk;
+            sv[tt * N + i] = rwkv::to_float(v[off]);
+        }
+        __syncthreads();
+        for (int tt = 0; tt < cnt; ++tt) {
+            const float vi = sv[tt * N + i];
+            const float* pr = &sr[p][tt * N];
+            const float* pk = &sk[p][tt * N];
+            const float* pd = &sd[p][tt * N];
+            const float* pu = &su[p][tt * N];
+            float acc = 0.f;
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 rr = wkv6::ld4(pr + 4 * q), kk = wkv6::ld4(pk + 4 * q);
+                const float4 dd = wkv6::ld4(pd + 4 * q), uu = wkv6::ld4(pu + 4 * q);
+                acc = fmaf(rr.x, fmaf(uu.x, vi, st[4 * q]), acc);
+                acc = fmaf(rr.y, fmaf(uu.y, vi, st[4 * q + 1]), acc);
+                acc = fmaf(rr.z, fmaf(uu.z, vi, st[4 * q + 2]), acc);
+                acc = fmaf(rr.w, fmaf(uu.w, vi, st[4 * q + 3]), acc);
+                st[4 * q] = fmaf(st[4 * q], dd.x, kk.x * vi);
+                st[4 * q + 1] = fmaf(st[4 * q + 1], dd.y, kk.y * vi);
+                st[4 * q + 2] = fmaf(st[4 * q + 2], dd.z, kk.z * vi);
+                st[4 * q + 3] = fmaf(st[4 * q + 3], dd.w, kk.w * vi);
+            }
+            y[((start + t0 + tt) * H + h) * N + i] = rwkv::from_float<T>(acc);
+        }
+    }
+    if (state_out != nullptr && slot >= 0) {
+#pragma unroll
+        for (int q = 0; q < N / 4; ++q)
+            *reinterpret_cast<float4*>(state_out + sbase + 4 * q) =
+                make_float4(st[4 * q], st[4 * q + 1], st[4 * q + 2], st[4 * q + 3]);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Forward for decode (one token per sequence; correct for any length).  256 threads per (sequence, head);
+// thread owns the float4 quads (row, 4*cq .. 4*cq+3), cq = tid % (N/4), rows tid/(N/4) + g*(256/(N/4)).
+// State traffic is fully coalesced 16-byte accesses; y_i is a sum over the N/4 lanes of a row (shuffles
+// inside an aligned lane group).
+template <typename T, int N>
+__global__ void __launch_bounds__(256) wkv6_forward_stream(
+    const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
+    const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
+    const T* __restrict__ u,
+    const float* state_in, float* state_out, const int* __restrict__ state_idx, int pool_size,
+    T* __restrict__ y, int* err)
+{
+    constexpr int NQ = N / 4;              // lanes per row: 8, 16, 32
+    constexpr int RPP = 256 / NQ;          // rows per pass
+    constexpr int G = N / RPP;             // passes (quads per thread): 1, 4, 16
+    static_assert(G * RPP == N, "bad geometry");
+    const int s = blockIdx.x / H, h = blockIdx.x % H, tid = threadIdx.x;
+    const int cq = tid % NQ, row0 = tid / NQ;
+    long long start, end;
+    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
+    const long long slot = rwkv::state_slot(state_idx, s, pool_size, err);
+    const long long sbase = (slot * H + h) * (long long)(N * N) + 4 * cq;
+
+    float4 st[G];
+    if (state_in != nullptr && slot >= 0) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) st[g] = wkv6::ld4(state_in + sbase + (long long)(row0 + g * RPP) * N);
+    } else {
+#pragma unroll
+        for (int g = 0; g < G; ++g) st[g] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    float u0, u1, u2, u3;
+    wkv6::load4(u + h * N + 4 * cq, u0, u1, u2, u3);
+    for (long long t = start; t < end; ++t) {
+        const long long base = (t * H + h) * N;
+        float r0, r1, r2, r3, k0, k1, k2, k3, w0, w1, w2, w3;
+        wkv6::load4(r + base + 4 * cq, r0, r1, r2, r3);
+        wkv6::load4(k + base + 4 * cq, k0, k1, k2, k3);
+        wkv6::load4(w + base + 4 * cq, w0, w1, w2, w3);
+        const float d0 = wkv6::decay_of(w0), d1 = wkv6::decay_of(w1), d2 = wkv6::decay_of(w2), d3 = wkv6::decay_of(w3);
+        const float a0 = u0 * k0, a1 = u1 * k1, a2 = u2 * k2, a3 = u3 * k3;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const int row = row0 + g * RPP;
+            const float vi = rwkv::to_float(v[base + row]);
+            float4 x = st[g];
+            float acc = r0 * fmaf(a0, vi, x.x);
+            acc = fmaf(r1, fmaf(a1, vi, x.y), acc);
+            acc = fmaf(r2, fmaf(a2, vi, x.z), acc);
+            acc = fmaf(r3, fmaf(a3, vi, x.w), acc);
+            x.x = fmaf(x.x, d0, k0 * vi);
+            x.y = fmaf(x.y, d1, k1 * vi);
+            x.z = fmaf(x.z, d2, k2 * vi);
+            x.w = fmaf(x.w, d3, k3 * vi);
+            st[g] = x;
+#pragma unroll
+            for (int m = NQ / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+            if (cq == 0) y[base + row] = rwkv::from_float<T>(acc);
+        }
+    }
+    if (state_out != nullptr && slot >= 0) {
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+            *reinterpret_cast<float4*>(state_out + sbase + (long long)(row0 + g * RPP) * N) = st[g];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Backward pass 1 (forward in time).  Thread j owns key column j of S (S[:, j] in registers).
+//   dr_t[j] = u_j k_t[j] (dy_t . v_t) + sum_i dy_t[i] S_{t-1}[i,j]
+//   X_t[j]  = r_t[j] * sum_i dy_t[i] S_{t-1}[i,j]                       (fp32 scratch, for dw)
+//   ckpt[chunk c] = S at the end of chunk c (tokens [c*CK, min((c+1)*CK, len)))
+// Broadcast: dy, v.  Own: r_j, k_j, d_j.
+template <typename T, int N>
+__global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
+    const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
+    const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
+    const T* __restrict__ u, const T* __restrict__ dy,
+    const float* __restrict__ state_in, int CK,
+    T* __restrict__ dr, float* __restrict__ xs, float* __restrict__ ckpt, int* err)
+{
+    constexpr int TT = wkv6::Tile<N>::TT;
+    __shared__ __align__(16) float sdy[2][TT * N];
+    __shared__ __align__(16) float sv[2][TT * N];
+    __shared__ float sr[TT * N], sk[TT * N], sd[TT * N];
+
+    const int s = blockIdx.x / H, h = blockIdx.x % H, j = threadIdx.x;
+    long long start, end;
+    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
+    const long long hb = (long long)h * N * N + j;   // + slot*H*N*N + i*N
+
+    float st[N];
+    if (state_in != nullptr) {
+        const float* p0 = state_in + (long long)s * H * N * N + hb;
+#pragma unroll
+        for (int i = 0; i < N; ++i) st[i] = p0[(long long)i * N];
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) st[i] = 0.f;
+    }
+    const float uj = rwkv::to_float(u[h * N + j]);
+    const long long len = end - start;
+    int p = 0;
+    for (long long t0 = 0; t0 < len; t0 += TT, p ^= 1) {
+        const int cnt = (int)min((long long)TT, len - t0);
+        for (int tt = 0; tt < cnt; ++tt) {
+            const long long off = ((start + t0 + tt) * H + h) * N + j;
+            sdy[p][tt * N + j] = rwkv::to_float(dy[off]);
+            sv[p][tt * N + j] = rwkv::to_float(v[off]);
+            sr[tt * N + j] = rwkv::to_float(r[off]);
+            sk[tt * N + j] = rwkv::to_float(k[off]);
+            sd[tt * N + j] = wkv6::decay_of(rwkv::to_float(w[off]));
+        }
+        __syncthreads();
+        for (int tt = 0; tt < cnt; ++tt) {
+            const float kj = sk[tt * N + j], dj = sd[tt * N + j], rj = sr[tt * N + j];
+            const float* pdy = &sdy[p][tt * N];
+            const float* pv = &sv[p][tt * N];
+            float acc = 0.f, dyv = 0.f;
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 g = wkv6::ld4(pdy + 4 * q), vv = wkv6::ld4(pv + 4 * q);
+                acc = fmaf(g.x, st[4 * q], acc);
+                acc = fmaf(g.y, st[4 * q + 1], acc);
+                acc = fmaf(g.z, st[4 * q + 2], acc);
+                acc = fmaf(g.w, st[4 * q + 3], acc);
+                dyv = fmaf(g.x, vv.x, dyv);
+                dyv = fmaf(g.y, vv.y, dyv);
+                dyv = fmaf(g.z, vv.z, dyv);
+                dyv = fmaf(g.w, vv.w, dyv);
+                st[4 * q] = fmaf(st[4 * q], dj, kj * vv.x);
+                st[4 * q + 1] = fmaf(st[4 * q + 1], dj, kj * vv.y);
+                st[4 * q + 2] = fmaf(st[4 * q + 2], dj, kj * vv.z);
+                st[4 * q + 3] = fmaf(st[4 * q + 3], dj, kj * vv.w);
+            }
+            const long long t = t0 + tt;
+            const long long off = ((start + t) * H + h) * N + j;
+            dr[off] = rwkv::from_float<T>(fmaf(uj * kj, dyv, acc));
+            xs[off] = rj * acc;
+            if ((t + 1) % CK == 0 || t + 1 == len) {
+                const long long c = rwkv::chunk_slot(cu_seqlens, Tlen, s, start, CK, (int)(t / CK));
+                float* p0 = ckpt + c * H * N * N + hb;
+#pragma unroll
+                for (int i = 0; i < N; ++i) p0[(long long)i * N] = st[i];
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Backward pass 2 (reverse in time).  Thread j owns key column j of the adjoint G (G_t = dL/dS_t).
+//   dk_t[j] = r_t[j] u_j (dy_t . v_t) + sum_i G_t[i,j] v_t[i]
+//   du[j]  += r_t[j] k_t[j] (dy_t . v_t)              (per (sequence, head) partial; reduced later)
+//   G_{t-1}[i,j] = G_t[i,j] d_t[j] + dy_t[i] r_t[j];  dstate = G_{-1}
+//   dw: with W_t = sum_i G_t[i,j] S_t[i,j] and Y_t = k_t[j] sum_i G_t[i,j] v_t[i],
+//       D_t = dL/dlog d_t[j] = sum_i G_t[i,j] S_{t-1}[i,j] d_t[j] = W_t - Y_t,  W_{t-1} = D_t + X_t,
+//       dw_t[j] = D_t * (-exp(w_t[j])).  W is set exactly from the checkpoint at the end of every chunk,
+//       so the recursion (no division by the decay) only runs over CK steps.
+// Broadcast: dy, v.  Own: r_j, k_j, d_j, exp(w_j), X_t[j].
+template <typename T, int N>
+__global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
+    const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
+    const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
+    const T* __restrict__ u, const T* __restrict__ dy,
+    const float* __restrict__ dstate, int CK, const float* __restrict__ xs, const float* __restrict__ ckpt,
+    T* __restrict__ dk, T* __restrict__ dw, float* __restrict__ dstate_in, float* __restrict__ du_part, int* err)
+{
+    constexpr int TT = wkv6::Tile<N>::TT;
+    __shared__ __align__(16) float sdy[2][TT * N];
+    __shared__ __align__(16) float sv[2][TT * N];
+    __shared__ float sr[TT * N], sk[TT * N], sd[TT * N], se[TT * N], sx[TT * N];
+
+    const int s = blockIdx.x / H, h = blockIdx.x % H, j = threadIdx.x;
+    long long start, end;
+    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
+    const long long hb = (long long)h * N * N + j;
+
+    float g[N];
+    if (dstate != nullptr) {
+        const float* p0 = dstate + (long long)s * H * N * N + hb;
+#pragma unroll
+        for (int i = 0; i < N; ++i) g[i] = p0[(long long)i * N];
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) g[i] = 0.f;
+    }
+    const float uj = rwkv::to_float(u[h * N + j]);
+    const long long len = end - start;
+    float du = 0.f, W = 0.f;
+    int p = 0;
+    const long long ntiles = (len + TT - 1) / TT;
+    for (long long tile = ntiles - 1; tile >= 0; --tile, p ^= 1) {
+        const long long t0 = tile * TT;
+        const int cnt = (int)min((long long)TT, len - t0);
+        for (int tt = 0; tt < cnt; ++tt) {
+            const long long off = ((start + t0 + tt) * H + h) * N + j;
+            const float ww = rwkv::to_float(w[off]);
+            const float ew = expf(ww);
+            sdy[p][tt * N + j] = rwkv::to_float(dy[off]);
+            sv[p][tt * N + j] = rwkv::to_float(v[off]);
+            sr[tt * N + j] = rwkv::to_float(r[off]);
+            sk[tt * N + j] = rwkv::to_float(k[off]);
+            sd[tt * N + j] = expf(-ew);
+            se[tt * N + j] = ew;
+            sx[tt * N + j] = xs[off];
+        }
+        __syncthreads();
+        for (int tt = cnt - 1; tt >= 0; --tt) {
+            const long long t = t0 + tt;
+            if ((t + 1) % CK == 0 || t + 1 == len) {   // last step of a chunk: W_t from the checkpoint S_t
+                const long long c = rwkv::chunk_slot(cu_seqlens, Tlen, s, start, CK, (int)(t / CK));
+                const float* p0 = ckpt + c * H * N * N + hb;
+                float a = 0.f;
+#pragma unroll
+                for (int i = 0; i < N; ++i) a = fmaf(g[i], p0[(long long)i * N], a);
+                W = a;
+            }
+            const float kj = sk[tt * N + j], dj = sd[tt * N + j], rj = sr[tt * N + j];
+            const float* pdy = &sdy[p][tt * N];
+            const float* pv = &sv[p][tt * N];
+            float gv = 0.f, dyv = 0.f;
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 e = wkv6::ld4(pdy + 4 * q), vv = wkv6::ld4(pv + 4 * q);
+                gv = fmaf(g[4 * q], vv.x, gv);
+                gv = fmaf(g[4 * q + 1], vv.y, gv);
+                gv = fmaf(g[4 * q + 2], vv.z, gv);
+                gv = fmaf(g[4 * q + 3], vv.w, gv);
+                dyv = fmaf(e.x, vv.x, dyv);
+                dyv = fmaf(e.y, vv.y, dyv);
+                dyv = fmaf(e.z, vv.z, dyv);
+                dyv = fmaf(e.w, vv.w, dyv);
+                g[4 * q] = fmaf(g[4 * q], dj, e.x * rj);
+                g[4 * q + 1] = fmaf(g[4 * q + 1], dj, e.y * rj);
+                g[4 * q + 2] = fmaf(g[4 * q + 2], dj, e.z * rj);
+                g[4 * q + 3] = fmaf(g[4 * q + 3], dj, e.w * rj);
+            }
+            const long long off = ((start + t) * H + h) * N + j;
+            dk[off] = rwkv::from_float<T>(fmaf(rj * uj, dyv, gv));
+            du = fmaf(rj * kj, dyv, du);
+            const float D = W - kj * gv;
+            dw[off] = rwkv::from_float<T>(-D * se[tt * N + j]);
+            W = D + sx[tt * N + j];
+        }
+    }
+    {
+        float* p0 = dstate_in + (long long)s * H * N * N + hb;
+#pragma unroll
+        for (int i = 0; i < N; ++i) p0[(long long)i * N] = g[i];
+        du_part[((long long)s * H + h) * N + j] = du;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Backward pass 3 (reverse in time).  Thread i owns value row i of the adjoint G.
+//   dv_t[i] = dy_t[i] sum_j r_t[j] u_j k_t[j] + sum_j G_t[i,j] k_t[j]
+// Broadcast: r_j, k_j, d_j, u_j k_j.  Own: dy_i.
+template <typename T, int N>
+__global__ void __launch_bounds__(N, 1) wkv6_bwd_rowrev(
+    const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
+    const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
+    const T* __restrict__ u, const T* __restrict__ dy,
+    const float* __restrict__ dstate, T* __restrict__ dv, int* err)
+{
+    constexpr int TT = wkv6::Tile<N>::TT;
+    __shared__ __align__(16) float sr[2][TT * N];
+    __shared__ __align__(16) float sk[2][TT * N];
+    __shared__ __align__(16) float sd[2][TT * N];
+    __shared__ __align__(16) float su[2][TT * N];
+    __shared__ float sdy[TT * N];
+
+    const int s = blockIdx.x / H, h = blockIdx.x % H, i = threadIdx.x;
+    long long start, end;
+    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
+
+    float g[N];
+    if (dstate != nullptr) {
+        const float* p0 = dstate + ((long long)s * H + h) * N * N + (long long)i * N;
+#pragma unroll
+        for (int q = 0; q < N / 4; ++q) {
+            float4 a = wkv6::ld4(p0 + 4 * q);
+            g[4 * q] = a.x; g[4 * q + 1] = a.y; g[4 * q + 2] = a.z; g[4 * q + 3] = a.w;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < N; ++j) g[j] = 0.f;
+    }
+    const float ui = rwkv::to_float(u[h * N + i]);
+    const long long len = end - start;
+    int p = 0;
+    const long long ntiles = (len + TT - 1) / TT;
+    for (long long tile = ntiles - 1; tile >= 0; --tile, p ^= 1) {
+        const long long t0 = tile * TT;
+        const int cnt = (int)min((long long)TT, len - t0);
+        for (int tt = 0; tt < cnt; ++tt) {
+            const long long off = ((start + t0 + tt) * H + h) * N + i;
+            const float kk = rwkv::to_float(k[off]);
+            sr[p][tt * N + i] = rwkv::to_float(r[off]);
+            sk[p][tt * N + i] = kk;
+            sd[p][tt * N + i] = wkv6::decay_of(rwkv::to_float(w[off]));
+            su[p][tt * N + i] = ui * kk;
+            sdy[tt * N + i] = rwkv::to_float(dy[off]);
+        }
+        __syncthreads();
+        for (int tt = cnt - 1; tt >= 0; --tt) {
+            const float e = sdy[tt * N + i];
+            const float* pr = &sr[p][tt * N];
+            const float* pk = &sk[p][tt * N];
+            const float* pd = &sd[p][tt * N];
+            const float* pu = &su[p][tt * N];
+            float gk = 0.f, ruk = 0.f;
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 rr = wkv6::ld4(pr + 4 * q), kk = wkv6::ld4(pk + 4 * q);
+                const float4 dd = wkv6::ld4(pd + 4 * q), uu = wkv6::ld4(pu + 4 * q);
+                gk = fmaf(g[4 * q], kk.x, gk);
+                gk = fmaf(g[4 * q + 1], kk.y, gk);
+                gk = fmaf(g[4 * q + 2], kk.z, gk);
+                gk = fmaf(g[4 * q + 3], kk.w, gk);
+                ruk = fmaf(rr.x, uu.x, ruk);
+                ruk = fmaf(rr.y, uu.y, ruk);
+                ruk = fmaf(rr.z, uu.z, ruk);
+                ruk = fmaf(rr.w, uu.w, ruk);
+                g[4 * q] = fmaf(g[4 * q], dd.x, e * rr.x);
+                g[4 * q + 1] = fmaf(g[4 * q + 1], dd.y, e * rr.y);
+                g[4 * q + 2] = fmaf(g[4 * q + 2], dd.z, e * rr.z);
+                g[4 * q + 3] = fmaf(g[4 * q + 3], dd.w, e * rr.w);
+            }
+            dv[((start + t0 + tt) * H + h) * N + i] = rwkv::from_float<T>(fmaf(e, ruk, gk));
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// du = sum over sequences of the per-(sequence, head) partials, in a fixed order (deterministic).
+// grid = H, block = N.
+template <typename T, int N>
+__global__ void __launch_bounds__(N) wkv6_reduce_u(const float* __restrict__ du_part, int num, int H,
+                                                  T* __restrict__ du)
+{
+    const int h = blockIdx.x, j = threadIdx.x;
+    float a = 0.f;
+    for (int s = 0; s < num; ++s) a += du_part[((long long)s * H + h) * N + j];
+    du[h * N + j] = rwkv::from_float<T>(a);
+}

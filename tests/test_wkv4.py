@@ -1,0 +1,540 @@
+"""RWKV-4 WKV: the NumPy reference (naive formula, finite differences, continuation, varlen, pools, extreme k,
+fla converters) on the CPU, and the CUDA kernels against it on the GPU (marked ``gpu``)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import rwkvops
+from rwkvops.ops import wkv4 as W
+from rwkvops.testing import has_gpu, rel_rms
+
+NAMES = ("w", "u", "k", "v")
+T_CASES = (1, 15, 16, 17, 63, 65)
+
+
+def make_inputs(rng, B, T, C, dtype=np.float64, kscale=1.0, wlo=-3.0, whi=1.0):
+    x = {"w": rng.uniform(wlo, whi, C), "u": rng.standard_normal(C) * 0.5,
+         "k": rng.standard_normal((B, T, C)) * kscale, "v": rng.standard_normal((B, T, C))}
+    return {n: x[n].astype(dtype) for n in NAMES}
+
+
+def make_state(rng, B, C, dtype=np.float64, plo=-3.0, phi=3.0):
+    """A valid non-empty history: bb > 0, aa ~ bb * (a value), pp anywhere."""
+    bb = rng.uniform(0.3, 3.0, (B, C))
+    aa = bb * rng.standard_normal((B, C))
+    pp = rng.uniform(plo, phi, (B, C))
+    return np.stack([aa, bb, pp], axis=1).astype(dtype)
+
+
+def args(x):
+    return tuple(x[n] for n in NAMES)
+
+
+def naive(x, state):
+    """Straight from the formula (float64, no stabilisation; moderate k only), with the state's num/den."""
+    w, u, k, v = (x[n].astype(np.float64) for n in NAMES)
+    wp = -np.exp(w)
+    B, T, C = k.shape
+    num0 = state[:, 0] * np.exp(state[:, 2])
+    den0 = state[:, 1] * np.exp(state[:, 2])
+    y = np.zeros((B, T, C))
+    for t in range(T):
+        num = num0 * np.exp(t * wp) + sum(np.exp((t - 1 - s) * wp + k[:, s]) * v[:, s] for s in range(t))
+        den = den0 * np.exp(t * wp) + sum(np.exp((t - 1 - s) * wp + k[:, s]) for s in range(t))
+        e = np.exp(u + k[:, t])
+        y[:, t] = (num + e * v[:, t]) / (den + e)
+    numT = num0 * np.exp(T * wp) + sum(np.exp((T - 1 - s) * wp + k[:, s]) * v[:, s] for s in range(T))
+    denT = den0 * np.exp(T * wp) + sum(np.exp((T - 1 - s) * wp + k[:, s]) for s in range(T))
+    ppT = np.maximum(state[:, 2] + T * wp, np.max([k[:, s] + (T - 1 - s) * wp for s in range(T)], axis=0))
+    return y, numT, denT, ppT
+
+
+# ----------------------------------------------------------------------------- reference
+
+@pytest.mark.parametrize("zero_state", [False, True], ids=["state", "zeros"])
+def test_reference_matches_naive_formula(zero_state):
+    rng = np.random.default_rng(0)
+    x = make_inputs(rng, 2, 9, 4, kscale=2.0)
+    s0 = np.zeros((2, 3, 4)) if zero_state else make_state(rng, 2, 4)
+    y, s = W.reference_forward(x, s0)
+    yn, num, den, pp = naive(x, s0)
+    np.testing.assert_allclose(y, yn, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(s[:, 2], pp, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(s[:, 0] * np.exp(s[:, 2]), num, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(s[:, 1] * np.exp(s[:, 2]), den, rtol=1e-12, atol=1e-13)
+
+
+def _loss(x, s0, dy, ds):
+    y, s1 = W.reference_forward(x, s0)
+    return float(np.sum(dy * y) + np.sum(ds * s1))
+
+
+@pytest.mark.parametrize("B,T,C,kscale,zero_state", [(1, 1, 2, 1.0, False), (2, 5, 3, 1.0, False),
+                                                      (2, 6, 2, 6.0, False), (1, 4, 3, 1.0, True)],
+                         ids=["T1", "B2T5", "wide-k", "zero-state"])
+def test_reference_backward_finite_differences(B, T, C, kscale, zero_state):
+    """All gradients incl. every state component (dstate[:, 2] = d/dpp as a real input, through the max)."""
+    rng = np.random.default_rng(1)
+    x = make_inputs(rng, B, T, C, kscale=kscale)
+    s0 = np.zeros((B, 3, C)) if zero_state else make_state(rng, B, C)
+    dy = rng.standard_normal((B, T, C))
+    ds = rng.standard_normal((B, 3, C))
+    g = W.reference_backward(x, s0, dy, ds)
+    eps = 1e-6
+    for name in (*NAMES, "state"):
+        base = s0 if name == "state" else x[name]
+        fd = np.zeros_like(base)
+        for idx in np.ndindex(base.shape):
+            plus, minus = base.copy(), base.copy()
+            plus[idx] += eps
+            minus[idx] -= eps
+            if name == "state":
+                fp, fm = _loss(x, plus, dy, ds), _loss(x, minus, dy, ds)
+            else:
+                fp, fm = _loss({**x, name: plus}, s0, dy, ds), _loss({**x, name: minus}, s0, dy, ds)
+            fd[idx] = (fp - fm) / (2 * eps)
+        assert g[name].shape == base.shape
+        np.testing.assert_allclose(g[name], fd, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_reference_float32_stays_float32():
+    rng = np.random.default_rng(3)
+    x = make_inputs(rng, 2, 30, 4, dtype=np.float32, kscale=3.0)
+    s0 = make_state(rng, 2, 4, dtype=np.float32)
+    y, s = W.reference_forward(x, s0)
+    assert y.dtype == np.float32 and s.dtype == np.float32
+    g = W.reference_backward(x, s0, np.ones_like(y), np.ones_like(s))
+    assert all(v.dtype == np.float32 for v in g.values())
+    x64 = {n: v.astype(np.float64) for n, v in x.items()}
+    y64, s64 = W.reference_forward(x64, s0.astype(np.float64))
+    g64 = W.reference_backward(x64, s0.astype(np.float64), np.ones_like(y64), np.ones_like(s64))
+    assert rel_rms(y, y64) < 1e-5 and rel_rms(s, s64) < 1e-5
+    for n in g:
+        assert rel_rms(g[n], g64[n]) < 1e-4, n
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extreme_k_no_overflow(dtype):
+    rng = np.random.default_rng(4)
+    B, T, C = 2, 300, 6
+    x = make_inputs(rng, B, T, C, dtype=dtype)
+    x["k"] = rng.uniform(-60, 60, (B, T, C)).astype(dtype)
+    x["w"][:2] = np.array([4.0, -12.0], dtype)      # decays ~1e-24 and ~1 - 6e-6
+    for s0 in (np.zeros((B, 3, C), dtype), make_state(rng, B, C, dtype, -60, 60)):
+        y, s = rwkvops.wkv4(*args(x), state=s0)
+        g = W.reference_backward(x, s0, np.ones_like(y), np.ones_like(s))
+        assert np.all(np.isfinite(y)) and np.all(np.isfinite(s))
+        assert all(np.all(np.isfinite(v)) for v in g.values())
+        if dtype == np.float32:
+            x64 = {n: v.astype(np.float64) for n, v in x.items()}
+            y64, s64 = W.reference_forward(x64, s0.astype(np.float64))
+            assert rel_rms(y, y64) < 1e-5
+
+
+# ----------------------------------------------------------------------------- public API on the CPU
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 3), T=st.one_of(st.sampled_from(T_CASES), st.integers(1, 40)), C=st.integers(1, 5),
+       kscale=st.sampled_from((0.5, 3.0, 30.0)), wlo=st.sampled_from((-12.0, -3.0, 0.0)),
+       whi=st.sampled_from((0.5, 4.0)), zero=st.booleans(), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_continuation_and_gradient_composition(B, T, C, kscale, wlo, whi, zero, seed, data):
+    """Split anywhere: same y and state; and the split backward (TBPTT) composes into the full gradient."""
+    rng = np.random.default_rng(seed)
+    x = make_inputs(rng, B, T, C, kscale=kscale, wlo=wlo, whi=whi)
+    x["k"] = np.clip(x["k"], -60, 60)
+    s0 = np.zeros((B, 3, C)) if zero else make_state(rng, B, C, plo=-20, phi=20)
+    split = data.draw(st.integers(0, T))
+    dy = rng.standard_normal((B, T, C))
+    ds = rng.standard_normal((B, 3, C))
+    y, s = rwkvops.wkv4(*args(x), state=s0)
+    g = W.reference_backward(x, s0, dy, ds)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(s)) and all(np.all(np.isfinite(v)) for v in g.values())
+    assert y.shape == (B, T, C) and s.shape == (B, 3, C) and s.dtype == np.float64
+    if 0 < split < T:
+        x1 = {**x, "k": x["k"][:, :split], "v": x["v"][:, :split]}
+        x2 = {**x, "k": x["k"][:, split:], "v": x["v"][:, split:]}
+        y1, s1 = rwkvops.wkv4(*args(x1), state=s0)
+        y2, s2 = rwkvops.wkv4(*args(x2), state=s1)
+        np.testing.assert_allclose(np.concatenate([y1, y2], axis=1), y, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(s2, s, rtol=1e-10, atol=1e-10)
+        g2 = W.reference_backward(x2, s1, dy[:, split:], ds)
+        g1 = W.reference_backward(x1, s0, dy[:, :split], g2["state"])
+
+        def close(a, b, name):
+            sc = max(1.0, float(np.abs(b).max()))
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9 * sc, err_msg=name)
+        close(np.concatenate([g1["k"], g2["k"]], axis=1), g["k"], "k")
+        close(np.concatenate([g1["v"], g2["v"]], axis=1), g["v"], "v")
+        close(g1["w"] + g2["w"], g["w"], "w")
+        close(g1["u"] + g2["u"], g["u"], "u")
+        close(g1["state"], g["state"], "state")
+
+
+def test_t1_and_no_state():
+    rng = np.random.default_rng(5)
+    x = make_inputs(rng, 3, 1, 4)
+    y, s = rwkvops.wkv4(*args(x))
+    # empty history, one token: y = v, state = (v, 1, k)
+    np.testing.assert_allclose(y[:, 0], x["v"][:, 0], rtol=1e-14)
+    np.testing.assert_allclose(s[:, 0], x["v"][:, 0], rtol=1e-14)
+    np.testing.assert_allclose(s[:, 1], 1.0)
+    np.testing.assert_allclose(s[:, 2], np.maximum(x["k"][:, 0], -np.exp(x["w"])))
+    y0, s0 = rwkvops.wkv4(*args(x), state=np.zeros((3, 3, 4)))
+    np.testing.assert_array_equal(y0, y)
+    np.testing.assert_array_equal(s0, s)
+
+
+@settings(max_examples=15, deadline=None)
+@given(lens=st.lists(st.sampled_from((0, 1, 2, 15, 16, 17, 33)), min_size=1, max_size=4),
+       C=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_varlen_equals_separate_calls(lens, C, seed):
+    rng = np.random.default_rng(seed)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    total = int(cu[-1])
+    x = make_inputs(rng, 1, total, C)
+    s0 = make_state(rng, len(lens), C)
+    y, s = rwkvops.wkv4(*args(x), state=s0, cu_seqlens=cu)
+    assert y.shape == (1, total, C)
+    for i in range(len(lens)):
+        a, b = int(cu[i]), int(cu[i + 1])
+        if b == a:
+            np.testing.assert_array_equal(s[i], s0[i])
+            continue
+        yi, si = rwkvops.wkv4(x["w"], x["u"], x["k"][:, a:b], x["v"][:, a:b], state=s0[i:i + 1])
+        np.testing.assert_allclose(y[:, a:b], yi, rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(s[i], si[0], rtol=1e-13, atol=1e-14)
+
+
+def test_varlen_backward_equals_separate():
+    rng = np.random.default_rng(6)
+    lens = [5, 0, 9, 1]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    total, C, S = int(cu[-1]), 3, len(lens)
+    x = make_inputs(rng, 1, total, C)
+    s0 = make_state(rng, S, C)
+    dy = rng.standard_normal((1, total, C))
+    ds = rng.standard_normal((S, 3, C))
+    _, _, ctx = rwkvops.forward(W.OP, *args(x), state=s0, cu_seqlens=cu)
+    g = rwkvops.backward(ctx, dy, ds)
+    dw = np.zeros(C)
+    du = np.zeros(C)
+    for i in range(S):
+        a, b = int(cu[i]), int(cu[i + 1])
+        if a == b:
+            np.testing.assert_array_equal(g["state"][i], ds[i])
+            continue
+        xi = {**x, "k": x["k"][:, a:b], "v": x["v"][:, a:b]}
+        gi = W.reference_backward(xi, s0[i:i + 1], dy[:, a:b], ds[i:i + 1])
+        np.testing.assert_allclose(g["k"][:, a:b], gi["k"], rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(g["v"][:, a:b], gi["v"], rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(g["state"][i], gi["state"][0], rtol=1e-12, atol=1e-13)
+        dw += gi["w"]
+        du += gi["u"]
+    np.testing.assert_allclose(g["w"], dw, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(g["u"], du, rtol=1e-12, atol=1e-13)
+
+
+def test_pool_cpu():
+    rng = np.random.default_rng(7)
+    lens = [3, 0, 4, 2]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    C, P = 3, 6
+    x = make_inputs(rng, 1, int(cu[-1]), C)
+    pool = make_state(rng, P, C)
+    idx = np.array([4, 1, -1, 0], np.int32)
+    before = pool.copy()
+    y, out = rwkvops.wkv4(*args(x), state=pool, cu_seqlens=cu, state_indices=idx)
+    assert out is pool
+    for i, slot in enumerate(idx):
+        a, b = int(cu[i]), int(cu[i + 1])
+        s_in = np.zeros((1, 3, C)) if slot < 0 else before[slot:slot + 1]
+        if b > a:
+            yi, si = rwkvops.wkv4(x["w"], x["u"], x["k"][:, a:b], x["v"][:, a:b], state=s_in)
+            np.testing.assert_allclose(y[:, a:b], yi, rtol=1e-13)
+            if slot >= 0:
+                np.testing.assert_allclose(pool[slot], si[0], rtol=1e-13)
+        elif slot >= 0:
+            np.testing.assert_array_equal(pool[slot], before[slot])
+    for untouched in (2, 3, 5):
+        np.testing.assert_array_equal(pool[untouched], before[untouched])
+
+
+def test_torch_cpu_autograd():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    x = make_inputs(rng, 2, 7, 3)
+    s0 = make_state(rng, 2, 3)
+    xt = {n: torch.tensor(v, requires_grad=True) for n, v in x.items()}
+    st_ = torch.tensor(s0, requires_grad=True)
+    y, s = rwkvops.wkv4(*args(xt), state=st_)
+    dy = rng.standard_normal(y.shape)
+    ds = rng.standard_normal(s.shape)
+    (y * torch.tensor(dy)).sum().backward(inputs=[*xt.values(), st_], retain_graph=True)
+    (s * torch.tensor(ds)).sum().backward(inputs=[*xt.values(), st_])
+    g = W.reference_backward(x, s0, dy, ds)
+    for n in NAMES:
+        np.testing.assert_allclose(xt[n].grad.numpy(), g[n], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(st_.grad.numpy(), g["state"], rtol=1e-10, atol=1e-12)
+
+
+def test_validation_errors():
+    rng = np.random.default_rng(9)
+    x = make_inputs(rng, 2, 5, 3)
+    with pytest.raises(ValueError, match="'w'"):
+        rwkvops.wkv4(x["w"][:2], x["u"], x["k"], x["v"])
+    with pytest.raises(ValueError, match="'state'"):
+        rwkvops.wkv4(*args(x), state=np.zeros((2, 2, 3)))
+    with pytest.raises(TypeError, match="dtype"):
+        rwkvops.wkv4(x["w"].astype(np.float32), x["u"], x["k"], x["v"])
+
+
+def test_fla_converters_round_trip_and_semantics():
+    rng = np.random.default_rng(10)
+    s = make_state(rng, 2, 5).astype(np.float32)
+    f = W.to_fla(s)
+    assert f.shape == (2, 3, 1, 5)
+    back = W.from_fla(f)
+    assert back.flags.c_contiguous
+    np.testing.assert_array_equal(back, s)
+
+
+def test_fla_converters_torch():
+    torch = pytest.importorskip("torch")
+    s = torch.randn(2, 3, 4)
+    f = W.to_fla(s)
+    assert tuple(f.shape) == (2, 3, 1, 4)
+    b = W.from_fla(f)
+    assert b.is_contiguous() and torch.equal(b, s)
+
+
+def test_declaration():
+    op = rwkvops.get_op("wkv4")
+    assert op is W.OP and [a.name for a in op.inputs] == list(NAMES) and op.output == "k"
+    assert op.reduce_batch == ("w", "u") and op.head_sizes is None
+    assert set(op.kernels[0].name_expressions) == set(W.NAME_EXPRESSIONS)
+    assert rwkvops.wkv4 is W.wkv4
+
+
+def test_chunk_len_fills_h100():
+    from rwkvops._gpu import Seqs
+    assert W._chunk_len(Seqs(num=1, T=16384, total=16384), 2048) == 64
+    L = W._chunk_len(Seqs(num=1, T=100000, total=100000), 8)
+    assert 16 <= L <= W.MAX_CHUNK
+    assert W._chunk_len(Seqs(num=4, T=1, total=4), 64) <= W.MAX_CHUNK
+
+
+# ----------------------------------------------------------------------------- GPU (kernels vs the reference)
+
+gpu = pytest.mark.gpu
+TOL = {"float32": (1e-5, 1e-4), "float16": (3e-3, 6e-3), "bfloat16": (3e-3, 6e-3)}
+
+
+def _torch_dtype(torch, name):
+    return getattr(torch, name)
+
+
+def _rounded(x, dtype):
+    """Inputs rounded to ``dtype`` (as float64 NumPy) so the oracle sees exactly what the kernel sees."""
+    torch = pytest.importorskip("torch")
+    return {n: torch.tensor(v).to(_torch_dtype(torch, dtype)).double().numpy() for n, v in x.items()}
+
+
+def _to_torch_cuda(a, dtype, requires_grad=False):
+    import torch
+    t = torch.tensor(np.asarray(a)).to(device="cuda", dtype=_torch_dtype(torch, dtype))
+    return t.requires_grad_(requires_grad)
+
+
+def _ref(x64, s0, dy, ds):
+    y, s = W.reference_forward(x64, s0)
+    g = W.reference_backward(x64, s0, dy, ds)
+    return y, s, g
+
+
+@pytest.fixture
+def need_gpu():
+    if not has_gpu():
+        pytest.skip("no CUDA GPU")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 63, 65, 1000])
+def test_gpu_torch_fwd_bwd(need_gpu, dtype, T):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(100 + T)
+    B, C = 2, 40
+    x = make_inputs(rng, B, T, C, kscale=3.0)
+    x64 = _rounded(x, dtype)
+    s0 = make_state(rng, B, C).astype(np.float32).astype(np.float64)
+    dy = rng.standard_normal((B, T, C))
+    ds = rng.standard_normal((B, 3, C))
+    dy64 = _rounded({"dy": dy}, dtype)["dy"]
+    ref_y, ref_s, ref_g = _ref(x64, s0, dy64, ds)
+    xt = {n: _to_torch_cuda(v, dtype, True) for n, v in x64.items()}
+    st_ = torch.tensor(s0, dtype=torch.float32, device="cuda", requires_grad=True)
+    y, s = rwkvops.wkv4(*args(xt), state=st_)
+    assert y.dtype == xt["k"].dtype and s.dtype == torch.float32 and y.shape == (B, T, C)
+    tf, tb = TOL[dtype]
+    assert rel_rms(y, ref_y) < tf
+    assert rel_rms(s, ref_s) < tf
+    loss = (y.float() * _to_torch_cuda(dy64, "float32")).sum() + (s * torch.tensor(ds, device="cuda",
+                                                                                  dtype=torch.float32)).sum()
+    loss.backward()
+    for n in NAMES:
+        assert xt[n].grad.dtype == xt[n].dtype
+        assert rel_rms(xt[n].grad, ref_g[n]) < tb, n
+    assert rel_rms(st_.grad, ref_g["state"]) < tb
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gpu_cupy_fwd_bwd_and_determinism(need_gpu, dtype):
+    import cupy
+    rng = np.random.default_rng(11)
+    B, T, C = 3, 130, 70
+    x = make_inputs(rng, B, T, C, kscale=2.0)
+    x = {n: v.astype(dtype) for n, v in x.items()}
+    x64 = {n: v.astype(np.float64) for n, v in x.items()}
+    s0 = make_state(rng, B, C).astype(np.float32)
+    dy = rng.standard_normal((B, T, C)).astype(dtype)
+    ds = rng.standard_normal((B, 3, C)).astype(np.float32)
+    ref_y, ref_s, ref_g = _ref(x64, s0.astype(np.float64), dy.astype(np.float64), ds.astype(np.float64))
+    xc = {n: cupy.asarray(v) for n, v in x.items()}
+    y, s, ctx = rwkvops.forward(W.OP, *args(xc), state=cupy.asarray(s0))
+    assert isinstance(y, cupy.ndarray) and y.dtype == np.dtype(dtype)
+    tf, tb = TOL[dtype]
+    assert rel_rms(y, ref_y) < tf and rel_rms(s, ref_s) < tf
+    g = rwkvops.backward(ctx, cupy.asarray(dy), cupy.asarray(ds))
+    for n in (*NAMES, "state"):
+        assert rel_rms(g[n], ref_g[n]) < tb, n
+    _, _, ctx2 = rwkvops.forward(W.OP, *args(xc), state=cupy.asarray(s0))
+    g2 = rwkvops.backward(ctx2, cupy.asarray(dy), cupy.asarray(ds))
+    for n in g:
+        assert bool(cupy.all(g[n] == g2[n])), f"non-deterministic {n}"
+    # no state, no upstream grads
+    y0, s0_, ctx0 = rwkvops.forward(W.OP, *args(xc))
+    yr0, sr0 = W.reference_forward(x64, np.zeros((B, 3, C)))
+    assert rel_rms(y0, yr0) < tf and rel_rms(s0_, sr0) < tf
+    g0 = rwkvops.backward(ctx0, None, None)
+    for n in g0:
+        assert float(cupy.abs(g0[n].astype(cupy.float32)).max()) == 0.0, n
+    rwkvops.check_errors()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_extreme_k(need_gpu, dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(12)
+    B, T, C = 2, 500, 33
+    x = make_inputs(rng, B, T, C)
+    x["k"] = rng.uniform(-60, 60, (B, T, C))
+    x["w"][:3] = [4.0, -12.0, 0.0]
+    x64 = _rounded(x, dtype)
+    s0 = make_state(rng, B, C, plo=-60, phi=60).astype(np.float32).astype(np.float64)
+    dy = rng.standard_normal((B, T, C))
+    ds = rng.standard_normal((B, 3, C))
+    dy64 = _rounded({"dy": dy}, dtype)["dy"]
+    ref_y, ref_s, ref_g = _ref(x64, s0, dy64, ds)
+    xt = {n: _to_torch_cuda(v, dtype, True) for n, v in x64.items()}
+    st_ = torch.tensor(s0, dtype=torch.float32, device="cuda", requires_grad=True)
+    y, s = rwkvops.wkv4(*args(xt), state=st_)
+    # |k| up to 60 makes pp large: fp32 rounding of pp (ulp 4e-6) limits the relative accuracy
+    tf, tb = (max(TOL[dtype][0], 3e-5), max(TOL[dtype][1], 3e-4))
+    assert rel_rms(y, ref_y) < tf and rel_rms(s, ref_s) < tf
+    ((y.float() * _to_torch_cuda(dy64, "float32")).sum()
+     + (s * torch.tensor(ds, device="cuda", dtype=torch.float32)).sum()).backward()
+    for n in NAMES:
+        assert rel_rms(xt[n].grad, ref_g[n]) < tb, n
+    assert rel_rms(st_.grad, ref_g["state"]) < tb
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_varlen_zero_length_and_grads(need_gpu, dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(13)
+    lens = [70, 0, 1, 129, 16, 0, 5]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    total, C, S = int(cu[-1]), 50, len(lens)
+    x64 = _rounded(make_inputs(rng, 1, total, C, kscale=2.0), dtype)
+    s0 = make_state(rng, S, C).astype(np.float32).astype(np.float64)
+    dy64 = _rounded({"dy": rng.standard_normal((1, total, C))}, dtype)["dy"]
+    ds = rng.standard_normal((S, 3, C))
+    _, _, ctx = rwkvops.forward(W.OP, *args(x64), state=s0, cu_seqlens=cu)
+    ref_y, ref_s, _ = rwkvops.forward(W.OP, *args(x64), state=s0, cu_seqlens=cu)
+    ref_g = rwkvops.backward(ctx, dy64, ds)
+    xt = {n: _to_torch_cuda(v, dtype, True) for n, v in x64.items()}
+    st_ = torch.tensor(s0, dtype=torch.float32, device="cuda", requires_grad=True)
+    for cu_arg in (cu, torch.tensor(cu, device="cuda")):
+        for t in (*xt.values(), st_):
+            t.grad = None
+        y, s = rwkvops.wkv4(*args(xt), state=st_, cu_seqlens=cu_arg)
+        tf, tb = TOL[dtype]
+        assert rel_rms(y, ref_y) < tf and rel_rms(s, ref_s) < tf
+        for i in (1, 5):
+            assert torch.equal(s[i], st_[i].detach())   # zero-length: unchanged
+        ((y.float() * _to_torch_cuda(dy64, "float32")).sum()
+         + (s * torch.tensor(ds, device="cuda", dtype=torch.float32)).sum()).backward()
+        for n in NAMES:
+            assert rel_rms(xt[n].grad, ref_g[n]) < tb, n
+        assert rel_rms(st_.grad, ref_g["state"]) < tb
+    rwkvops.check_errors()
+
+
+@gpu
+def test_gpu_pool_with_empty_slots(need_gpu):
+    import cupy
+    rng = np.random.default_rng(14)
+    lens = [3, 0, 40, 1, 1, 0]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    total, C, P = int(cu[-1]), 65, 9
+    x = {n: v.astype(np.float32) for n, v in make_inputs(rng, 1, total, C).items()}
+    pool = make_state(rng, P, C).astype(np.float32)
+    idx = np.array([7, 2, -1, 0, -1, 5], np.int32)
+    ref_pool = pool.astype(np.float64).copy()
+    ref_y, _ = rwkvops.wkv4(*(v.astype(np.float64) for v in args(x)), state=ref_pool, cu_seqlens=cu,
+                            state_indices=idx)
+    for idx_arg in (idx, cupy.asarray(idx)):
+        gpool = cupy.asarray(pool)
+        y, out = rwkvops.wkv4(*(cupy.asarray(v) for v in args(x)), state=gpool, cu_seqlens=cupy.asarray(cu),
+                              state_indices=idx_arg)
+        assert out is gpool
+        assert rel_rms(y, ref_y) < 1e-5
+        assert rel_rms(gpool, ref_pool) < 1e-5
+        for untouched in (1, 3, 4, 6, 8):
+            np.testing.assert_array_equal(cupy.asnumpy(gpool[untouched]), pool[untouched])
+    rwkvops.check_errors()
+
+
+@gpu
+def test_gpu_long_sequence_no_overflow(need_gpu):
+    import cupy
+    rng = np.random.default_rng(15)
+    B, T, C = 1, 100000, 4
+    x = make_inputs(rng, B, T, C, dtype=np.float32, wlo=-12.0, whi=-4.0)
+    x["k"] = rng.uniform(-60, 60, (B, T, C)).astype(np.float32)
+    y, s = rwkvops.wkv4(*(cupy.asarray(v) for v in args(x)))
+    assert bool(cupy.all(cupy.isfinite(y))) and bool(cupy.all(cupy.isfinite(s)))
+    y64, s64 = W.reference_forward({n: v.astype(np.float64) for n, v in x.items()}, np.zeros((B, 3, C)))
+    assert rel_rms(y, y64) < 1e-4
+    assert rel_rms(s, s64) < 1e-4
+
+
+@gpu
+def test_gpu_matches_fla(need_gpu):
+    torch = pytest.importorskip("torch")
+    fla = pytest.importorskip("fla.ops.rwkv4.fused_recurrent")
+    rng = np.random.default_rng(16)
+    B, T, C = 2, 100, 64
+    x = make_inputs(rng, B, T, C, dtype=np.float32, kscale=2.0)
+    s0 = make_state(rng, B, C).astype(np.float32)
+    xt = {n: torch.tensor(v, device="cuda") for n, v in x.items()}
+    st_ = torch.tensor(s0, device="cuda")
+    y, s = rwkvops.wkv4(*args(xt), state=st_)
+    yf, sf = fla.fused_recurrent_rwkv4(xt["w"], xt["u"], xt["k"], xt["v"], W.to_fla(st_).contiguous())
+    assert rel_rms(y, yf) < 1e-5
+    assert rel_rms(s, W.from_fla(sf)) < 1e-5
