@@ -77,6 +77,7 @@ __global__ void __launch_bounds__(128) wkv4_fwd_chunk(
     float p = rwkv::to_float(k[i]);
     float a = rwkv::to_float(v[i]);
     float b = 1.f;
+#pragma unroll 4
     for (long long t = q.t0 + 1; t < q.t1; ++t) {
         i += C;
         const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
@@ -115,6 +116,7 @@ __global__ void __launch_bounds__(128) wkv4_fwd_scan(
     const float wp = wkv4::decay_log(rwkv::to_float(w[ch]));
     const long long len = end - start;
     const int nc = (int)((len + L - 1) / L);
+#pragma unroll 4
     for (int c = 0; c < nc; ++c) {
         const long long cs = rwkv::chunk_slot(cu_seqlens, Tlen, s, start, L, c);
         float* o = sin + cs * 3 * C + ch;
@@ -155,6 +157,7 @@ __global__ void __launch_bounds__(128) wkv4_fwd_out(
     const float* si = sin + g * 3 * C + ch;
     float A = si[0], B = si[C], P = si[2 * C];
     long long i = q.t0 * C + ch;
+#pragma unroll 4
     for (long long t = q.t0; t < q.t1; ++t, i += C) {
         const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
         const float uk = uu + kt;
@@ -192,6 +195,7 @@ __global__ void __launch_bounds__(128) wkv4_bwd_chunk(
     float la = 0.f, lb = 0.f, off = 0.f;   // off = j * w' (accumulated; 0 for the first token)
     bool carried = true;
     long long i = q.t0 * C + ch;
+#pragma unroll 4
     for (long long t = q.t0; t < q.t1; ++t, i += C) {
         const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
         if (dy != nullptr) {

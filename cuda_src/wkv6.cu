@@ -234,14 +234,14 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
             const float kj = sk[tt * N + j], dj = sd[tt * N + j], rj = sr[tt * N + j];
             const float* pdy = &sdy[p][tt * N];
             const float* pv = &sv[p][tt * N];
-            float acc = 0.f, dyv = 0.f;
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, dyv = 0.f;
 #pragma unroll
             for (int q = 0; q < N / 4; ++q) {
                 const float4 g = wkv6::ld4(pdy + 4 * q), vv = wkv6::ld4(pv + 4 * q);
-                acc = fmaf(g.x, st[4 * q], acc);
-                acc = fmaf(g.y, st[4 * q + 1], acc);
-                acc = fmaf(g.z, st[4 * q + 2], acc);
-                acc = fmaf(g.w, st[4 * q + 3], acc);
+                a0 = fmaf(g.x, st[4 * q], a0);
+                a1 = fmaf(g.y, st[4 * q + 1], a1);
+                a2 = fmaf(g.z, st[4 * q + 2], a2);
+                a3 = fmaf(g.w, st[4 * q + 3], a3);
                 dyv = fmaf(g.x, vv.x, dyv);
                 dyv = fmaf(g.y, vv.y, dyv);
                 dyv = fmaf(g.z, vv.z, dyv);
@@ -251,6 +251,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
                 st[4 * q + 2] = fmaf(st[4 * q + 2], dj, kj * vv.z);
                 st[4 * q + 3] = fmaf(st[4 * q + 3], dj, kj * vv.w);
             }
+            const float acc = (a0 + a1) + (a2 + a3);
             const long long t = t0 + tt;
             const long long off = ((start + t) * H + h) * N + j;
             dr[off] = rwkv::from_float<T>(fmaf(uj * kj, dyv, acc));
@@ -328,22 +329,25 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
             if ((t + 1) % CK == 0 || t + 1 == len) {   // last step of a chunk: W_t from the checkpoint S_t
                 const long long c = rwkv::chunk_slot(cu_seqlens, Tlen, s, start, CK, (int)(t / CK));
                 const float* p0 = ckpt + c * H * N * N + hb;
-                float a = 0.f;
+                float a0 = 0.f, a1 = 0.f;
 #pragma unroll
-                for (int i = 0; i < N; ++i) a = fmaf(g[i], p0[(long long)i * N], a);
-                W = a;
+                for (int i = 0; i < N; i += 2) {
+                    a0 = fmaf(g[i], p0[(long long)i * N], a0);
+                    a1 = fmaf(g[i + 1], p0[(long long)(i + 1) * N], a1);
+                }
+                W = a0 + a1;
             }
             const float kj = sk[tt * N + j], dj = sd[tt * N + j], rj = sr[tt * N + j];
             const float* pdy = &sdy[p][tt * N];
             const float* pv = &sv[p][tt * N];
-            float gv = 0.f, dyv = 0.f;
+            float gv0 = 0.f, gv1 = 0.f, gv2 = 0.f, gv3 = 0.f, dyv = 0.f;
 #pragma unroll
             for (int q = 0; q < N / 4; ++q) {
                 const float4 e = wkv6::ld4(pdy + 4 * q), vv = wkv6::ld4(pv + 4 * q);
-                gv = fmaf(g[4 * q], vv.x, gv);
-                gv = fmaf(g[4 * q + 1], vv.y, gv);
-                gv = fmaf(g[4 * q + 2], vv.z, gv);
-                gv = fmaf(g[4 * q + 3], vv.w, gv);
+                gv0 = fmaf(g[4 * q], vv.x, gv0);
+                gv1 = fmaf(g[4 * q + 1], vv.y, gv1);
+                gv2 = fmaf(g[4 * q + 2], vv.z, gv2);
+                gv3 = fmaf(g[4 * q + 3], vv.w, gv3);
                 dyv = fmaf(e.x, vv.x, dyv);
                 dyv = fmaf(e.y, vv.y, dyv);
                 dyv = fmaf(e.z, vv.z, dyv);
@@ -353,6 +357,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
                 g[4 * q + 2] = fmaf(g[4 * q + 2], dj, e.z * rj);
                 g[4 * q + 3] = fmaf(g[4 * q + 3], dj, e.w * rj);
             }
+            const float gv = (gv0 + gv1) + (gv2 + gv3);
             const long long off = ((start + t) * H + h) * N + j;
             dk[off] = rwkv::from_float<T>(fmaf(rj * uj, dyv, gv));
             du = fmaf(rj * kj, dyv, du);

@@ -2,9 +2,10 @@
 // State S[i][j] (i = value row, j = key column), fp32, row-major [N][N] per (sequence, head).
 // Per-token arrays are flat tokens [total, H, N]; sequences via rwkv::seq_bounds; states via rwkv::state_slot.
 //
-//  wkv7_forward<T, N>   recurrent forward: block (N threads) per (sequence, head); thread i owns row i of the
-//                       state in registers; inputs staged through shared memory TT = 512/N tokens at a time
-//                       (double buffered, one barrier per tile).  With ckpt != null it also stores the state
+//  wkv7_forward<T, N>   recurrent forward: block (N*P threads, P = 2 or 4) per (sequence, head); P threads own
+//                       row i of the state in registers (interleaved float4 chunks, shuffle-reduced dots);
+//                       inputs staged through shared memory TT = 512/N tokens at a time (double buffered,
+//                       one barrier per tile).  With ckpt != null it also stores the state
 //                       before every CK-th token (fp32) at rwkv::chunk_slot(.., CK, c) for the backward.
 //  wkv7_decode<T, N>    one token per sequence (dense T == 1): block (4N threads) per (sequence, head), the
 //                       state read and written once with coalesced 16-byte accesses.
@@ -70,18 +71,33 @@ __device__ __forceinline__ float step_row(float (&s)[N], const float* rr, const 
 
 // ------------------------------------------------------------------------------------------------ forward
 
+// Threads per state row in the forward: more threads per (sequence, head) hides the per-step latency when
+// B*H is small (batch-1 prefill), and keeps the per-thread state small.
+template <int N> struct FwdCfg {
+    static constexpr int P = (N == 32) ? 2 : 4;   // threads per row
+    static constexpr int M = N / (4 * P);         // float4 chunks of the row per thread
+    static constexpr int NT = N * P;              // block size
+    static constexpr int TT = 512 / N;            // tokens per staged tile
+};
+
+// Block (N*P threads) per (sequence, head).  Thread tid = i*P + p owns row i, float4 chunks c = p + P*m
+// (columns 4c..4c+3) of the state, in registers.  The two row dot products (S a and S r) are reduced over
+// the P lanes of the row with xor shuffles (bit-identical on every lane).  Inputs are staged TT tokens at a
+// time (register prefetch + double-buffered shared memory, one barrier per tile).
 template <typename T, int N>
-__global__ void __launch_bounds__(N) wkv7_forward(
+__global__ void __launch_bounds__(FwdCfg<N>::NT) wkv7_forward(
     const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
     const int* cu_seqlens, int T_len, long long total,
     const float* state_in, float* state_out, const int* state_idx, int pool_size, int* err,
     float* __restrict__ ckpt, int H) {
-    constexpr int TT = 512 / N;               // tokens per staged tile
+    constexpr int P = FwdCfg<N>::P, M = FwdCfg<N>::M, NT = FwdCfg<N>::NT, TT = FwdCfg<N>::TT;
+    constexpr int PER = TT * N / NT;          // elements per array per thread per tile
     // [buffer][array][token][N], arrays: r, decay, k, v, a, b
     __shared__ __align__(16) float sm[2][6][TT][N];
 
-    const int i = threadIdx.x;
+    const int tid = threadIdx.x;
+    const int i = tid / P, p = tid % P;
     const int h = blockIdx.x % H;
     const int sq = blockIdx.x / H;
     long long start, end;
@@ -89,37 +105,42 @@ __global__ void __launch_bounds__(N) wkv7_forward(
     const long long slot = rwkv::state_slot(state_idx, sq, pool_size, err);
     const int len = (int)(end - start);
 
-    float s[N];
+    float4 s[M];
     if (state_in != nullptr && slot >= 0) {
-        wkv7::load_row<N>(s, state_in + ((slot * H + h) * N + i) * (long long)N);
+        const float* src = state_in + ((slot * H + h) * N + i) * (long long)N;
+#pragma unroll
+        for (int m = 0; m < M; ++m) s[m] = *reinterpret_cast<const float4*>(src + 4 * (p + P * m));
     } else {
 #pragma unroll
-        for (int j = 0; j < N; ++j) s[j] = 0.f;
+        for (int m = 0; m < M; ++m) s[m] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
 
     const int ntiles = (len + TT - 1) / TT;
-    T pre[6][TT];
+    T pre[6][PER];
     auto load_tile = [&](int tile) {
 #pragma unroll
-        for (int tt = 0; tt < TT; ++tt) {
-            const int tl = tile * TT + tt;
+        for (int q = 0; q < PER; ++q) {
+            const int e = tid + NT * q;
+            const int tl = tile * TT + e / N;
             if (tl < len) {
-                const long long o = ((start + tl) * H + h) * N + i;
-                pre[0][tt] = r[o]; pre[1][tt] = w[o]; pre[2][tt] = k[o];
-                pre[3][tt] = v[o]; pre[4][tt] = a[o]; pre[5][tt] = b[o];
+                const long long o = ((start + tl) * H + h) * N + (e % N);
+                pre[0][q] = r[o]; pre[1][q] = w[o]; pre[2][q] = k[o];
+                pre[3][q] = v[o]; pre[4][q] = a[o]; pre[5][q] = b[o];
             }
         }
     };
     auto store_tile = [&](int buf, int tile) {
 #pragma unroll
-        for (int tt = 0; tt < TT; ++tt) {
+        for (int q = 0; q < PER; ++q) {
+            const int e = tid + NT * q;
+            const int tt = e / N, col = e % N;
             if (tile * TT + tt < len) {
-                sm[buf][0][tt][i] = rwkv::to_float(pre[0][tt]);
-                sm[buf][1][tt][i] = wkv7::decay_of(rwkv::to_float(pre[1][tt]));
-                sm[buf][2][tt][i] = rwkv::to_float(pre[2][tt]);
-                sm[buf][3][tt][i] = rwkv::to_float(pre[3][tt]);
-                sm[buf][4][tt][i] = rwkv::to_float(pre[4][tt]);
-                sm[buf][5][tt][i] = rwkv::to_float(pre[5][tt]);
+                sm[buf][0][tt][col] = rwkv::to_float(pre[0][q]);
+                sm[buf][1][tt][col] = wkv7::decay_of(rwkv::to_float(pre[1][q]));
+                sm[buf][2][tt][col] = rwkv::to_float(pre[2][q]);
+                sm[buf][3][tt][col] = rwkv::to_float(pre[3][q]);
+                sm[buf][4][tt][col] = rwkv::to_float(pre[4][q]);
+                sm[buf][5][tt][col] = rwkv::to_float(pre[5][q]);
             }
         }
     };
@@ -137,18 +158,48 @@ __global__ void __launch_bounds__(N) wkv7_forward(
             const int tl = tile * TT + tt;
             if (ckpt != nullptr && (tl % WKV7_CK) == 0) {
                 const long long cs = rwkv::chunk_slot(cu_seqlens, T_len, sq, start, WKV7_CK, tl / WKV7_CK);
-                wkv7::store_row<N>(ckpt + ((cs * H + h) * N + i) * (long long)N, s);
+                float* dst = ckpt + ((cs * H + h) * N + i) * (long long)N;
+#pragma unroll
+                for (int m = 0; m < M; ++m) *reinterpret_cast<float4*>(dst + 4 * (p + P * m)) = s[m];
             }
-            float sa;
-            const float yi = wkv7::step_row<N>(s, sm[buf][0][tt], sm[buf][1][tt], sm[buf][2][tt], sm[buf][4][tt],
-                                               sm[buf][5][tt], sm[buf][3][tt][i], sa);
-            y[((start + tl) * H + h) * N + i] = rwkv::from_float<T>(yi);
+            const float4* r4 = reinterpret_cast<const float4*>(sm[buf][0][tt]);
+            const float4* d4 = reinterpret_cast<const float4*>(sm[buf][1][tt]);
+            const float4* k4 = reinterpret_cast<const float4*>(sm[buf][2][tt]);
+            const float4* a4 = reinterpret_cast<const float4*>(sm[buf][4][tt]);
+            const float4* b4 = reinterpret_cast<const float4*>(sm[buf][5][tt]);
+            const float vi = sm[buf][3][tt][i];
+            float sa0 = 0.f, sa1 = 0.f;
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const float4 aa = a4[p + P * m];
+                sa0 = fmaf(s[m].x, aa.x, sa0); sa1 = fmaf(s[m].y, aa.y, sa1);
+                sa0 = fmaf(s[m].z, aa.z, sa0); sa1 = fmaf(s[m].w, aa.w, sa1);
+            }
+            float sa = sa0 + sa1;
+#pragma unroll
+            for (int off = P / 2; off > 0; off >>= 1) sa += __shfl_xor_sync(0xffffffffu, sa, off, P);
+            float y0 = 0.f, y1 = 0.f;
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const int c = p + P * m;
+                const float4 dd = d4[c], bb = b4[c], kk = k4[c], rr = r4[c];
+                s[m].x = fmaf(s[m].x, dd.x, fmaf(sa, bb.x, vi * kk.x)); y0 = fmaf(s[m].x, rr.x, y0);
+                s[m].y = fmaf(s[m].y, dd.y, fmaf(sa, bb.y, vi * kk.y)); y1 = fmaf(s[m].y, rr.y, y1);
+                s[m].z = fmaf(s[m].z, dd.z, fmaf(sa, bb.z, vi * kk.z)); y0 = fmaf(s[m].z, rr.z, y0);
+                s[m].w = fmaf(s[m].w, dd.w, fmaf(sa, bb.w, vi * kk.w)); y1 = fmaf(s[m].w, rr.w, y1);
+            }
+            float yy = y0 + y1;
+#pragma unroll
+            for (int off = P / 2; off > 0; off >>= 1) yy += __shfl_xor_sync(0xffffffffu, yy, off, P);
+            if (p == 0) y[((start + tl) * H + h) * N + i] = rwkv::from_float<T>(yy);
         }
         if (tile + 1 < ntiles) store_tile(buf ^ 1, tile + 1);
         __syncthreads();
     }
     if (state_out != nullptr && slot >= 0) {
-        wkv7::store_row<N>(state_out + ((slot * H + h) * N + i) * (long long)N, s);
+        float* dst = state_out + ((slot * H + h) * N + i) * (long long)N;
+#pragma unroll
+        for (int m = 0; m < M; ++m) *reinterpret_cast<float4*>(dst + 4 * (p + P * m)) = s[m];
     }
 }
 

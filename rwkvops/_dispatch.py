@@ -114,8 +114,12 @@ def backward(ctx: Context, dy=None, dstate=None) -> dict:
 
 
 def _contig(a):
+    """Upstream gradients may arrive strided (autograd expands zeros); kernels need C order."""
     if _arrays.is_torch(a):
         return a.contiguous()
+    if _arrays.is_cupy(a):
+        import cupy
+        return cupy.ascontiguousarray(a)
     return a
 
 

@@ -24,7 +24,6 @@ class _OpFunction(torch.autograd.Function):
         op = ctx.op
         out = [grads[a.name] for a in op.inputs]
         out.append(grads[op.state.name] if fctx.has_state else None)
-        fctx.ctx = None  # free saved buffers
         return (None,) * 6 + tuple(out)
 
 

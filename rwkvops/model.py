@@ -280,7 +280,8 @@ class RWKV7Model:
             return rng.uniform(lo, hi, shape)
 
         P = {"emb": nrm(vocab, C), "ln0_w": 1 + nrm(C, scale=0.1), "ln0_b": nrm(C, scale=0.1),
-             "lnout_w": 1 + nrm(C, scale=0.1), "lnout_b": nrm(C, scale=0.1), "head": nrm(C, vocab, scale=3 / math.sqrt(C))}
+             "lnout_w": 1 + nrm(C, scale=0.1), "lnout_b": nrm(C, scale=0.1),
+             "head": nrm(C, vocab, scale=3 / math.sqrt(C))}
         for l in range(n_layer):
             L = {
                 "ln1_w": 1 + nrm(C, scale=0.1), "ln1_b": nrm(C, scale=0.1),
@@ -392,9 +393,8 @@ class RWKV7Model:
             state = self.zero_state(B)
         m = None
         if mask is not None:
-            m = be.asarray(mask, self.dtype) if not hasattr(mask, "shape") or isinstance(mask, np.ndarray) \
-                else mask.astype(self.dtype) if be.kind != "torch" else mask.to(be.dtype(self.dtype))
-            m = m.reshape(B, T, 1)
+            host = mask if isinstance(mask, (list, tuple, np.ndarray)) else be.to_numpy(mask)
+            m = be.asarray(np.asarray(host, dtype=np.float64).reshape(B, T, 1), self.dtype)
         out = State([], [], [])
         x = self._embed(tokens)                                  # [B, T, C]
         v_first = None
@@ -617,3 +617,9 @@ def demo_model(xp=np, *, device=None, n_layer=2, n_embd=128, head_size=32, vocab
         out(f"[rwkvops demo] {mode} vs gpt: {100 * same:.1f}% of generated tokens equal, "
             f"max |logit diff| / rms(logits) = {err:.2e}")
     return res
+
+
+if __name__ == "__main__":   # python -m rwkvops.model [numpy|cupy|torch|torch-cuda]
+    import sys
+    _xp = sys.argv[1] if len(sys.argv) > 1 else "numpy"
+    demo_model(_xp, device="cuda" if _xp == "torch-cuda" else None)

@@ -228,6 +228,28 @@ def test_demo_model_runs(capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
+def test_serving_benchmark_smoke(tmp_path):
+    """benchmarks/serving.py end to end on a tiny stream: both servers agree with each request run alone."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "serving.py")
+    spec = importlib.util.spec_from_file_location("serving_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+    sys.modules[spec.name] = mod          # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    out = tmp_path / "serving.json"
+    rc = mod.main(["--device", "cpu", "--requests", "4", "--prompt-max", "40", "--gen-max", "6", "--chunk", "16",
+                   "--step-tokens", "24", "--max-active", "3", "--rate", "0", "--out", str(out)])
+    rep = json.loads(out.read_text())
+    assert rc == 0
+    res = rep["results"]
+    assert res["check"]["continuous"]["passed"] and res["check"]["padded"]["passed"]
+    assert res["continuous"]["tokens_per_s"] > 0 and res["padded"]["tokens_per_s"] > 0
+    assert res["continuous"]["generated_tokens"] == sum(r["gen_len"] for r in rep["requests"])
+
+
 # ----------------------------------------------------------------------------- GPU (CuPy, torch CUDA), fp32
 
 GPU_DIMS = dict(n_layer=3, n_embd=128, head_size=64, vocab=V)

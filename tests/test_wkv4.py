@@ -176,11 +176,12 @@ def test_t1_and_no_state():
     rng = np.random.default_rng(5)
     x = make_inputs(rng, 3, 1, 4)
     y, s = rwkvops.wkv4(*args(x))
-    # empty history, one token: y = v, state = (v, 1, k)
+    # empty history (zeros), one token: y = v; pp = max(0 + w', k), (aa, bb) = (v, 1) e^{k - pp}
     np.testing.assert_allclose(y[:, 0], x["v"][:, 0], rtol=1e-14)
-    np.testing.assert_allclose(s[:, 0], x["v"][:, 0], rtol=1e-14)
-    np.testing.assert_allclose(s[:, 1], 1.0)
-    np.testing.assert_allclose(s[:, 2], np.maximum(x["k"][:, 0], -np.exp(x["w"])))
+    pp = np.maximum(x["k"][:, 0], -np.exp(x["w"]))
+    np.testing.assert_allclose(s[:, 2], pp, rtol=1e-14)
+    np.testing.assert_allclose(s[:, 0], x["v"][:, 0] * np.exp(x["k"][:, 0] - pp), rtol=1e-14)
+    np.testing.assert_allclose(s[:, 1], np.exp(x["k"][:, 0] - pp), rtol=1e-14)
     y0, s0 = rwkvops.wkv4(*args(x), state=np.zeros((3, 3, 4)))
     np.testing.assert_array_equal(y0, y)
     np.testing.assert_array_equal(s0, s)
@@ -271,8 +272,7 @@ def test_torch_cpu_autograd():
     y, s = rwkvops.wkv4(*args(xt), state=st_)
     dy = rng.standard_normal(y.shape)
     ds = rng.standard_normal(s.shape)
-    (y * torch.tensor(dy)).sum().backward(inputs=[*xt.values(), st_], retain_graph=True)
-    (s * torch.tensor(ds)).sum().backward(inputs=[*xt.values(), st_])
+    ((y * torch.tensor(dy)).sum() + (s * torch.tensor(ds)).sum()).backward()
     g = W.reference_backward(x, s0, dy, ds)
     for n in NAMES:
         np.testing.assert_allclose(xt[n].grad.numpy(), g[n], rtol=1e-10, atol=1e-12)
@@ -320,9 +320,207 @@ def test_declaration():
 def test_chunk_len_fills_h100():
     from rwkvops._gpu import Seqs
     assert W._chunk_len(Seqs(num=1, T=16384, total=16384), 2048) == 64
-    L = W._chunk_len(Seqs(num=1, T=100000, total=100000), 8)
-    assert 16 <= L <= W.MAX_CHUNK
+    assert W._chunk_len(Seqs(num=1, T=100000, total=100000), 8) == 64     # the scan is the long chain
+    assert W._chunk_len(Seqs(num=2, T=1000, total=2000), 40) == 32
     assert W._chunk_len(Seqs(num=4, T=1, total=4), 64) <= W.MAX_CHUNK
+
+
+# ----------------------------------------------------------------------------- the chunked GPU algorithm, mirrored
+# A step-by-step NumPy mirror of cuda_src/wkv4.cu (same slots, phases, rescalings and max routing; vectorized over
+# channels), checked against the reference on the CPU so the chunk algebra is verified without a GPU.
+# Keep it in sync with the kernels.
+
+def _mirror_find_chunk(cu, T, L, num, g):
+    """Slot g -> (seq, start, end, t0, t1) or None (wkv4::find_chunk)."""
+    if cu is None:
+        nc = (T + L - 1) // L
+        s = g // nc
+        if s >= num:
+            return None
+        start, end = s * T, s * T + T
+    else:
+        lo, hi = 0, num - 1
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            if cu[mid] // L + mid <= g:
+                lo = mid
+            else:
+                hi = mid - 1
+        s = lo
+        start, end = cu[s], cu[s + 1]
+    t0 = start + (g - _mirror_slot(cu, T, s, start, L, 0)) * L
+    if t0 < start or t0 >= end:
+        return None
+    return s, start, end, t0, min(t0 + L, end)
+
+
+def _mirror_slot(cu, T, s, start, L, c):
+    """rwkv::chunk_slot."""
+    return s * ((T + L - 1) // L) + c if cu is None else start // L + s + c
+
+
+def _mirror_step(A, B, P, wp, kt, vt):
+    pw = P + wp
+    p1 = np.maximum(pw, kt)
+    f1, f2 = np.exp(pw - p1), np.exp(kt - p1)
+    return f1 * A + f2 * vt, f1 * B + f2, p1
+
+
+def _mirror_out(A, B, P, uu, kt, vt):
+    uk = uu + kt
+    m = np.maximum(P, uk)
+    e1, e2 = np.exp(P - m), np.exp(uk - m)
+    rden = 1 / (e1 * B + e2)
+    return (e1 * A + e2 * vt) * rden, e1, e2, rden
+
+
+def _mirror_run(w, u, k, v, cu, T, num, L, state_in, state_idx, dy, dstate):
+    """The kernels' phases on flat [total, C] tokens; returns (y, state_out, grads or None)."""
+    total, C = k.shape
+    wp = -np.exp(w)
+    nslots = num * ((T + L - 1) // L) if cu is None else total // L + num + 1
+    bounds = [(s * T, s * T + T) if cu is None else (cu[s], cu[s + 1]) for s in range(num)]
+    chunks = {g: q for g in range(nslots) if (q := _mirror_find_chunk(cu, T, L, num, g)) is not None}
+    agg, sin = np.full((nslots, 3, C), np.nan), np.full((nslots, 3, C), np.nan)
+    for g, (s, start, end, t0, t1) in chunks.items():                       # wkv4_fwd_chunk
+        A, B, P = v[t0].copy(), np.ones(C), k[t0].copy()
+        for t in range(t0 + 1, t1):
+            A, B, P = _mirror_step(A, B, P, wp, k[t], v[t])
+        agg[g] = A, B, P
+    state_out = state_in if state_idx is not None else np.full((num, 3, C), np.nan)
+    fin = np.zeros((num, 3, C))
+    for s, (start, end) in enumerate(bounds):                                # wkv4_fwd_scan
+        slot = s if state_idx is None else state_idx[s]
+        A, B, P = (np.zeros(C),) * 3 if slot < 0 else state_in[slot].copy()
+        n = end - start
+        for c in range((n + L - 1) // L):
+            cs = _mirror_slot(cu, T, s, start, L, c)
+            sin[cs] = A, B, P
+            a, b, p = agg[cs]
+            pw = P + min(L, n - c * L) * wp
+            p1 = np.maximum(pw, p)
+            f1, f2 = np.exp(pw - p1), np.exp(p - p1)
+            A, B, P = f1 * A + f2 * a, f1 * B + f2 * b, p1
+        if slot >= 0:
+            state_out[slot] = A, B, P
+        fin[s] = A, B, P
+    y = np.full_like(k, np.nan)
+    for g, (s, start, end, t0, t1) in chunks.items():                       # wkv4_fwd_out
+        A, B, P = sin[g]
+        for t in range(t0, t1):
+            y[t] = _mirror_out(A, B, P, u, k[t], v[t])[0]
+            A, B, P = _mirror_step(A, B, P, wp, k[t], v[t])
+    if dy is None:
+        return y, state_out, None
+    loc = np.full((nslots, 3, C), np.nan)
+    for g, (s, start, end, t0, t1) in chunks.items():                       # wkv4_bwd_chunk
+        A, B, P = sin[g]
+        Pin, la, lb, off, carried = P.copy(), 0.0, 0.0, 0.0, np.ones(C, bool)
+        for t in range(t0, t1):
+            yt, e1, e2, rden = _mirror_out(A, B, P, u, k[t], v[t])
+            sc = np.exp(off + Pin - P) * dy[t] * e1 * rden
+            la, lb = la + sc, lb - sc * yt
+            carried &= P + wp >= k[t]
+            A, B, P = _mirror_step(A, B, P, wp, k[t], v[t])
+            off = off + wp
+        loc[g] = la, lb, carried
+    dsi = np.zeros((num, 3, C))
+    for s, (start, end) in enumerate(bounds):                                # wkv4_bwd_scan
+        ga, gb, gp = dstate[s]
+        n = end - start
+        if n <= 0:
+            dsi[s] = ga, gb, gp
+            continue
+        ah, bh, route, Pn = ga, gb, gp - ga * fin[s, 0] - gb * fin[s, 1], fin[s, 2]
+        for c in reversed(range((n + L - 1) // L)):
+            cs = _mirror_slot(cu, T, s, start, L, c)
+            la, lb, carried = loc[cs].copy()
+            Pin = sin[cs, 2]
+            loc[cs] = ah, bh, route
+            F = np.exp((min(L, n - c * L) * wp + Pin) - Pn)
+            ah, bh, route, Pn = F * ah + la, F * bh + lb, np.where(carried != 0, route, 0), Pin
+        a0, b0 = sin[_mirror_slot(cu, T, s, start, L, 0), :2]
+        dsi[s] = ah, bh, ah * a0 + bh * b0 + route
+    dk, dv = np.full_like(k, np.nan), np.full_like(k, np.nan)
+    part = np.zeros((nslots, 2, C))
+    for g, (s, start, end, t0, t1) in chunks.items():                       # wkv4_bwd_out
+        A, B, P = sin[g]
+        saved = []
+        for t in range(t0, t1):
+            saved.append((A, B, P))
+            A, B, P = _mirror_step(A, B, P, wp, k[t], v[t])
+        Pn = fin[s, 2] if t1 == end else sin[g + 1, 2]
+        rs = np.exp(P - Pn)
+        ah, bh, route = loc[g, 0] * rs, loc[g, 1] * rs, loc[g, 2].copy()
+        dw, du, pt = 0.0, 0.0, P
+        for t in reversed(range(t0, t1)):
+            aj, bj, pj = saved[t - t0]
+            yt, e1, e2, rden = _mirror_out(aj, bj, pj, u, k[t], v[t])
+            ek = np.exp(k[t] - pt)
+            dku = dy[t] * e2 * (v[t] - yt) * rden
+            du = du + dku
+            dv[t] = dy[t] * e2 * rden + ah * ek
+            dkt = dku + ek * (ah * v[t] + bh)
+            pw = pj + wp
+            fac = np.exp(pw - pt)
+            dw = dw + wp * fac * (ah * aj + bh * bj)
+            carry = pw >= k[t]
+            dw = dw + np.where(carry, route * wp, 0)
+            dk[t] = dkt + np.where(carry, 0, route)
+            route = np.where(carry, route, 0)
+            ce = dy[t] * e1 * rden
+            ah, bh, pt = fac * ah + ce, fac * bh - ce * yt, pj
+        part[g] = dw, du
+    return y, state_out, dict(w=part[:, 0].sum(0), u=part[:, 1].sum(0), k=dk, v=dv, state=dsi)
+
+
+@pytest.mark.parametrize("L", [4, 8, 64])
+def test_chunked_algorithm_mirror_dense(L):
+    rng = np.random.default_rng(20 + L)
+    for B, T, C, kscale, p0 in [(2, 1, 3, 1.0, 0.0), (2, 15, 3, 8.0, 0.0), (3, 17, 4, 8.0, 0.0),
+                                 (1, 65, 3, 3.0, 0.0), (2, 40, 3, 1.0, 25.0)]:
+        x = make_inputs(rng, B, T, C, kscale=kscale, wlo=-12.0 if p0 else -3.0, whi=-8.0 if p0 else 1.0)
+        s0 = make_state(rng, B, C)
+        s0[:, 2] += p0            # a large incoming pp carried through whole chunks: routes to dstate[:, 2]
+        dy = rng.standard_normal((B, T, C))
+        ds = rng.standard_normal((B, 3, C))
+        yr, sr = W.reference_forward(x, s0)
+        gr = W.reference_backward(x, s0, dy, ds)
+        y, so, g = _mirror_run(x["w"], x["u"], x["k"].reshape(-1, C), x["v"].reshape(-1, C), None, T, B, L, s0,
+                               None, dy.reshape(-1, C), ds)
+        np.testing.assert_allclose(y.reshape(B, T, C), yr, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(so, sr, rtol=1e-10, atol=1e-12)
+        for n in gr:
+            np.testing.assert_allclose(g[n].reshape(gr[n].shape), gr[n], rtol=1e-9, atol=1e-11, err_msg=n)
+
+
+@pytest.mark.parametrize("L", [4, 16])
+def test_chunked_algorithm_mirror_varlen_and_pool(L):
+    rng = np.random.default_rng(30 + L)
+    lens = [5, 0, 17, 1, 9, 0, 4]
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    total, S, C = int(cu[-1]), len(lens), 3
+    x = make_inputs(rng, 1, total, C, kscale=6.0)
+    s0 = make_state(rng, S, C)
+    dy = rng.standard_normal((1, total, C))
+    ds = rng.standard_normal((S, 3, C))
+    y, so, g = _mirror_run(x["w"], x["u"], x["k"][0], x["v"][0], cu, 0, S, L, s0.copy(), None, dy[0], ds)
+    _, _, ctx = rwkvops.forward(W.OP, *args(x), state=s0, cu_seqlens=cu.astype(np.int32))
+    yr, sr, _ = rwkvops.forward(W.OP, *args(x), state=s0, cu_seqlens=cu.astype(np.int32))
+    gr = rwkvops.backward(ctx, dy, ds)
+    np.testing.assert_allclose(y, yr[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(so, sr, rtol=1e-10, atol=1e-12)
+    for n in ("k", "v"):
+        np.testing.assert_allclose(g[n], gr[n][0], rtol=1e-9, atol=1e-11, err_msg=n)
+    for n in ("w", "u", "state"):
+        np.testing.assert_allclose(g[n], gr[n], rtol=1e-9, atol=1e-11, err_msg=n)
+    pool = make_state(rng, 9, C)
+    idx = np.array([3, -1, 5, 0, -1, 7, 8])
+    y, out, _ = _mirror_run(x["w"], x["u"], x["k"][0], x["v"][0], cu, 0, S, L, pool.copy(), idx, None, None)
+    ref_pool = pool.copy()
+    yr, _ = rwkvops.wkv4(*args(x), state=ref_pool, cu_seqlens=cu.astype(np.int32), state_indices=idx.astype(np.int32))
+    np.testing.assert_allclose(y, yr[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out, ref_pool, rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- GPU (kernels vs the reference)
@@ -390,11 +588,11 @@ def test_gpu_torch_fwd_bwd(need_gpu, dtype, T):
 
 
 @gpu
+@pytest.mark.parametrize("B,T,C", [(3, 130, 70), (1, 3000, 130)], ids=["B3T130C70", "B1T3000C130-chunk64"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_gpu_cupy_fwd_bwd_and_determinism(need_gpu, dtype):
+def test_gpu_cupy_fwd_bwd_and_determinism(need_gpu, dtype, B, T, C):
     import cupy
     rng = np.random.default_rng(11)
-    B, T, C = 3, 130, 70
     x = make_inputs(rng, B, T, C, kscale=2.0)
     x = {n: v.astype(dtype) for n, v in x.items()}
     x64 = {n: v.astype(np.float64) for n, v in x.items()}

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import rwkvops
 from rwkvops.ops import wkv7 as W
-from rwkvops.testing import has_gpu, rel_rms
+from rwkvops.testing import has_gpu, rel_rms, to_numpy
 
 NAMES = ("r", "w", "k", "v", "a", "b")
 T_CASES = (1, 15, 16, 17, 63, 65)
@@ -272,3 +272,268 @@ def test_declaration():
     for ct in ("float", "__half", "__nv_bfloat16"):
         for n in (32, 64, 128):
             assert f"wkv7_forward<{ct}, {n}>" in names
+
+
+def test_nvrtc_compiles_every_instantiation():
+    pytest.importorskip("cupy")
+    from rwkvops._compile import nvrtc_check
+    try:
+        from cupy.cuda import nvrtc  # noqa: F401
+        nvrtc.getVersion()
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"NVRTC unavailable: {exc!r}")
+    for arch in ("compute_80", "compute_90"):
+        nvrtc_check("wkv7", W.SOURCE, W.NAME_EXPRESSIONS, arch)
+
+
+# ============================================================================= GPU (marked gpu)
+
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not has_gpu(), reason="no CUDA device")
+TOL = {"float32": (1e-5, 1e-4), "float16": (3e-3, 6e-3), "bfloat16": (3e-3, 6e-3)}
+
+
+def _torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    return torch
+
+
+@pytest.fixture
+def poison():
+    """Fill torch's and CuPy's cached free memory with NaN so outputs a kernel forgets to write show up."""
+    torch = _torch()
+    import cupy
+    t = torch.full((48 << 20,), float("nan"), device="cuda")
+    del t
+    c = cupy.full((48 << 20,), np.nan, dtype=np.float32)
+    del c
+    yield
+
+
+def _round(a, dtype):
+    """Round float64 NumPy data through ``dtype`` (fp32/fp16/bf16) and back to float64."""
+    torch = _torch()
+    return torch.tensor(a).to(getattr(torch, dtype)).double().numpy()
+
+
+def _gpu_case(rng, B, T, H, N, dtype, nstate=None):
+    x = make_inputs(rng, B, T, H, N)
+    x = {n: _round(v, dtype) for n, v in x.items()}
+    s0 = make_state(rng, B if nstate is None else nstate, H, N).astype(np.float32).astype(np.float64)
+    return x, s0
+
+
+def _to_torch(a, dtype, grad=False):
+    torch = _torch()
+    t = torch.tensor(a, device="cuda").to(getattr(torch, dtype)).contiguous()
+    return t.requires_grad_(grad)
+
+
+def _check_grads(got, ref, tol, what=""):
+    for n in (*NAMES, "state"):
+        err = rel_rms(got[n], ref[n])
+        assert err < tol, f"{what} d{n}: rel RMS {err:.3g} >= {tol}"
+
+
+def _torch_fwd_bwd(x, s0, gy, gs, dtype, **kw):
+    torch = _torch()
+    tx = {n: _to_torch(x[n], dtype, True) for n in NAMES}
+    ts = _to_torch(s0, "float32", True)
+    y, s = rwkvops.wkv7(*args(tx), state=ts, **kw)
+    assert y.dtype == getattr(torch, dtype) and s.dtype == torch.float32
+    loss = (y.double() * torch.tensor(gy, device="cuda")).sum() + (s.double() * torch.tensor(gs, device="cuda")).sum()
+    loss.backward()
+    g = {n: tx[n].grad for n in NAMES}
+    g["state"] = ts.grad
+    for n in NAMES:
+        assert g[n].dtype == getattr(torch, dtype)
+    return y, s, g
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("N", (32, 64, 128))
+@pytest.mark.parametrize("dtype", ("float32", "float16", "bfloat16"))
+def test_gpu_torch_vs_reference(dtype, N, poison):
+    rng = np.random.default_rng(100 + N)
+    fwd_tol, bwd_tol = TOL[dtype]
+    for T in ((1, 17, 65) if N == 128 else (1, 16, 17, 63)):
+        B, H = 2, 2
+        x, s0 = _gpu_case(rng, B, T, H, N, dtype)
+        gy = _round(rng.standard_normal((B, T, H, N)), dtype)
+        gs = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+        y, s, g = _torch_fwd_bwd(x, s0, gy, gs, dtype)
+        y_ref, s_ref = W.reference_forward(x, s0)
+        assert rel_rms(y, y_ref) < fwd_tol, (T, rel_rms(y, y_ref))
+        assert rel_rms(s, s_ref) < fwd_tol, (T, rel_rms(s, s_ref))
+        _check_grads(g, W.reference_backward(x, s0, gy, gs), bwd_tol, f"T={T}")
+        # the no-grad path (decode kernel for T == 1) must agree too
+        with _torch().no_grad():
+            y2, s2 = rwkvops.wkv7(*(_to_torch(x[n], dtype) for n in NAMES), state=_to_torch(s0, "float32"))
+        assert rel_rms(y2, y_ref) < fwd_tol and rel_rms(s2, s_ref) < fwd_tol
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("T", (1, 15, 16, 17, 63, 65, 200))
+def test_gpu_lengths_fp32(T, poison):
+    rng = np.random.default_rng(200 + T)
+    B, H, N = 2, 3, 64
+    x, s0 = _gpu_case(rng, B, T, H, N, "float32")
+    gy = rng.standard_normal((B, T, H, N)).astype(np.float32).astype(np.float64)
+    gs = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    y, s, g = _torch_fwd_bwd(x, s0, gy, gs, "float32")
+    y_ref, s_ref = W.reference_forward(x, s0)
+    assert rel_rms(y, y_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
+    _check_grads(g, W.reference_backward(x, s0, gy, gs), 1e-4, f"T={T}")
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ("float32", "float16"))
+def test_gpu_cupy_forward_backward(dtype, poison):
+    import cupy
+    rng = np.random.default_rng(300)
+    B, T, H, N = 2, 33, 2, 64
+    x, s0 = _gpu_case(rng, B, T, H, N, dtype)
+    gy = _round(rng.standard_normal((B, T, H, N)), dtype)
+    gs = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    cx = {n: cupy.asarray(x[n].astype(dtype)) for n in NAMES}
+    y, s, ctx = rwkvops.forward(W.OP, *args(cx), state=cupy.asarray(s0.astype(np.float32)))
+    g = rwkvops.backward(ctx, cupy.asarray(gy.astype(dtype)), cupy.asarray(gs.astype(np.float32)))
+    assert isinstance(y, cupy.ndarray) and y.dtype == np.dtype(dtype)
+    y_ref, s_ref = W.reference_forward(x, s0)
+    fwd_tol, bwd_tol = TOL[dtype]
+    assert rel_rms(y, y_ref) < fwd_tol and rel_rms(s, s_ref) < fwd_tol
+    _check_grads(g, W.reference_backward(x, s0, gy, gs), bwd_tol)
+    # dy / dstate of None count as zeros
+    g0 = rwkvops.backward(ctx, None, None)
+    assert all(float(cupy.abs(v).max()) == 0.0 for v in g0.values())
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+def test_gpu_varlen_with_empty_sequence(dtype, poison):
+    torch = _torch()
+    rng = np.random.default_rng(400)
+    lens = [17, 0, 1, 40, 16]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    H, N = 2, 64
+    x, s0 = _gpu_case(rng, 1, int(cu[-1]), H, N, dtype, nstate=len(lens))
+    gy = _round(rng.standard_normal((1, int(cu[-1]), H, N)), dtype)
+    gs = rng.standard_normal((len(lens), H, N, N)).astype(np.float32).astype(np.float64)
+    for cu_arg in (cu, torch.tensor(cu, device="cuda")):
+        y, s, g = _torch_fwd_bwd(x, s0, gy, gs, dtype, cu_seqlens=cu_arg)
+        fwd_tol, bwd_tol = TOL[dtype]
+        for i, (lo, hi) in enumerate(zip(cu[:-1], cu[1:])):
+            if hi == lo:
+                assert torch.equal(s[i].cpu(), torch.tensor(s0[i], dtype=torch.float32))
+                assert torch.equal(g["state"][i].cpu(), torch.tensor(gs[i], dtype=torch.float32))
+                continue
+            xi = {n: x[n][:, lo:hi] for n in NAMES}
+            yr, sr = W.reference_forward(xi, s0[i:i + 1])
+            assert rel_rms(y[:, lo:hi], yr) < fwd_tol and rel_rms(s[i:i + 1], sr) < fwd_tol
+            gr = W.reference_backward(xi, s0[i:i + 1], gy[:, lo:hi], gs[i:i + 1])
+            gi = {n: g[n][:, lo:hi] for n in NAMES}
+            gi["state"] = g["state"][i:i + 1]
+            _check_grads(gi, gr, bwd_tol, f"seq {i}")
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("T", (1, 5))
+def test_gpu_pool(T, poison):
+    import cupy
+    torch = _torch()
+    rng = np.random.default_rng(500 + T)
+    B, H, N, P = 6, 2, 64, 9
+    x, _ = _gpu_case(rng, B, T, H, N, "float32")
+    pool = make_state(rng, P, H, N).astype(np.float32)
+    idx = np.array([4, -1, 0, 7, -1, 2], np.int32)
+    s0 = np.stack([pool[i] if i >= 0 else np.zeros_like(pool[0]) for i in idx]).astype(np.float64)
+    y_ref, s_ref = W.reference_forward(x, s0)
+    # CuPy pool, host indices
+    cpool = cupy.asarray(pool)
+    y, out = rwkvops.wkv7(*(cupy.asarray(x[n].astype(np.float32)) for n in NAMES), state=cpool, state_indices=idx)
+    assert out is cpool
+    # torch pool, device indices
+    tpool = torch.tensor(pool, device="cuda")
+    y2, out2 = rwkvops.wkv7(*(_to_torch(x[n], "float32") for n in NAMES), state=tpool,
+                            state_indices=torch.tensor(idx, device="cuda"))
+    for yy, pp in ((y, cpool), (y2, tpool)):
+        assert rel_rms(yy, y_ref) < 1e-5
+        got = to_numpy(pp)
+        for n, slot in enumerate(idx):
+            if slot >= 0:
+                assert rel_rms(got[slot], s_ref[n]) < 1e-5
+        for slot in set(range(P)) - set(idx.tolist()):
+            np.testing.assert_array_equal(got[slot], pool[slot])
+
+
+@gpu
+@needs_gpu
+def test_gpu_decode_large_batch(poison):
+    torch = _torch()
+    rng = np.random.default_rng(600)
+    B, H, N = 64, 4, 64
+    x, s0 = _gpu_case(rng, B, 1, H, N, "bfloat16")
+    with torch.no_grad():
+        y, s = rwkvops.wkv7(*(_to_torch(x[n], "bfloat16") for n in NAMES), state=_to_torch(s0, "float32"))
+    y_ref, s_ref = W.reference_forward(x, s0)
+    assert rel_rms(y, y_ref) < 3e-3 and rel_rms(s, s_ref) < 1e-5
+
+
+@gpu
+@needs_gpu
+def test_gpu_extreme_decays(poison):
+    rng = np.random.default_rng(700)
+    B, T, H, N = 1, 40, 2, 64
+    x, s0 = _gpu_case(rng, B, T, H, N, "float32")
+    x["w"][:, ::2] = 4.0      # decay ~1e-24
+    x["w"][:, 1::2] = -8.0    # decay ~1 - 3e-4
+    gy = rng.standard_normal((B, T, H, N)).astype(np.float32).astype(np.float64)
+    gs = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    y, s, g = _torch_fwd_bwd(x, s0, gy, gs, "float32")
+    y_ref, s_ref = W.reference_forward(x, s0)
+    assert rel_rms(y, y_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
+    _check_grads(g, W.reference_backward(x, s0, gy, gs), 1e-4)
+
+
+@gpu
+@needs_gpu
+def test_gpu_continuation(poison):
+    torch = _torch()
+    rng = np.random.default_rng(800)
+    B, T, H, N = 2, 50, 2, 64
+    x, s0 = _gpu_case(rng, B, T, H, N, "float32")
+    tx = {n: _to_torch(x[n], "float32") for n in NAMES}
+    y, s = rwkvops.wkv7(*args(tx), state=_to_torch(s0, "float32"))
+    y1, s1 = rwkvops.wkv7(*(tx[n][:, :23].contiguous() for n in NAMES), state=_to_torch(s0, "float32"))
+    y2, s2 = rwkvops.wkv7(*(tx[n][:, 23:].contiguous() for n in NAMES), state=s1)
+    assert rel_rms(torch.cat([y1, y2], 1), y) < 1e-6 and rel_rms(s2, s) < 1e-6
+
+
+@gpu
+@needs_gpu
+def test_gpu_against_fla_chunk_nonzero_state():
+    torch = _torch()
+    fla = pytest.importorskip("fla.ops.rwkv7")
+    rng = np.random.default_rng(900)
+    B, T, H, N = 2, 70, 2, 64
+    x = make_inputs(rng, B, T, H, N, wlo=-6.0, whi=1.0)
+    x = {n: _round(v, "bfloat16") for n, v in x.items()}
+    s0 = make_state(rng, B, H, N).astype(np.float32).astype(np.float64)
+    tx = {n: _to_torch(x[n], "bfloat16") for n in NAMES}
+    ts = _to_torch(s0, "float32")
+    y, s = rwkvops.wkv7(*args(tx), state=ts)
+    g, h0 = W.to_fla(tx["w"], ts)
+    o, hT = fla.chunk_rwkv7(tx["r"], g, tx["k"], tx["v"], tx["a"], tx["b"], scale=1.0,
+                            initial_state=h0, output_final_state=True)
+    y_ref, s_ref = W.reference_forward(x, s0)
+    assert rel_rms(y, y_ref) < 3e-3 and rel_rms(s, s_ref) < 1e-5
+    assert rel_rms(o, y_ref) < 3e-2, rel_rms(o, y_ref)
+    assert rel_rms(W.from_fla(state=hT)[1], s_ref) < 3e-2
+    assert rel_rms(o, y) < 3e-2

@@ -123,14 +123,20 @@ _BLOCK = 128
 
 
 def _chunk_len(seqs, C: int) -> int:
-    """Chunk length: the longest (<= 64) that still gives about one H100's worth of (chunk, channel) threads."""
-    L = MAX_CHUNK
-    while L > 16:
-        slots = seqs.num * (-(-seqs.T // L)) if seqs.cu_seqlens is None else seqs.total // L + seqs.num
-        if slots * C >= _FILL_THREADS:
-            break
-        L //= 2
-    return L
+    """Chunk length (16, 32 or 64).
+
+    64 when (chunk, channel) threads fill an H100 at that length (B=1, T=16384, C=2048 gives 256 chunks x 2048
+    channels); otherwise the GPU is not full and latency rules, so take the length that minimizes one thread's
+    serial chain, chunk length (phases 1 and 3) + number of chunks (the scan).
+    """
+    n = seqs.T if seqs.cu_seqlens is None else max(seqs.total, 1)
+
+    def slots(L):
+        return seqs.num * (-(-seqs.T // L)) if seqs.cu_seqlens is None else seqs.total // L + seqs.num
+
+    if slots(MAX_CHUNK) * C >= _FILL_THREADS:
+        return MAX_CHUNK
+    return min((MAX_CHUNK, 32, 16), key=lambda L: L + -(-n // L))
 
 
 def _name(kernel, dtype):
@@ -144,7 +150,7 @@ def _launch(kernel, dtype, grid, args):
 
 
 def gpu_forward(call, x, state_in, state_out, save):
-    import cupy
+    """Three launches: chunk aggregates, scan over chunks (incoming states, final state), outputs."""
     from .._gpu import error_ptr, ptr
     seqs = call.seqs
     C = call.dims["C"]
@@ -167,11 +173,12 @@ def gpu_forward(call, x, state_in, state_out, save):
     _launch("wkv4_fwd_out", call.dtype, (nslots, cb, 1),
             (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), *seq_args, ptr(sin), ptr(y), i32(C), err))
     saved = {"L": L, "sin": sin, "fin": fin} if save else None
-    del agg
     return y, saved
 
 
 def gpu_backward(call, x, state_in, saved, dy, dstate):
+    """Four launches: chunk-local adjoints, reverse scan over chunks (+ dstate), dk/dv and partial dw/du per chunk,
+    then a fixed-order reduction of the partials (deterministic; no atomics)."""
     import cupy
     from .._gpu import error_ptr, ptr
     seqs = call.seqs
@@ -182,7 +189,11 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
     cb = -(-C // _BLOCK)
     i32 = np.int32
     if dy is not None:
-        if dy.dtype != k.dtype or tuple(dy.shape) != tuple(k.shape):
+        if dy.dtype != k.dtype and dy.dtype.kind == "f" and k.dtype.kind == "f":
+            dy = dy.astype(k.dtype)
+        bf16_views = {np.dtype(np.int16), np.dtype(np.uint16)}
+        same = dy.dtype == k.dtype or {np.dtype(dy.dtype), np.dtype(k.dtype)} <= bf16_views
+        if not same or tuple(dy.shape) != tuple(k.shape):
             raise TypeError(f"wkv4 backward: dy must be like y ({tuple(k.shape)}, {call.dtype}), "
                             f"got {tuple(dy.shape)} {dy.dtype}")
         dy = cupy.ascontiguousarray(dy)

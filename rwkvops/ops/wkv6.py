@@ -237,9 +237,15 @@ def _xp(a):
     return "array"
 
 
+def _up(t):
+    """A torch tensor in at least fp32 (half precisions are computed in fp32, fp32/fp64 kept)."""
+    import torch
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _neg_exp(w):
     if _xp(w) == "torch":
-        return -w.float().exp().to(w.dtype)
+        return -_up(w).exp().to(w.dtype)
     import numpy
     mod = numpy if isinstance(w, numpy.ndarray) else __import__("cupy")
     return -mod.exp(w)
@@ -247,7 +253,7 @@ def _neg_exp(w):
 
 def _log_neg(g):
     if _xp(g) == "torch":
-        return (-g.float()).log().to(g.dtype)
+        return (-_up(g)).log().to(g.dtype)
     import numpy
     mod = numpy if isinstance(g, numpy.ndarray) else __import__("cupy")
     return mod.log(-g)

@@ -158,6 +158,7 @@ def _names():
 NAME_EXPRESSIONS = _names()
 
 
+FWD_P = {32: 2, 64: 4, 128: 4}   # threads per state row in wkv7_forward (FwdCfg in wkv7.cu)
 BWD_MAX_BLOCKS = 512          # backward grid cap (grid-stride over (sequence, head)); bounds the scratch memory
 
 
@@ -188,7 +189,7 @@ def gpu_forward(call, x, state_in, state_out, save):
     else:
         if save:
             ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
-        _launch(f"wkv7_forward<{ct}, {N}>", grid, (N,), (*ins, ptr(y), *abi, ptr(ckpt), np.int32(H)))
+        _launch(f"wkv7_forward<{ct}, {N}>", grid, (N * FWD_P[N],), (*ins, ptr(y), *abi, ptr(ckpt), np.int32(H)))
     return y, {"ckpt": ckpt}
 
 

@@ -124,8 +124,13 @@ def gpu_forward(call, x, state_in, state_out, save):
 def gpu_backward(call, x, state_in, saved, dy, dstate):
     """Launch ``ema_backward`` (one thread per (sequence, h, n)), then sum the per-sequence ``dg`` partials in a
     fixed order (deterministic)."""
+    import cupy
     from rwkvops._gpu import ptr
     xs = x["x"]
+    if dy is not None:
+        dy = cupy.ascontiguousarray(dy)                          # the kernel reads flat tokens
+    if dstate is not None:
+        dstate = cupy.ascontiguousarray(dstate, dtype=cupy.float32)
     H, N = call.dims["H"], call.dims["N"]
     HN, num = H * N, call.seqs.num
     dx = call.empty(xs.shape, call.dtype)

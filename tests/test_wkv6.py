@@ -1,0 +1,469 @@
+"""RWKV-6 (wkv6): NumPy reference checks on the CPU, kernels vs the float64 reference on the GPU."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import rwkvops
+from rwkvops.ops.wkv6 import (CK, from_fla, reference_backward, reference_forward, to_fla, wkv6)
+from rwkvops.testing import has_gpu, rel_rms
+
+NAMES = ("r", "k", "v", "w", "u")
+
+
+def make(B, T, H, N, seed=0, wlo=-8.0, whi=4.0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = {
+        "r": rng.standard_normal((B, T, H, N)) * 0.5,
+        "k": rng.standard_normal((B, T, H, N)) * 0.5,
+        "v": rng.standard_normal((B, T, H, N)),
+        "w": rng.uniform(wlo, whi, (B, T, H, N)),
+        "u": rng.standard_normal((H, N)) * 0.5,
+    }
+    s = rng.standard_normal((B, H, N, N))
+    dy = rng.standard_normal((B, T, H, N))
+    ds = rng.standard_normal((B, H, N, N))
+    x = {k: v.astype(dtype) for k, v in x.items()}
+    return x, s.astype(dtype), dy.astype(dtype), ds.astype(dtype)
+
+
+def naive_loop(x, s):
+    """Scalar triple loop straight from the formula (independent of the vectorized reference)."""
+    r, k, v, w, u = (x[n] for n in NAMES)
+    B, T, H, N = r.shape
+    S = s.copy()
+    y = np.zeros_like(r)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                d = np.exp(-np.exp(w[b, t, h]))
+                for i in range(N):
+                    y[b, t, h, i] = sum(r[b, t, h, j] * (u[h, j] * k[b, t, h, j] * v[b, t, h, i] + S[b, h, i, j])
+                                        for j in range(N))
+                for i in range(N):
+                    for j in range(N):
+                        S[b, h, i, j] = S[b, h, i, j] * d[j] + k[b, t, h, j] * v[b, t, h, i]
+    return y, S
+
+
+# ---------------------------------------------------------------- reference on the CPU
+
+def test_reference_matches_naive_loop():
+    x, s, _, _ = make(2, 5, 2, 3, seed=1)
+    y, S = reference_forward(x, s)
+    y0, S0 = naive_loop(x, s)
+    np.testing.assert_allclose(y, y0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(S, S0, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_reference_backward_finite_differences(T):
+    x, s, dy, ds = make(2, T, 2, 3, seed=2, wlo=-3.0, whi=1.5)
+
+    def loss(x, s):
+        y, S = reference_forward(x, s)
+        return float(np.sum(dy * y) + np.sum(ds * S))
+
+    g = reference_backward(x, s, dy, ds)
+    eps = 1e-6
+    for name in (*NAMES, "state"):
+        base = s if name == "state" else x[name]
+        num = np.zeros_like(base)
+        for idx in np.ndindex(base.shape):
+            for sign in (1, -1):
+                xx = {k: v.copy() for k, v in x.items()}
+                ss = s.copy()
+                tgt = ss if name == "state" else xx[name]
+                tgt[idx] += sign * eps
+                num[idx] += sign * loss(xx, ss) / (2 * eps)
+        assert g[name].shape == base.shape, name
+        np.testing.assert_allclose(g[name], num, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_public_api_cpu_float32_and_default_state():
+    x, s, _, _ = make(2, 6, 2, 4, seed=3, dtype=np.float32)
+    y, S = wkv6(*(x[n] for n in NAMES))
+    assert y.dtype == np.float32 and S.dtype == np.float32 and S.shape == (2, 2, 4, 4)
+    y0, S0 = reference_forward({k: v.astype(np.float64) for k, v in x.items()}, np.zeros((2, 2, 4, 4)))
+    assert rel_rms(y, y0) < 1e-5 and rel_rms(S, S0) < 1e-5
+
+
+def test_t1_is_one_step():
+    x, s, _, _ = make(3, 1, 2, 4, seed=4)
+    y, S = wkv6(*(x[n] for n in NAMES), state=s)
+    r, k, v, w, u = (x[n][:, 0] if n != "u" else x[n] for n in NAMES)
+    kv = v[..., :, None] * k[..., None, :]
+    y0 = np.einsum("bhij,bhj->bhi", s + u[None, :, None, :] * kv, r)
+    S0 = s * np.exp(-np.exp(w))[..., None, :] + kv
+    np.testing.assert_allclose(y[:, 0], y0, rtol=1e-12)
+    np.testing.assert_allclose(S, S0, rtol=1e-12)
+
+
+def _check_continuation(x, s, t):
+    y, S = wkv6(*(x[n] for n in NAMES), state=s)
+    a = {n: (x[n][:, :t] if n != "u" else x[n]) for n in NAMES}
+    b = {n: (x[n][:, t:] if n != "u" else x[n]) for n in NAMES}
+    y1, S1 = wkv6(*(a[n] for n in NAMES), state=s)
+    y2, S2 = wkv6(*(b[n] for n in NAMES), state=S1)
+    np.testing.assert_allclose(np.concatenate([y1, y2], axis=1), y, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(S2, S, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("t", [1, 7, 16, 29])
+def test_continuation(t):
+    x, s, _, _ = make(2, 30, 2, 4, seed=5)
+    _check_continuation(x, s, t)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 3), T=st.one_of(st.sampled_from([1, 15, 16, 17, 63, 65]), st.integers(2, 40)),
+       H=st.integers(1, 4), N=st.sampled_from([2, 3, 4, 8]), wlo=st.floats(-8.0, 0.0), seed=st.integers(0, 2**31),
+       frac=st.floats(0.0, 1.0))
+def test_hypothesis_continuation(B, T, H, N, wlo, seed, frac):
+    x, s, _, _ = make(B, T, H, N, seed=seed, wlo=wlo, whi=min(4.0, wlo + 6.0))
+    t = int(round(frac * T))
+    if 0 < t < T:
+        _check_continuation(x, s, t)
+    else:
+        y, S = wkv6(*(x[n] for n in NAMES), state=s)
+        assert np.all(np.isfinite(y)) and np.all(np.isfinite(S))
+
+
+def test_varlen_equals_separate_calls():
+    lens = [5, 0, 9, 1]
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    x, _, dy, _ = make(1, int(cu[-1]), 2, 4, seed=6)
+    rng = np.random.default_rng(7)
+    s = rng.standard_normal((len(lens), 2, 4, 4))
+    ds = rng.standard_normal((len(lens), 2, 4, 4))
+    y, S, ctx = rwkvops.forward(rwkvops.get_op("wkv6"), *(x[n] for n in NAMES), state=s, cu_seqlens=cu)
+    g = rwkvops.backward(ctx, dy, ds)
+    du = np.zeros_like(x["u"])
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        if b == a:
+            np.testing.assert_allclose(S[i], s[i])
+            np.testing.assert_allclose(g["state"][i], ds[i])
+            continue
+        xi = {n: (x[n][:, a:b] if n != "u" else x[n]) for n in NAMES}
+        yi, Si = wkv6(*(xi[n] for n in NAMES), state=s[i:i + 1])
+        np.testing.assert_allclose(y[:, a:b], yi, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(S[i:i + 1], Si, rtol=1e-12, atol=1e-12)
+        gi = reference_backward(xi, s[i:i + 1], dy[:, a:b], ds[i:i + 1])
+        for n in ("r", "k", "v", "w"):
+            np.testing.assert_allclose(g[n][:, a:b], gi[n], rtol=1e-10, atol=1e-12)
+        du += gi["u"]
+        np.testing.assert_allclose(g["state"][i:i + 1], gi["state"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(g["u"], du, rtol=1e-10, atol=1e-12)
+
+
+def test_pool_cpu():
+    x, _, _, _ = make(3, 6, 2, 4, seed=8)
+    rng = np.random.default_rng(9)
+    pool = rng.standard_normal((5, 2, 4, 4))
+    before = pool.copy()
+    idx = np.array([3, -1, 0], np.int32)
+    y, P = wkv6(*(x[n] for n in NAMES), state=pool, state_indices=idx)
+    s0 = np.stack([before[3], np.zeros((2, 4, 4)), before[0]])
+    y0, S0 = reference_forward(x, s0)
+    np.testing.assert_allclose(y, y0, rtol=1e-12)
+    np.testing.assert_allclose(pool[3], S0[0], rtol=1e-12)
+    np.testing.assert_allclose(pool[0], S0[2], rtol=1e-12)
+    np.testing.assert_allclose(pool[[1, 2, 4]], before[[1, 2, 4]])
+
+
+def test_validation_names_u():
+    x, s, _, _ = make(1, 3, 2, 4)
+    with pytest.raises(ValueError, match="'u'"):
+        wkv6(x["r"], x["k"], x["v"], x["w"], x["u"][:, :3])
+
+
+# ---------------------------------------------------------------- flash-linear-attention conventions
+
+def fla_naive(r, k, v, g, u, h0):
+    """fla's RWKV-6 recurrence with scale=1: h[K,V] = h*exp(g)[:,None] + k v^T, o = sum_k q_k (h + u k v^T)."""
+    B, T, H, K = r.shape
+    h = h0.copy()
+    o = np.zeros_like(v)
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]
+        o[:, t] = np.einsum("bhkv,bhk->bhv", h + u[None, :, :, None] * kv, r[:, t])
+        h = h * np.exp(g[:, t])[..., None] + kv
+    return o, h
+
+
+def test_to_fla_matches_fla_convention_and_round_trips():
+    x, s, _, _ = make(2, 9, 2, 4, seed=10)
+    args = to_fla(*(x[n] for n in NAMES), s)
+    assert np.all(args[3] < 0)
+    o, hT = fla_naive(*args)
+    y, S = wkv6(*(x[n] for n in NAMES), state=s)
+    np.testing.assert_allclose(o, y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(hT.swapaxes(-1, -2), S, rtol=1e-12, atol=1e-12)
+    back = from_fla(*args)
+    for a, n in zip(back[:5], NAMES):
+        np.testing.assert_allclose(a, x[n], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(back[5], s)
+    assert to_fla(*(x[n] for n in NAMES))[5] is None
+
+
+def test_converters_torch_cpu():
+    torch = pytest.importorskip("torch")
+    x, s, _, _ = make(1, 3, 2, 4, seed=11)
+    tx = {n: torch.from_numpy(x[n]) for n in NAMES}
+    args = to_fla(*(tx[n] for n in NAMES), torch.from_numpy(s))
+    np.testing.assert_allclose(args[3].numpy(), -np.exp(x["w"]))
+    np.testing.assert_allclose(args[5].numpy(), s.swapaxes(-1, -2))
+    back = from_fla(*args)
+    np.testing.assert_allclose(back[3].numpy(), x["w"], rtol=1e-12)
+
+
+# ---------------------------------------------------------------- the GPU backward's algorithm, emulated in NumPy
+
+def test_backward_algorithm_emulated():
+    """The kernels' three-pass backward (X terms, end-of-chunk checkpoints, W recursion for dw; no division by
+    the decay) written in NumPy float64 must equal the hand-derived reference, for chunk ends inside and at T."""
+    B, T, H, N, ck = 2, 11, 2, 3, 4
+    x, s, dy, ds = make(B, T, H, N, seed=12)
+    ref = reference_backward(x, s, dy, ds)
+    r, k, v, w = (x[n] for n in ("r", "k", "v", "w"))
+    d = np.exp(-np.exp(w))
+    S = s.copy()
+    X = np.zeros_like(r)
+    ckpt = {}
+    for t in range(T):
+        X[:, t] = r[:, t] * np.einsum("bhi,bhij->bhj", dy[:, t], S)
+        S = S * d[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        if (t + 1) % ck == 0 or t + 1 == T:
+            ckpt[t // ck] = S.copy()
+    G = ds.copy()
+    dw = np.zeros_like(r)
+    W = None
+    for t in range(T - 1, -1, -1):
+        if (t + 1) % ck == 0 or t + 1 == T:
+            W = np.sum(G * ckpt[t // ck], axis=-2)
+        gv = np.einsum("bhij,bhi->bhj", G, v[:, t])
+        D = W - k[:, t] * gv
+        dw[:, t] = -D * np.exp(w[:, t])
+        W = D + X[:, t]
+        G = G * d[:, t, :, None, :] + dy[:, t, :, :, None] * r[:, t, :, None, :]
+    np.testing.assert_allclose(dw, ref["w"], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(G, ref["state"], rtol=1e-12, atol=1e-12)
+    assert CK >= 16
+
+
+# ================================================================ GPU
+
+DTYPES = ("float32", "float16", "bfloat16")
+TOL = {"float32": (1e-5, 1e-4), "float16": (3e-3, 6e-3), "bfloat16": (3e-3, 6e-3)}
+
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch")
+    if not has_gpu() or not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    return torch
+
+
+def _poison(torch):
+    """Fill the caching allocator's free blocks with NaN so that unwritten outputs are caught."""
+    t = torch.full((32 << 20,), float("nan"), device="cuda")
+    del t
+
+
+def _to_torch(torch, a, dtype, grad=False):
+    t = torch.tensor(a, dtype=torch.float64, device="cuda").to(getattr(torch, dtype)).contiguous()
+    return t.requires_grad_(grad)
+
+
+def _rounded(torch, tx):
+    return {n: t.detach().double().cpu().numpy() for n, t in tx.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 63, 65, 200])
+@pytest.mark.parametrize("N", [32, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_torch_fwd_bwd(dtype, N, T):
+    torch = _torch_cuda()
+    B, H = 2, 2
+    x, s, dy, ds = make(B, T, H, N, seed=T * 1000 + N)
+    tx = {n: _to_torch(torch, x[n], dtype, grad=True) for n in NAMES}
+    ts = torch.tensor(s, dtype=torch.float32, device="cuda").requires_grad_(True)
+    xr = _rounded(torch, tx)
+    s64 = ts.detach().double().cpu().numpy()
+    y0, S0 = reference_forward(xr, s64)
+    dyt = _to_torch(torch, dy, dtype)
+    dst = torch.tensor(ds, dtype=torch.float32, device="cuda")
+    g0 = reference_backward(xr, s64, dyt.double().cpu().numpy(), ds.astype(np.float32).astype(np.float64))
+    _poison(torch)
+    y, S = wkv6(*(tx[n] for n in NAMES), state=ts)
+    assert y.dtype == getattr(torch, dtype) and S.dtype == torch.float32
+    ftol, gtol = TOL[dtype]
+    assert rel_rms(y, y0) < ftol, ("y", rel_rms(y, y0))
+    assert rel_rms(S, S0) < ftol, ("state", rel_rms(S, S0))
+    _poison(torch)
+    torch.autograd.backward([y, S], [dyt, dst])
+    for n in NAMES:
+        assert tx[n].grad.dtype == getattr(torch, dtype)
+        e = rel_rms(tx[n].grad, g0[n])
+        assert e < gtol, (n, e)
+    e = rel_rms(ts.grad, g0["state"])
+    assert e < gtol, ("dstate", e)
+    rwkvops.check_errors()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [32, 64, 128])
+@pytest.mark.parametrize("dtype", ("float32", "float16"))
+def test_gpu_cupy_forward_backward(dtype, N):
+    cp = pytest.importorskip("cupy")
+    if not has_gpu():
+        pytest.skip("no CUDA GPU")
+    B, T, H = 3, 37, 2
+    x, s, dy, ds = make(B, T, H, N, seed=N + 3)
+    cx = {n: cp.asarray(x[n].astype(dtype)) for n in NAMES}
+    xr = {n: cp.asnumpy(cx[n]).astype(np.float64) for n in NAMES}
+    cs = cp.asarray(s.astype(np.float32))
+    dy_c = cp.asarray(dy.astype(dtype))
+    ds_c = cp.asarray(ds.astype(np.float32))
+    y, S, ctx = rwkvops.forward(rwkvops.get_op("wkv6"), *(cx[n] for n in NAMES), state=cs)
+    y0, S0 = reference_forward(xr, s.astype(np.float32).astype(np.float64))
+    ftol, gtol = TOL[dtype]
+    assert isinstance(y, cp.ndarray) and rel_rms(y, y0) < ftol and rel_rms(S, S0) < ftol
+    g = rwkvops.backward(ctx, dy_c, ds_c)
+    g0 = reference_backward(xr, s.astype(np.float32).astype(np.float64), cp.asnumpy(dy_c).astype(np.float64),
+                            ds.astype(np.float32).astype(np.float64))
+    for n in (*NAMES, "state"):
+        assert rel_rms(g[n], g0[n]) < gtol, (n, rel_rms(g[n], g0[n]))
+    # dy / dstate of None count as zeros; no initial state means zeros
+    y1, S1, ctx1 = rwkvops.forward(rwkvops.get_op("wkv6"), *(cx[n] for n in NAMES))
+    g1 = rwkvops.backward(ctx1, None, ds_c)
+    g10 = reference_backward(xr, np.zeros_like(s), np.zeros_like(dy), ds.astype(np.float32).astype(np.float64))
+    for n in (*NAMES, "state"):
+        assert rel_rms(g1[n], g10[n]) < gtol, (n, "dy=None")
+    rwkvops.check_errors()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens", [[5, 0, 70, 1, 17], [1, 0, 2], [1, 1, 1, 1]], ids=["mixed", "decode-mixed", "decode"])
+def test_gpu_varlen_zero_length(dtype, lens):
+    torch = _torch_cuda()
+    N, H = 64, 2
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    x, _, dy, _ = make(1, int(cu[-1]), H, N, seed=len(lens))
+    rng = np.random.default_rng(1)
+    s = rng.standard_normal((len(lens), H, N, N)).astype(np.float32)
+    ds = rng.standard_normal((len(lens), H, N, N)).astype(np.float32)
+    tx = {n: _to_torch(torch, x[n], dtype, grad=True) for n in NAMES}
+    ts = torch.tensor(s, device="cuda").requires_grad_(True)
+    xr = _rounded(torch, tx)
+    dyt = _to_torch(torch, dy, dtype)
+    # oracle: the CPU path of the same public API, float64
+    y0, S0, ctx0 = rwkvops.forward(rwkvops.get_op("wkv6"), *(xr[n] for n in NAMES), state=s.astype(np.float64),
+                                   cu_seqlens=cu)
+    g0 = rwkvops.backward(ctx0, dyt.double().cpu().numpy(), ds.astype(np.float64))
+    for cu_arg in (cu, torch.tensor(cu, device="cuda")):
+        for t in (*tx.values(), ts):
+            t.grad = None
+        _poison(torch)
+        y, S = wkv6(*(tx[n] for n in NAMES), state=ts, cu_seqlens=cu_arg)
+        ftol, gtol = TOL[dtype]
+        assert rel_rms(y, y0) < ftol and rel_rms(S, S0) < ftol
+        torch.autograd.backward([y, S], [dyt, torch.tensor(ds, device="cuda")])
+        for n in NAMES:
+            assert rel_rms(tx[n].grad, g0[n]) < gtol, n
+        assert rel_rms(ts.grad, g0["state"]) < gtol
+    rwkvops.check_errors()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 9])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gpu_pool_with_empty_slots(T, varlen):
+    torch = _torch_cuda()
+    B, H, N = 3, 2, 32
+    x, _, _, _ = make(B, T, H, N, seed=20 + T)
+    rng = np.random.default_rng(2)
+    pool = rng.standard_normal((6, H, N, N)).astype(np.float32)
+    idx = np.array([4, -1, 1], np.int32)
+    tx = {n: _to_torch(torch, x[n], "float32") for n in NAMES}
+    tpool = torch.tensor(pool, device="cuda")
+    kw = {}
+    if varlen:
+        tx = {n: (t.reshape(1, B * T, H, N) if n != "u" else t) for n, t in tx.items()}
+        kw["cu_seqlens"] = np.arange(B + 1, dtype=np.int32) * T
+    for idx_arg in (idx, torch.tensor(idx, device="cuda")):
+        tp = tpool.clone()
+        y, P = wkv6(*(tx[n] for n in NAMES), state=tp, state_indices=idx_arg, **kw)
+        assert P.data_ptr() == tp.data_ptr()
+        s0 = np.stack([pool[4], np.zeros((H, N, N), np.float32), pool[1]]).astype(np.float64)
+        y0, S0 = reference_forward({n: x[n].astype(np.float32).astype(np.float64) for n in NAMES}, s0)
+        assert rel_rms(y.reshape(B, T, H, N), y0) < 1e-5
+        got = tp.cpu().numpy()
+        assert rel_rms(got[4], S0[0]) < 1e-5 and rel_rms(got[1], S0[2]) < 1e-5
+        np.testing.assert_array_equal(got[[0, 2, 3, 5]], pool[[0, 2, 3, 5]])
+    rwkvops.check_errors()
+
+
+@pytest.mark.gpu
+def test_gpu_continuation_and_decode_chain():
+    torch = _torch_cuda()
+    B, T, H, N = 2, 40, 2, 64
+    x, s, _, _ = make(B, T, H, N, seed=30)
+    tx = {n: _to_torch(torch, x[n], "float32") for n in NAMES}
+    ts = torch.tensor(s, dtype=torch.float32, device="cuda")
+    y, S = wkv6(*(tx[n] for n in NAMES), state=ts)
+    st_ = ts
+    ys = []
+    for t in range(0, T, 13):
+        part = {n: (tx[n][:, t:t + 13] if n != "u" else tx[n]) for n in NAMES}
+        yy, st_ = wkv6(*(part[n] for n in NAMES), state=st_)
+        ys.append(yy)
+    assert rel_rms(torch.cat(ys, 1), y) < 1e-5 and rel_rms(st_, S) < 1e-5
+    st_ = ts
+    ys = []
+    for t in range(T):   # one-token decode steps (the decode kernel)
+        part = {n: (tx[n][:, t:t + 1] if n != "u" else tx[n]) for n in NAMES}
+        yy, st_ = wkv6(*(part[n] for n in NAMES), state=st_)
+        ys.append(yy)
+    assert rel_rms(torch.cat(ys, 1), y) < 1e-5 and rel_rms(st_, S) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+@pytest.mark.parametrize("impl", ("chunk_rwkv6", "fused_recurrent_rwkv6"))
+def test_gpu_matches_fla(impl, dtype):
+    torch = _torch_cuda()
+    fla_rwkv6 = pytest.importorskip("fla.ops.rwkv6")
+    fn = getattr(fla_rwkv6, impl)
+    B, T, H, N = 2, 100, 2, 64
+    x, s, _, _ = make(B, T, H, N, seed=40, wlo=-6.0, whi=1.0)   # moderate log decays for fla's chunked form
+    tx = {n: _to_torch(torch, x[n], dtype) for n in NAMES}
+    ts = torch.tensor(s, dtype=torch.float32, device="cuda")
+    y, S = wkv6(*(tx[n] for n in NAMES), state=ts)
+    r, k, v, g, u, h0 = to_fla(*(tx[n] for n in NAMES), ts)
+    o, hT = fn(r, k, v, g, u, scale=1.0, initial_state=h0, output_final_state=True)
+    tol = 2e-3 if dtype == "float32" else 2e-2
+    assert rel_rms(o, y) < tol, rel_rms(o, y)
+    assert rel_rms(hT.transpose(-1, -2), S) < tol, rel_rms(hT.transpose(-1, -2), S)
+    *_, back = from_fla(r, k, v, g, u, hT)
+    assert rel_rms(back, S) < tol
+
+
+@pytest.mark.gpu
+def test_gpu_strong_decay_gradients_finite():
+    """w up to 4 (decay ~1e-24) and down to -8 (decay ~0.9997) over T=300 (several checkpoint chunks)."""
+    torch = _torch_cuda()
+    B, T, H, N = 1, 300, 2, 64
+    x, s, dy, ds = make(B, T, H, N, seed=50)
+    tx = {n: _to_torch(torch, x[n], "float32", grad=True) for n in NAMES}
+    ts = torch.tensor(s, dtype=torch.float32, device="cuda").requires_grad_(True)
+    y, S = wkv6(*(tx[n] for n in NAMES), state=ts)
+    torch.autograd.backward([y, S], [_to_torch(torch, dy, "float32"), torch.tensor(ds, dtype=torch.float32,
+                                                                                  device="cuda")])
+    xr = _rounded(torch, tx)
+    g0 = reference_backward(xr, s.astype(np.float32).astype(np.float64), dy.astype(np.float32).astype(np.float64),
+                            ds.astype(np.float32).astype(np.float64))
+    for n in NAMES:
+        assert rel_rms(tx[n].grad, g0[n]) < 1e-4, n
+    assert rel_rms(ts.grad, g0["state"]) < 1e-4
