@@ -35,34 +35,29 @@ __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast
 }  // namespace wkv6
 
 // ------------------------------------------------------------------------------------------------------
-// Forward, general T.  Thread i owns state row i (N fp32 registers, constant-indexed after unrolling).
-// Broadcast per step: r_j, k_j, d_j, u_j k_j.  Own: v_i.
+// Forward over tokens [start, start+len) of head h.  Thread i owns state row i (N fp32 registers,
+// constant-indexed after unrolling), read from `sin` (row i at sin + i*N; null: zeros) and written to `sout`
+// (null: not written).  Broadcast per step: r_j, k_j, d_j, u_j k_j.  Own: v_i.
+namespace wkv6 {
 template <typename T, int N>
-__global__ void __launch_bounds__(N, 1) wkv6_forward(
-    const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
+__device__ __forceinline__ void forward_rows(
+    long long start, long long len, int H, int h,
     const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
-    const T* __restrict__ u,
-    const float* state_in, float* state_out, const int* __restrict__ state_idx, int pool_size,
-    T* __restrict__ y, int* err)
+    const T* __restrict__ u, const float* sin, float* sout, T* __restrict__ y)
 {
-    constexpr int TT = wkv6::Tile<N>::TT;
+    constexpr int TT = Tile<N>::TT;
     __shared__ __align__(16) float sr[2][TT * N];
     __shared__ __align__(16) float sk[2][TT * N];
     __shared__ __align__(16) float sd[2][TT * N];
     __shared__ __align__(16) float su[2][TT * N];
     __shared__ float sv[TT * N];
-
-    const int s = blockIdx.x / H, h = blockIdx.x % H, i = threadIdx.x;
-    long long start, end;
-    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
-    const long long slot = rwkv::state_slot(state_idx, s, pool_size, err);
-    const long long sbase = (slot * H + h) * (long long)(N * N) + (long long)i * N;
+    const int i = threadIdx.x;
 
     float st[N];
-    if (state_in != nullptr && slot >= 0) {
+    if (sin != nullptr) {
 #pragma unroll
         for (int q = 0; q < N / 4; ++q) {
-            float4 a = wkv6::ld4(state_in + sbase + 4 * q);
+            float4 a = ld4(sin + 4 * q);
             st[4 * q] = a.x; st[4 * q + 1] = a.y; st[4 * q + 2] = a.z; st[4 * q + 3] = a.w;
         }
     } else {
@@ -70,7 +65,6 @@ __global__ void __launch_bounds__(N, 1) wkv6_forward(
         for (int j = 0; j < N; ++j) st[j] = 0.f;
     }
     const float ui = rwkv::to_float(u[h * N + i]);
-    const long long len = end - start;
     int p = 0;
     for (long long t0 = 0; t0 < len; t0 += TT, p ^= 1) {
         const int cnt = (int)min((long long)TT, len - t0);
@@ -79,7 +73,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_forward(
             const float kk = rwkv::to_float(k[off]);
             sr[p][tt * N + i] = rwkv::to_float(r[off]);
             sk[p][tt * N + i] = kk;
-            sd[p][tt * N + i] = wkv6::decay_of(rwkv::to_float(w[off]));
+            sd[p][tt * N + i] = decay_of(rwkv::to_float(w[off]));
             su[p][tt * N + i] = ui * kk;
             sv[tt * N + i] = rwkv::to_float(v[off]);
         }
@@ -90,29 +84,153 @@ __global__ void __launch_bounds__(N, 1) wkv6_forward(
             const float* pk = &sk[p][tt * N];
             const float* pd = &sd[p][tt * N];
             const float* pu = &su[p][tt * N];
-            float acc = 0.f;
+            float a0 = 0.f, a1 = 0.f;
 #pragma unroll
             for (int q = 0; q < N / 4; ++q) {
-                const float4 rr = wkv6::ld4(pr + 4 * q), kk = wkv6::ld4(pk + 4 * q);
-                const float4 dd = wkv6::ld4(pd + 4 * q), uu = wkv6::ld4(pu + 4 * q);
-                acc = fmaf(rr.x, fmaf(uu.x, vi, st[4 * q]), acc);
-                acc = fmaf(rr.y, fmaf(uu.y, vi, st[4 * q + 1]), acc);
-                acc = fmaf(rr.z, fmaf(uu.z, vi, st[4 * q + 2]), acc);
-                acc = fmaf(rr.w, fmaf(uu.w, vi, st[4 * q + 3]), acc);
+                const float4 rr = ld4(pr + 4 * q), kk = ld4(pk + 4 * q);
+                const float4 dd = ld4(pd + 4 * q), uu = ld4(pu + 4 * q);
+                a0 = fmaf(rr.x, fmaf(uu.x, vi, st[4 * q]), a0);
+                a1 = fmaf(rr.y, fmaf(uu.y, vi, st[4 * q + 1]), a1);
+                a0 = fmaf(rr.z, fmaf(uu.z, vi, st[4 * q + 2]), a0);
+                a1 = fmaf(rr.w, fmaf(uu.w, vi, st[4 * q + 3]), a1);
                 st[4 * q] = fmaf(st[4 * q], dd.x, kk.x * vi);
                 st[4 * q + 1] = fmaf(st[4 * q + 1], dd.y, kk.y * vi);
                 st[4 * q + 2] = fmaf(st[4 * q + 2], dd.z, kk.z * vi);
                 st[4 * q + 3] = fmaf(st[4 * q + 3], dd.w, kk.w * vi);
             }
-            y[((start + t0 + tt) * H + h) * N + i] = rwkv::from_float<T>(acc);
+            y[((start + t0 + tt) * H + h) * N + i] = rwkv::from_float<T>(a0 + a1);
         }
     }
-    if (state_out != nullptr && slot >= 0) {
+    if (sout != nullptr) {
 #pragma unroll
         for (int q = 0; q < N / 4; ++q)
-            *reinterpret_cast<float4*>(state_out + sbase + 4 * q) =
-                make_float4(st[4 * q], st[4 * q + 1], st[4 * q + 2], st[4 * q + 3]);
+            *reinterpret_cast<float4*>(sout + 4 * q) = make_float4(st[4 * q], st[4 * q + 1], st[4 * q + 2], st[4 * q + 3]);
     }
+}
+}  // namespace wkv6
+
+// Forward, general T (recurrent): one block of N threads per (sequence, head).
+template <typename T, int N>
+__global__ void __launch_bounds__(N, 1) wkv6_forward(
+    const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
+    const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
+    const T* __restrict__ u,
+    const float* state_in, float* state_out, const int* __restrict__ state_idx, int pool_size,
+    T* __restrict__ y, int* err)
+{
+    const int s = blockIdx.x / H, h = blockIdx.x % H, i = threadIdx.x;
+    long long start, end;
+    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
+    const long long slot = rwkv::state_slot(state_idx, s, pool_size, err);
+    const long long sbase = (slot * H + h) * (long long)(N * N) + (long long)i * N;
+    const bool has = slot >= 0;
+    wkv6::forward_rows<T, N>(start, end - start, H, h, r, k, v, w, u,
+                             (state_in != nullptr && has) ? state_in + sbase : nullptr,
+                             (state_out != nullptr && has) ? state_out + sbase : nullptr, y);
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Chunked forward (dense batches only, cu_seqlens == null): the recurrence split into chunks of L tokens
+// (seed 000's plan), no division anywhere:
+//   1. wkv6_chunk_state  (grid B*nc*H, block N): each chunk's local state A_c from a zero state and the
+//      product of its decays P_c[j], in parallel over chunks;
+//   2. wkv6_chunk_scan   (grid B*H*(N*N/1024), block 256): per state element, S_in(c) = S, S = S*P_c + A_c
+//      over the chunks in order (A_c is overwritten by S_in(c)); writes the final state (pool aware);
+//   3. wkv6_chunk_output (grid B*nc*H, block N): the recurrent forward of each chunk from S_in(c), in
+//      parallel over chunks, writing y.
+// buf: fp32 [B, nc, H, N, N]; dec: fp32 [B, nc, H, N]; nc = ceil(T / L).
+template <typename T, int N>
+__global__ void __launch_bounds__(N, 1) wkv6_chunk_state(
+    int Tlen, int H, int L, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
+    float* __restrict__ buf, float* __restrict__ dec)
+{
+    constexpr int TT = wkv6::Tile<N>::TT;
+    __shared__ __align__(16) float sk[2][TT * N];
+    __shared__ __align__(16) float sd[2][TT * N];
+    __shared__ float sv[TT * N];
+    const int nc = (Tlen + L - 1) / L;
+    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc, i = threadIdx.x;
+    const long long start = (long long)b * Tlen + (long long)c * L;
+    const long long len = min((long long)L, (long long)Tlen - (long long)c * L);
+    float st[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) st[j] = 0.f;
+    float prod = 1.f;   // product of the chunk's decays of key channel i
+    int p = 0;
+    for (long long t0 = 0; t0 < len; t0 += TT, p ^= 1) {
+        const int cnt = (int)min((long long)TT, len - t0);
+        for (int tt = 0; tt < cnt; ++tt) {
+            const long long off = ((start + t0 + tt) * H + h) * N + i;
+            const float d = wkv6::decay_of(rwkv::to_float(w[off]));
+            sk[p][tt * N + i] = rwkv::to_float(k[off]);
+            sd[p][tt * N + i] = d;
+            sv[tt * N + i] = rwkv::to_float(v[off]);
+            prod *= d;
+        }
+        __syncthreads();
+        for (int tt = 0; tt < cnt; ++tt) {
+            const float vi = sv[tt * N + i];
+            const float* pk = &sk[p][tt * N];
+            const float* pd = &sd[p][tt * N];
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 kk = wkv6::ld4(pk + 4 * q), dd = wkv6::ld4(pd + 4 * q);
+                st[4 * q] = fmaf(st[4 * q], dd.x, kk.x * vi);
+                st[4 * q + 1] = fmaf(st[4 * q + 1], dd.y, kk.y * vi);
+                st[4 * q + 2] = fmaf(st[4 * q + 2], dd.z, kk.z * vi);
+                st[4 * q + 3] = fmaf(st[4 * q + 3], dd.w, kk.w * vi);
+            }
+        }
+    }
+    const long long cb = (long long)bc * H + h;
+    float* o = buf + cb * (N * N) + (long long)i * N;
+#pragma unroll
+    for (int q = 0; q < N / 4; ++q)
+        *reinterpret_cast<float4*>(o + 4 * q) = make_float4(st[4 * q], st[4 * q + 1], st[4 * q + 2], st[4 * q + 3]);
+    dec[cb * N + i] = prod;
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(256) wkv6_chunk_scan(
+    int Tlen, int H, int L, float* __restrict__ buf, const float* __restrict__ dec,
+    const float* state_in, float* state_out, const int* __restrict__ state_idx, int pool_size, int* err)
+{
+    constexpr int NB = (N * N / 4 + 255) / 256;      // blocks per (b, h): 1, 4, 16
+    const int nc = (Tlen + L - 1) / L;
+    const int part = blockIdx.x % NB, bh = blockIdx.x / NB, h = bh % H, b = bh / H;
+    const int e = part * 256 + threadIdx.x;           // float4 index inside the N x N state
+    if (e >= N * N / 4) return;
+    const int cq = e % (N / 4);
+    const long long slot = rwkv::state_slot(state_idx, b, pool_size, err);
+    float4 S = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (state_in != nullptr && slot >= 0) S = wkv6::ld4(state_in + (slot * H + h) * (long long)(N * N) + 4 * e);
+    for (int c = 0; c < nc; ++c) {
+        const long long cb = ((long long)b * nc + c) * H + h;
+        float4* a = reinterpret_cast<float4*>(buf + cb * (N * N)) + e;
+        const float4 A = *a;
+        const float4 P = wkv6::ld4(dec + cb * N + 4 * cq);
+        *a = S;
+        S.x = fmaf(S.x, P.x, A.x);
+        S.y = fmaf(S.y, P.y, A.y);
+        S.z = fmaf(S.z, P.z, A.z);
+        S.w = fmaf(S.w, P.w, A.w);
+    }
+    if (state_out != nullptr && slot >= 0)
+        *reinterpret_cast<float4*>(state_out + (slot * H + h) * (long long)(N * N) + 4 * e) = S;
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(N, 1) wkv6_chunk_output(
+    int Tlen, int H, int L,
+    const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
+    const T* __restrict__ u, const float* __restrict__ buf, T* __restrict__ y)
+{
+    const int nc = (Tlen + L - 1) / L;
+    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc, i = threadIdx.x;
+    const long long start = (long long)b * Tlen + (long long)c * L;
+    const long long len = min((long long)L, (long long)Tlen - (long long)c * L);
+    wkv6::forward_rows<T, N>(start, len, H, h, r, k, v, w, u,
+                             buf + ((long long)bc * H + h) * (N * N) + (long long)i * N, nullptr, y);
 }
 
 // ------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 //                       state read and written once with coalesced 16-byte accesses.
 //  wkv7_backward<T, N>  reverse walk over the CK-token chunks: recompute the chunk's states from its checkpoint
 //                       (rows independent) into a per-block global scratch, then run the adjoint backwards with
-//                       thread t holding row t AND column t of dS, so every gradient is an in-thread dot product.
+//                       P = N/32 threads holding row x AND column x of dS, so every gradient is a short
+//                       in-thread dot product plus a P-lane shuffle reduction.
 //                       No division by the decay anywhere (exact for decays down to exp(-exp(4)) and below).
 #include "common.cuh"
 
@@ -279,11 +280,35 @@ __global__ void __launch_bounds__(4 * N) wkv7_decode(
 
 // ------------------------------------------------------------------------------------------------ backward
 
-// Grid-stride over (sequence, head) items; block N threads; dynamic shared memory SMEM_FLOATS(N) floats.
+template <int N> struct BwdCfg {
+    static constexpr int P = N / 32;              // threads per row (and per column) of the adjoint
+    static constexpr int M = N / (4 * P);         // float4 chunks per thread (8)
+    static constexpr int NT = N * P;              // block size
+};
+
+// Reduce over the P lanes of a row group (xor butterfly: bit-identical result on every lane).
+template <int P>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+    for (int off = P / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off, P);
+    return x;
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
+    return fmaf(a.x, b.x, fmaf(a.y, b.y, fmaf(a.z, b.z, fmaf(a.w, b.w, acc))));
+}
+
+// Grid-stride over (sequence, head) items; block N*P threads, thread tid = x*P + p.  For each CK-token chunk,
+// in reverse: (A) recompute the chunk's states from the forward's checkpoint (thread owns row x, float4 column
+// chunks p + P*m), writing them to a per-block global scratch [CK+1][N][N] (slot m = state before chunk token m,
+// slot L = after the last) and S a to shared memory; (B) walk the chunk backwards with the adjoint dS held
+// twice: row x (column chunks p + P*m) for dsa = dS b and dv = dS k, and column x (row chunks p + P*m) for
+// dk, db, dw, da, dr (streaming the column of S_{t-1} from scratch).  Every gradient element is written by one
+// thread after a fixed-order reduction: deterministic, no atomics.  dynamic shared memory: bwd_smem_floats(N).
 // ABI: state_in = gradient w.r.t. the final state (may be null = 0), state_out = gradient w.r.t. the initial
-// state (may be null).  ckpt: the forward's checkpoints.  scratch: per block (CK+1) x N x N floats.
+// state (may be null).  ckpt: the forward's checkpoints.  scratch: gridDim.x x (CK+1) x N x N floats.
 template <typename T, int N>
-__global__ void __launch_bounds__(N) wkv7_backward(
+__global__ void __launch_bounds__(BwdCfg<N>::NT) wkv7_backward(
     const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
     T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk, T* __restrict__ dv,
@@ -292,6 +317,7 @@ __global__ void __launch_bounds__(N) wkv7_backward(
     const float* state_in, float* state_out, const int* state_idx, int pool_size, int* err,
     const float* __restrict__ ckpt, float* __restrict__ scratch, int H, int num) {
     constexpr int CK = WKV7_CK;
+    constexpr int P = BwdCfg<N>::P, M = BwdCfg<N>::M, NT = BwdCfg<N>::NT;
     extern __shared__ __align__(16) float smem[];
     // [array][CK][N]: 0 r, 1 decay, 2 dwf = -exp(w)*decay, 3 k, 4 v, 5 a, 6 b, 7 dy, 8 sa ; then dsa[2][N]
     float* S_r = smem;
@@ -306,6 +332,7 @@ __global__ void __launch_bounds__(N) wkv7_backward(
     float* S_dsa = smem + 9 * CK * N;
 
     const int tid = threadIdx.x;
+    const int x = tid / P, p = tid % P;
     float* scr = scratch + (long long)blockIdx.x * (CK + 1) * N * N;
 
     for (long long item = blockIdx.x; item < (long long)num * H; item += gridDim.x) {
@@ -316,14 +343,21 @@ __global__ void __launch_bounds__(N) wkv7_backward(
         const int len = (int)(end - start);
         const long long sbase = ((long long)sq * H + h) * N * N;
 
-        float dSr[N], dSc[N];   // row tid and column tid of the adjoint dL/dS_t
+        float4 dSr[M];   // dS[x][4c..4c+3], c = p + P*m   (row x)
+        float4 dSc[M];   // dS[4c..4c+3][x], c = p + P*m   (column x)
         if (state_in != nullptr) {
-            wkv7::load_row<N>(dSr, state_in + sbase + (long long)tid * N);
 #pragma unroll
-            for (int i = 0; i < N; ++i) dSc[i] = state_in[sbase + (long long)i * N + tid];
+            for (int m = 0; m < M; ++m) {
+                const int c = p + P * m;
+                dSr[m] = *reinterpret_cast<const float4*>(state_in + sbase + (long long)x * N + 4 * c);
+                dSc[m].x = state_in[sbase + (long long)(4 * c + 0) * N + x];
+                dSc[m].y = state_in[sbase + (long long)(4 * c + 1) * N + x];
+                dSc[m].z = state_in[sbase + (long long)(4 * c + 2) * N + x];
+                dSc[m].w = state_in[sbase + (long long)(4 * c + 3) * N + x];
+            }
         } else {
 #pragma unroll
-            for (int i = 0; i < N; ++i) { dSr[i] = 0.f; dSc[i] = 0.f; }
+            for (int m = 0; m < M; ++m) { dSr[m] = make_float4(0.f, 0.f, 0.f, 0.f); dSc[m] = dSr[m]; }
         }
 
         const int nch = (len + CK - 1) / CK;
@@ -331,120 +365,167 @@ __global__ void __launch_bounds__(N) wkv7_backward(
             const int t0 = c * CK;
             const int L = min(CK, len - t0);
             __syncthreads();   // the previous chunk / item is done with shared memory and scratch
-            for (int tt = 0; tt < L; ++tt) {
-                const long long o = ((start + t0 + tt) * H + h) * N + tid;
+            for (int e = tid; e < L * N; e += NT) {
+                const int tt = e / N, col = e % N;
+                const long long o = ((start + t0 + tt) * H + h) * N + col;
                 const float wv = rwkv::to_float(w[o]);
                 const float dec = wkv7::decay_of(wv);
-                S_r[tt * N + tid] = rwkv::to_float(r[o]);
-                S_d[tt * N + tid] = dec;
-                S_f[tt * N + tid] = -expf(wv) * dec;
-                S_k[tt * N + tid] = rwkv::to_float(k[o]);
-                S_v[tt * N + tid] = rwkv::to_float(v[o]);
-                S_a[tt * N + tid] = rwkv::to_float(a[o]);
-                S_b[tt * N + tid] = rwkv::to_float(b[o]);
-                S_y[tt * N + tid] = dy != nullptr ? rwkv::to_float(dy[o]) : 0.f;
+                S_r[e] = rwkv::to_float(r[o]);
+                S_d[e] = dec;
+                S_f[e] = -expf(wv) * dec;
+                S_k[e] = rwkv::to_float(k[o]);
+                S_v[e] = rwkv::to_float(v[o]);
+                S_a[e] = rwkv::to_float(a[o]);
+                S_b[e] = rwkv::to_float(b[o]);
+                S_y[e] = dy != nullptr ? rwkv::to_float(dy[o]) : 0.f;
             }
             __syncthreads();
-            {   // recompute the chunk's states, row tid: scratch slot m = state before chunk token m (slot L = after)
-                float s[N];
+            {   // (A) recompute the chunk's states, row x
+                float4 st[M];
                 const long long cs = rwkv::chunk_slot(cu_seqlens, T_len, sq, start, CK, c);
-                wkv7::load_row<N>(s, ckpt + ((cs * H + h) * N + tid) * (long long)N);
-                wkv7::store_row<N>(scr + (long long)tid * N, s);
+                const float* src = ckpt + ((cs * H + h) * N + x) * (long long)N;
+#pragma unroll
+                for (int m = 0; m < M; ++m) {
+                    st[m] = *reinterpret_cast<const float4*>(src + 4 * (p + P * m));
+                    *reinterpret_cast<float4*>(scr + (long long)x * N + 4 * (p + P * m)) = st[m];
+                }
                 for (int tt = 0; tt < L; ++tt) {
-                    float sa;
-                    wkv7::step_row<N>(s, S_r + tt * N, S_d + tt * N, S_k + tt * N, S_a + tt * N, S_b + tt * N,
-                                      S_v[tt * N + tid], sa);
-                    S_sa[tt * N + tid] = sa;
-                    wkv7::store_row<N>(scr + ((long long)(tt + 1) * N + tid) * N, s);
+                    const float4* a4 = reinterpret_cast<const float4*>(S_a + tt * N);
+                    const float4* b4 = reinterpret_cast<const float4*>(S_b + tt * N);
+                    const float4* d4 = reinterpret_cast<const float4*>(S_d + tt * N);
+                    const float4* k4 = reinterpret_cast<const float4*>(S_k + tt * N);
+                    float sa0 = 0.f, sa1 = 0.f;
+#pragma unroll
+                    for (int m = 0; m < M; m += 2) {
+                        sa0 = dot4(st[m], a4[p + P * m], sa0);
+                        sa1 = dot4(st[m + 1], a4[p + P * (m + 1)], sa1);
+                    }
+                    const float sa = group_sum<P>(sa0 + sa1);
+                    if (p == 0) S_sa[tt * N + x] = sa;
+                    const float vx = S_v[tt * N + x];
+                    float* dst = scr + ((long long)(tt + 1) * N + x) * N;
+#pragma unroll
+                    for (int m = 0; m < M; ++m) {
+                        const int cc = p + P * m;
+                        const float4 dd = d4[cc], bb = b4[cc], kk = k4[cc];
+                        st[m].x = fmaf(st[m].x, dd.x, fmaf(sa, bb.x, vx * kk.x));
+                        st[m].y = fmaf(st[m].y, dd.y, fmaf(sa, bb.y, vx * kk.y));
+                        st[m].z = fmaf(st[m].z, dd.z, fmaf(sa, bb.z, vx * kk.z));
+                        st[m].w = fmaf(st[m].w, dd.w, fmaf(sa, bb.w, vx * kk.w));
+                        *reinterpret_cast<float4*>(dst + 4 * cc) = st[m];
+                    }
                 }
             }
             __syncthreads();   // scratch (global) and S_sa visible to the block
 
-            float dr_cur = 0.f;   // dr of token L-1: column tid of S_{L-1 after} = slot L
+            float dr_cur;      // dr of chunk token L-1: column x of slot L (the state after it) . dy
             {
-                const float* col = scr + (long long)L * N * N + tid;
-                const float* dyv = S_y + (L - 1) * N;
-                float p0 = 0.f, p1 = 0.f;
+                const float* col = scr + (long long)L * N * N + x;
+                const float4* y4 = reinterpret_cast<const float4*>(S_y + (L - 1) * N);
+                float acc = 0.f;
 #pragma unroll
-                for (int i = 0; i < N; i += 2) {
-                    p0 = fmaf(col[(long long)i * N], dyv[i], p0);
-                    p1 = fmaf(col[(long long)(i + 1) * N], dyv[i + 1], p1);
+                for (int m = 0; m < M; ++m) {
+                    const int cc = p + P * m;
+                    const float4 yv = y4[cc];
+                    acc = fmaf(col[(long long)(4 * cc) * N], yv.x, acc);
+                    acc = fmaf(col[(long long)(4 * cc + 1) * N], yv.y, acc);
+                    acc = fmaf(col[(long long)(4 * cc + 2) * N], yv.z, acc);
+                    acc = fmaf(col[(long long)(4 * cc + 3) * N], yv.w, acc);
                 }
-                dr_cur = p0 + p1;
+                dr_cur = group_sum<P>(acc);
             }
             for (int tt = L - 1; tt >= 0; --tt) {
-                const long long o = ((start + t0 + tt) * H + h) * N + tid;
-                const float* rr = S_r + tt * N;
-                const float* dd = S_d + tt * N;
-                const float* kk = S_k + tt * N;
-                const float* vv = S_v + tt * N;
-                const float* aa = S_a + tt * N;
-                const float* bb = S_b + tt * N;
-                const float* yy = S_y + tt * N;
+                const long long orow = ((start + t0 + tt) * H + h) * N + x;
+                const float4* r4 = reinterpret_cast<const float4*>(S_r + tt * N);
+                const float4* d4 = reinterpret_cast<const float4*>(S_d + tt * N);
+                const float4* k4 = reinterpret_cast<const float4*>(S_k + tt * N);
+                const float4* v4 = reinterpret_cast<const float4*>(S_v + tt * N);
+                const float4* a4 = reinterpret_cast<const float4*>(S_a + tt * N);
+                const float4* b4 = reinterpret_cast<const float4*>(S_b + tt * N);
+                const float4* y4 = reinterpret_cast<const float4*>(S_y + tt * N);
+                const float4* sa4 = reinterpret_cast<const float4*>(S_sa + tt * N);
+                const float4* yp4 = reinterpret_cast<const float4*>(S_y + (tt > 0 ? tt - 1 : 0) * N);
                 float* dsa_buf = S_dsa + (tt & 1) * N;
-                // ---- row role (row i = tid): dS_t += dy_t r_t^T; dsa_i = dS_t[i,:].b; dv_i = dS_t[i,:].k
+                // ---- row role (row x): dS_t += dy_t r_t^T; dsa_x = dS_t[x,:].b; dv_x = dS_t[x,:].k
                 {
-                    const float dyi = yy[tid];
-                    float p0 = 0.f, p1 = 0.f, q0 = 0.f, q1 = 0.f;
+                    const float dyx = S_y[tt * N + x];
+                    float pb = 0.f, pk = 0.f;
 #pragma unroll
-                    for (int j = 0; j < N; j += 4) {
-                        float4 r4 = *reinterpret_cast<const float4*>(rr + j);
-                        float4 b4 = *reinterpret_cast<const float4*>(bb + j);
-                        float4 k4 = *reinterpret_cast<const float4*>(kk + j);
-                        dSr[j] = fmaf(dyi, r4.x, dSr[j]); dSr[j + 1] = fmaf(dyi, r4.y, dSr[j + 1]);
-                        dSr[j + 2] = fmaf(dyi, r4.z, dSr[j + 2]); dSr[j + 3] = fmaf(dyi, r4.w, dSr[j + 3]);
-                        p0 = fmaf(dSr[j], b4.x, p0); p1 = fmaf(dSr[j + 1], b4.y, p1);
-                        p0 = fmaf(dSr[j + 2], b4.z, p0); p1 = fmaf(dSr[j + 3], b4.w, p1);
-                        q0 = fmaf(dSr[j], k4.x, q0); q1 = fmaf(dSr[j + 1], k4.y, q1);
-                        q0 = fmaf(dSr[j + 2], k4.z, q0); q1 = fmaf(dSr[j + 3], k4.w, q1);
+                    for (int m = 0; m < M; ++m) {
+                        const int cc = p + P * m;
+                        const float4 rr = r4[cc];
+                        dSr[m].x = fmaf(dyx, rr.x, dSr[m].x); dSr[m].y = fmaf(dyx, rr.y, dSr[m].y);
+                        dSr[m].z = fmaf(dyx, rr.z, dSr[m].z); dSr[m].w = fmaf(dyx, rr.w, dSr[m].w);
+                        pb = dot4(dSr[m], b4[cc], pb);
+                        pk = dot4(dSr[m], k4[cc], pk);
                     }
-                    const float dsa = p0 + p1;
-                    dv[o] = rwkv::from_float<T>(q0 + q1);
-                    dsa_buf[tid] = dsa;
+                    const float dsa = group_sum<P>(pb);
+                    const float dvx = group_sum<P>(pk);
+                    if (p == 0) {
+                        dv[orow] = rwkv::from_float<T>(dvx);
+                        dsa_buf[x] = dsa;
+                    }
 #pragma unroll
-                    for (int j = 0; j < N; j += 4) {
-                        float4 d4 = *reinterpret_cast<const float4*>(dd + j);
-                        float4 a4 = *reinterpret_cast<const float4*>(aa + j);
-                        dSr[j] = fmaf(dSr[j], d4.x, dsa * a4.x); dSr[j + 1] = fmaf(dSr[j + 1], d4.y, dsa * a4.y);
-                        dSr[j + 2] = fmaf(dSr[j + 2], d4.z, dsa * a4.z); dSr[j + 3] = fmaf(dSr[j + 3], d4.w, dsa * a4.w);
+                    for (int m = 0; m < M; ++m) {
+                        const int cc = p + P * m;
+                        const float4 dd = d4[cc], aa = a4[cc];
+                        dSr[m].x = fmaf(dSr[m].x, dd.x, dsa * aa.x); dSr[m].y = fmaf(dSr[m].y, dd.y, dsa * aa.y);
+                        dSr[m].z = fmaf(dSr[m].z, dd.z, dsa * aa.z); dSr[m].w = fmaf(dSr[m].w, dd.w, dsa * aa.w);
                     }
                 }
                 __syncthreads();   // dsa of step tt visible (double-buffered by tt parity)
-                // ---- column role (column j = tid)
+                // ---- column role (column x)
                 {
-                    const float rj = rr[tid];
-                    const float* sav = S_sa + tt * N;
-                    const float* col = scr + (long long)tt * N * N + tid;   // S_{t-1}[:, j]
-                    const float* dyp = S_y + (tt > 0 ? tt - 1 : 0) * N;
-                    float dk0 = 0.f, dk1 = 0.f, db0 = 0.f, db1 = 0.f, dw0 = 0.f, dw1 = 0.f;
-                    float da0 = 0.f, da1 = 0.f, dr0 = 0.f, dr1 = 0.f;
+                    const float rx = S_r[tt * N + x];
+                    const float dx = S_d[tt * N + x], ax = S_a[tt * N + x];
+                    const float4* dsa4 = reinterpret_cast<const float4*>(dsa_buf);
+                    const float* col = scr + (long long)tt * N * N + x;   // S_{t-1}[:, x]
+                    float pk = 0.f, pb = 0.f, pw = 0.f, pa = 0.f, pr = 0.f;
 #pragma unroll
-                    for (int i = 0; i < N; i += 2) {
-                        float4 yv = make_float4(yy[i], yy[i + 1], vv[i], vv[i + 1]);
-                        dSc[i] = fmaf(yv.x, rj, dSc[i]);
-                        dSc[i + 1] = fmaf(yv.y, rj, dSc[i + 1]);
-                        dk0 = fmaf(dSc[i], yv.z, dk0); dk1 = fmaf(dSc[i + 1], yv.w, dk1);
-                        db0 = fmaf(dSc[i], sav[i], db0); db1 = fmaf(dSc[i + 1], sav[i + 1], db1);
-                        const float x0 = col[(long long)i * N], x1 = col[(long long)(i + 1) * N];
-                        dw0 = fmaf(dSc[i], x0, dw0); dw1 = fmaf(dSc[i + 1], x1, dw1);
-                        da0 = fmaf(x0, dsa_buf[i], da0); da1 = fmaf(x1, dsa_buf[i + 1], da1);
-                        dr0 = fmaf(x0, dyp[i], dr0); dr1 = fmaf(x1, dyp[i + 1], dr1);
+                    for (int m = 0; m < M; ++m) {
+                        const int cc = p + P * m;
+                        const float4 yv = y4[cc];
+                        dSc[m].x = fmaf(yv.x, rx, dSc[m].x); dSc[m].y = fmaf(yv.y, rx, dSc[m].y);
+                        dSc[m].z = fmaf(yv.z, rx, dSc[m].z); dSc[m].w = fmaf(yv.w, rx, dSc[m].w);
+                        pk = dot4(dSc[m], v4[cc], pk);
+                        pb = dot4(dSc[m], sa4[cc], pb);
+                        float4 sv;
+                        sv.x = col[(long long)(4 * cc) * N];
+                        sv.y = col[(long long)(4 * cc + 1) * N];
+                        sv.z = col[(long long)(4 * cc + 2) * N];
+                        sv.w = col[(long long)(4 * cc + 3) * N];
+                        pw = dot4(dSc[m], sv, pw);
+                        const float4 ds = dsa4[cc];
+                        pa = dot4(sv, ds, pa);
+                        pr = dot4(sv, yp4[cc], pr);
+                        dSc[m].x = fmaf(dSc[m].x, dx, ds.x * ax); dSc[m].y = fmaf(dSc[m].y, dx, ds.y * ax);
+                        dSc[m].z = fmaf(dSc[m].z, dx, ds.z * ax); dSc[m].w = fmaf(dSc[m].w, dx, ds.w * ax);
                     }
-                    dr[o] = rwkv::from_float<T>(dr_cur);
-                    dk[o] = rwkv::from_float<T>(dk0 + dk1);
-                    db[o] = rwkv::from_float<T>(db0 + db1);
-                    da[o] = rwkv::from_float<T>(da0 + da1);
-                    dw[o] = rwkv::from_float<T>((dw0 + dw1) * S_f[tt * N + tid]);
-                    dr_cur = dr0 + dr1;   // dr of token tt-1 (unused when tt == 0)
-                    const float dj = dd[tid], aj = aa[tid];
-#pragma unroll
-                    for (int i = 0; i < N; ++i) dSc[i] = fmaf(dSc[i], dj, dsa_buf[i] * aj);
+                    pk = group_sum<P>(pk);
+                    pb = group_sum<P>(pb);
+                    pw = group_sum<P>(pw);
+                    pa = group_sum<P>(pa);
+                    pr = group_sum<P>(pr);
+                    if (p == 0) {
+                        dr[orow] = rwkv::from_float<T>(dr_cur);
+                        dk[orow] = rwkv::from_float<T>(pk);
+                        db[orow] = rwkv::from_float<T>(pb);
+                        da[orow] = rwkv::from_float<T>(pa);
+                        dw[orow] = rwkv::from_float<T>(pw * S_f[tt * N + x]);
+                    }
+                    dr_cur = pr;   // dr of token tt-1 (unused when tt == 0)
                 }
             }
         }
         if (state_out != nullptr) {
 #pragma unroll
-            for (int i = 0; i < N; ++i) state_out[sbase + (long long)i * N + tid] = dSc[i];
+            for (int m = 0; m < M; ++m) {
+                const int c = p + P * m;
+                state_out[sbase + (long long)(4 * c + 0) * N + x] = dSc[m].x;
+                state_out[sbase + (long long)(4 * c + 1) * N + x] = dSc[m].y;
+                state_out[sbase + (long long)(4 * c + 2) * N + x] = dSc[m].z;
+                state_out[sbase + (long long)(4 * c + 3) * N + x] = dSc[m].w;
+            }
         }
     }
 }

@@ -8,17 +8,16 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # The built-in op functions (wkv4, wkv6, wkv7, their converters) live in rwkvops.ops.*; load them lazily so
-    # that `import rwkvops` stays cheap and plugin discovery happens once, on first use.
-    if name.startswith("_") or name in ("ops",):
-        raise AttributeError(name)
-    import importlib
-    from .registry import _load_plugins
-    _load_plugins()
-    for mod in ("wkv7", "wkv6", "wkv4"):
-        m = importlib.import_module(f"rwkvops.ops.{mod}")
-        if hasattr(m, name):
-            return getattr(m, name)
+    # The built-in op functions live in rwkvops.ops.<name> (with their converters, e.g. rwkvops.ops.wkv7.to_fla);
+    # they load lazily so that `import rwkvops` stays cheap. Plugin ops are reachable as attributes too.
+    if name in ("wkv4", "wkv6", "wkv7"):
+        import importlib
+        return getattr(importlib.import_module(f"rwkvops.ops.{name}"), name)
+    if not name.startswith("_"):
+        from .registry import _REGISTRY, _load_plugins
+        _load_plugins()
+        if name in _REGISTRY:
+            return _REGISTRY[name]
     raise AttributeError(f"module 'rwkvops' has no attribute {name!r}")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rwkvops.model import RWKV7Model, State, demo_model
+from rwkvops.model import RWKV7Model, State, demo_model, demo_results
 from rwkvops.testing import has_gpu, rel_rms, to_numpy
 
 V = 61
@@ -222,10 +222,12 @@ def test_torch_cpu_matches_numpy():
 
 
 def test_demo_model_runs(capsys):
-    res = demo_model(np, n_layer=2, n_embd=32, head_size=8, vocab=50, batch=2, prompt_len=5, n_new=4)
-    assert res["rnn_token_agreement"] == 1.0 and res["fast_token_agreement"] == 1.0
+    res = demo_results(np, n_layer=2, n_embd=32, head_size=8, vocab=50, batch=2, prompt_len=5, n_new=4)
+    assert res["ok"] and res["rnn_token_agreement"] == 1.0 and res["fast_token_agreement"] == 1.0
     assert res["rnn_max_logit_err"] < 1e-4
     assert "tokens/s" in capsys.readouterr().out
+    # the entry point of `python -m rwkvops demo`: demo_model(gpu=...) -> 0 when the modes agree
+    assert demo_model(gpu=False, n_layer=1, n_embd=16, head_size=8, vocab=20, batch=1, prompt_len=3, n_new=2) == 0
 
 
 def test_serving_benchmark_smoke(tmp_path):
@@ -326,5 +328,6 @@ def test_gpu_demo_model():
     import cupy
     if not has_gpu():
         pytest.skip("no CUDA GPU")
-    res = demo_model(cupy, n_layer=2, n_embd=128, head_size=64, vocab=256, batch=4, prompt_len=16, n_new=8)
-    assert res["rnn_max_logit_err"] < 1e-3
+    res = demo_results(cupy, n_layer=2, n_embd=128, head_size=64, vocab=256, batch=4, prompt_len=16, n_new=8)
+    assert res["ok"] and res["rnn_max_logit_err"] < 1e-3
+    assert demo_model(gpu=True) == 0      # what `python -m rwkvops demo` runs

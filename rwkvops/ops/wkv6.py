@@ -36,8 +36,14 @@ _CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 CK = 64              # checkpoint interval (tokens) of the backward pass
 STREAM_THREADS = 256  # block size of the decode kernel
 
-_KERNEL_NAMES = ("wkv6_forward", "wkv6_forward_stream", "wkv6_bwd_colfwd", "wkv6_bwd_colrev",
-                 "wkv6_bwd_rowrev", "wkv6_reduce_u")
+_KERNEL_NAMES = ("wkv6_forward", "wkv6_forward_stream", "wkv6_chunk_state", "wkv6_chunk_scan",
+                 "wkv6_chunk_output", "wkv6_bwd_colfwd", "wkv6_bwd_colrev", "wkv6_bwd_rowrev", "wkv6_reduce_u")
+
+# Forward path selection: "auto" (below), or force "recurrent" / "chunked" (for comparisons and tests).
+FORWARD_PATH = "auto"
+CHUNK_L = 64               # tokens per chunk of the chunked forward
+CHUNKED_MIN_T = 256        # auto: chunked only for dense inputs with T >= this ...
+CHUNKED_MAX_BLOCKS = 1024  # ... and fewer than this many (sequence, head) blocks (the recurrent form underfills)
 
 
 def _ne(name, ctype, n):
@@ -121,20 +127,61 @@ def _use_stream(seqs) -> bool:
     return seqs.total <= seqs.num
 
 
+def _forward_path(call) -> str:
+    """'stream' (decode), 'chunked' (dense long sequences, few blocks) or 'recurrent'."""
+    seqs = call.seqs
+    if FORWARD_PATH == "chunked" and seqs.cu_seqlens is None:
+        return "chunked"
+    if FORWARD_PATH == "recurrent":
+        return "recurrent"
+    if _use_stream(seqs):
+        return "stream"
+    if (FORWARD_PATH == "auto" and seqs.cu_seqlens is None and seqs.T >= CHUNKED_MIN_T
+            and seqs.num * call.dims["H"] < CHUNKED_MAX_BLOCKS):
+        return "chunked"
+    return "recurrent"
+
+
+def _forward_chunked(call, x, state_in, state_out, y):
+    """Chunk-parallel forward for dense batches (see wkv6.cu): local chunk states, a scan over chunks, outputs."""
+    from .._gpu import error_ptr, ptr
+    i32 = np.int32
+    seqs = call.seqs
+    B, T, H, N = seqs.num, seqs.T, call.dims["H"], call.dims["N"]
+    L = CHUNK_L
+    nc = -(-T // L)
+    buf = call.empty((B, nc, H, N, N), "float32")
+    dec = call.empty((B, nc, H, N), "float32")
+    _launch("wkv6_chunk_state", call, (B * nc * H,), (N,),
+            (i32(T), i32(H), i32(L), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(buf), ptr(dec)))
+    nb = -(-(N * N // 4) // 256)
+    _launch("wkv6_chunk_scan", call, (B * H * nb,), (256,),
+            (i32(T), i32(H), i32(L), ptr(buf), ptr(dec), ptr(state_in), ptr(state_out), ptr(seqs.state_idx),
+             i32(seqs.pool_size), error_ptr()))
+    _launch("wkv6_chunk_output", call, (B * nc * H,), (N,),
+            (i32(T), i32(H), i32(L), ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(buf),
+             ptr(y)))
+
+
 def gpu_forward(call, x, state_in, state_out, save):
     from .._gpu import error_ptr, ptr
     i32, i64 = np.int32, np.int64
     seqs = call.seqs
     H, N = call.dims["H"], call.dims["N"]
     y = call.empty(x["r"].shape, call.dtype)
+    if seqs.num == 0:
+        return y, None
+    path = _forward_path(call)
+    if path == "chunked":
+        _forward_chunked(call, x, state_in, state_out, y)
+        return y, None
     common = (ptr(seqs.cu_seqlens), i32(seqs.T), i64(seqs.total), i32(H),
               ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]),
               ptr(state_in), ptr(state_out), ptr(seqs.state_idx), i32(seqs.pool_size), ptr(y), error_ptr())
-    if seqs.num > 0:
-        if _use_stream(seqs):
-            _launch("wkv6_forward_stream", call, (seqs.num * H,), (STREAM_THREADS,), common)
-        else:
-            _launch("wkv6_forward", call, (seqs.num * H,), (N,), common)
+    if path == "stream":
+        _launch("wkv6_forward_stream", call, (seqs.num * H,), (STREAM_THREADS,), common)
+    else:
+        _launch("wkv6_forward", call, (seqs.num * H,), (N,), common)
     return y, None   # backward recomputes everything it needs from the inputs and the initial state
 
 

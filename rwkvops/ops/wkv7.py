@@ -210,7 +210,7 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
             + [ptr(seqs.cu_seqlens), np.int32(seqs.T), np.int64(seqs.total),
                ptr(dstate), ptr(dstate_in), ptr(None), np.int32(0), error_ptr(),
                ptr(saved["ckpt"]), ptr(scratch), np.int32(H), np.int32(seqs.num)])
-    _launch(f"wkv7_backward<{ct}, {N}>", (nblk,), (N,), tuple(args), shared_mem=_bwd_smem(N))
+    _launch(f"wkv7_backward<{ct}, {N}>", (nblk,), (N * N // 32,), tuple(args), shared_mem=_bwd_smem(N))
     g["state"] = dstate_in
     return g
 
