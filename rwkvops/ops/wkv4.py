@@ -224,6 +224,15 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
 
 # ---------------------------------------------------------------- declaration
 
+def sample_state(rng, dims, num):
+    """Valid states for tests: a positive denominator (a real history never has bb <= 0)."""
+    C = dims["C"]
+    aa = rng.standard_normal((num, C))
+    bb = np.abs(rng.standard_normal((num, C))) + 0.5
+    pp = rng.uniform(-5.0, 5.0, (num, C))
+    return np.stack([aa, bb, pp], axis=1)
+
+
 OP = register_op(Op(
     name="wkv4",
     inputs=(Arg("w", ("C",), "raw decay: per-step factor exp(-exp(w))"),
@@ -239,6 +248,7 @@ OP = register_op(Op(
     gpu_backward=gpu_backward,
     kernels=(Kernel(SOURCE, NAME_EXPRESSIONS),),
     reduce_batch=("w", "u"),
+    sample_state=sample_state,
     doc=__doc__,
 ))
 
