@@ -5,7 +5,7 @@
 //   S_t[i,j] = S_{t-1}[i,j] d_t[j] + k_t[j] v_t[i]
 //
 // State layout S[slot, h, i (value), j (key)], fp32.  Per-token arrays are flat tokens [total, H, N].
-// Every kernel: grid = (num_seqs * H), one block per (sequence, head).
+// Recurrent kernels: grid = (num_seqs * H), one block per (sequence, head); chunked ones: see below.
 //
 // Staging scheme (all recurrent kernels): a tile of TT = 1024/N time steps is loaded into shared memory
 // with coalesced loads (thread c loads channel c of each step).  Arrays every thread reads ("broadcast")
@@ -204,16 +204,20 @@ __global__ void __launch_bounds__(256) wkv6_chunk_scan(
     const long long slot = rwkv::state_slot(state_idx, b, pool_size, err);
     float4 S = make_float4(0.f, 0.f, 0.f, 0.f);
     if (state_in != nullptr && slot >= 0) S = wkv6::ld4(state_in + (slot * H + h) * (long long)(N * N) + 4 * e);
+    const long long cb0 = (long long)b * nc * H + h;   // chunk c of (b, h) sits at cb0 + c*H
+    float4* a = reinterpret_cast<float4*>(buf + cb0 * (N * N)) + e;
+    const float* pd = dec + cb0 * N + 4 * cq;
+    const long long astep = (long long)H * (N * N / 4), dstep = (long long)H * N;
+    float4 A = *a, P = wkv6::ld4(pd);
     for (int c = 0; c < nc; ++c) {
-        const long long cb = ((long long)b * nc + c) * H + h;
-        float4* a = reinterpret_cast<float4*>(buf + cb * (N * N)) + e;
-        const float4 A = *a;
-        const float4 P = wkv6::ld4(dec + cb * N + 4 * cq);
+        float4 An = A, Pn = P;
+        if (c + 1 < nc) { An = a[astep]; Pn = wkv6::ld4(pd + dstep); }   // prefetch the next chunk
         *a = S;
         S.x = fmaf(S.x, P.x, A.x);
         S.y = fmaf(S.y, P.y, A.y);
         S.z = fmaf(S.z, P.z, A.z);
         S.w = fmaf(S.w, P.w, A.w);
+        A = An; P = Pn; a += astep; pd += dstep;
     }
     if (state_out != nullptr && slot >= 0)
         *reinterpret_cast<float4*>(state_out + (slot * H + h) * (long long)(N * N) + 4 * e) = S;

@@ -284,6 +284,10 @@ template <int N> struct BwdCfg {
     static constexpr int P = N / 32;              // threads per row (and per column) of the adjoint
     static constexpr int M = N / (4 * P);         // float4 chunks per thread (8)
     static constexpr int NT = N * P;              // block size
+    static constexpr int SC = (N == 32) ? 8 : 4;  // sub-chunk (tokens) whose states are kept in scratch: keeps
+                                                  // the resident blocks' scratch ((SC+1) N^2 fp32) in L2
+    static constexpr int MINB = (N == 32) ? 8 : (N == 64) ? 3 : 1;   // resident blocks per SM (register cap);
+                                                  // = BWD_BLOCKS_PER_SM in wkv7.py
 };
 
 // Reduce over the P lanes of a row group (xor butterfly: bit-identical result on every lane).
@@ -299,16 +303,17 @@ __device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
 }
 
 // Grid-stride over (sequence, head) items; block N*P threads, thread tid = x*P + p.  For each CK-token chunk,
-// in reverse: (A) recompute the chunk's states from the forward's checkpoint (thread owns row x, float4 column
-// chunks p + P*m), writing them to a per-block global scratch [CK+1][N][N] (slot m = state before chunk token m,
-// slot L = after the last) and S a to shared memory; (B) walk the chunk backwards with the adjoint dS held
+// in reverse, its inputs are staged in shared memory; then for each SC-token sub-chunk, in reverse: (A) recompute
+// from the forward's checkpoint (thread owns row x, float4 column chunks p + P*m) up to the sub-chunk's end,
+// writing the sub-chunk's states to a per-block global scratch [SC+1][N][N] (slot m = state before sub-chunk
+// token m, slot Ls = after the last) and S a to shared memory; (B) walk the sub-chunk backwards with the adjoint dS held
 // twice: row x (column chunks p + P*m) for dsa = dS b and dv = dS k, and column x (row chunks p + P*m) for
 // dk, db, dw, da, dr (streaming the column of S_{t-1} from scratch).  Every gradient element is written by one
 // thread after a fixed-order reduction: deterministic, no atomics.  dynamic shared memory: bwd_smem_floats(N).
 // ABI: state_in = gradient w.r.t. the final state (may be null = 0), state_out = gradient w.r.t. the initial
-// state (may be null).  ckpt: the forward's checkpoints.  scratch: gridDim.x x (CK+1) x N x N floats.
+// state (may be null).  ckpt: the forward's checkpoints.  scratch: gridDim.x x (SC+1) x N x N floats.
 template <typename T, int N>
-__global__ void __launch_bounds__(BwdCfg<N>::NT) wkv7_backward(
+__global__ void __launch_bounds__(BwdCfg<N>::NT, BwdCfg<N>::MINB) wkv7_backward(
     const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
     T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk, T* __restrict__ dv,
@@ -317,7 +322,7 @@ __global__ void __launch_bounds__(BwdCfg<N>::NT) wkv7_backward(
     const float* state_in, float* state_out, const int* state_idx, int pool_size, int* err,
     const float* __restrict__ ckpt, float* __restrict__ scratch, int H, int num) {
     constexpr int CK = WKV7_CK;
-    constexpr int P = BwdCfg<N>::P, M = BwdCfg<N>::M, NT = BwdCfg<N>::NT;
+    constexpr int P = BwdCfg<N>::P, M = BwdCfg<N>::M, NT = BwdCfg<N>::NT, SC = BwdCfg<N>::SC;
     extern __shared__ __align__(16) float smem[];
     // [array][CK][N]: 0 r, 1 decay, 2 dwf = -exp(w)*decay, 3 k, 4 v, 5 a, 6 b, 7 dy, 8 sa ; then dsa[2][N]
     float* S_r = smem;
@@ -333,7 +338,7 @@ __global__ void __launch_bounds__(BwdCfg<N>::NT) wkv7_backward(
 
     const int tid = threadIdx.x;
     const int x = tid / P, p = tid % P;
-    float* scr = scratch + (long long)blockIdx.x * (CK + 1) * N * N;
+    float* scr = scratch + (long long)blockIdx.x * (SC + 1) * N * N;
 
     for (long long item = blockIdx.x; item < (long long)num * H; item += gridDim.x) {
         const int h = (int)(item % H);
@@ -380,142 +385,151 @@ __global__ void __launch_bounds__(BwdCfg<N>::NT) wkv7_backward(
                 S_y[e] = dy != nullptr ? rwkv::to_float(dy[o]) : 0.f;
             }
             __syncthreads();
-            {   // (A) recompute the chunk's states, row x
-                float4 st[M];
-                const long long cs = rwkv::chunk_slot(cu_seqlens, T_len, sq, start, CK, c);
-                const float* src = ckpt + ((cs * H + h) * N + x) * (long long)N;
-#pragma unroll
-                for (int m = 0; m < M; ++m) {
-                    st[m] = *reinterpret_cast<const float4*>(src + 4 * (p + P * m));
-                    *reinterpret_cast<float4*>(scr + (long long)x * N + 4 * (p + P * m)) = st[m];
-                }
-                for (int tt = 0; tt < L; ++tt) {
-                    const float4* a4 = reinterpret_cast<const float4*>(S_a + tt * N);
-                    const float4* b4 = reinterpret_cast<const float4*>(S_b + tt * N);
-                    const float4* d4 = reinterpret_cast<const float4*>(S_d + tt * N);
-                    const float4* k4 = reinterpret_cast<const float4*>(S_k + tt * N);
-                    float sa0 = 0.f, sa1 = 0.f;
-#pragma unroll
-                    for (int m = 0; m < M; m += 2) {
-                        sa0 = dot4(st[m], a4[p + P * m], sa0);
-                        sa1 = dot4(st[m + 1], a4[p + P * (m + 1)], sa1);
+            const int nsub = (L + SC - 1) / SC;
+            for (int sub = nsub - 1; sub >= 0; --sub) {
+                const int u0 = sub * SC;                 // first chunk token of this sub-chunk
+                const int Ls = min(SC, L - u0);
+                if (sub != nsub - 1) __syncthreads();    // the previous sub-chunk is done with scratch
+                {   // (A) recompute from the checkpoint, row x; keep the states of tokens u0 .. u0+Ls in scratch
+                    float4 st[M];
+                    const long long cs = rwkv::chunk_slot(cu_seqlens, T_len, sq, start, CK, c);
+                    const float* src = ckpt + ((cs * H + h) * N + x) * (long long)N;
+    #pragma unroll
+                    for (int m = 0; m < M; ++m) st[m] = *reinterpret_cast<const float4*>(src + 4 * (p + P * m));
+                    for (int tt = 0; tt < u0 + Ls; ++tt) {
+                        if (tt == u0) {
+    #pragma unroll
+                            for (int m = 0; m < M; ++m)
+                                *reinterpret_cast<float4*>(scr + (long long)x * N + 4 * (p + P * m)) = st[m];
+                        }
+                        const float4* a4 = reinterpret_cast<const float4*>(S_a + tt * N);
+                        const float4* b4 = reinterpret_cast<const float4*>(S_b + tt * N);
+                        const float4* d4 = reinterpret_cast<const float4*>(S_d + tt * N);
+                        const float4* k4 = reinterpret_cast<const float4*>(S_k + tt * N);
+                        float sa0 = 0.f, sa1 = 0.f;
+    #pragma unroll
+                        for (int m = 0; m < M; m += 2) {
+                            sa0 = dot4(st[m], a4[p + P * m], sa0);
+                            sa1 = dot4(st[m + 1], a4[p + P * (m + 1)], sa1);
+                        }
+                        const float sa = group_sum<P>(sa0 + sa1);
+                        const bool keep = tt >= u0;
+                        if (keep && p == 0) S_sa[tt * N + x] = sa;
+                        const float vx = S_v[tt * N + x];
+                        float* dst = scr + ((long long)(tt - u0 + 1) * N + x) * N;
+    #pragma unroll
+                        for (int m = 0; m < M; ++m) {
+                            const int cc = p + P * m;
+                            const float4 dd = d4[cc], bb = b4[cc], kk = k4[cc];
+                            st[m].x = fmaf(st[m].x, dd.x, fmaf(sa, bb.x, vx * kk.x));
+                            st[m].y = fmaf(st[m].y, dd.y, fmaf(sa, bb.y, vx * kk.y));
+                            st[m].z = fmaf(st[m].z, dd.z, fmaf(sa, bb.z, vx * kk.z));
+                            st[m].w = fmaf(st[m].w, dd.w, fmaf(sa, bb.w, vx * kk.w));
+                            if (keep) *reinterpret_cast<float4*>(dst + 4 * cc) = st[m];
+                        }
                     }
-                    const float sa = group_sum<P>(sa0 + sa1);
-                    if (p == 0) S_sa[tt * N + x] = sa;
-                    const float vx = S_v[tt * N + x];
-                    float* dst = scr + ((long long)(tt + 1) * N + x) * N;
-#pragma unroll
-                    for (int m = 0; m < M; ++m) {
-                        const int cc = p + P * m;
-                        const float4 dd = d4[cc], bb = b4[cc], kk = k4[cc];
-                        st[m].x = fmaf(st[m].x, dd.x, fmaf(sa, bb.x, vx * kk.x));
-                        st[m].y = fmaf(st[m].y, dd.y, fmaf(sa, bb.y, vx * kk.y));
-                        st[m].z = fmaf(st[m].z, dd.z, fmaf(sa, bb.z, vx * kk.z));
-                        st[m].w = fmaf(st[m].w, dd.w, fmaf(sa, bb.w, vx * kk.w));
-                        *reinterpret_cast<float4*>(dst + 4 * cc) = st[m];
-                    }
                 }
-            }
-            __syncthreads();   // scratch (global) and S_sa visible to the block
+                __syncthreads();   // scratch (global) and S_sa visible to the block
 
-            float dr_cur;      // dr of chunk token L-1: column x of slot L (the state after it) . dy
-            {
-                const float* col = scr + (long long)L * N * N + x;
-                const float4* y4 = reinterpret_cast<const float4*>(S_y + (L - 1) * N);
-                float acc = 0.f;
-#pragma unroll
-                for (int m = 0; m < M; ++m) {
-                    const int cc = p + P * m;
-                    const float4 yv = y4[cc];
-                    acc = fmaf(col[(long long)(4 * cc) * N], yv.x, acc);
-                    acc = fmaf(col[(long long)(4 * cc + 1) * N], yv.y, acc);
-                    acc = fmaf(col[(long long)(4 * cc + 2) * N], yv.z, acc);
-                    acc = fmaf(col[(long long)(4 * cc + 3) * N], yv.w, acc);
-                }
-                dr_cur = group_sum<P>(acc);
-            }
-            for (int tt = L - 1; tt >= 0; --tt) {
-                const long long orow = ((start + t0 + tt) * H + h) * N + x;
-                const float4* r4 = reinterpret_cast<const float4*>(S_r + tt * N);
-                const float4* d4 = reinterpret_cast<const float4*>(S_d + tt * N);
-                const float4* k4 = reinterpret_cast<const float4*>(S_k + tt * N);
-                const float4* v4 = reinterpret_cast<const float4*>(S_v + tt * N);
-                const float4* a4 = reinterpret_cast<const float4*>(S_a + tt * N);
-                const float4* b4 = reinterpret_cast<const float4*>(S_b + tt * N);
-                const float4* y4 = reinterpret_cast<const float4*>(S_y + tt * N);
-                const float4* sa4 = reinterpret_cast<const float4*>(S_sa + tt * N);
-                const float4* yp4 = reinterpret_cast<const float4*>(S_y + (tt > 0 ? tt - 1 : 0) * N);
-                float* dsa_buf = S_dsa + (tt & 1) * N;
-                // ---- row role (row x): dS_t += dy_t r_t^T; dsa_x = dS_t[x,:].b; dv_x = dS_t[x,:].k
+                float dr_cur;      // dr of token u0+Ls-1: column x of scratch slot Ls (the state after it) . dy
                 {
-                    const float dyx = S_y[tt * N + x];
-                    float pb = 0.f, pk = 0.f;
-#pragma unroll
-                    for (int m = 0; m < M; ++m) {
-                        const int cc = p + P * m;
-                        const float4 rr = r4[cc];
-                        dSr[m].x = fmaf(dyx, rr.x, dSr[m].x); dSr[m].y = fmaf(dyx, rr.y, dSr[m].y);
-                        dSr[m].z = fmaf(dyx, rr.z, dSr[m].z); dSr[m].w = fmaf(dyx, rr.w, dSr[m].w);
-                        pb = dot4(dSr[m], b4[cc], pb);
-                        pk = dot4(dSr[m], k4[cc], pk);
-                    }
-                    const float dsa = group_sum<P>(pb);
-                    const float dvx = group_sum<P>(pk);
-                    if (p == 0) {
-                        dv[orow] = rwkv::from_float<T>(dvx);
-                        dsa_buf[x] = dsa;
-                    }
-#pragma unroll
-                    for (int m = 0; m < M; ++m) {
-                        const int cc = p + P * m;
-                        const float4 dd = d4[cc], aa = a4[cc];
-                        dSr[m].x = fmaf(dSr[m].x, dd.x, dsa * aa.x); dSr[m].y = fmaf(dSr[m].y, dd.y, dsa * aa.y);
-                        dSr[m].z = fmaf(dSr[m].z, dd.z, dsa * aa.z); dSr[m].w = fmaf(dSr[m].w, dd.w, dsa * aa.w);
-                    }
-                }
-                __syncthreads();   // dsa of step tt visible (double-buffered by tt parity)
-                // ---- column role (column x)
-                {
-                    const float rx = S_r[tt * N + x];
-                    const float dx = S_d[tt * N + x], ax = S_a[tt * N + x];
-                    const float4* dsa4 = reinterpret_cast<const float4*>(dsa_buf);
-                    const float* col = scr + (long long)tt * N * N + x;   // S_{t-1}[:, x]
-                    float pk = 0.f, pb = 0.f, pw = 0.f, pa = 0.f, pr = 0.f;
-#pragma unroll
+                    const float* col = scr + (long long)Ls * N * N + x;
+                    const float4* y4 = reinterpret_cast<const float4*>(S_y + (u0 + Ls - 1) * N);
+                    float acc = 0.f;
+    #pragma unroll
                     for (int m = 0; m < M; ++m) {
                         const int cc = p + P * m;
                         const float4 yv = y4[cc];
-                        dSc[m].x = fmaf(yv.x, rx, dSc[m].x); dSc[m].y = fmaf(yv.y, rx, dSc[m].y);
-                        dSc[m].z = fmaf(yv.z, rx, dSc[m].z); dSc[m].w = fmaf(yv.w, rx, dSc[m].w);
-                        pk = dot4(dSc[m], v4[cc], pk);
-                        pb = dot4(dSc[m], sa4[cc], pb);
-                        float4 sv;
-                        sv.x = col[(long long)(4 * cc) * N];
-                        sv.y = col[(long long)(4 * cc + 1) * N];
-                        sv.z = col[(long long)(4 * cc + 2) * N];
-                        sv.w = col[(long long)(4 * cc + 3) * N];
-                        pw = dot4(dSc[m], sv, pw);
-                        const float4 ds = dsa4[cc];
-                        pa = dot4(sv, ds, pa);
-                        pr = dot4(sv, yp4[cc], pr);
-                        dSc[m].x = fmaf(dSc[m].x, dx, ds.x * ax); dSc[m].y = fmaf(dSc[m].y, dx, ds.y * ax);
-                        dSc[m].z = fmaf(dSc[m].z, dx, ds.z * ax); dSc[m].w = fmaf(dSc[m].w, dx, ds.w * ax);
+                        acc = fmaf(col[(long long)(4 * cc) * N], yv.x, acc);
+                        acc = fmaf(col[(long long)(4 * cc + 1) * N], yv.y, acc);
+                        acc = fmaf(col[(long long)(4 * cc + 2) * N], yv.z, acc);
+                        acc = fmaf(col[(long long)(4 * cc + 3) * N], yv.w, acc);
                     }
-                    pk = group_sum<P>(pk);
-                    pb = group_sum<P>(pb);
-                    pw = group_sum<P>(pw);
-                    pa = group_sum<P>(pa);
-                    pr = group_sum<P>(pr);
-                    if (p == 0) {
-                        dr[orow] = rwkv::from_float<T>(dr_cur);
-                        dk[orow] = rwkv::from_float<T>(pk);
-                        db[orow] = rwkv::from_float<T>(pb);
-                        da[orow] = rwkv::from_float<T>(pa);
-                        dw[orow] = rwkv::from_float<T>(pw * S_f[tt * N + x]);
-                    }
-                    dr_cur = pr;   // dr of token tt-1 (unused when tt == 0)
+                    dr_cur = group_sum<P>(acc);
                 }
-            }
+                for (int tt = u0 + Ls - 1; tt >= u0; --tt) {
+                    const long long orow = ((start + t0 + tt) * H + h) * N + x;
+                    const float4* r4 = reinterpret_cast<const float4*>(S_r + tt * N);
+                    const float4* d4 = reinterpret_cast<const float4*>(S_d + tt * N);
+                    const float4* k4 = reinterpret_cast<const float4*>(S_k + tt * N);
+                    const float4* v4 = reinterpret_cast<const float4*>(S_v + tt * N);
+                    const float4* a4 = reinterpret_cast<const float4*>(S_a + tt * N);
+                    const float4* b4 = reinterpret_cast<const float4*>(S_b + tt * N);
+                    const float4* y4 = reinterpret_cast<const float4*>(S_y + tt * N);
+                    const float4* sa4 = reinterpret_cast<const float4*>(S_sa + tt * N);
+                    const float4* yp4 = reinterpret_cast<const float4*>(S_y + (tt > 0 ? tt - 1 : 0) * N);
+                    float* dsa_buf = S_dsa + (tt & 1) * N;
+                    // ---- row role (row x): dS_t += dy_t r_t^T; dsa_x = dS_t[x,:].b; dv_x = dS_t[x,:].k
+                    {
+                        const float dyx = S_y[tt * N + x];
+                        float pb = 0.f, pk = 0.f;
+    #pragma unroll
+                        for (int m = 0; m < M; ++m) {
+                            const int cc = p + P * m;
+                            const float4 rr = r4[cc];
+                            dSr[m].x = fmaf(dyx, rr.x, dSr[m].x); dSr[m].y = fmaf(dyx, rr.y, dSr[m].y);
+                            dSr[m].z = fmaf(dyx, rr.z, dSr[m].z); dSr[m].w = fmaf(dyx, rr.w, dSr[m].w);
+                            pb = dot4(dSr[m], b4[cc], pb);
+                            pk = dot4(dSr[m], k4[cc], pk);
+                        }
+                        const float dsa = group_sum<P>(pb);
+                        const float dvx = group_sum<P>(pk);
+                        if (p == 0) {
+                            dv[orow] = rwkv::from_float<T>(dvx);
+                            dsa_buf[x] = dsa;
+                        }
+    #pragma unroll
+                        for (int m = 0; m < M; ++m) {
+                            const int cc = p + P * m;
+                            const float4 dd = d4[cc], aa = a4[cc];
+                            dSr[m].x = fmaf(dSr[m].x, dd.x, dsa * aa.x); dSr[m].y = fmaf(dSr[m].y, dd.y, dsa * aa.y);
+                            dSr[m].z = fmaf(dSr[m].z, dd.z, dsa * aa.z); dSr[m].w = fmaf(dSr[m].w, dd.w, dsa * aa.w);
+                        }
+                    }
+                    __syncthreads();   // dsa of step tt visible (double-buffered by tt parity)
+                    // ---- column role (column x)
+                    {
+                        const float rx = S_r[tt * N + x];
+                        const float dx = S_d[tt * N + x], ax = S_a[tt * N + x];
+                        const float4* dsa4 = reinterpret_cast<const float4*>(dsa_buf);
+                        const float* col = scr + (long long)(tt - u0) * N * N + x;   // S_{t-1}[:, x]
+                        float pk = 0.f, pb = 0.f, pw = 0.f, pa = 0.f, pr = 0.f;
+    #pragma unroll
+                        for (int m = 0; m < M; ++m) {
+                            const int cc = p + P * m;
+                            const float4 yv = y4[cc];
+                            dSc[m].x = fmaf(yv.x, rx, dSc[m].x); dSc[m].y = fmaf(yv.y, rx, dSc[m].y);
+                            dSc[m].z = fmaf(yv.z, rx, dSc[m].z); dSc[m].w = fmaf(yv.w, rx, dSc[m].w);
+                            pk = dot4(dSc[m], v4[cc], pk);
+                            pb = dot4(dSc[m], sa4[cc], pb);
+                            float4 sv;
+                            sv.x = col[(long long)(4 * cc) * N];
+                            sv.y = col[(long long)(4 * cc + 1) * N];
+                            sv.z = col[(long long)(4 * cc + 2) * N];
+                            sv.w = col[(long long)(4 * cc + 3) * N];
+                            pw = dot4(dSc[m], sv, pw);
+                            const float4 ds = dsa4[cc];
+                            pa = dot4(sv, ds, pa);
+                            pr = dot4(sv, yp4[cc], pr);
+                            dSc[m].x = fmaf(dSc[m].x, dx, ds.x * ax); dSc[m].y = fmaf(dSc[m].y, dx, ds.y * ax);
+                            dSc[m].z = fmaf(dSc[m].z, dx, ds.z * ax); dSc[m].w = fmaf(dSc[m].w, dx, ds.w * ax);
+                        }
+                        pk = group_sum<P>(pk);
+                        pb = group_sum<P>(pb);
+                        pw = group_sum<P>(pw);
+                        pa = group_sum<P>(pa);
+                        pr = group_sum<P>(pr);
+                        if (p == 0) {
+                            dr[orow] = rwkv::from_float<T>(dr_cur);
+                            dk[orow] = rwkv::from_float<T>(pk);
+                            db[orow] = rwkv::from_float<T>(pb);
+                            da[orow] = rwkv::from_float<T>(pa);
+                            dw[orow] = rwkv::from_float<T>(pw * S_f[tt * N + x]);
+                        }
+                        dr_cur = pr;   // dr of token tt-1 (unused when tt == 0)
+                    }
+                }
+            }   // sub-chunks
         }
         if (state_out != nullptr) {
 #pragma unroll

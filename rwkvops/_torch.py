@@ -15,11 +15,19 @@ class _OpFunction(torch.autograd.Function):
         y, s_out, ctx = _forward(op, plan, bridge, x, state, cu_seqlens, state_indices, save=True)
         fctx.ctx = ctx
         fctx.has_state = state is not None
+        # The backward reads the inputs through zero-copy views; remember their versions so an in-place change
+        # between forward and backward raises instead of giving silently wrong gradients.
+        fctx.inputs = [t for t in tensors if t is not None]
+        fctx.versions = [t._version for t in fctx.inputs]
         return y, s_out
 
     @staticmethod
     def backward(fctx, dy, dstate):
         ctx = fctx.ctx
+        for t, v in zip(fctx.inputs, fctx.versions):
+            if t._version != v:
+                raise RuntimeError(f"{ctx.op.name}: an input of shape {tuple(t.shape)} was modified in place between "
+                                   "forward and backward; its gradient would be wrong")
         grads = backward(ctx, dy, dstate)
         op = ctx.op
         out = [grads[a.name] for a in op.inputs]

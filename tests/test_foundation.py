@@ -226,3 +226,14 @@ def test_compile_error_names_op_and_log(tmp_path, monkeypatch):
         _compile.nvrtc_check("myop", str(bad), ["k<float>"], "compute_90")
     msg = str(e.value)
     assert "myop" in msg and "k<float>" in msg and "-arch=compute_90" in msg and "undefined_name" in msg
+
+
+def test_torch_in_place_change_before_backward_raises(toy):
+    x, w, g, s = toy_inputs()
+    xt, wt, gt, st = (torch.tensor(a, requires_grad=True) for a in (x, w, g, s))
+    s2 = st * 1.0
+    y, s1 = toy(xt, wt, gt, state=s2)
+    with torch.no_grad():
+        s2.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()

@@ -254,6 +254,14 @@ def test_backward_algorithm_emulated():
 
 DTYPES = ("float32", "float16", "bfloat16")
 TOL = {"float32": (1e-5, 1e-4), "float16": (3e-3, 6e-3), "bfloat16": (3e-3, 6e-3)}
+# dw in fp32: the kernels get dlog(decay) as W_t - k_t (G_t^T v_t) (no division by the decay, see wkv6.cu); at
+# strongly decayed steps (w near 4, decay ~1e-24) the true value is ~0 and what is left is fp32 rounding of the
+# state times exp(w) <= 55.  Measured on a CPU emulation of the kernels: rel. RMS 2e-5 .. 7e-5 for T <= 300.
+DW_TOL_FP32 = 1.5e-4
+
+
+def _gtol(dtype, name):
+    return DW_TOL_FP32 if (dtype == "float32" and name == "w") else TOL[dtype][1]
 
 
 def _torch_cuda():
@@ -305,7 +313,7 @@ def test_gpu_torch_fwd_bwd(dtype, N, T):
     for n in NAMES:
         assert tx[n].grad.dtype == getattr(torch, dtype)
         e = rel_rms(tx[n].grad, g0[n])
-        assert e < gtol, (n, e)
+        assert e < _gtol(dtype, n), (n, e)
     e = rel_rms(ts.grad, g0["state"])
     assert e < gtol, ("dstate", e)
     rwkvops.check_errors()
@@ -333,13 +341,13 @@ def test_gpu_cupy_forward_backward(dtype, N):
     g0 = reference_backward(xr, s.astype(np.float32).astype(np.float64), cp.asnumpy(dy_c).astype(np.float64),
                             ds.astype(np.float32).astype(np.float64))
     for n in (*NAMES, "state"):
-        assert rel_rms(g[n], g0[n]) < gtol, (n, rel_rms(g[n], g0[n]))
+        assert rel_rms(g[n], g0[n]) < _gtol(dtype, n), (n, rel_rms(g[n], g0[n]))
     # dy / dstate of None count as zeros; no initial state means zeros
     y1, S1, ctx1 = rwkvops.forward(rwkvops.get_op("wkv6"), *(cx[n] for n in NAMES))
     g1 = rwkvops.backward(ctx1, None, ds_c)
     g10 = reference_backward(xr, np.zeros_like(s), np.zeros_like(dy), ds.astype(np.float32).astype(np.float64))
     for n in (*NAMES, "state"):
-        assert rel_rms(g1[n], g10[n]) < gtol, (n, "dy=None")
+        assert rel_rms(g1[n], g10[n]) < _gtol(dtype, n), (n, "dy=None")
     rwkvops.check_errors()
 
 
@@ -371,7 +379,7 @@ def test_gpu_varlen_zero_length(dtype, lens):
         assert rel_rms(y, y0) < ftol and rel_rms(S, S0) < ftol
         torch.autograd.backward([y, S], [dyt, torch.tensor(ds, device="cuda")])
         for n in NAMES:
-            assert rel_rms(tx[n].grad, g0[n]) < gtol, n
+            assert rel_rms(tx[n].grad, g0[n]) < _gtol(dtype, n), n
         assert rel_rms(ts.grad, g0["state"]) < gtol
     rwkvops.check_errors()
 
@@ -416,14 +424,14 @@ def test_gpu_continuation_and_decode_chain():
     st_ = ts
     ys = []
     for t in range(0, T, 13):
-        part = {n: (tx[n][:, t:t + 13] if n != "u" else tx[n]) for n in NAMES}
+        part = {n: (tx[n][:, t:t + 13].contiguous() if n != "u" else tx[n]) for n in NAMES}
         yy, st_ = wkv6(*(part[n] for n in NAMES), state=st_)
         ys.append(yy)
     assert rel_rms(torch.cat(ys, 1), y) < 1e-5 and rel_rms(st_, S) < 1e-5
     st_ = ts
     ys = []
     for t in range(T):   # one-token decode steps (the decode kernel)
-        part = {n: (tx[n][:, t:t + 1] if n != "u" else tx[n]) for n in NAMES}
+        part = {n: (tx[n][:, t:t + 1].contiguous() if n != "u" else tx[n]) for n in NAMES}
         yy, st_ = wkv6(*(part[n] for n in NAMES), state=st_)
         ys.append(yy)
     assert rel_rms(torch.cat(ys, 1), y) < 1e-5 and rel_rms(st_, S) < 1e-5
@@ -443,11 +451,16 @@ def test_gpu_matches_fla(impl, dtype):
     y, S = wkv6(*(tx[n] for n in NAMES), state=ts)
     r, k, v, g, u, h0 = to_fla(*(tx[n] for n in NAMES), ts)
     o, hT = fn(r, k, v, g, u, scale=1.0, initial_state=h0, output_final_state=True)
-    tol = 2e-3 if dtype == "float32" else 2e-2
+    # fla against the float64 reference on fla's own (rounded) inputs, mapped back through from_fla
+    back = from_fla(*(t.detach().double().cpu() for t in (r, k, v, g, u)), h0.double().cpu())
+    xf = dict(zip(NAMES, (t.numpy() for t in back[:5])))
+    y_f, S_f = reference_forward(xf, back[5].numpy())
+    tol = 5e-3 if dtype == "float32" else 2e-2     # fla may use tf32 inside chunks
+    assert rel_rms(o, y_f) < tol, rel_rms(o, y_f)
+    assert rel_rms(hT.transpose(-1, -2), S_f) < tol, rel_rms(hT.transpose(-1, -2), S_f)
+    # and directly against ours (same inputs up to the rounding of g in fla's dtype)
     assert rel_rms(o, y) < tol, rel_rms(o, y)
-    assert rel_rms(hT.transpose(-1, -2), S) < tol, rel_rms(hT.transpose(-1, -2), S)
-    *_, back = from_fla(r, k, v, g, u, hT)
-    assert rel_rms(back, S) < tol
+    assert rel_rms(from_fla(r, k, v, g, u, hT)[5], S) < tol
 
 
 @pytest.mark.gpu
@@ -465,5 +478,347 @@ def test_gpu_strong_decay_gradients_finite():
     g0 = reference_backward(xr, s.astype(np.float32).astype(np.float64), dy.astype(np.float32).astype(np.float64),
                             ds.astype(np.float32).astype(np.float64))
     for n in NAMES:
-        assert rel_rms(tx[n].grad, g0[n]) < 1e-4, n
+        assert rel_rms(tx[n].grad, g0[n]) < _gtol("float32", n), n
     assert rel_rms(ts.grad, g0["state"]) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [16, 64])
+@pytest.mark.parametrize("N", [32, 64, 128])
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+def test_gpu_chunked_forward(monkeypatch, dtype, N, L):
+    """The chunk-parallel forward (forced; auto picks it for dense T >= 256) vs the reference, incl. pools."""
+    torch = _torch_cuda()
+    from rwkvops.ops import wkv6 as W
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "CHUNK_L", L)
+    ftol = TOL[dtype][0]
+    for T in (1, 15, 16, 17, 65, 200):
+        B, H = 2, 2
+        x, s, _, _ = make(B, T, H, N, seed=T + N + L)
+        tx = {n: _to_torch(torch, x[n], dtype) for n in NAMES}
+        ts = torch.tensor(s, dtype=torch.float32, device="cuda")
+        xr = _rounded(torch, tx)
+        y0, S0 = reference_forward(xr, s.astype(np.float32).astype(np.float64))
+        _poison(torch)
+        y, S = wkv6(*(tx[n] for n in NAMES), state=ts)
+        assert rel_rms(y, y0) < ftol and rel_rms(S, S0) < ftol, (T, rel_rms(y, y0), rel_rms(S, S0))
+        y, S = wkv6(*(tx[n] for n in NAMES))
+        y0, S0 = reference_forward(xr, np.zeros_like(s))
+        assert rel_rms(y, y0) < ftol and rel_rms(S, S0) < ftol, (T, "no state")
+        pool = torch.randn(4, H, N, N, device="cuda")
+        before = pool.clone()
+        y, _ = wkv6(*(tx[n] for n in NAMES), state=pool, state_indices=[-1, 2])
+        s0 = np.stack([np.zeros((H, N, N)), before[2].cpu().double().numpy()])
+        y0, S0 = reference_forward(xr, s0)
+        assert rel_rms(y, y0) < ftol and rel_rms(pool[2], S0[1]) < ftol
+        assert torch.equal(pool[[0, 1, 3]], before[[0, 1, 3]])
+    rwkvops.check_errors()
+
+
+def test_nvrtc_compiles_every_instantiation():
+    """Every kernel instantiation compiles with NVRTC for sm_80 and sm_90 (no GPU needed), without local memory."""
+    pytest.importorskip("cupy")
+    from rwkvops._compile import nvrtc_check
+    from rwkvops.ops import wkv6 as W
+    try:
+        from cupy.cuda import nvrtc  # noqa: F401
+    except Exception:
+        pytest.skip("NVRTC not available")
+    for arch in ("compute_80", "compute_90"):
+        ptx = nvrtc_check("wkv6", W.SOURCE, W.NAME_EXPRESSIONS, arch)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        assert ".local" not in ptx
+
+
+# ================================================================ the CUDA kernels executed on the CPU
+# cuda_src/wkv6.cu compiled by g++ with a tiny shim (one std::thread per CUDA thread, std::barrier for
+# __syncthreads and warp shuffles, block-shared statics for __shared__), driven through the op's own GPU
+# launchers.  Catches indexing, staging, barrier-placement and ABI (varlen / pool / null state) mistakes
+# without a GPU.  Skipped when no C++20 compiler is found.
+
+_SHIM = r"""
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <algorithm>
+#include <barrier>
+#include <thread>
+#include <vector>
+#include <map>
+#include <string>
+#include <functional>
+#include <type_traits>
+#include <utility>
+struct uint3_ { unsigned x = 0, y = 0, z = 0; };
+inline thread_local uint3_ threadIdx, blockIdx;
+struct float4 { float x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+using std::min; using std::max;
+inline std::barrier<>* g_bar = nullptr;
+inline float g_x[1024];
+inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int m) {
+    g_x[threadIdx.x] = v; g_bar->arrive_and_wait();
+    float r = g_x[threadIdx.x ^ m]; g_bar->arrive_and_wait(); return r;
+}
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+"""
+_FP16 = r"""
+#pragma once
+#include <cstdint>
+struct __half { _Float16 v; };
+inline float __half2float(__half h) { return (float)h.v; }
+inline __half __float2half_rn(float f) { __half h; h.v = (_Float16)f; return h; }
+"""
+_BF16 = r"""
+#pragma once
+#include <cstdint>
+#include <cstring>
+struct __nv_bfloat16 { uint16_t b; };
+inline float __bfloat162float(__nv_bfloat16 h) { uint32_t u = (uint32_t)h.b << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u; std::memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); __nv_bfloat16 h; h.b = (uint16_t)(u >> 16); return h; }
+"""
+_MAIN = r"""
+#include "shim.h"
+#include "wkv6.cu"
+template <class A> A conv(uint64_t x) { if constexpr (std::is_pointer_v<A>) return reinterpret_cast<A>(x); else return (A)(int64_t)x; }
+template <class... A, size_t... I> void call_impl(void (*f)(A...), const uint64_t* a, std::index_sequence<I...>) { f(conv<A>(a[I])...); }
+template <class... A> std::function<void(const uint64_t*)> wrap(void (*f)(A...)) {
+    return [f](const uint64_t* a) { call_impl(f, a, std::index_sequence_for<A...>{}); }; }
+static std::map<std::string, std::function<void(const uint64_t*)>>& reg() {
+    static std::map<std::string, std::function<void(const uint64_t*)>> m; return m; }
+#define R1(K, T, TS, N) reg()[#K "<" TS ", " #N ">"] = wrap(&K<T, N>);
+#define RN(K, T, TS) R1(K, T, TS, 32) R1(K, T, TS, 64)
+#define RK(K) RN(K, float, "float") RN(K, __nv_bfloat16, "__nv_bfloat16")
+static int init() { KERNELS return 0; }
+extern "C" int wkv6_emu_launch(const char* name, int grid, int block, const uint64_t* args) {
+    static int once = init(); (void)once;
+    auto it = reg().find(name);
+    if (it == reg().end()) return -1;
+    auto fn = it->second;
+    for (int b = 0; b < grid; ++b) {
+        std::barrier<> bar(block);
+        g_bar = &bar;
+        std::vector<std::thread> th;
+        for (int t = 0; t < block; ++t) th.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = b; fn(args); });
+        for (auto& x : th) x.join();
+    }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory):
+    import ctypes
+    import shutil
+    import subprocess
+    from rwkvops._compile import CUDA_SRC
+    from rwkvops.ops import wkv6 as W
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the kernel emulation")
+    d = tmp_path_factory.mktemp("wkv6_emu")
+    (d / "inc").mkdir()
+    (d / "shim.h").write_text(_SHIM)
+    (d / "inc" / "cuda_fp16.h").write_text(_FP16)
+    (d / "inc" / "cuda_bf16.h").write_text(_BF16)
+    (d / "emu.cpp").write_text(_MAIN.replace("KERNELS", " ".join(f"RK({k})" for k in W._KERNEL_NAMES)))
+    out = subprocess.run([cxx, "-std=c++20", "-O1", "-w", "-fPIC", "-shared", f"-I{d / 'inc'}", f"-I{CUDA_SRC}",
+                          str(d / "emu.cpp"), "-o", str(d / "emu.so"), "-lpthread"], capture_output=True, text=True)
+    if out.returncode != 0:
+        if "barrier" in out.stderr or "c++20" in out.stderr or "_Float16" in out.stderr:
+            pytest.skip("the C++ compiler lacks C++20 <barrier> or _Float16")
+        raise AssertionError("compiling wkv6.cu for the CPU emulation failed:\n" + out.stderr[-4000:])
+    lib = ctypes.CDLL(str(d / "emu.so"))
+    lib.wkv6_emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
+    return lib
+
+
+@pytest.fixture
+def emu(emu_lib, monkeypatch):
+    """Route the op's GPU launchers to the CPU-compiled kernels; arrays are NumPy (bf16 as uint16 bits)."""
+    import ctypes
+    from rwkvops import _gpu
+    err = np.zeros(1, np.int32)
+
+    def ptr(a):
+        return np.uint64(0) if a is None else np.uint64(a.ctypes.data)
+
+    def launch(op_name, source, ne, nes, grid, block, args, shared_mem=0):
+        assert ne in nes, ne
+        vals = [int(a) if isinstance(a, np.uint64) else int(np.int64(a).view(np.uint64)) for a in args]
+        rc = emu_lib.wkv6_emu_launch(ne.encode(), int(np.prod(grid)), int(np.prod(block)),
+                                     (ctypes.c_uint64 * len(vals))(*vals))
+        assert rc == 0, f"{ne} not in the emulation build"
+
+    monkeypatch.setattr(_gpu, "ptr", ptr)
+    monkeypatch.setattr(_gpu, "error_ptr", lambda: np.uint64(err.ctypes.data))
+    monkeypatch.setattr(_gpu, "launch", launch)
+    yield err
+    assert err[0] == 0, "a kernel raised the error word"
+
+
+def _bf16_bits(a):
+    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _store(a, dtype):
+    return _bf16_bits(a) if dtype == "bfloat16" else a.astype(dtype)
+
+
+def _load(a, dtype):
+    return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64) if dtype == "bfloat16" \
+        else a.astype(np.float64)
+
+
+def _poisoned(shape, dtype):
+    return np.full(shape, 0x7FC0, np.uint16) if dtype == "bfloat16" else np.full(shape, np.nan, dtype)
+
+
+def _emu_case(dtype, N, T=17, B=2, H=2, lens=None, with_state=True, seed=0, bwd=True):
+    """Run gpu_forward/gpu_backward on the emulated kernels; return rel. RMS errors vs the float64 reference."""
+    from rwkvops._dispatch import GpuCall
+    from rwkvops._gpu import Seqs
+    from rwkvops.ops import wkv6 as W
+    rng = np.random.default_rng(seed)
+    if lens is not None:
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        B, T, S = 1, int(cu[-1]), len(lens)
+    else:
+        cu, S = None, B
+    x, _, dy, _ = make(B, T, H, N, seed=seed)
+    xs = {n: _store(a, dtype) for n, a in x.items()}
+    xr = {n: _load(a, dtype) for n, a in xs.items()}
+    s0 = rng.standard_normal((S, H, N, N)).astype(np.float32) if with_state else None
+    ds = rng.standard_normal((S, H, N, N)).astype(np.float32)
+    dys = _store(dy, dtype)
+    dyr = _load(dys, dtype)
+    seqs = Seqs(num=S, T=0 if cu is not None else T, total=B * T, cu_seqlens=cu, state_idx=None,
+                pool_size=S if with_state else 0)
+    call = GpuCall(W.OP, dtype, {"B": B, "T": T, "H": H, "N": N}, seqs, _poisoned)
+    sout = np.full((S, H, N, N), np.nan, np.float32)
+    y, saved = W.gpu_forward(call, xs, s0, sout, bwd)
+    s64 = np.zeros((S, H, N, N)) if s0 is None else s0.astype(np.float64)
+    bounds = [(0, T)] if cu is None else [(int(cu[i]), int(cu[i + 1])) for i in range(S)]
+    if cu is None:
+        y0, S0 = reference_forward(xr, s64)
+        g0 = reference_backward(xr, s64, dyr, ds.astype(np.float64))
+    else:
+        y0, S0 = np.zeros((B, T, H, N)), s64.copy()
+        g0 = {n: np.zeros_like(a) for n, a in xr.items()}
+        g0["state"] = ds.astype(np.float64)
+        for i, (a, b) in enumerate(bounds):
+            if b == a:
+                continue
+            xi = {n: (v[:, a:b] if n != "u" else v) for n, v in xr.items()}
+            yi, Si = reference_forward(xi, s64[i:i + 1])
+            y0[:, a:b], S0[i] = yi, Si[0]
+            gi = reference_backward(xi, s64[i:i + 1], dyr[:, a:b], ds[i:i + 1].astype(np.float64))
+            for n in "rkvw":
+                g0[n][:, a:b] = gi[n]
+            g0["u"] = g0["u"] + gi["u"]
+            g0["state"][i] = gi["state"][0]
+    errs = {"y": rel_rms(_load(y, dtype), y0), "S": rel_rms(sout, S0)}
+    if bwd:
+        g = W.gpu_backward(call, xs, s0, saved, dys, ds)
+        errs.update({"d" + n: rel_rms(_load(g[n], dtype), g0[n]) for n in NAMES})
+        errs["dstate"] = rel_rms(g["state"], g0["state"])
+    return errs
+
+
+def _assert_errs(errs, dtype):
+    ftol, gtol = TOL[dtype]
+    for k_, e in errs.items():
+        tol = ftol if k_ in ("y", "S") else (DW_TOL_FP32 if (k_ == "dw" and dtype == "float32") else gtol)
+        assert e < tol, (k_, e, errs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("T", [1, 16, 17, 65, 130])
+@pytest.mark.parametrize("N", [32, 64])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_kernels_dense(emu, dtype, N, T):
+    _assert_errs(_emu_case(dtype, N, T=T, seed=T + N), dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lens", [[5, 0, 70, 1, 17], [1, 0, 2], [1, 1, 1]], ids=["mixed", "decode-mixed", "decode"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_kernels_varlen(emu, dtype, lens):
+    _assert_errs(_emu_case(dtype, 32, lens=lens, H=1, seed=3), dtype)
+
+
+@pytest.mark.slow
+def test_emulated_kernels_no_state_and_none_grads(emu):
+    _assert_errs(_emu_case("float32", 32, T=20, with_state=False), "float32")
+    from rwkvops._dispatch import GpuCall
+    from rwkvops._gpu import Seqs
+    from rwkvops.ops import wkv6 as W
+    B, T, H, N = 2, 9, 2, 32
+    x, _, _, ds = make(B, T, H, N, seed=5, dtype=np.float32)
+    call = GpuCall(W.OP, "float32", {"B": B, "T": T, "H": H, "N": N}, Seqs(num=B, T=T, total=B * T), _poisoned)
+    y, saved = W.gpu_forward(call, x, None, np.empty((B, H, N, N), np.float32), True)
+    g = W.gpu_backward(call, x, None, saved, None, ds.astype(np.float32))
+    g0 = reference_backward({n: a.astype(np.float64) for n, a in x.items()}, np.zeros((B, H, N, N)),
+                            np.zeros((B, T, H, N)), ds.astype(np.float32).astype(np.float64))
+    for n in (*NAMES, "state"):
+        assert rel_rms(g[n], g0[n]) < _gtol("float32", n), n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["recurrent", "chunked", "stream"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_emulated_kernels_pool(emu, monkeypatch, path, varlen):
+    from rwkvops._dispatch import GpuCall
+    from rwkvops._gpu import Seqs
+    from rwkvops.ops import wkv6 as W
+    if path == "chunked" and varlen:
+        pytest.skip("the chunked forward is dense-only")
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked" if path == "chunked" else "recurrent")
+    monkeypatch.setattr(W, "CHUNK_L", 4)
+    B, T, H, N = 3, (1 if path == "stream" else 9), 2, 32
+    if path == "stream":
+        monkeypatch.setattr(W, "FORWARD_PATH", "auto")
+    x, _, _, _ = make(B, T, H, N, seed=7, dtype=np.float32)
+    rng = np.random.default_rng(8)
+    pool = rng.standard_normal((6, H, N, N)).astype(np.float32)
+    before = pool.copy()
+    idx = np.array([4, -1, 1], np.int32)
+    if varlen:
+        xs = {n: (a.reshape(1, B * T, H, N) if n != "u" else a) for n, a in x.items()}
+        seqs = Seqs(num=B, T=0, total=B * T, cu_seqlens=(np.arange(B + 1) * T).astype(np.int32), state_idx=idx,
+                    pool_size=6)
+        dims = {"B": 1, "T": B * T, "H": H, "N": N}
+    else:
+        xs = x
+        seqs = Seqs(num=B, T=T, total=B * T, state_idx=idx, pool_size=6)
+        dims = {"B": B, "T": T, "H": H, "N": N}
+    y, _ = W.gpu_forward(GpuCall(W.OP, "float32", dims, seqs, _poisoned), xs, pool, pool, False)
+    s0 = np.stack([before[4], np.zeros((H, N, N)), before[1]]).astype(np.float64)
+    y0, S0 = reference_forward({n: a.astype(np.float64) for n, a in x.items()}, s0)
+    assert rel_rms(y.reshape(B, T, H, N), y0) < 1e-5
+    assert rel_rms(pool[4], S0[0]) < 1e-5 and rel_rms(pool[1], S0[2]) < 1e-5
+    np.testing.assert_array_equal(pool[[0, 2, 3, 5]], before[[0, 2, 3, 5]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("L", [4, 16, 64])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_chunked_forward(emu, monkeypatch, dtype, L):
+    from rwkvops.ops import wkv6 as W
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "CHUNK_L", L)
+    for T, N in ((1, 32), (15, 64), (16, 32), (17, 32), (65, 64), (130, 32)):
+        _assert_errs(_emu_case(dtype, N, T=T, seed=T + L, bwd=False), dtype)
+    _assert_errs(_emu_case(dtype, 32, T=40, with_state=False, bwd=False), dtype)

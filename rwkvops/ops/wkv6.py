@@ -9,18 +9,25 @@ Formula (per batch b and head h; ``i`` is the value channel, ``j`` the key chann
 Files: this module (declaration, NumPy reference forward/backward, GPU launchers, fla converters) and
 ``cuda_src/wkv6.cu`` (kernels).  GPU design (see the .cu file for details):
 
-* forward, general T: one block per (sequence, head), thread ``i`` owns state row ``i`` in registers,
-  r/k/decay/u*k of a tile of time steps staged in shared memory (double buffered, one barrier per tile);
+* forward, recurrent (general T, varlen): one block per (sequence, head), thread ``i`` owns state row ``i``
+  in registers, r/k/decay/u*k of a tile of time steps staged in shared memory (double buffered, one barrier
+  per tile);
+* forward, chunked (dense batches with T >= CHUNKED_MIN_T and few (sequence, head) blocks; seed 000's plan):
+  local states of L-token chunks from zero in parallel, a scan over chunks per state element, then the
+  recurrent forward of every chunk from its true initial state in parallel (no division anywhere).
+  ``FORWARD_PATH`` forces "recurrent" or "chunked" for comparisons;
 * forward, one-token decode (T == 1, or varlen with one token per sequence on average): 256 threads per
   (sequence, head), each owning float4 quads of the state (coalesced 16-byte state traffic), row sums by
   warp shuffles;
-* backward: three passes over the recurrence, none divides by the decay (exact for decays down to 1e-24):
+* backward: three passes over the recurrence, none divides by the decay (no clamp; decays down to 1e-24):
   (1) forward, thread = key column ``j``: recomputes S, writes dr, the terms X_t[j] = r_t[j] (dy_t . S_{t-1}[:, j])
       and fp32 checkpoints of S at the end of every CK-token chunk;
   (2) reverse, thread = key column ``j`` of the adjoint G: dk, du partials (per sequence and head, reduced
       deterministically afterwards), dstate, and dw through W_t = <G_t, S_t>_col, re-anchored exactly from the
       checkpoint at every chunk and stepped inside a chunk with W_{t-1} = W_t - Y_t + X_t, Y_t = k_t (G_t^T v_t);
+      (dw at strongly decayed steps carries fp32 rounding of the state: absolute error ~1e-7 |G||S| exp(w));
   (3) reverse, thread = value row ``i`` of G: dv.
+  The forward saves nothing for the backward (it recomputes from the inputs and the initial state).
 """
 from __future__ import annotations
 
@@ -127,6 +134,15 @@ def _use_stream(seqs) -> bool:
     return seqs.total <= seqs.num
 
 
+def _check_aligned(**arrays):
+    """The kernels use 16-byte vector accesses on states (and on fp32 inputs in the decode kernel)."""
+    from .._gpu import ptr
+    for name, a in arrays.items():
+        if a is not None and int(ptr(a)) % 16:
+            raise ValueError(f"wkv6: {name!r} must be 16-byte aligned on the GPU (its data pointer is "
+                             f"{int(ptr(a)):#x}, a view at an odd offset?); pass a fresh copy (.clone())")
+
+
 def _forward_path(call) -> str:
     """'stream' (decode), 'chunked' (dense long sequences, few blocks) or 'recurrent'."""
     seqs = call.seqs
@@ -171,6 +187,7 @@ def gpu_forward(call, x, state_in, state_out, save):
     y = call.empty(x["r"].shape, call.dtype)
     if seqs.num == 0:
         return y, None
+    _check_aligned(state=state_in, state_out=state_out, **(x if call.dtype == "float32" else {}))
     path = _forward_path(call)
     if path == "chunked":
         _forward_chunked(call, x, state_in, state_out, y)
@@ -186,20 +203,22 @@ def gpu_forward(call, x, state_in, state_out, save):
 
 
 def gpu_backward(call, x, state_in, saved, dy, dstate):
-    import cupy
     from .._gpu import error_ptr, ptr
     i32, i64 = np.int32, np.int64
     seqs = call.seqs
     H, N = call.dims["H"], call.dims["N"]
     shape = x["r"].shape
+    _check_aligned(state=state_in, dstate=dstate)
     if dy is None:
-        dy = cupy.zeros(shape, dtype=x["r"].dtype)
+        dy = call.empty(shape, call.dtype)
+        dy.fill(0)
     grads = {n: call.empty(shape, call.dtype) for n in ("r", "k", "v", "w")}
     du = call.empty((H, N), call.dtype)
     dstate_in = call.empty((seqs.num, H, N, N), "float32")
-    xs = cupy.empty((max(seqs.total, 1), H, N), dtype=cupy.float32)
-    ckpt = cupy.empty((max(seqs.chunk_slots(CK), 1), H, N, N), dtype=cupy.float32)
-    du_part = cupy.empty((max(seqs.num, 1), H, N), dtype=cupy.float32)
+    # scratch (from the caller's allocator too): X terms, end-of-chunk state checkpoints, du partials
+    xs = call.empty((max(seqs.total, 1), H, N), "float32")
+    ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
+    du_part = call.empty((max(seqs.num, 1), H, N), "float32")
     head = (ptr(seqs.cu_seqlens), i32(seqs.T), i64(seqs.total), i32(H),
             ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(dy))
     err = error_ptr()

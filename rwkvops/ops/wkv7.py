@@ -9,6 +9,7 @@ Pieces, side by side:
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -159,7 +160,21 @@ NAME_EXPRESSIONS = _names()
 
 
 FWD_P = {32: 2, 64: 4, 128: 4}   # threads per state row in wkv7_forward (FwdCfg in wkv7.cu)
-BWD_MAX_BLOCKS = 512          # backward grid cap (grid-stride over (sequence, head)); bounds the scratch memory
+BWD_SC = {32: 8, 64: 4, 128: 4}              # backward sub-chunk (BwdCfg::SC in wkv7.cu): scratch slots - 1
+BWD_BLOCKS_PER_SM = {32: 8, 64: 3, 128: 1}   # backward grid = min(items, SMs * this): about what is resident
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    import cupy
+    return int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
+
+
+def _bwd_blocks(items: int, N: int) -> int:
+    """Backward grid size: grid-stride over (sequence, head) items, capped at about the resident blocks so the
+    per-block scratch (BWD_SC+1 states) stays L2-resident."""
+    import cupy
+    return max(1, min(items, _sm_count(cupy.cuda.Device().id) * BWD_BLOCKS_PER_SM[N]))
 
 
 def _launch(name, grid, block, args, shared_mem=0):
@@ -171,10 +186,21 @@ def _bwd_smem(N):
     return (9 * CK * N + 2 * N) * 4
 
 
+def _check_aligned(**arrays):
+    """The kernels access states with 16-byte vector loads: refuse (rather than fault on) a misaligned view."""
+    from .. import _gpu
+    for name, arr in arrays.items():
+        off = 0 if arr is None else int(_gpu.ptr(arr)) % 16
+        if off:
+            raise ValueError(f"wkv7: {name!r} must start at a 16-byte aligned address on the GPU (got a view at "
+                             f"offset {off} bytes); pass a fresh contiguous copy")
+
+
 def gpu_forward(call, x, state_in, state_out, save):
     """Launch the forward.  Dense T == 1 without backward uses the decode kernel; everything else the recurrent
     kernel, which with ``save`` also writes fp32 state checkpoints every ``CK`` tokens (``saved['ckpt']``)."""
     from .._gpu import error_ptr, ptr
+    _check_aligned(state=state_in, state_out=state_out)
     seqs = call.seqs
     H, N = call.dims["H"], call.dims["N"]
     ct = CTYPE[call.dtype]
@@ -196,6 +222,7 @@ def gpu_forward(call, x, state_in, state_out, save):
 def gpu_backward(call, x, state_in, saved, dy, dstate):
     """Launch the backward: gradients of ``sum(dy*y) + sum(dstate*state_out)`` from the forward's checkpoints."""
     from .._gpu import error_ptr, ptr
+    _check_aligned(dstate=dstate)
     seqs = call.seqs
     H, N = call.dims["H"], call.dims["N"]
     ct = CTYPE[call.dtype]
@@ -203,8 +230,8 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
     g = {n: call.empty(shape, call.dtype) for n in ("r", "w", "k", "v", "a", "b")}
     dstate_in = call.empty((seqs.num, H, N, N), "float32")
     items = seqs.num * H
-    nblk = max(1, min(items, BWD_MAX_BLOCKS))
-    scratch = call.empty((nblk, CK + 1, N, N), "float32")
+    nblk = _bwd_blocks(items, N)
+    scratch = call.empty((nblk, BWD_SC[N] + 1, N, N), "float32")
     args = ([ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b")] + [ptr(dy)]
             + [ptr(g[n]) for n in ("r", "w", "k", "v", "a", "b")]
             + [ptr(seqs.cu_seqlens), np.int32(seqs.T), np.int64(seqs.total),
