@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # All the GPU work in one call on a CUDA machine, logs and results under $OUT:
-#   bash benchmarks/gpu_session.sh [compile] [test] [sanitize] [bench] [serving] [demo]   (default: all)
+#   bash benchmarks/gpu_session.sh [compile] [test] [memcheck|memquick] [racecheck] [bench] [serving] [demo]
+# (default: all but memquick); STAGE_TIMEOUT (s) bounds each stage.
 # Wheels for packages the machine lacks (fla-core) travel in .whl/.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site" RWKVOPS_COMMIT="${RWKVOPS_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"
-stages=${*:-compile test sanitize bench serving demo}
+stages=${*:-compile test memcheck racecheck bench serving demo}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -14,13 +15,14 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
   > "$OUT/install-ema.log" 2>&1 || echo "example plugin install failed (see install-ema.log)"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch, cupy; print(torch.__version__, cupy.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/env.txt"
-run() { local name=$1; shift; local t0=$SECONDS; "$@" > "$OUT/$name.log" 2>&1; local rc=$?;
+run() { local name=$1; shift; local t0=$SECONDS; timeout "${STAGE_TIMEOUT:-400}" "$@" > "$OUT/$name.log" 2>&1; local rc=$?;
         echo "[$name] rc=$rc $((SECONDS - t0))s: $(tail -n 1 "$OUT/$name.log")"; }
 for s in $stages; do case $s in
   compile)  run compile python3 -m rwkvops compile ;;
   test)     run test-gpu python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests examples/rwkvops_ema/tests ;;
-  sanitize) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py
-            run racecheck compute-sanitizer --tool racecheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ;;
+  memcheck) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py ;;
+  memquick) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ;;
+  racecheck) run racecheck compute-sanitizer --tool racecheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ;;
   bench)    RWKVOPS_BENCH_OUT="$OUT/bench.json" run bench python3 -m pytest -q -p no:cacheprovider \
               --benchmark-disable-gc --benchmark-json="$OUT/pytest-benchmark.json" benchmarks/bench_ops.py ;;
   serving)  run serving python3 benchmarks/serving.py --device gpu --full --out "$OUT/serving.json" ;;

@@ -63,7 +63,7 @@ class Op:
         ``state_out`` (which may alias ``state_in`` for a pool); ``saved`` is whatever backward needs.
     gpu_backward(inputs, state_in, seqs, saved, dy, dstate) -> dict of gradients, as reference_backward.
     kernels: every CUDA instantiation the op uses, for ``python -m rwkvops compile`` and the NVRTC check.
-    sample_inputs(rng, dims) -> dict: realistic random float64 inputs for tests and benchmarks (default: standard
+    sample_inputs(rng, dims, w_range) -> dict: realistic random float64 inputs for tests and benchmarks (default: standard
         normal, ``w`` uniform in [-8, 4]).
     """
 
@@ -79,7 +79,7 @@ class Op:
     gpu_backward: Optional[Callable] = None
     kernels: Sequence[Kernel] = ()
     reduce_batch: tuple = ()          # names of inputs shared across the batch (gradient summed)
-    sample_inputs: Optional[Callable] = None  # (rng, dims) -> dict of float64 inputs in the op's valid range
+    sample_inputs: Optional[Callable] = None  # (rng, dims, w_range) -> dict of float64 inputs in the valid range
     sample_state: Optional[Callable] = None   # (rng, dims, num) -> float64 [num, ...] valid initial states
     doc: str = ""
 

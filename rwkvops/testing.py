@@ -74,7 +74,7 @@ def default_dims(op, B=2, T=17, H=2, N=None, C=None):
 def sample_inputs(op, dims, rng, w_range=(-8.0, 4.0)):
     """Random float64 inputs for ``op`` at ``dims``: the op's own sampler when it declares one."""
     if op.sample_inputs is not None:
-        return {k: np.asarray(v, dtype=np.float64) for k, v in op.sample_inputs(rng, dims).items()}
+        return {k: np.asarray(v, dtype=np.float64) for k, v in op.sample_inputs(rng, dims, w_range).items()}
     out = {}
     for a in op.inputs:
         shape = tuple(dims[s] if isinstance(s, str) else s for s in a.shape)

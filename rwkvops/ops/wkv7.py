@@ -246,6 +246,20 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
 
 _BTHN = ("B", "T", "H", "N")
 
+
+def sample_inputs(rng, dims, w_range=(-8.0, 4.0)):
+    """Realistic random inputs (float64): w uniform in ``w_range``, a = -kk, b = kk * lr with kk unit-norm per head,
+    as RWKV-7 models produce them (random a, b would make the transition expand and the state blow up)."""
+    shape = tuple(dims[s] for s in _BTHN)
+    x = {n: rng.standard_normal(shape) for n in ("r", "k", "v")}
+    x["k"] /= np.sqrt(dims["N"])
+    x["w"] = rng.uniform(*w_range, size=shape)
+    kk = rng.standard_normal(shape)
+    kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
+    x["a"] = -kk
+    x["b"] = kk * rng.uniform(0.0, 1.0, shape)
+    return {n: x[n] for n in ("r", "w", "k", "v", "a", "b")}
+
 OP = register_op(Op(
     name="wkv7",
     inputs=(Arg("r", _BTHN, "receptance"), Arg("w", _BTHN, "raw decay: factor exp(-exp(w))"),
@@ -260,6 +274,7 @@ OP = register_op(Op(
     gpu_forward=gpu_forward,
     gpu_backward=gpu_backward,
     kernels=(Kernel(SOURCE, NAME_EXPRESSIONS),),
+    sample_inputs=sample_inputs,
     doc="RWKV-7 WKV recurrence",
 ))
 
