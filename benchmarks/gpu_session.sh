@@ -19,7 +19,15 @@ run() { local name=$1; shift; local t0=$SECONDS; timeout "${STAGE_TIMEOUT:-400}"
         echo "[$name] rc=$rc $((SECONDS - t0))s: $(tail -n 1 "$OUT/$name.log")"; }
 for s in $stages; do case $s in
   compile)  run compile python3 -m rwkvops compile ;;
-  test)     run test-gpu python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests examples/rwkvops_ema/tests ;;
+  test)     # one pytest process per file, in parallel: most of the time is the float64 references on the CPU
+            files=${TEST_FILES:-$(ls tests/test_*.py examples/rwkvops_ema/tests/test_*.py)}
+            t0=$SECONDS
+            for f in $files; do
+              ( timeout "${STAGE_TIMEOUT:-400}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
+                  --durations=5 "$f" > "$OUT/test-gpu-$(basename "$f" .py).log" 2>&1
+                echo "[test $f] rc=$? $(tail -n 1 "$OUT/test-gpu-$(basename "$f" .py).log")" ) &
+            done
+            wait; echo "[test-gpu] $((SECONDS - t0))s" ;;
   memcheck) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py ;;
   memquick) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ;;
   racecheck) run racecheck compute-sanitizer --tool racecheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ;;

@@ -92,8 +92,9 @@ def test_mixed_devices_rejected():
 def test_non_contiguous_rejected_on_gpu():
     torch = pytest.importorskip("torch")
     op = rwkvops.get_op("wkv7")
-    x = [torch.randn(1, 3, 1, 32, device="cuda") for _ in range(6)]
-    x[1] = torch.randn(1, 1, 3, 32, device="cuda").transpose(1, 2)
+    x = [torch.randn(1, 3, 2, 32, device="cuda") for _ in range(6)]
+    x[1] = torch.randn(1, 2, 3, 32, device="cuda").transpose(1, 2)  # [1, 3, 2, 32], strided
+    assert not x[1].is_contiguous()
     with pytest.raises(ValueError, match="'w' must be C-contiguous"):
         op(*x)
     with pytest.raises(ValueError, match="head size N=8"):

@@ -718,8 +718,11 @@ def test_gpu_long_sequence_no_overflow(need_gpu):
     y, s = rwkvops.wkv4(*(cupy.asarray(v) for v in args(x)))
     assert bool(cupy.all(cupy.isfinite(y))) and bool(cupy.all(cupy.isfinite(s)))
     y64, s64 = W.reference_forward({n: v.astype(np.float64) for n, v in x.items()}, np.zeros((B, 3, C)))
-    assert rel_rms(y, y64) < 1e-4
-    assert rel_rms(s, s64) < 1e-4
+    # Over 1e5 steps of very slow decay with k spanning [-60, 60], fp32 itself drifts: the sequential fp32
+    # reference is off by ~2e-3 (y) and ~5e-2 (state) here. The kernel must be no worse than that.
+    y32, s32 = W.reference_forward(x, np.zeros((B, 3, C), np.float32))
+    assert rel_rms(y, y64) <= max(1e-4, 1.5 * rel_rms(y32, y64))
+    assert rel_rms(s, s64) <= max(1e-4, 1.5 * rel_rms(s32, s64))
 
 
 @gpu
