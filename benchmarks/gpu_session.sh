@@ -31,8 +31,8 @@ for s in $stages; do case $s in
   memcheck) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py ;;
   memquick) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ;;
   racecheck) run racecheck compute-sanitizer --tool racecheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ;;
-  bench)    RWKVOPS_BENCH_OUT="$OUT/bench.json" run bench python3 -m pytest -q -p no:cacheprovider \
-              --benchmark-disable-gc --benchmark-json="$OUT/pytest-benchmark.json" benchmarks/bench_ops.py ;;
+  bench)    RWKVOPS_BENCH_OUT="$OUT/bench.json" run bench python3 -m pytest -q -s -p no:cacheprovider \
+              --benchmark-disable-gc --benchmark-json="$OUT/pytest-benchmark.json" ${BENCH_K:+-k "$BENCH_K"} benchmarks/bench_ops.py ;;
   serving)  run serving python3 benchmarks/serving.py --device gpu --full --out "$OUT/serving.json" ;;
   demo)     run demo python3 -m rwkvops demo ;;
 esac; done

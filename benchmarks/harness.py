@@ -107,6 +107,7 @@ def gpu_slug(name: str) -> str:
 def record(**rec):
     RECORDS.append(rec)
     print("BENCH", json.dumps(rec), flush=True)
+    write_results()  # after every record, so a run cut short still leaves its results
 
 
 def write_results(path=None):

@@ -128,7 +128,8 @@ class CupyBridge(Bridge):
         self.device = device
 
     def to_compute(self, x, dtype=None):
-        return self.cp.asarray(x) if is_cupy(x) else self.cp.from_dlpack(x)
+        x = self.cp.asarray(x) if is_cupy(x) else self.cp.from_dlpack(x)
+        return x.view(np.uint16) if x.dtype.name == "bfloat16" else x
 
     def from_compute(self, x, dtype):
         return x
@@ -141,38 +142,59 @@ class CupyBridge(Bridge):
 
 
 class TorchCudaBridge(Bridge):
-    """torch CUDA tensors: zero-copy DLPack views, kernels on torch's current stream, torch's allocator."""
+    """torch CUDA tensors: zero-copy views, kernels on torch's current stream, torch's allocator.
+
+    Views are built straight from ``data_ptr()`` (CuPy ``UnownedMemory`` holding the tensor alive) rather than
+    through ``__dlpack__``: the kernels run on torch's current stream anyway, so DLPack's stream hand-shake would
+    only add host time to every call (it dominates a one-token decode step).
+    """
 
     gpu = True
+    _streams: dict = {}
 
     def __init__(self, device):
         self.cp = require_cupy()
         self.torch = _torch()
         self.device = device
 
+    def _view(self, t):
+        cp = self.cp
+        dtype = _storage_dtype(str(t.dtype)[6:])
+        if t.numel() == 0:
+            return cp.empty(tuple(t.shape), dtype=dtype)
+        t = t.contiguous()
+        mem = cp.cuda.UnownedMemory(t.data_ptr(), t.numel() * t.element_size(), t, self.device)
+        return cp.ndarray(tuple(t.shape), dtype=dtype, memptr=cp.cuda.MemoryPointer(mem, 0))
+
     def to_compute(self, x, dtype=None):
-        x = x.detach()
-        if x.dtype == self.torch.bfloat16:
-            x = x.view(self.torch.int16)
-        return self.cp.from_dlpack(x)
+        return self._view(x.detach())
 
     def from_compute(self, x, dtype):
-        t = self.torch.from_dlpack(x)
-        return t.view(self.torch.bfloat16) if dtype == "bfloat16" else t
+        owner = getattr(getattr(x.data, "mem", None), "_owner", None)
+        torch = self.torch
+        if isinstance(owner, torch.Tensor) and owner.data_ptr() == x.data.ptr and tuple(owner.shape) == x.shape:
+            return owner  # an output allocated through empty(): already the caller's tensor
+        t = torch.from_dlpack(x)
+        return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
     def empty(self, shape, dtype):
         torch = self.torch
         t = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=f"cuda:{self.device}")
-        return self.to_compute(t)
+        return self._view(t)
 
     @contextlib.contextmanager
     def stream(self):
-        # Launch on torch's current stream; producer and consumer streams then match, so DLPack adds no sync.
-        torch = self.torch
-        with self.cp.cuda.Device(self.device):
-            s = torch.cuda.current_stream(self.device)
-            with self.cp.cuda.ExternalStream(s.cuda_stream, self.device):
-                yield
+        # Launch on torch's current stream (one cached CuPy wrapper per torch stream).
+        s = self.torch.cuda.current_stream(self.device).cuda_stream
+        key = (s, self.device)
+        cs = self._streams.get(key)
+        if cs is None:
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                cs = self._streams[key] = self.cp.cuda.ExternalStream(s, self.device)
+        with self.cp.cuda.Device(self.device), cs:
+            yield
 
 
 def _storage_dtype(dtype: str):
