@@ -85,6 +85,22 @@ def _peer(op_name, impl):
         return None
 
 
+def _graphed(fn):
+    """Capture ``fn`` in a CUDA graph (after warm-up on a side stream) and return its replay: how a serving loop
+    removes per-call host overhead from one-token decode."""
+    torch = _torch()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _run_case(benchmark, op_name, mode, B, T, dtype, impl):
     torch = _torch()
     x = make_inputs(op_name, B, T, dtype)
@@ -96,16 +112,18 @@ def _run_case(benchmark, op_name, mode, B, T, dtype, impl):
     rec = dict(op=op_name, mode=mode, B=B, T=T, H=None if op_name == "wkv4" else H,
                N=None if op_name == "wkv4" else N, C=C if op_name == "wkv4" else H * N, dtype=dtype, impl=impl,
                floor_ms=floor_ms(op_name, mode, B, T, dtype, decode))
+    graph = impl.endswith("_graph")
+    base = impl[: -len("_graph")] if graph else impl
     try:
-        if impl == "rwkvops":
+        if base == "rwkvops":
             if req:
                 for v in x.values():
                     v.requires_grad_(True)
             fwd = _ours(op_name, x, state, req)
         else:
-            factory = _peer(op_name, impl)
+            factory = _peer(op_name, base)
             if factory is None:
-                pytest.skip(f"peer {impl} for {op_name} not available")
+                pytest.skip(f"peer {base} for {op_name} not available")
             fwd = factory(x, state, req)
         if req:
             y, s = fwd()
@@ -115,7 +133,7 @@ def _run_case(benchmark, op_name, mode, B, T, dtype, impl):
                 y, s = fwd()
                 torch.autograd.backward([y, s], [gy, gs])
         else:
-            fn = fwd
+            fn = _graphed(fwd) if graph else fwd
         with torch.no_grad() if not req else torch.enable_grad():
             rec["ms"] = harness.cuda_time(fn)
             rec["peak_mem_mb"] = harness.peak_mem_mb(fn)
@@ -139,7 +157,7 @@ for op_name, peers in (("wkv7", ("rwkvops", "fla")), ("wkv6", ("rwkvops", "fla")
             for impl in peers:
                 CASES.append((op_name, mode, B, T, "bfloat16", impl))
     for B in DECODE:
-        for impl in ("rwkvops", "fla_recurrent", "torch_step"):
+        for impl in ("rwkvops", "fla_recurrent", "torch_step", "rwkvops_graph", "fla_recurrent_graph"):
             CASES.append((op_name, "decode", B, 1, "bfloat16", impl))
 for dtype in ("bfloat16", "float32"):
     for mode in ("fwd", "fwdbwd"):

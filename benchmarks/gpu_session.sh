@@ -35,6 +35,7 @@ for s in $stages; do case $s in
               --benchmark-disable-gc --benchmark-json="$OUT/pytest-benchmark.json" ${BENCH_K:+-k "$BENCH_K"} benchmarks/bench_ops.py ;;
   serving)  run serving python3 benchmarks/serving.py --device gpu --full --out "$OUT/serving.json" ;;
   demo)     run demo python3 -m rwkvops demo ;;
+  host)     run host python3 benchmarks/host_overhead.py ;;
   accuracy)  run accuracy python3 benchmarks/accuracy.py --out "$OUT" ;;
 esac; done
 grep -h "^BENCH" "$OUT/bench.log" 2>/dev/null | tail -n 40

@@ -32,6 +32,26 @@ __device__ __forceinline__ void load4<float>(const float* p, float& a, float& b,
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
+// Token range of backward unit s.  CL == 0: sequence s (rwkv::seq_bounds).  CL > 0 (chunk-parallel backward,
+// dense batches only): unit s = b * nc + c is chunk c of sequence b, tokens [b*T + c*CL, min(.. + CL, (b+1)*T)).
+__device__ __forceinline__ void bwd_bounds(const int* cu_seqlens, int Tlen, long long total, int CL, int s,
+                                           long long& start, long long& end, int* err) {
+    if (CL > 0) {
+        const int nc = (Tlen + CL - 1) / CL;
+        const int b = s / nc, c = s % nc;
+        start = (long long)b * Tlen + (long long)c * CL;
+        end = min(start + (long long)CL, (long long)(b + 1) * Tlen);
+        return;
+    }
+    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
+}
+
+// Checkpoint slot of chunk c (CK tokens) of unit s: one slot per unit (= s) in chunk-parallel mode.
+__device__ __forceinline__ long long bwd_ckpt_slot(const int* cu_seqlens, int Tlen, int CL, int s, long long start,
+                                                   int CK, int c) {
+    return CL > 0 ? (long long)s : rwkv::chunk_slot(cu_seqlens, Tlen, s, start, CK, c);
+}
+
 }  // namespace wkv6
 
 // ------------------------------------------------------------------------------------------------------
@@ -142,7 +162,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_forward(
 template <typename T, int N>
 __global__ void __launch_bounds__(N, 1) wkv6_chunk_state(
     int Tlen, int H, int L, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
-    float* __restrict__ buf, float* __restrict__ dec)
+    float* __restrict__ buf, float* __restrict__ dec, int rev)
 {
     constexpr int TT = wkv6::Tile<N>::TT;
     __shared__ __align__(16) float sk[2][TT * N];
@@ -157,7 +177,9 @@ __global__ void __launch_bounds__(N, 1) wkv6_chunk_state(
     for (int j = 0; j < N; ++j) st[j] = 0.f;
     float prod = 1.f;   // product of the chunk's decays of key channel i
     int p = 0;
-    for (long long t0 = 0; t0 < len; t0 += TT, p ^= 1) {
+    const long long ntiles = (len + TT - 1) / TT;
+    for (long long n = 0; n < ntiles; ++n, p ^= 1) {
+        const long long t0 = (rev ? ntiles - 1 - n : n) * TT;
         const int cnt = (int)min((long long)TT, len - t0);
         for (int tt = 0; tt < cnt; ++tt) {
             const long long off = ((start + t0 + tt) * H + h) * N + i;
@@ -168,7 +190,8 @@ __global__ void __launch_bounds__(N, 1) wkv6_chunk_state(
             prod *= d;
         }
         __syncthreads();
-        for (int tt = 0; tt < cnt; ++tt) {
+        for (int m = 0; m < cnt; ++m) {
+            const int tt = rev ? cnt - 1 - m : m;
             const float vi = sv[tt * N + i];
             const float* pk = &sk[p][tt * N];
             const float* pd = &sd[p][tt * N];
@@ -193,7 +216,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_chunk_state(
 template <typename T, int N>
 __global__ void __launch_bounds__(256) wkv6_chunk_scan(
     int Tlen, int H, int L, float* __restrict__ buf, const float* __restrict__ dec,
-    const float* state_in, float* state_out, const int* __restrict__ state_idx, int pool_size, int* err)
+    const float* state_in, float* state_out, const int* __restrict__ state_idx, int pool_size, int* err, int rev)
 {
     constexpr int NB = (N * N / 4 + 255) / 256;      // blocks per (b, h): 1, 4, 16
     const int nc = (Tlen + L - 1) / L;
@@ -205,9 +228,10 @@ __global__ void __launch_bounds__(256) wkv6_chunk_scan(
     float4 S = make_float4(0.f, 0.f, 0.f, 0.f);
     if (state_in != nullptr && slot >= 0) S = wkv6::ld4(state_in + (slot * H + h) * (long long)(N * N) + 4 * e);
     const long long cb0 = (long long)b * nc * H + h;   // chunk c of (b, h) sits at cb0 + c*H
-    float4* a = reinterpret_cast<float4*>(buf + cb0 * (N * N)) + e;
-    const float* pd = dec + cb0 * N + 4 * cq;
-    const long long astep = (long long)H * (N * N / 4), dstep = (long long)H * N;
+    const long long c0 = rev ? nc - 1 : 0;             // rev: chunks in reverse order (the backward's adjoint)
+    float4* a = reinterpret_cast<float4*>(buf + (cb0 + c0 * H) * (N * N)) + e;
+    const float* pd = dec + (cb0 + c0 * H) * N + 4 * cq;
+    const long long astep = (rev ? -1 : 1) * (long long)H * (N * N / 4), dstep = (rev ? -1 : 1) * (long long)H * N;
     float4 A = *a, P = wkv6::ld4(pd);
     for (int c = 0; c < nc; ++c) {
         float4 An = A, Pn = P;
@@ -317,7 +341,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
     const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
     const T* __restrict__ u, const T* __restrict__ dy,
     const float* __restrict__ state_in, int CK,
-    T* __restrict__ dr, float* __restrict__ xs, float* __restrict__ ckpt, int* err)
+    T* __restrict__ dr, float* __restrict__ xs, float* __restrict__ ckpt, int* err, int CL)
 {
     constexpr int TT = wkv6::Tile<N>::TT;
     __shared__ __align__(16) float sdy[2][TT * N];
@@ -326,7 +350,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
 
     const int s = blockIdx.x / H, h = blockIdx.x % H, j = threadIdx.x;
     long long start, end;
-    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
+    wkv6::bwd_bounds(cu_seqlens, Tlen, total, CL, s, start, end, err);
     const long long hb = (long long)h * N * N + j;   // + slot*H*N*N + i*N
 
     float st[N];
@@ -379,7 +403,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
             dr[off] = rwkv::from_float<T>(fmaf(uj * kj, dyv, acc));
             xs[off] = rj * acc;
             if ((t + 1) % CK == 0 || t + 1 == len) {
-                const long long c = rwkv::chunk_slot(cu_seqlens, Tlen, s, start, CK, (int)(t / CK));
+                const long long c = wkv6::bwd_ckpt_slot(cu_seqlens, Tlen, CL, s, start, CK, (int)(t / CK));
                 float* p0 = ckpt + c * H * N * N + hb;
 #pragma unroll
                 for (int i = 0; i < N; ++i) p0[(long long)i * N] = st[i];
@@ -404,7 +428,8 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
     const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
     const T* __restrict__ u, const T* __restrict__ dy,
     const float* __restrict__ dstate, int CK, const float* __restrict__ xs, const float* __restrict__ ckpt,
-    T* __restrict__ dk, T* __restrict__ dw, float* __restrict__ dstate_in, float* __restrict__ du_part, int* err)
+    T* __restrict__ dk, T* __restrict__ dw, float* __restrict__ dstate_in, float* __restrict__ du_part, int* err,
+    int CL)
 {
     constexpr int TT = wkv6::Tile<N>::TT;
     __shared__ __align__(16) float sdy[2][TT * N];
@@ -413,7 +438,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
 
     const int s = blockIdx.x / H, h = blockIdx.x % H, j = threadIdx.x;
     long long start, end;
-    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
+    wkv6::bwd_bounds(cu_seqlens, Tlen, total, CL, s, start, end, err);
     const long long hb = (long long)h * N * N + j;
 
     float g[N];
@@ -449,7 +474,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
         for (int tt = cnt - 1; tt >= 0; --tt) {
             const long long t = t0 + tt;
             if ((t + 1) % CK == 0 || t + 1 == len) {   // last step of a chunk: W_t from the checkpoint S_t
-                const long long c = rwkv::chunk_slot(cu_seqlens, Tlen, s, start, CK, (int)(t / CK));
+                const long long c = wkv6::bwd_ckpt_slot(cu_seqlens, Tlen, CL, s, start, CK, (int)(t / CK));
                 const float* p0 = ckpt + c * H * N * N + hb;
                 float a0 = 0.f, a1 = 0.f;
 #pragma unroll
@@ -488,12 +513,12 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
             W = D + sx[tt * N + j];
         }
     }
-    {
+    if (dstate_in != nullptr) {   // null in chunk-parallel mode (the reverse chunk scan yields dstate)
         float* p0 = dstate_in + (long long)s * H * N * N + hb;
 #pragma unroll
         for (int i = 0; i < N; ++i) p0[(long long)i * N] = g[i];
-        du_part[((long long)s * H + h) * N + j] = du;
     }
+    du_part[((long long)s * H + h) * N + j] = du;
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -505,7 +530,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_rowrev(
     const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
     const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
     const T* __restrict__ u, const T* __restrict__ dy,
-    const float* __restrict__ dstate, T* __restrict__ dv, int* err)
+    const float* __restrict__ dstate, T* __restrict__ dv, int* err, int CL)
 {
     constexpr int TT = wkv6::Tile<N>::TT;
     __shared__ __align__(16) float sr[2][TT * N];
@@ -516,7 +541,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_rowrev(
 
     const int s = blockIdx.x / H, h = blockIdx.x % H, i = threadIdx.x;
     long long start, end;
-    rwkv::seq_bounds(cu_seqlens, Tlen, total, s, start, end, err);
+    wkv6::bwd_bounds(cu_seqlens, Tlen, total, CL, s, start, end, err);
 
     float g[N];
     if (dstate != nullptr) {

@@ -2,17 +2,22 @@
 // State S[i][j] (i = value row, j = key column), fp32, row-major [N][N] per (sequence, head).
 // Per-token arrays are flat tokens [total, H, N]; sequences via rwkv::seq_bounds; states via rwkv::state_slot.
 //
-//  wkv7_forward<T, N>   recurrent forward: block (N*P threads, P = 2 or 4) per (sequence, head); P threads own
-//                       row i of the state in registers (interleaved float4 chunks, shuffle-reduced dots);
-//                       inputs staged through shared memory TT = 512/N tokens at a time (double buffered,
-//                       one barrier per tile).  With ckpt != null it also stores the state
-//                       before every CK-th token (fp32) at rwkv::chunk_slot(.., CK, c) for the backward.
+//  wkv7_forward<T, N>   recurrent forward: each (sequence, head) split over R = N/16 blocks ("row groups" of 16
+//                       state rows; rows evolve independently), block = one warp; a thread owns 4 rows x N/8
+//                       columns in registers (each shared-memory value feeds 4 rows), shuffle-reduced dots over
+//                       8 lanes; inputs staged TT = 512/N tokens at a time with 16-byte loads (double buffered,
+//                       one barrier per tile).  With ckpt != null it also stores the state rows before every
+//                       CK-th token (fp32) at rwkv::chunk_slot(.., CK, c) for the backward (full [N][N] layout).
 //  wkv7_decode<T, N>    one token per sequence (dense T == 1): block (4N threads) per (sequence, head), the
 //                       state read and written once with coalesced 16-byte accesses.
-//  wkv7_backward<T, N>  reverse walk over the CK-token chunks: recompute the chunk's states from its checkpoint
-//                       (rows independent) into a per-block global scratch, then run the adjoint backwards with
-//                       P = N/32 threads holding row x AND column x of dS, so every gradient is a short
-//                       in-thread dot product plus a P-lane shuffle reduction.
+//  wkv7_backward<T, N>  (N = 32, 64) reverse walk over the CK-token chunks, block per (sequence, head), one warp
+//                       per 16 state rows, the forward's thread layout for both S and dS; recomputed sub-chunk
+//                       states kept in shared memory (thread-private slots); column sums over rows reduced
+//                       through shuffles and shared memory in a fixed order (see the kernel).
+//  wkv7_backward_l2<T, N> (N = 128) reverse walk over the CK-token chunks: recompute the chunk's states from its
+//                       checkpoint (rows independent) into a per-block global scratch, then run the adjoint
+//                       backwards with P = N/32 threads holding row x AND column x of dS, so every gradient is a
+//                       short in-thread dot product plus a P-lane shuffle reduction.
 //                       No division by the decay anywhere (exact for decays down to exp(-exp(4)) and below).
 #include "common.cuh"
 
@@ -72,79 +77,154 @@ __device__ __forceinline__ float step_row(float (&s)[N], const float* rr, const 
 
 // ------------------------------------------------------------------------------------------------ forward
 
-// Threads per state row in the forward: more threads per (sequence, head) hides the per-step latency when
-// B*H is small (batch-1 prefill), and keeps the per-thread state small.
+// Forward geometry.  The rows i of the state evolve independently in the forward, so each (sequence, head) is
+// split over R = N / RB blocks ("row groups") of RB rows; each block stages the same r, w, k, a, b tiles (and v)
+// and owns only its rows of the state, y, the checkpoints and the final state.  Inside a block a warp-sized
+// group of NT = (RB / RT) * P threads: lane p (of P) owns the float4 column chunks c = p + P*m (m < MC) of RT
+// consecutive rows, so every value read from shared memory is used RT times (the recurrent form is otherwise
+// bound by shared-memory loads, 5 floats per state element and step).  = FWD_* in wkv7.py.
 template <int N> struct FwdCfg {
-    static constexpr int P = (N == 32) ? 2 : 4;   // threads per row
-    static constexpr int M = N / (4 * P);         // float4 chunks of the row per thread
-    static constexpr int NT = N * P;              // block size
+    static constexpr int P = 8;                   // lanes per row (column split)
+    static constexpr int RT = 4;                  // rows per thread
+    static constexpr int RB = 16;                 // rows per block (row group)
+    static constexpr int R = N / RB;              // row groups per (sequence, head)
+    static constexpr int NT = (RB / RT) * P;      // block size (32: one warp)
+    static constexpr int MC = N / (4 * P);        // float4 column chunks per thread
     static constexpr int TT = 512 / N;            // tokens per staged tile
+    static constexpr int CPA = TT * N / 8 / NT;   // 8-element chunks per array per thread per tile (2)
+    static_assert(CPA * 8 * NT == TT * N && MC * 4 * P == N && R * RB == N, "wkv7 forward geometry");
+    static_assert(P == 8 && RT == 4, "the S r reduce-scatter in wkv7_forward is written for 4 rows over 8 lanes");
 };
 
-// Block (N*P threads) per (sequence, head).  Thread tid = i*P + p owns row i, float4 chunks c = p + P*m
-// (columns 4c..4c+3) of the state, in registers.  The two row dot products (S a and S r) are reduced over
-// the P lanes of the row with xor shuffles (bit-identical on every lane).  Inputs are staged TT tokens at a
-// time (register prefetch + double-buffered shared memory, one barrier per tile).
+namespace wkv7 {
+
+__device__ __forceinline__ float bits_to_float(unsigned short u, const __half*) { return __half2float(__ushort_as_half(u)); }
+__device__ __forceinline__ float bits_to_float(unsigned short u, const __nv_bfloat16*) {
+    return __bfloat162float(__ushort_as_bfloat16(u));
+}
+
+// 8 consecutive input elements, loaded with one 16-byte (2-byte types) or two 16-byte (fp32) accesses when the
+// arrays are 16-byte aligned (vec), element by element otherwise.
+template <typename T> struct Chunk8 {
+    uint4 u;
+    __device__ __forceinline__ void load(const T* p, bool vec) {
+        if (vec) {
+            u = *reinterpret_cast<const uint4*>(p);
+        } else {
+            const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
+            u.x = q[0] | ((unsigned)q[1] << 16); u.y = q[2] | ((unsigned)q[3] << 16);
+            u.z = q[4] | ((unsigned)q[5] << 16); u.w = q[6] | ((unsigned)q[7] << 16);
+        }
+    }
+    __device__ __forceinline__ void get(float (&f)[8]) const {
+        const unsigned wd[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            f[2 * j] = bits_to_float((unsigned short)(wd[j] & 0xffffu), (const T*)nullptr);
+            f[2 * j + 1] = bits_to_float((unsigned short)(wd[j] >> 16), (const T*)nullptr);
+        }
+    }
+};
+template <> struct Chunk8<float> {
+    float4 lo, hi;
+    __device__ __forceinline__ void load(const float* p, bool vec) {
+        if (vec) {
+            lo = *reinterpret_cast<const float4*>(p); hi = *reinterpret_cast<const float4*>(p + 4);
+        } else {
+            lo = make_float4(p[0], p[1], p[2], p[3]); hi = make_float4(p[4], p[5], p[6], p[7]);
+        }
+    }
+    __device__ __forceinline__ void get(float (&f)[8]) const {
+        f[0] = lo.x; f[1] = lo.y; f[2] = lo.z; f[3] = lo.w; f[4] = hi.x; f[5] = hi.y; f[6] = hi.z; f[7] = hi.w;
+    }
+};
+
+}  // namespace wkv7
+
+// Grid: num * H * R blocks, blockIdx.x = (sq * H + h) * R + g; block FwdCfg<N>::NT threads.  Thread tid = q*P + p
+// owns rows i0 .. i0+RT-1 (i0 = g*RB + q*RT), float4 column chunks c = p + P*m.  The row dot products (S a, S r)
+// are reduced over the P lanes with xor shuffles: S a by a full butterfly (bit-identical on every lane), S r by a
+// reduce-scatter that leaves row i0 + 2*bit2(p) + bit1(p) on lanes p and p^1.  Inputs are staged TT tokens at a
+// time (register prefetch of the next tile + double-buffered shared memory, one barrier per tile).  vec != 0: the
+// six input arrays are 16-byte aligned (vector loads).  With ckpt != null it also stores the state rows before
+// every CK-th token (fp32) at rwkv::chunk_slot(.., CK, c) (full [N][N] layout: the backward is unchanged).
 template <typename T, int N>
 __global__ void __launch_bounds__(FwdCfg<N>::NT) wkv7_forward(
     const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
     const int* cu_seqlens, int T_len, long long total,
     const float* state_in, float* state_out, const int* state_idx, int pool_size, int* err,
-    float* __restrict__ ckpt, int H) {
-    constexpr int P = FwdCfg<N>::P, M = FwdCfg<N>::M, NT = FwdCfg<N>::NT, TT = FwdCfg<N>::TT;
-    constexpr int PER = TT * N / NT;          // elements per array per thread per tile
+    float* __restrict__ ckpt, int H, int vec) {
+    using C = FwdCfg<N>;
+    constexpr int P = C::P, RT = C::RT, RB = C::RB, R = C::R, NT = C::NT, MC = C::MC, TT = C::TT, CPA = C::CPA;
+    constexpr int N8 = N / 8;
     // [buffer][array][token][N], arrays: r, decay, k, v, a, b
     __shared__ __align__(16) float sm[2][6][TT][N];
 
     const int tid = threadIdx.x;
-    const int i = tid / P, p = tid % P;
-    const int h = blockIdx.x % H;
-    const int sq = blockIdx.x / H;
+    const int q = tid / P, p = tid % P;
+    const int g = blockIdx.x % R;
+    const int h = (blockIdx.x / R) % H;
+    const int sq = blockIdx.x / (R * H);
+    const int i0 = g * RB + q * RT;
     long long start, end;
     rwkv::seq_bounds(cu_seqlens, T_len, total, sq, start, end, err);
     const long long slot = rwkv::state_slot(state_idx, sq, pool_size, err);
     const int len = (int)(end - start);
+    const bool vv = vec != 0;
 
-    float4 s[M];
+    float4 s[RT][MC];
     if (state_in != nullptr && slot >= 0) {
-        const float* src = state_in + ((slot * H + h) * N + i) * (long long)N;
+        const float* src = state_in + ((slot * H + h) * N + i0) * (long long)N;
 #pragma unroll
-        for (int m = 0; m < M; ++m) s[m] = *reinterpret_cast<const float4*>(src + 4 * (p + P * m));
+        for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+            for (int m = 0; m < MC; ++m) s[rr][m] = *reinterpret_cast<const float4*>(src + rr * N + 4 * (p + P * m));
     } else {
 #pragma unroll
-        for (int m = 0; m < M; ++m) s[m] = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+            for (int m = 0; m < MC; ++m) s[rr][m] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
 
     const int ntiles = (len + TT - 1) / TT;
-    T pre[6][PER];
+    const T* const ins[6] = {r, w, k, v, a, b};
+    wkv7::Chunk8<T> pre[6][CPA];
     auto load_tile = [&](int tile) {
 #pragma unroll
-        for (int q = 0; q < PER; ++q) {
-            const int e = tid + NT * q;
-            const int tl = tile * TT + e / N;
+        for (int j = 0; j < CPA; ++j) {
+            const int e = tid + NT * j;             // chunk of the tile: token e / N8, columns 8*(e % N8) ..
+            const int tl = tile * TT + e / N8;
             if (tl < len) {
-                const long long o = ((start + tl) * H + h) * N + (e % N);
-                pre[0][q] = r[o]; pre[1][q] = w[o]; pre[2][q] = k[o];
-                pre[3][q] = v[o]; pre[4][q] = a[o]; pre[5][q] = b[o];
+                const long long o = ((start + tl) * H + h) * N + 8 * (e % N8);
+#pragma unroll
+                for (int arr = 0; arr < 6; ++arr) pre[arr][j].load(ins[arr] + o, vv);
             }
         }
     };
     auto store_tile = [&](int buf, int tile) {
 #pragma unroll
-        for (int q = 0; q < PER; ++q) {
-            const int e = tid + NT * q;
-            const int tt = e / N, col = e % N;
+        for (int j = 0; j < CPA; ++j) {
+            const int e = tid + NT * j;
+            const int tt = e / N8, col = 8 * (e % N8);
             if (tile * TT + tt < len) {
-                sm[buf][0][tt][col] = rwkv::to_float(pre[0][q]);
-                sm[buf][1][tt][col] = wkv7::decay_of(rwkv::to_float(pre[1][q]));
-                sm[buf][2][tt][col] = rwkv::to_float(pre[2][q]);
-                sm[buf][3][tt][col] = rwkv::to_float(pre[3][q]);
-                sm[buf][4][tt][col] = rwkv::to_float(pre[4][q]);
-                sm[buf][5][tt][col] = rwkv::to_float(pre[5][q]);
+#pragma unroll
+                for (int arr = 0; arr < 6; ++arr) {
+                    float f[8];
+                    pre[arr][j].get(f);
+                    if (arr == 1) {
+#pragma unroll
+                        for (int z = 0; z < 8; ++z) f[z] = wkv7::decay_of(f[z]);
+                    }
+                    *reinterpret_cast<float4*>(&sm[buf][arr][tt][col]) = make_float4(f[0], f[1], f[2], f[3]);
+                    *reinterpret_cast<float4*>(&sm[buf][arr][tt][col + 4]) = make_float4(f[4], f[5], f[6], f[7]);
+                }
             }
         }
     };
+
+    // reduce-scatter target of this lane for S r: row i0 + yrow (lanes p and p^1 hold the same full sum)
+    const int yrow = 2 * ((p >> 2) & 1) + ((p >> 1) & 1);
 
     if (ntiles > 0) {
         load_tile(0);
@@ -159,48 +239,77 @@ __global__ void __launch_bounds__(FwdCfg<N>::NT) wkv7_forward(
             const int tl = tile * TT + tt;
             if (ckpt != nullptr && (tl % WKV7_CK) == 0) {
                 const long long cs = rwkv::chunk_slot(cu_seqlens, T_len, sq, start, WKV7_CK, tl / WKV7_CK);
-                float* dst = ckpt + ((cs * H + h) * N + i) * (long long)N;
+                float* dst = ckpt + ((cs * H + h) * N + i0) * (long long)N;
 #pragma unroll
-                for (int m = 0; m < M; ++m) *reinterpret_cast<float4*>(dst + 4 * (p + P * m)) = s[m];
+                for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+                    for (int m = 0; m < MC; ++m) *reinterpret_cast<float4*>(dst + rr * N + 4 * (p + P * m)) = s[rr][m];
             }
             const float4* r4 = reinterpret_cast<const float4*>(sm[buf][0][tt]);
             const float4* d4 = reinterpret_cast<const float4*>(sm[buf][1][tt]);
             const float4* k4 = reinterpret_cast<const float4*>(sm[buf][2][tt]);
             const float4* a4 = reinterpret_cast<const float4*>(sm[buf][4][tt]);
             const float4* b4 = reinterpret_cast<const float4*>(sm[buf][5][tt]);
-            const float vi = sm[buf][3][tt][i];
-            float sa0 = 0.f, sa1 = 0.f;
+            const float4 v4 = *reinterpret_cast<const float4*>(&sm[buf][3][tt][i0]);
+            const float vr[RT] = {v4.x, v4.y, v4.z, v4.w};
+            // sa[rr] = S[i0+rr, :] . a  (two accumulators per row, then a full butterfly over the P lanes)
+            float sa[RT], sb[RT];
 #pragma unroll
-            for (int m = 0; m < M; ++m) {
+            for (int rr = 0; rr < RT; ++rr) { sa[rr] = 0.f; sb[rr] = 0.f; }
+#pragma unroll
+            for (int m = 0; m < MC; ++m) {
                 const float4 aa = a4[p + P * m];
-                sa0 = fmaf(s[m].x, aa.x, sa0); sa1 = fmaf(s[m].y, aa.y, sa1);
-                sa0 = fmaf(s[m].z, aa.z, sa0); sa1 = fmaf(s[m].w, aa.w, sa1);
+#pragma unroll
+                for (int rr = 0; rr < RT; ++rr) {
+                    sa[rr] = fmaf(s[rr][m].x, aa.x, sa[rr]); sb[rr] = fmaf(s[rr][m].y, aa.y, sb[rr]);
+                    sa[rr] = fmaf(s[rr][m].z, aa.z, sa[rr]); sb[rr] = fmaf(s[rr][m].w, aa.w, sb[rr]);
+                }
             }
-            float sa = sa0 + sa1;
 #pragma unroll
-            for (int off = P / 2; off > 0; off >>= 1) sa += __shfl_xor_sync(0xffffffffu, sa, off, P);
-            float y0 = 0.f, y1 = 0.f;
+            for (int rr = 0; rr < RT; ++rr) sa[rr] += sb[rr];
 #pragma unroll
-            for (int m = 0; m < M; ++m) {
+            for (int off = P / 2; off > 0; off >>= 1) {
+#pragma unroll
+                for (int rr = 0; rr < RT; ++rr) sa[rr] += __shfl_xor_sync(0xffffffffu, sa[rr], off, P);
+            }
+            float yp[RT];
+#pragma unroll
+            for (int rr = 0; rr < RT; ++rr) { yp[rr] = 0.f; sb[rr] = 0.f; }
+#pragma unroll
+            for (int m = 0; m < MC; ++m) {
                 const int c = p + P * m;
-                const float4 dd = d4[c], bb = b4[c], kk = k4[c], rr = r4[c];
-                s[m].x = fmaf(s[m].x, dd.x, fmaf(sa, bb.x, vi * kk.x)); y0 = fmaf(s[m].x, rr.x, y0);
-                s[m].y = fmaf(s[m].y, dd.y, fmaf(sa, bb.y, vi * kk.y)); y1 = fmaf(s[m].y, rr.y, y1);
-                s[m].z = fmaf(s[m].z, dd.z, fmaf(sa, bb.z, vi * kk.z)); y0 = fmaf(s[m].z, rr.z, y0);
-                s[m].w = fmaf(s[m].w, dd.w, fmaf(sa, bb.w, vi * kk.w)); y1 = fmaf(s[m].w, rr.w, y1);
-            }
-            float yy = y0 + y1;
+                const float4 dd = d4[c], bb = b4[c], kk = k4[c], ro = r4[c];
 #pragma unroll
-            for (int off = P / 2; off > 0; off >>= 1) yy += __shfl_xor_sync(0xffffffffu, yy, off, P);
-            if (p == 0) y[((start + tl) * H + h) * N + i] = rwkv::from_float<T>(yy);
+                for (int rr = 0; rr < RT; ++rr) {
+                    float4& x = s[rr][m];
+                    const float sv = sa[rr], vi = vr[rr];
+                    x.x = fmaf(x.x, dd.x, fmaf(sv, bb.x, vi * kk.x)); yp[rr] = fmaf(x.x, ro.x, yp[rr]);
+                    x.y = fmaf(x.y, dd.y, fmaf(sv, bb.y, vi * kk.y)); sb[rr] = fmaf(x.y, ro.y, sb[rr]);
+                    x.z = fmaf(x.z, dd.z, fmaf(sv, bb.z, vi * kk.z)); yp[rr] = fmaf(x.z, ro.z, yp[rr]);
+                    x.w = fmaf(x.w, dd.w, fmaf(sv, bb.w, vi * kk.w)); sb[rr] = fmaf(x.w, ro.w, sb[rr]);
+                }
+            }
+#pragma unroll
+            for (int rr = 0; rr < RT; ++rr) yp[rr] += sb[rr];
+            // reduce-scatter of yp[0..3] over the P = 8 lanes: xor 4 halves the rows, xor 2 halves again, xor 1 sums
+            const bool b2 = (p & 4) != 0, b1 = (p & 2) != 0;
+            float k0 = b2 ? yp[2] : yp[0], k1 = b2 ? yp[3] : yp[1];
+            k0 += __shfl_xor_sync(0xffffffffu, b2 ? yp[0] : yp[2], 4, P);
+            k1 += __shfl_xor_sync(0xffffffffu, b2 ? yp[1] : yp[3], 4, P);
+            float yy = b1 ? k1 : k0;
+            yy += __shfl_xor_sync(0xffffffffu, b1 ? k0 : k1, 2, P);
+            yy += __shfl_xor_sync(0xffffffffu, yy, 1, P);
+            if ((p & 1) == 0) y[((start + tl) * H + h) * N + i0 + yrow] = rwkv::from_float<T>(yy);
         }
         if (tile + 1 < ntiles) store_tile(buf ^ 1, tile + 1);
         __syncthreads();
     }
     if (state_out != nullptr && slot >= 0) {
-        float* dst = state_out + ((slot * H + h) * N + i) * (long long)N;
+        float* dst = state_out + ((slot * H + h) * N + i0) * (long long)N;
 #pragma unroll
-        for (int m = 0; m < M; ++m) *reinterpret_cast<float4*>(dst + 4 * (p + P * m)) = s[m];
+        for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+            for (int m = 0; m < MC; ++m) *reinterpret_cast<float4*>(dst + rr * N + 4 * (p + P * m)) = s[rr][m];
     }
 }
 
@@ -313,7 +422,7 @@ __device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
 // ABI: state_in = gradient w.r.t. the final state (may be null = 0), state_out = gradient w.r.t. the initial
 // state (may be null).  ckpt: the forward's checkpoints.  scratch: gridDim.x x (SC+1) x N x N floats.
 template <typename T, int N>
-__global__ void __launch_bounds__(BwdCfg<N>::NT, BwdCfg<N>::MINB) wkv7_backward(
+__global__ void __launch_bounds__(BwdCfg<N>::NT, BwdCfg<N>::MINB) wkv7_backward_l2(
     const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
     T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk, T* __restrict__ dv,
@@ -541,5 +650,295 @@ __global__ void __launch_bounds__(BwdCfg<N>::NT, BwdCfg<N>::MINB) wkv7_backward(
                 state_out[sbase + (long long)(4 * c + 3) * N + x] = dSc[m].w;
             }
         }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ backward (rows)
+
+// Row-layout backward (used for N = 32, 64): block per (sequence, head), NW = N/16 warps; warp wp owns state rows
+// wp*16 .. wp*16+15 and, like the forward, thread (q = lane/8, p = lane%8) owns rows i0 = wp*16 + 4q .. i0+3 x
+// float4 column chunks c = p + 8m of both the recomputed state S and the adjoint dS (rows of dS are independent:
+// dS_{t-1}[i,:] = dS_t[i,:] diag(d) + (dS_t[i,:].b) a^T).  Row dots (dv, dsa, and S a in the recompute) are
+// reduced over the 8 lanes of a row quad; the column sums over rows (dr, dk, db, da, dw) are summed in-thread
+// over 4 rows, reduce-scattered over the 4 row quads of the warp (shuffles), and summed over the NW warps in a
+// fixed order from shared memory: deterministic, no atomics, no global scratch.  Per CK-token chunk (reverse):
+// stage its inputs; per SC-token sub-chunk (reverse): (A) recompute from the checkpoint, keeping each thread's
+// part of S_{t-1} for the sub-chunk's tokens in shared memory (thread-private slots) and S a per row; (B) walk
+// the sub-chunk backwards (S_t carried in registers, S_{t-1} from the private slots), (C) sum the per-warp column
+// partials and write dr, dk, db, da, dw.  dynamic shared memory: wkv7.py _bwd_rows_smem(N).
+// ABI as wkv7_backward_l2 (state_in = dL/dS_final or null, state_out = dL/dS_initial or null; scratch and num
+// unused).
+template <int N> struct BwdRowCfg {
+    static constexpr int P = 8, RT = 4, RB = 16;
+    static constexpr int NW = N / RB;             // warps per block
+    static constexpr int NT = 32 * NW;            // block size
+    static constexpr int MC = N / (4 * P);        // float4 column chunks per thread
+    static constexpr int V = 4 * MC;              // columns per thread
+    static constexpr int SC = (N <= 32) ? 16 : 8; // sub-chunk: = BWD_ROWS_SC in wkv7.py
+    static constexpr int NA = 7;                  // staged arrays: r, decay, k, v, a, b, dy
+    static_assert(MC * 4 * P == N && V % 4 == 0, "wkv7 row backward geometry");
+};
+
+namespace wkv7 {
+
+// Sum x over the 4 row quads of a warp (lanes with equal lane%8), reduce-scattered: quad q keeps the V/4 sums of
+// local columns (q&2 ? V/2 : 0) + (q&1 ? V/4 : 0) + j, j < V/4.
+template <int V>
+__device__ __forceinline__ void quad_scatter(const float (&x)[V], float (&out)[V / 4], int q) {
+    constexpr int H1 = V / 2, H2 = V / 4;
+    const bool b1 = (q & 2) != 0, b0 = (q & 1) != 0;
+    float w1[H1];
+#pragma unroll
+    for (int j = 0; j < H1; ++j) {
+        const float keep = b1 ? x[H1 + j] : x[j];
+        const float send = b1 ? x[j] : x[H1 + j];
+        w1[j] = keep + __shfl_xor_sync(0xffffffffu, send, 16, 32);
+    }
+#pragma unroll
+    for (int j = 0; j < H2; ++j) {
+        const float keep = b0 ? w1[H2 + j] : w1[j];
+        const float send = b0 ? w1[j] : w1[H2 + j];
+        out[j] = keep + __shfl_xor_sync(0xffffffffu, send, 8, 32);
+    }
+}
+
+__device__ __forceinline__ void acc4(float* c, float4 x, float s) {
+    c[0] = fmaf(x.x, s, c[0]); c[1] = fmaf(x.y, s, c[1]); c[2] = fmaf(x.z, s, c[2]); c[3] = fmaf(x.w, s, c[3]);
+}
+__device__ __forceinline__ void acc4v(float* c, float4 x, float4 s) {
+    c[0] = fmaf(x.x, s.x, c[0]); c[1] = fmaf(x.y, s.y, c[1]); c[2] = fmaf(x.z, s.z, c[2]); c[3] = fmaf(x.w, s.w, c[3]);
+}
+
+}  // namespace wkv7
+
+template <typename T, int N>
+__global__ void __launch_bounds__(BwdRowCfg<N>::NT) wkv7_backward(
+    const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
+    T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk, T* __restrict__ dv,
+    T* __restrict__ da, T* __restrict__ db,
+    const int* cu_seqlens, int T_len, long long total,
+    const float* state_in, float* state_out, const int* state_idx, int pool_size, int* err,
+    const float* __restrict__ ckpt, float* __restrict__ scratch, int H, int num) {
+    using C = BwdRowCfg<N>;
+    constexpr int CK = WKV7_CK;
+    constexpr int P = C::P, RT = C::RT, RB = C::RB, NW = C::NW, NT = C::NT, MC = C::MC, V = C::V, SC = C::SC;
+    constexpr int NA = C::NA;
+    extern __shared__ __align__(16) float smem[];
+    float* S_in = smem;                                                  // [NA][CK][N]
+    float* S_sa = smem + NA * CK * N;                                    // [CK][N]
+    float4* S_st = reinterpret_cast<float4*>(S_sa + CK * N);             // [SC][RT][MC][NT] thread-private
+    float* S_cp = S_sa + CK * N + SC * N * N;                            // [SC][5][NW][N] column partials
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31, wp = tid >> 5, q = lane >> 3, p = lane & 7;
+    const int i0 = wp * RB + q * RT;
+    const int yrow = 2 * ((p >> 2) & 1) + ((p >> 1) & 1);   // row (of the 4) whose dv this lane pair writes
+    const int h = blockIdx.x % H;
+    const int sq = blockIdx.x / H;
+    long long start, end;
+    rwkv::seq_bounds(cu_seqlens, T_len, total, sq, start, end, err);
+    const int len = (int)(end - start);
+    const long long sbase = ((long long)sq * H + h) * N * N + (long long)i0 * N;
+
+    float4 dS[RT][MC];
+#pragma unroll
+    for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+        for (int m = 0; m < MC; ++m)
+            dS[rr][m] = state_in != nullptr
+                ? *reinterpret_cast<const float4*>(state_in + sbase + rr * N + 4 * (p + P * m))
+                : make_float4(0.f, 0.f, 0.f, 0.f);
+
+    const int nch = (len + CK - 1) / CK;
+    for (int c = nch - 1; c >= 0; --c) {
+        const int t0 = c * CK;
+        const int L = min(CK, len - t0);
+        __syncthreads();   // the previous chunk is done with the staged inputs and column partials
+        for (int e = tid; e < L * N; e += NT) {
+            const int tt = e / N, col = e % N;
+            const long long o = ((start + t0 + tt) * H + h) * N + col;
+            S_in[(0 * CK + tt) * N + col] = rwkv::to_float(r[o]);
+            S_in[(1 * CK + tt) * N + col] = wkv7::decay_of(rwkv::to_float(w[o]));
+            S_in[(2 * CK + tt) * N + col] = rwkv::to_float(k[o]);
+            S_in[(3 * CK + tt) * N + col] = rwkv::to_float(v[o]);
+            S_in[(4 * CK + tt) * N + col] = rwkv::to_float(a[o]);
+            S_in[(5 * CK + tt) * N + col] = rwkv::to_float(b[o]);
+            S_in[(6 * CK + tt) * N + col] = dy != nullptr ? rwkv::to_float(dy[o]) : 0.f;
+        }
+        __syncthreads();
+        const long long cs = rwkv::chunk_slot(cu_seqlens, T_len, sq, start, CK, c);
+        const float* ck = ckpt + ((cs * H + h) * N + i0) * (long long)N;
+        const int nsub = (L + SC - 1) / SC;
+        for (int sub = nsub - 1; sub >= 0; --sub) {
+            const int u0 = sub * SC;
+            const int Ls = min(SC, L - u0);
+            // ---- (A) recompute from the checkpoint up to the sub-chunk's end
+            float4 st[RT][MC];
+#pragma unroll
+            for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+                for (int m = 0; m < MC; ++m) st[rr][m] = *reinterpret_cast<const float4*>(ck + rr * N + 4 * (p + P * m));
+            for (int tt = 0; tt < u0 + Ls; ++tt) {
+                const bool keep = tt >= u0;
+                if (keep) {
+#pragma unroll
+                    for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+                        for (int m = 0; m < MC; ++m) S_st[(((tt - u0) * RT + rr) * MC + m) * NT + tid] = st[rr][m];
+                }
+                const float4* a4 = reinterpret_cast<const float4*>(S_in + (4 * CK + tt) * N);
+                const float4* b4 = reinterpret_cast<const float4*>(S_in + (5 * CK + tt) * N);
+                const float4* d4 = reinterpret_cast<const float4*>(S_in + (1 * CK + tt) * N);
+                const float4* k4 = reinterpret_cast<const float4*>(S_in + (2 * CK + tt) * N);
+                const float4 v4 = *reinterpret_cast<const float4*>(S_in + (3 * CK + tt) * N + i0);
+                const float vr[RT] = {v4.x, v4.y, v4.z, v4.w};
+                float sa[RT], sb[RT];
+#pragma unroll
+                for (int rr = 0; rr < RT; ++rr) { sa[rr] = 0.f; sb[rr] = 0.f; }
+#pragma unroll
+                for (int m = 0; m < MC; ++m) {
+                    const float4 aa = a4[p + P * m];
+#pragma unroll
+                    for (int rr = 0; rr < RT; ++rr) {
+                        sa[rr] = fmaf(st[rr][m].x, aa.x, sa[rr]); sb[rr] = fmaf(st[rr][m].y, aa.y, sb[rr]);
+                        sa[rr] = fmaf(st[rr][m].z, aa.z, sa[rr]); sb[rr] = fmaf(st[rr][m].w, aa.w, sb[rr]);
+                    }
+                }
+#pragma unroll
+                for (int rr = 0; rr < RT; ++rr) sa[rr] += sb[rr];
+#pragma unroll
+                for (int off = P / 2; off > 0; off >>= 1) {
+#pragma unroll
+                    for (int rr = 0; rr < RT; ++rr) sa[rr] += __shfl_xor_sync(0xffffffffu, sa[rr], off, P);
+                }
+                if (keep && p == 0)
+                    *reinterpret_cast<float4*>(S_sa + tt * N + i0) = make_float4(sa[0], sa[1], sa[2], sa[3]);
+#pragma unroll
+                for (int m = 0; m < MC; ++m) {
+                    const int cc = p + P * m;
+                    const float4 dd = d4[cc], bb = b4[cc], kk = k4[cc];
+#pragma unroll
+                    for (int rr = 0; rr < RT; ++rr) {
+                        float4& x = st[rr][m];
+                        x.x = fmaf(x.x, dd.x, fmaf(sa[rr], bb.x, vr[rr] * kk.x));
+                        x.y = fmaf(x.y, dd.y, fmaf(sa[rr], bb.y, vr[rr] * kk.y));
+                        x.z = fmaf(x.z, dd.z, fmaf(sa[rr], bb.z, vr[rr] * kk.z));
+                        x.w = fmaf(x.w, dd.w, fmaf(sa[rr], bb.w, vr[rr] * kk.w));
+                    }
+                }
+            }
+            __syncthreads();   // S_sa visible; the previous sub-chunk's (C) is done with S_cp
+            // ---- (B) adjoint over the sub-chunk, backwards; st = S_t (the state after token tt)
+            for (int tt = u0 + Ls - 1; tt >= u0; --tt) {
+                const int lt = tt - u0;
+                float4 sp[RT][MC];   // S_{t-1}
+#pragma unroll
+                for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+                    for (int m = 0; m < MC; ++m) sp[rr][m] = S_st[((lt * RT + rr) * MC + m) * NT + tid];
+                const float4* r4 = reinterpret_cast<const float4*>(S_in + (0 * CK + tt) * N);
+                const float4* d4 = reinterpret_cast<const float4*>(S_in + (1 * CK + tt) * N);
+                const float4* k4 = reinterpret_cast<const float4*>(S_in + (2 * CK + tt) * N);
+                const float4* a4 = reinterpret_cast<const float4*>(S_in + (4 * CK + tt) * N);
+                const float4* b4 = reinterpret_cast<const float4*>(S_in + (5 * CK + tt) * N);
+                const float4 v4 = *reinterpret_cast<const float4*>(S_in + (3 * CK + tt) * N + i0);
+                const float4 y4 = *reinterpret_cast<const float4*>(S_in + (6 * CK + tt) * N + i0);
+                const float4 s4 = *reinterpret_cast<const float4*>(S_sa + tt * N + i0);
+                const float vr[RT] = {v4.x, v4.y, v4.z, v4.w};
+                const float yr[RT] = {y4.x, y4.y, y4.z, y4.w};
+                const float sar[RT] = {s4.x, s4.y, s4.z, s4.w};
+                float cp[5][V];   // column partials over this thread's rows: dr, dk, db, da, dw (before * f)
+#pragma unroll
+                for (int z = 0; z < 5; ++z)
+#pragma unroll
+                    for (int j = 0; j < V; ++j) cp[z][j] = 0.f;
+                float pb[RT], pk[RT];
+#pragma unroll
+                for (int rr = 0; rr < RT; ++rr) { pb[rr] = 0.f; pk[rr] = 0.f; }
+#pragma unroll
+                for (int m = 0; m < MC; ++m) {
+                    const int cc = p + P * m;
+                    const float4 rv = r4[cc], bv = b4[cc], kv = k4[cc];
+#pragma unroll
+                    for (int rr = 0; rr < RT; ++rr) {
+                        wkv7::acc4(&cp[0][4 * m], st[rr][m], yr[rr]);          // dr_t = S_t^T dy_t
+                        float4& g = dS[rr][m];
+                        g.x = fmaf(yr[rr], rv.x, g.x); g.y = fmaf(yr[rr], rv.y, g.y);   // dS += dy r^T
+                        g.z = fmaf(yr[rr], rv.z, g.z); g.w = fmaf(yr[rr], rv.w, g.w);
+                        pb[rr] = dot4(g, bv, pb[rr]);
+                        pk[rr] = dot4(g, kv, pk[rr]);
+                        wkv7::acc4(&cp[1][4 * m], g, vr[rr]);                  // dk = dS^T v
+                        wkv7::acc4(&cp[2][4 * m], g, sar[rr]);                 // db = dS^T (S_{t-1} a)
+                        wkv7::acc4v(&cp[4][4 * m], g, sp[rr][m]);              // sum_i dS * S_{t-1}
+                    }
+                }
+#pragma unroll
+                for (int off = P / 2; off > 0; off >>= 1) {
+#pragma unroll
+                    for (int rr = 0; rr < RT; ++rr) pb[rr] += __shfl_xor_sync(0xffffffffu, pb[rr], off, P);
+                }
+                {   // dv: reduce-scatter of pk over the 8 lanes (as y in the forward)
+                    const bool b2 = (p & 4) != 0, b1 = (p & 2) != 0;
+                    float k0 = b2 ? pk[2] : pk[0], k1 = b2 ? pk[3] : pk[1];
+                    k0 += __shfl_xor_sync(0xffffffffu, b2 ? pk[0] : pk[2], 4, P);
+                    k1 += __shfl_xor_sync(0xffffffffu, b2 ? pk[1] : pk[3], 4, P);
+                    float vv = b1 ? k1 : k0;
+                    vv += __shfl_xor_sync(0xffffffffu, b1 ? k0 : k1, 2, P);
+                    vv += __shfl_xor_sync(0xffffffffu, vv, 1, P);
+                    if ((p & 1) == 0) dv[((start + t0 + tt) * H + h) * N + i0 + yrow] = rwkv::from_float<T>(vv);
+                }
+#pragma unroll
+                for (int m = 0; m < MC; ++m) {
+                    const int cc = p + P * m;
+                    const float4 dd = d4[cc], av = a4[cc];
+#pragma unroll
+                    for (int rr = 0; rr < RT; ++rr) {
+                        wkv7::acc4(&cp[3][4 * m], sp[rr][m], pb[rr]);          // da = S_{t-1}^T dsa
+                        float4& g = dS[rr][m];                                 // dS_{t-1} = dS diag(d) + dsa a^T
+                        g.x = fmaf(g.x, dd.x, pb[rr] * av.x); g.y = fmaf(g.y, dd.y, pb[rr] * av.y);
+                        g.z = fmaf(g.z, dd.z, pb[rr] * av.z); g.w = fmaf(g.w, dd.w, pb[rr] * av.w);
+                        st[rr][m] = sp[rr][m];
+                    }
+                }
+                // column partials: over the warp's 4 row quads (shuffles), then to shared memory per warp
+#pragma unroll
+                for (int z = 0; z < 5; ++z) {
+                    float part[V / 4];
+                    wkv7::quad_scatter<V>(cp[z], part, q);
+                    const int base = ((q & 2) ? V / 2 : 0) + ((q & 1) ? V / 4 : 0);
+#pragma unroll
+                    for (int j = 0; j < V / 4; ++j) {
+                        const int lc = base + j;                       // local column: chunk lc/4, component lc%4
+                        const int col = 4 * (p + P * (lc / 4)) + (lc % 4);
+                        S_cp[((lt * 5 + z) * NW + wp) * N + col] = part[j];
+                    }
+                }
+            }
+            __syncthreads();   // column partials of the sub-chunk visible
+            // ---- (C) sum the warps' partials in a fixed order, write the column gradients
+            for (int e = tid; e < Ls * 5 * N; e += NT) {
+                const int lt = e / (5 * N), z = (e / N) % 5, col = e % N;
+                float acc = 0.f;
+#pragma unroll
+                for (int q2 = 0; q2 < NW; ++q2) acc += S_cp[((lt * 5 + z) * NW + q2) * N + col];
+                const long long o = ((start + t0 + u0 + lt) * H + h) * N + col;
+                if (z == 0) dr[o] = rwkv::from_float<T>(acc);
+                else if (z == 1) dk[o] = rwkv::from_float<T>(acc);
+                else if (z == 2) db[o] = rwkv::from_float<T>(acc);
+                else if (z == 3) da[o] = rwkv::from_float<T>(acc);
+                else {
+                    const float wv = rwkv::to_float(w[o]);
+                    dw[o] = rwkv::from_float<T>(acc * (-expf(wv) * wkv7::decay_of(wv)));
+                }
+            }
+        }   // sub-chunks
+    }
+    if (state_out != nullptr) {
+#pragma unroll
+        for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+            for (int m = 0; m < MC; ++m)
+                *reinterpret_cast<float4*>(state_out + sbase + rr * N + 4 * (p + P * m)) = dS[rr][m];
     }
 }

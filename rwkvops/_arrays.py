@@ -69,6 +69,21 @@ def is_c_contiguous(x) -> bool:
     return bool(flags.c_contiguous) if flags is not None else True
 
 
+_TORCH_DTYPE_NAMES: dict = {}
+
+
+def describe(x):
+    """(kind, device, dtype name, C-contiguous) of one array, in one pass (the validation hot path)."""
+    t = _torch()
+    if t is not None and isinstance(x, t.Tensor):
+        dev = x.device
+        name = _TORCH_DTYPE_NAMES.get(x.dtype)
+        if name is None:
+            name = _TORCH_DTYPE_NAMES[x.dtype] = str(x.dtype)[6:]
+        return "torch", (("cuda", dev.index) if dev.type == "cuda" else ("cpu", None)), name, x.is_contiguous()
+    return kind_of(x), device_of(x), dtype_name(x), is_c_contiguous(x)
+
+
 def require_cupy():
     try:
         import cupy

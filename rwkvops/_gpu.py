@@ -59,12 +59,20 @@ def ptr(x):
     return np.uint64(0) if x is None else np.uint64(x.data.ptr)
 
 
+_FUNCTIONS: dict = {}
+_SMEM: dict = {}  # the dynamic shared-memory limit already raised per function
+
+
 def launch(op_name, source, name_expression, name_expressions, grid, block, args, shared_mem=0):
     """Launch ``name_expression`` (compiled once with all of ``name_expressions``) on the current stream."""
     import cupy
-    fn = get_function(op_name, source, name_expression, name_expressions)
-    if shared_mem > 48 * 1024:
+    key = (cupy.cuda.runtime.getDevice(), source, name_expression)
+    fn = _FUNCTIONS.get(key)
+    if fn is None:
+        fn = _FUNCTIONS[key] = get_function(op_name, source, name_expression, name_expressions)
+    if shared_mem > 48 * 1024 and _SMEM.get(key, 0) < shared_mem:
         fn.max_dynamic_shared_size_bytes = shared_mem
+        _SMEM[key] = shared_mem
     fn(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem, stream=cupy.cuda.get_current_stream())
 
 

@@ -59,12 +59,13 @@ def check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:
         if not _is_array(a) and not hasattr(a, "__dlpack__"):
             raise TypeError(f"{name}: argument {k!r} must be an array (NumPy, CuPy, torch, DLPack), "
                             f"got {type(a).__name__}")
-    kinds = {k: _arrays.kind_of(a) for k, a in arrays.items()}
+    info = {k: _arrays.describe(a) for k, a in arrays.items()}
+    kinds = {k: i[0] for k, i in info.items()}
     first = next(iter(arrays))
     if len(set(kinds.values())) > 1:
         raise TypeError(f"{name}: all arrays must be of one type; got " +
                         ", ".join(f"{k}: {v}" for k, v in kinds.items()))
-    devices = {k: _arrays.device_of(a) for k, a in arrays.items()}
+    devices = {k: i[1] for k, i in info.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"{name}: all arrays must be on one device; got " +
                          ", ".join(f"{k}: {d[0]}" + ("" if d[1] is None else f":{d[1]}") for k, d in devices.items()))
@@ -97,7 +98,7 @@ def check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:
             raise ValueError(f"{name}: dimension {sym} (from {where[sym]!r}) must be >= 1, got {n}")
 
     # dtypes
-    dtypes = {a.name: _arrays.dtype_name(x[a.name]) for a in op.inputs}
+    dtypes = {a.name: info[a.name][2] for a in op.inputs}
     dtype = dtypes[op.inputs[0].name]
     for k, d in dtypes.items():
         if d != dtype:
@@ -112,7 +113,7 @@ def check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:
                          f"supported: {', '.join(map(str, op.head_sizes))}")
     if gpu:
         for k, a in arrays.items():
-            if not _arrays.is_c_contiguous(a):
+            if not info[k][3]:
                 raise ValueError(f"{name}: {k!r} must be C-contiguous on the GPU (call .contiguous() or "
                                  f"cupy.ascontiguousarray); got shape {tuple(a.shape)}, strides {getattr(a, 'strides', None)}")
 
@@ -161,7 +162,7 @@ def check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:
             exp = ("P" if pool else str(num_seqs),) + want
             raise ValueError(f"{name}: {st.name!r} must have shape {_fmt(st.shape)} = {_fmt(exp)} "
                              f"(leading dimension: {lead}), got {shape}")
-        sd = _arrays.dtype_name(state)
+        sd = info[st.name][2]
         ok = ("float32",) if gpu else ("float32", "float64")
         if sd not in ok:
             raise TypeError(f"{name}: {st.name!r} must be {' or '.join(ok)} (states are kept in fp32), got {sd}")

@@ -99,3 +99,34 @@ def test_non_contiguous_rejected_on_gpu():
         op(*x)
     with pytest.raises(ValueError, match="head size N=8"):
         op(*[torch.randn(1, 3, 1, 8, device="cuda") for _ in range(6)])
+
+
+@pytest.mark.parametrize("name", ["wkv7", "wkv6"])
+def test_decode_step_captures_in_a_cuda_graph(name):
+    """A one-token decode call is graph-capturable (no host syncs or allocations outside torch's allocator):
+    replaying the graph on new inputs copied into the captured tensors gives the reference answer."""
+    torch = pytest.importorskip("torch")
+    op = rwkvops.get_op(name)
+    dims = testing.default_dims(op, B=4, T=1, H=2, N=64)
+    rng = np.random.default_rng(5)
+    x = {k: torch.tensor(v, device="cuda", dtype=torch.float32)
+         for k, v in testing.sample_inputs(op, dims, rng).items()}
+    st = torch.tensor(testing.sample_state(op, dims, 4, rng), device="cuda", dtype=torch.float32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            op(*x.values(), state=st)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, s = op(*x.values(), state=st)
+    x2 = testing.sample_inputs(op, dims, rng)
+    s2 = testing.sample_state(op, dims, 4, rng)
+    for k, v in x2.items():
+        x[k].copy_(torch.tensor(v, dtype=torch.float32))
+    st.copy_(torch.tensor(s2, dtype=torch.float32))
+    graph.replay()
+    torch.cuda.synchronize()
+    ry, rs = op.reference_forward(x2, s2)
+    assert testing.rel_rms(y, ry) < 1e-5 and testing.rel_rms(s, rs) < 1e-5

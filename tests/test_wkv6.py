@@ -822,3 +822,44 @@ def test_emulated_chunked_forward(emu, monkeypatch, dtype, L):
     for T, N in ((1, 32), (15, 64), (16, 32), (17, 32), (65, 64), (130, 32)):
         _assert_errs(_emu_case(dtype, N, T=T, seed=T + L, bwd=False), dtype)
     _assert_errs(_emu_case(dtype, 32, T=40, with_state=False, bwd=False), dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fwd", ["recurrent", "chunked-same-L", "chunked-other-L"])
+@pytest.mark.parametrize("L", [4, 16, 64])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_chunked_backward(emu, monkeypatch, dtype, L, fwd):
+    """The chunk-parallel backward (forward and reverse chunk scans, per-chunk passes) against the reference,
+    with the chunk states recomputed or taken from the chunked forward; T not a multiple of L, T < L, T == 1."""
+    from rwkvops.ops import wkv6 as W
+    monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "BWD_CHUNK_L", L)
+    monkeypatch.setattr(W, "FORWARD_PATH", "recurrent" if fwd == "recurrent" else "chunked")
+    monkeypatch.setattr(W, "CHUNK_L", 8 if fwd == "chunked-other-L" else L)
+    for T, N in ((1, 32), (15, 32), (16, 32), (17, 64), (65, 32), (130, 32)):
+        _assert_errs(_emu_case(dtype, N, T=T, seed=T + 3 * L), dtype)
+    _assert_errs(_emu_case(dtype, 32, T=37, with_state=False, seed=L), dtype)
+
+
+@pytest.mark.slow
+def test_emulated_chunked_backward_none_grads_and_determinism(emu, monkeypatch):
+    from rwkvops._dispatch import GpuCall
+    from rwkvops._gpu import Seqs
+    from rwkvops.ops import wkv6 as W
+    monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "BWD_CHUNK_L", 8)
+    B, T, H, N = 2, 21, 2, 32
+    x, s, dy, ds = make(B, T, H, N, seed=5, dtype=np.float32)
+    call = GpuCall(W.OP, "float32", {"B": B, "T": T, "H": H, "N": N}, Seqs(num=B, T=T, total=B * T), _poisoned)
+    y, saved = W.gpu_forward(call, x, None, np.empty((B, H, N, N), np.float32), True)
+    for dyv, dsv in ((None, ds), (dy, None)):
+        g = W.gpu_backward(call, x, None, saved, dyv, dsv)
+        g0 = reference_backward({n: a.astype(np.float64) for n, a in x.items()}, np.zeros((B, H, N, N)),
+                                np.zeros((B, T, H, N)) if dyv is None else dy.astype(np.float64),
+                                np.zeros((B, H, N, N)) if dsv is None else ds.astype(np.float64))
+        for n in (*NAMES, "state"):
+            assert rel_rms(g[n], g0[n]) < _gtol("float32", n), n
+    g1 = W.gpu_backward(call, x, s, saved, dy, ds)
+    g2 = W.gpu_backward(call, x, s, saved, dy, ds)
+    for n in (*NAMES, "state"):
+        np.testing.assert_array_equal(g1[n], g2[n])

@@ -576,6 +576,9 @@ float* g_dyn;
 std::vector<float> g_x;
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
 struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline __half __ushort_as_half(unsigned short u) { __half h; memcpy(&h, &u, 2); return h; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { __nv_bfloat16 h; h.x = u; return h; }
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 inline float __shfl_xor_sync(unsigned, float v, int off, int) {   // every thread of the block calls it together
     int t = threadIdx.x; g_x[t] = v; __syncthreads(); float r = g_x[t ^ off]; __syncthreads(); return r; }
@@ -602,19 +605,25 @@ _EMU_DRIVER = r'''
 template <typename T, int N> void fwd(const uint64_t* a, int grid, int blk) {
   emu_run(grid, blk, 0, [&]{ wkv7_forward<T, N>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(T*)P_(6),(const int*)P_(7), I_(8), L_(9), (const float*)P_(10), (float*)P_(11),
-     (const int*)P_(12), I_(13), (int*)P_(14), (float*)P_(15), I_(16)); }); }
+     (const int*)P_(12), I_(13), (int*)P_(14), (float*)P_(15), I_(16), I_(17)); }); }
 template <typename T, int N> void dec(const uint64_t* a, int grid, int blk) {
   emu_run(grid, blk, 0, [&]{ wkv7_decode<T, N>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(T*)P_(6),(const int*)P_(7), I_(8), L_(9), (const float*)P_(10), (float*)P_(11),
      (const int*)P_(12), I_(13), (int*)P_(14), I_(15)); }); }
-template <typename T, int N> void bwd(const uint64_t* a, int grid, int blk, size_t smem) {
+template <typename T, int N> void bwd_rows(const uint64_t* a, int grid, int blk, size_t smem) {
   emu_run(grid, blk, smem, [&]{ wkv7_backward<T, N>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
+     (const T*)P_(4),(const T*)P_(5),(const T*)P_(6),(T*)P_(7),(T*)P_(8),(T*)P_(9),(T*)P_(10),(T*)P_(11),(T*)P_(12),
+     (const int*)P_(13), I_(14), L_(15), (const float*)P_(16), (float*)P_(17), (const int*)P_(18), I_(19), (int*)P_(20),
+     (const float*)P_(21), (float*)P_(22), I_(23), I_(24)); }); }
+template <typename T, int N> void bwd(const uint64_t* a, int grid, int blk, size_t smem) {
+  emu_run(grid, blk, smem, [&]{ wkv7_backward_l2<T, N>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(const T*)P_(6),(T*)P_(7),(T*)P_(8),(T*)P_(9),(T*)P_(10),(T*)P_(11),(T*)P_(12),
      (const int*)P_(13), I_(14), L_(15), (const float*)P_(16), (float*)P_(17), (const int*)P_(18), I_(19), (int*)P_(20),
      (const float*)P_(21), (float*)P_(22), I_(23), I_(24)); }); }
 #define DISP(T) \
   if (kind == 0) { if (N == 32) fwd<T, 32>(a, grid, blk); else if (N == 64) fwd<T, 64>(a, grid, blk); else fwd<T, 128>(a, grid, blk); } \
   else if (kind == 1) { if (N == 32) dec<T, 32>(a, grid, blk); else if (N == 64) dec<T, 64>(a, grid, blk); else dec<T, 128>(a, grid, blk); } \
+  else if (kind == 2) { if (N == 32) bwd_rows<T, 32>(a, grid, blk, smem); else bwd_rows<T, 64>(a, grid, blk, smem); } \
   else { if (N == 32) bwd<T, 32>(a, grid, blk, smem); else if (N == 64) bwd<T, 64>(a, grid, blk, smem); else bwd<T, 128>(a, grid, blk, smem); }
 extern "C" void emu(int kind, int dt, int N, const uint64_t* a, int grid, int blk, long smem) {
   if (dt == 0) { DISP(float) } else if (dt == 1) { DISP(__half) } else { DISP(__nv_bfloat16) }
@@ -694,7 +703,7 @@ def emu(emu_lib, monkeypatch):
         import re
         m = re.match(r"wkv7_(\w+)<(\w+), (\d+)>$", name)
         assert m and name in W.NAME_EXPRESSIONS, name
-        kind = {"forward": 0, "decode": 1, "backward": 2}[m.group(1)]
+        kind = {"forward": 0, "decode": 1, "backward": 2, "backward_l2": 3}[m.group(1)]
         dt = {"float": 0, "__half": 1, "__nv_bfloat16": 2}[m.group(2)]
         a = np.array([int(v) & 0xFFFFFFFFFFFFFFFF for v in args], dtype=np.uint64)
         launches.append(name)
@@ -743,6 +752,9 @@ def test_emulated_kernels_dense(emu, dt, N, T):
     ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
     fwd_tol, bwd_tol = (1e-5, 1e-4) if dt == "float32" else (3e-3, 6e-3)
     y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
+    ct = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}[dt]
+    assert emu.launches[-2:] == [f"wkv7_forward<{ct}, {N}>",
+                                 f"wkv7_backward{'' if W.BWD_ROWS[N] else '_l2'}<{ct}, {N}>"]
     y_ref, s_ref = W.reference_forward(x, s0)
     assert rel_rms(y, y_ref) < fwd_tol and rel_rms(s, s_ref) < 1e-5
     _check_grads(g, W.reference_backward(x, s0, dy, ds), bwd_tol)
@@ -840,3 +852,46 @@ def test_emulated_misaligned_state_is_refused(emu):
     call = _EmuCall("float32", {"B": B, "T": T, "H": H, "N": N}, Seqs(num=B, T=T, total=B * T, pool_size=B))
     with pytest.raises(ValueError, match="16-byte aligned"):
         W.gpu_forward(call, x, bad, call.empty((B, H, N, N), "float32"), False)
+
+
+@pytest.mark.parametrize("dt", ("float32", "bfloat16"))
+def test_emulated_unaligned_inputs_use_scalar_loads(emu, dt):
+    """Input views that are not 16-byte aligned take the forward's element-by-element staging path."""
+    from rwkvops._gpu import Seqs
+    rng = np.random.default_rng(13)
+    B, T, H, N = 2, 21, 2, 64
+    x, s0 = _rounded(rng, B, T, H, N, dt)
+    y_ref, s_ref = W.reference_forward(x, s0)
+    call = _EmuCall(dt, {"B": B, "T": T, "H": H, "N": N}, Seqs(num=B, T=T, total=B * T, pool_size=B))
+    xe = {}
+    for n in NAMES:
+        e = _enc(x[n], dt)
+        buf = np.empty(e.size + 1, e.dtype)
+        view = buf[1:].reshape(e.shape)
+        view[...] = e
+        assert view.ctypes.data % 16 != 0
+        xe[n] = view
+    sout = call.empty((B, H, N, N), "float32")
+    y, _ = W.gpu_forward(call, xe, np.ascontiguousarray(s0.astype(np.float32)), sout, False)
+    assert emu.launches[-1].startswith("wkv7_forward")
+    tol = 1e-5 if dt == "float32" else 3e-3
+    assert rel_rms(_dec(y, dt), y_ref) < tol and rel_rms(sout.astype(np.float64), s_ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows", (True, False), ids=("rows", "l2"))
+@pytest.mark.parametrize("N,T", [(64, 41), (32, 35)], ids=str)
+def test_emulated_backward_kernels(emu, monkeypatch, rows, N, T):
+    """Both backward kernels (row layout with shared-memory sub-chunks, and the global-scratch one) on lengths with
+    partial chunks and partial sub-chunks, bf16, zero and non-zero initial state."""
+    monkeypatch.setitem(W.BWD_ROWS, N, rows)
+    rng = np.random.default_rng(T)
+    B, H, dt = 2, 3, "bfloat16"
+    x, s0 = _rounded(rng, B, T, H, N, dt)
+    dy = _dec(_enc(rng.standard_normal((B, T, H, N)), dt), dt)
+    ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
+    assert emu.launches[-1] == f"wkv7_backward{'' if rows else '_l2'}<__nv_bfloat16, {N}>"
+    _check_grads(g, W.reference_backward(x, s0, dy, ds), 6e-3)
+    y, s, g = emu(x, None, dt, B, T, H, dy=dy)
+    z = np.zeros_like(s0)
+    _check_grads(g, W.reference_backward(x, z, dy, z), 6e-3)

@@ -52,6 +52,13 @@ CHUNK_L = 64               # tokens per chunk of the chunked forward
 CHUNKED_MIN_T = 256        # auto: chunked only for dense inputs with T >= this ...
 CHUNKED_MAX_BLOCKS = 1024  # ... and fewer than this many (sequence, head) blocks (the recurrent form underfills)
 
+# Backward path selection: "auto" (chunk-parallel for dense inputs with T >= BWD_CHUNKED_MIN_T), or force
+# "sequential" (the three full-sequence passes, one block per (sequence, head); also the varlen path) or
+# "chunked" (dense inputs only).
+BACKWARD_PATH = "auto"
+BWD_CHUNK_L = 64           # tokens per chunk of the chunk-parallel backward
+BWD_CHUNKED_MIN_T = 128
+
 
 def _ne(name, ctype, n):
     return f"{name}<{ctype}, {n}>"
@@ -166,17 +173,34 @@ def _forward_chunked(call, x, state_in, state_out, y):
     B, T, H, N = seqs.num, seqs.T, call.dims["H"], call.dims["N"]
     L = CHUNK_L
     nc = -(-T // L)
-    buf = call.empty((B, nc, H, N, N), "float32")
-    dec = call.empty((B, nc, H, N), "float32")
-    _launch("wkv6_chunk_state", call, (B * nc * H,), (N,),
-            (i32(T), i32(H), i32(L), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(buf), ptr(dec)))
-    nb = -(-(N * N // 4) // 256)
-    _launch("wkv6_chunk_scan", call, (B * H * nb,), (256,),
-            (i32(T), i32(H), i32(L), ptr(buf), ptr(dec), ptr(state_in), ptr(state_out), ptr(seqs.state_idx),
-             i32(seqs.pool_size), error_ptr()))
+    buf = _chunk_states(call, x["k"], x["v"], x["w"], state_in, state_out, seqs.state_idx, seqs.pool_size, L, False)
     _launch("wkv6_chunk_output", call, (B * nc * H,), (N,),
             (i32(T), i32(H), i32(L), ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(buf),
              ptr(y)))
+    return buf
+
+
+def _chunk_states(call, k, v, w, state_in, state_out, state_idx, pool_size, L, rev):
+    """Per-chunk states of a dense batch: wkv6_chunk_state (local chunk states from zero) + wkv6_chunk_scan.
+
+    rev=False: returns buf [B, nc, H, N, N] with buf[b, c] = S at the start of chunk c (the state after token c*L-1);
+    the final state goes to state_out.  rev=True (the backward's adjoint G_{t-1} = G_t d_t + dy_t r_t^T; pass
+    k=r, v=dy, state_in=dstate): buf[b, c] = G at the last token of chunk c, state_out gets G_{-1} = dstate_in.
+    """
+    from .._gpu import error_ptr, ptr
+    i32 = np.int32
+    seqs = call.seqs
+    B, T, H, N = seqs.num, seqs.T, call.dims["H"], call.dims["N"]
+    nc = -(-T // L)
+    buf = call.empty((B, nc, H, N, N), "float32")
+    dec = call.empty((B, nc, H, N), "float32")
+    _launch("wkv6_chunk_state", call, (B * nc * H,), (N,),
+            (i32(T), i32(H), i32(L), ptr(k), ptr(v), ptr(w), ptr(buf), ptr(dec), i32(1 if rev else 0)))
+    nb = -(-(N * N // 4) // 256)
+    _launch("wkv6_chunk_scan", call, (B * H * nb,), (256,),
+            (i32(T), i32(H), i32(L), ptr(buf), ptr(dec), ptr(state_in), ptr(state_out), ptr(state_idx),
+             i32(pool_size), error_ptr(), i32(1 if rev else 0)))
+    return buf
 
 
 def gpu_forward(call, x, state_in, state_out, save):
@@ -190,8 +214,9 @@ def gpu_forward(call, x, state_in, state_out, save):
     _check_aligned(state=state_in, state_out=state_out, **(x if call.dtype == "float32" else {}))
     path = _forward_path(call)
     if path == "chunked":
-        _forward_chunked(call, x, state_in, state_out, y)
-        return y, None
+        buf = _forward_chunked(call, x, state_in, state_out, y)
+        # the chunk-start states serve the chunk-parallel backward when its chunk length matches
+        return y, ({"L": CHUNK_L, "S": buf} if save else None)
     common = (ptr(seqs.cu_seqlens), i32(seqs.T), i64(seqs.total), i32(H),
               ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]),
               ptr(state_in), ptr(state_out), ptr(seqs.state_idx), i32(seqs.pool_size), ptr(y), error_ptr())
@@ -199,7 +224,16 @@ def gpu_forward(call, x, state_in, state_out, save):
         _launch("wkv6_forward_stream", call, (seqs.num * H,), (STREAM_THREADS,), common)
     else:
         _launch("wkv6_forward", call, (seqs.num * H,), (N,), common)
-    return y, None   # backward recomputes everything it needs from the inputs and the initial state
+    return y, None   # backward recomputes what it needs from the inputs and the initial state
+
+
+def _backward_path(call) -> str:
+    seqs = call.seqs
+    if BACKWARD_PATH == "sequential" or seqs.cu_seqlens is not None or seqs.num == 0:
+        return "sequential"
+    if BACKWARD_PATH == "chunked":
+        return "chunked"
+    return "chunked" if seqs.T >= BWD_CHUNKED_MIN_T else "sequential"
 
 
 def gpu_backward(call, x, state_in, saved, dy, dstate):
@@ -215,22 +249,52 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
     grads = {n: call.empty(shape, call.dtype) for n in ("r", "k", "v", "w")}
     du = call.empty((H, N), call.dtype)
     dstate_in = call.empty((seqs.num, H, N, N), "float32")
-    # scratch (from the caller's allocator too): X terms, end-of-chunk state checkpoints, du partials
+    # scratch (from the caller's allocator too): X terms; below: state checkpoints, du partials
     xs = call.empty((max(seqs.total, 1), H, N), "float32")
-    ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
-    du_part = call.empty((max(seqs.num, 1), H, N), "float32")
     head = (ptr(seqs.cu_seqlens), i32(seqs.T), i64(seqs.total), i32(H),
             ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(dy))
     err = error_ptr()
+    if _backward_path(call) == "chunked":
+        # Chunk-parallel: every (sequence, chunk, head) is one unit of the three passes below, started from the
+        # state at the chunk's start (forward chunk scan, or the forward's saved one) and the adjoint at the
+        # chunk's last token (reverse chunk scan of G, which also yields dstate).
+        L = BWD_CHUNK_L
+        T = seqs.T
+        nc = -(-T // L)
+        units = seqs.num * nc
+        if isinstance(saved, dict) and saved.get("L") == L:
+            sbuf = saved["S"]
+        else:
+            sbuf = _chunk_states(call, x["k"], x["v"], x["w"], state_in, None, None, 0, L, False)
+        if dstate is None:
+            dstate = call.empty((seqs.num, H, N, N), "float32")
+            dstate.fill(0)
+        gbuf = _chunk_states(call, x["r"], dy, x["w"], dstate, dstate_in, None, 0, L, True)
+        ckpt = call.empty((units, H, N, N), "float32")
+        du_part = call.empty((units, H, N), "float32")
+        grid, block, cl = (units * H,), (N,), i32(L)
+        _launch("wkv6_bwd_colfwd", call, grid, block,
+                head + (ptr(sbuf), i32(L), ptr(grads["r"]), ptr(xs), ptr(ckpt), err, cl))
+        _launch("wkv6_bwd_colrev", call, grid, block,
+                head + (ptr(gbuf), i32(L), ptr(xs), ptr(ckpt), ptr(grads["k"]), ptr(grads["w"]),
+                        ptr(None), ptr(du_part), err, cl))
+        _launch("wkv6_bwd_rowrev", call, grid, block,
+                head + (ptr(gbuf), ptr(grads["v"]), err, cl))
+        _launch("wkv6_reduce_u", call, (H,), (N,), (ptr(du_part), i32(units), i32(H), ptr(du)))
+        grads["u"] = du
+        grads["state"] = dstate_in
+        return grads
+    ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
+    du_part = call.empty((max(seqs.num, 1), H, N), "float32")
     grid, block = (seqs.num * H,), (N,)
     if seqs.num > 0:
         _launch("wkv6_bwd_colfwd", call, grid, block,
-                head + (ptr(state_in), i32(CK), ptr(grads["r"]), ptr(xs), ptr(ckpt), err))
+                head + (ptr(state_in), i32(CK), ptr(grads["r"]), ptr(xs), ptr(ckpt), err, i32(0)))
         _launch("wkv6_bwd_colrev", call, grid, block,
                 head + (ptr(dstate), i32(CK), ptr(xs), ptr(ckpt), ptr(grads["k"]), ptr(grads["w"]),
-                        ptr(dstate_in), ptr(du_part), err))
+                        ptr(dstate_in), ptr(du_part), err, i32(0)))
         _launch("wkv6_bwd_rowrev", call, grid, block,
-                head + (ptr(dstate), ptr(grads["v"]), err))
+                head + (ptr(dstate), ptr(grads["v"]), err, i32(0)))
     else:
         du_part[...] = 0
     _launch("wkv6_reduce_u", call, (H,), (N,), (ptr(du_part), i32(max(seqs.num, 1)), i32(H), ptr(du)))

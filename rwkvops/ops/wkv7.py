@@ -146,21 +146,29 @@ HEAD_SIZES = (32, 64, 128)
 CK = 16                       # checkpoint interval (tokens) of the training forward / backward
 
 
+BWD_ROWS_SC = {32: 16, 64: 8}   # row-layout backward (wkv7_backward, BwdRowCfg<N>::SC in wkv7.cu) for these N
+
+
 def _names():
     out = []
     for ct in CTYPE.values():
         for n in HEAD_SIZES:
             out.append(f"wkv7_forward<{ct}, {n}>")
             out.append(f"wkv7_decode<{ct}, {n}>")
-            out.append(f"wkv7_backward<{ct}, {n}>")
+            out.append(f"wkv7_backward<{ct}, {n}>" if n in BWD_ROWS_SC else f"wkv7_backward_l2<{ct}, {n}>")
+            if n in BWD_ROWS_SC:
+                out.append(f"wkv7_backward_l2<{ct}, {n}>")   # the scratch backward, kept selectable (BWD_ROWS)
     return tuple(out)
 
 
 NAME_EXPRESSIONS = _names()
 
 
-FWD_P = {32: 2, 64: 4, 128: 4}   # threads per state row in wkv7_forward (FwdCfg in wkv7.cu)
-BWD_SC = {32: 8, 64: 4, 128: 4}              # backward sub-chunk (BwdCfg::SC in wkv7.cu): scratch slots - 1
+FWD_NT = 32                   # wkv7_forward block size (FwdCfg<N>::NT in wkv7.cu: one warp)
+FWD_RB = 16                   # state rows per forward block (FwdCfg<N>::RB)
+FWD_R = {n: n // FWD_RB for n in HEAD_SIZES}   # forward row groups (blocks) per (sequence, head): FwdCfg<N>::R
+BWD_ROWS = {32: True, 64: True, 128: False}  # backward kernel per N: wkv7_backward (rows) or wkv7_backward_l2
+BWD_SC = {32: 8, 64: 4, 128: 4}              # wkv7_backward_l2 sub-chunk (BwdCfg::SC in wkv7.cu): scratch slots - 1
 BWD_BLOCKS_PER_SM = {32: 8, 64: 3, 128: 1}   # backward grid = min(items, SMs * this): about what is resident
 
 
@@ -183,7 +191,15 @@ def _launch(name, grid, block, args, shared_mem=0):
 
 
 def _bwd_smem(N):
+    """Dynamic shared memory (bytes) of wkv7_backward_l2."""
     return (9 * CK * N + 2 * N) * 4
+
+
+def _bwd_rows_smem(N):
+    """Dynamic shared memory (bytes) of wkv7_backward: staged inputs [7][CK][N], S a [CK][N], thread-private
+    sub-chunk states [SC][N][N], column partials [SC][5][N/16][N] (200 KB for N = 64: one block per SM)."""
+    sc = BWD_ROWS_SC[N]
+    return (7 * CK * N + CK * N + sc * N * N + sc * 5 * (N // 16) * N) * 4
 
 
 def _check_aligned(**arrays):
@@ -198,7 +214,8 @@ def _check_aligned(**arrays):
 
 def gpu_forward(call, x, state_in, state_out, save):
     """Launch the forward.  Dense T == 1 without backward uses the decode kernel; everything else the recurrent
-    kernel, which with ``save`` also writes fp32 state checkpoints every ``CK`` tokens (``saved['ckpt']``)."""
+    kernel (``FWD_R[N]`` one-warp blocks per (sequence, head), each owning ``FWD_RB`` state rows), which with
+    ``save`` also writes fp32 state checkpoints every ``CK`` tokens (``saved['ckpt']``)."""
     from .._gpu import error_ptr, ptr
     _check_aligned(state=state_in, state_out=state_out)
     seqs = call.seqs
@@ -215,7 +232,9 @@ def gpu_forward(call, x, state_in, state_out, save):
     else:
         if save:
             ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
-        _launch(f"wkv7_forward<{ct}, {N}>", grid, (N * FWD_P[N],), (*ins, ptr(y), *abi, ptr(ckpt), np.int32(H)))
+        vec = all(int(p) % 16 == 0 for p in ins)   # 16-byte input loads (always true for fresh allocations)
+        _launch(f"wkv7_forward<{ct}, {N}>", (seqs.num * H * FWD_R[N],), (FWD_NT,),
+                (*ins, ptr(y), *abi, ptr(ckpt), np.int32(H), np.int32(vec)))
     return y, {"ckpt": ckpt}
 
 
@@ -230,14 +249,18 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
     g = {n: call.empty(shape, call.dtype) for n in ("r", "w", "k", "v", "a", "b")}
     dstate_in = call.empty((seqs.num, H, N, N), "float32")
     items = seqs.num * H
-    nblk = _bwd_blocks(items, N)
-    scratch = call.empty((nblk, BWD_SC[N] + 1, N, N), "float32")
+    rows = BWD_ROWS[N]
+    nblk = items if rows else _bwd_blocks(items, N)
+    scratch = None if rows else call.empty((nblk, BWD_SC[N] + 1, N, N), "float32")
     args = ([ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b")] + [ptr(dy)]
             + [ptr(g[n]) for n in ("r", "w", "k", "v", "a", "b")]
             + [ptr(seqs.cu_seqlens), np.int32(seqs.T), np.int64(seqs.total),
                ptr(dstate), ptr(dstate_in), ptr(None), np.int32(0), error_ptr(),
                ptr(saved["ckpt"]), ptr(scratch), np.int32(H), np.int32(seqs.num)])
-    _launch(f"wkv7_backward<{ct}, {N}>", (nblk,), (N * N // 32,), tuple(args), shared_mem=_bwd_smem(N))
+    if rows:
+        _launch(f"wkv7_backward<{ct}, {N}>", (nblk,), (2 * N,), tuple(args), shared_mem=_bwd_rows_smem(N))
+    else:
+        _launch(f"wkv7_backward_l2<{ct}, {N}>", (nblk,), (N * N // 32,), tuple(args), shared_mem=_bwd_smem(N))
     g["state"] = dstate_in
     return g
 
