@@ -37,5 +37,6 @@ for s in $stages; do case $s in
   demo)     run demo python3 -m rwkvops demo ;;
   host)     run host python3 benchmarks/host_overhead.py ;;
   accuracy)  run accuracy python3 benchmarks/accuracy.py --out "$OUT" ;;
+  sweep)    run sweep python3 benchmarks/chunk_sweep.py --out "$OUT/chunk_sweep.json" ;;
 esac; done
 grep -h "^BENCH" "$OUT/bench.log" 2>/dev/null | tail -n 40

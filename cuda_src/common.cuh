@@ -14,7 +14,7 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-enum ErrorCode { ERR_BAD_CU_SEQLENS = 1, ERR_BAD_STATE_INDEX = 2 };
+enum ErrorCode { ERR_BAD_CU_SEQLENS = 1, ERR_BAD_STATE_INDEX = 2, ERR_LOOKBACK_TIMEOUT = 3 };
 
 // Token range [start, end) of sequence s: packed by cu_seqlens, or dense with T tokens each.
 // A malformed device-side cu_seqlens yields an empty range and raises the error word.

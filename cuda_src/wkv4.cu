@@ -10,6 +10,8 @@
 //             bwd_scan   (seq, channel):   reverse scan: adjoint at each chunk's end -> loc[slot]; dstate
 //             bwd_out    (chunk, channel): dk, dv, per-chunk partial dw, du -> part[slot]
 //             bwd_reduce (channel):        dw, du = sum of partials in a fixed order (deterministic)
+//   (version 2 of fwd_chunk, fwd_out, bwd_chunk, bwd_out: same results with fewer exps and no local memory, and a
+//    one-launch forward fwd_fused with a decoupled look-back; see the end of this file.  The launchers pick them.)
 // Scaled adjoints: ah = dL/dnum * e^{pp}, bh = dL/dden * e^{pp}, relative to the pp of the same state.
 // Slots: chunk c of sequence s lives at rwkv::chunk_slot(..., c); grids over slots map back by binary search.
 #include "common.cuh"
@@ -30,6 +32,8 @@ struct Chunk {
 // Map slot g to (sequence, chunk); false when the slot holds no chunk (gap or past the end).
 __device__ __forceinline__ bool find_chunk(const int* cu, int T, long long total, int L, int num, long long g,
                                            int* err, Chunk& ch) {
+    ch.s = -1;
+    ch.c = -1;
     int s;
     if (cu == nullptr) {
         long long nc = (T + L - 1) / L;
@@ -375,4 +379,434 @@ __global__ void __launch_bounds__(128) wkv4_bwd_reduce(
     }
     dw[ch] = rwkv::from_float<T>((sw[0] + sw[1]) + (sw[2] + sw[3]));
     du[ch] = rwkv::from_float<T>((su[0] + su[1]) + (su[2] + su[3]));
+}
+
+// =====================================================================================================================
+// Version 2 of the per-chunk kernels (the scans and the reduction are shared with version 1).
+//
+// Same slots, same arguments, same results bit for bit (they are the version-1 formulas evaluated with fewer
+// operations), but:
+//  * one exp per max-normalized pair instead of two: for m = max(a, b), (e^{a-m}, e^{b-m}) is (1, e^{b-a}) when
+//    b <= a and (e^{a-b}, 1) otherwise, i.e. one x = e^{-|b-a|} and two selects (e^0 = 1 exactly, and a-b = -(b-a)
+//    exactly in IEEE arithmetic, so the values are identical);
+//  * the backward's output kernel keeps no per-token arrays in local memory: it stores the chunk's state every
+//    WKV4_SUB tokens in shared memory, then for each sub-chunk (last first) recomputes its WKV4_SUB states into
+//    registers (fully unrolled) and runs the adjoints back through it.  The decay factors of each step (f1, f2)
+//    are kept from the recomputation, so the backward step needs only the output's exp.
+// Exps per token: fwd_chunk 1 (was 2), fwd_out 2 (was 4), bwd_chunk 3 (was 5), bwd_out 3 (was 6).
+#define WKV4_SUB 8
+#define WKV4_BLOCK 128
+
+namespace wkv4 {
+
+// (e^{a-m}, e^{b-m}) for m = max(a, b), with one exp; returns whether b > a (m = b).
+__device__ __forceinline__ bool pair_exp(float a, float b, float& ea, float& eb) {
+    const float d = b - a;
+    const float x = expf(-fabsf(d));
+    const bool hi = d > 0.f;
+    ea = hi ? x : 1.f;
+    eb = hi ? 1.f : x;
+    return hi;
+}
+
+// One token into the history: pp' = max(pp + w', k); f1 = e^{pp + w' - pp'}, f2 = e^{k - pp'}.
+// Returns whether pp was carried (pp' = pp + w', i.e. pp + w' >= k).
+__device__ __forceinline__ bool step(float& A, float& B, float& P, float wp, float kt, float vt, float& f1,
+                                     float& f2) {
+    const float pw = P + wp;
+    const bool reset = pair_exp(pw, kt, f1, f2);
+    A = f1 * A + f2 * vt;
+    B = f1 * B + f2;
+    P = reset ? kt : pw;
+    return !reset;
+}
+
+}  // namespace wkv4
+
+template <typename T>
+__global__ void __launch_bounds__(128) wkv4_fwd_chunk2(
+    const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
+    const int* cu_seqlens, int Tlen, long long total, int L, int num,
+    float* __restrict__ agg, int C, int* err) {
+    const int ch = blockIdx.y * blockDim.x + threadIdx.x;
+    if (ch >= C) return;
+    const long long g = blockIdx.x;
+    wkv4::Chunk q;
+    if (!wkv4::find_chunk(cu_seqlens, Tlen, total, L, num, g, err, q)) return;
+    const float wp = wkv4::decay_log(rwkv::to_float(w[ch]));
+    long long i = q.t0 * C + ch;
+    float P = rwkv::to_float(k[i]);
+    float A = rwkv::to_float(v[i]);
+    float B = 1.f;
+#pragma unroll 4
+    for (long long t = q.t0 + 1; t < q.t1; ++t) {
+        i += C;
+        const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
+        float f1, f2;
+        wkv4::step(A, B, P, wp, kt, vt, f1, f2);
+    }
+    float* o = agg + g * 3 * C + ch;
+    o[0] = A;
+    o[C] = B;
+    o[2 * C] = P;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(128) wkv4_fwd_out2(
+    const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
+    const int* cu_seqlens, int Tlen, long long total, int L, int num,
+    const float* __restrict__ sin, T* __restrict__ y, int C, int* err) {
+    const int ch = blockIdx.y * blockDim.x + threadIdx.x;
+    if (ch >= C) return;
+    const long long g = blockIdx.x;
+    wkv4::Chunk q;
+    if (!wkv4::find_chunk(cu_seqlens, Tlen, total, L, num, g, err, q)) return;
+    const float wp = wkv4::decay_log(rwkv::to_float(w[ch]));
+    const float uu = rwkv::to_float(u[ch]);
+    const float* si = sin + g * 3 * C + ch;
+    float A = si[0], B = si[C], P = si[2 * C];
+    long long i = q.t0 * C + ch;
+#pragma unroll 4
+    for (long long t = q.t0; t < q.t1; ++t, i += C) {
+        const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
+        float e1, e2;
+        wkv4::pair_exp(P, uu + kt, e1, e2);
+        y[i] = rwkv::from_float<T>((e1 * A + e2 * vt) / (e1 * B + e2));
+        float f1, f2;
+        wkv4::step(A, B, P, wp, kt, vt, f1, f2);
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(128) wkv4_bwd_chunk2(
+    const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ dy,
+    const int* cu_seqlens, int Tlen, long long total, int L, int num,
+    const float* __restrict__ sin, float* __restrict__ loc, int C, int* err) {
+    const int ch = blockIdx.y * blockDim.x + threadIdx.x;
+    if (ch >= C) return;
+    const long long g = blockIdx.x;
+    wkv4::Chunk q;
+    if (!wkv4::find_chunk(cu_seqlens, Tlen, total, L, num, g, err, q)) return;
+    const float wp = wkv4::decay_log(rwkv::to_float(w[ch]));
+    const float uu = rwkv::to_float(u[ch]);
+    const float* si = sin + g * 3 * C + ch;
+    float A = si[0], B = si[C], P = si[2 * C];
+    const float Pin = P;
+    float la = 0.f, lb = 0.f, off = 0.f;
+    bool carried = true;
+    long long i = q.t0 * C + ch;
+#pragma unroll 4
+    for (long long t = q.t0; t < q.t1; ++t, i += C) {
+        const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
+        if (dy != nullptr) {
+            const float gy = rwkv::to_float(dy[i]);
+            float e1, e2;
+            wkv4::pair_exp(P, uu + kt, e1, e2);
+            const float rden = 1.f / (e1 * B + e2);
+            const float yt = (e1 * A + e2 * vt) * rden;
+            const float sc = expf(off + Pin - P) * gy * e1 * rden;
+            la += sc;
+            lb -= sc * yt;
+        }
+        float f1, f2;
+        carried = wkv4::step(A, B, P, wp, kt, vt, f1, f2) && carried;
+        off += wp;
+    }
+    float* o = loc + g * 3 * C + ch;
+    o[0] = la;
+    o[C] = lb;
+    o[2 * C] = carried ? 1.f : 0.f;
+}
+
+// Needs blockDim.x == WKV4_BLOCK (the shared checkpoints are indexed by threadIdx.x).
+template <typename T>
+__global__ void __launch_bounds__(WKV4_BLOCK) wkv4_bwd_out2(
+    const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ dy,
+    const int* cu_seqlens, int Tlen, long long total, int L, int num,
+    const float* __restrict__ sin, const float* __restrict__ fin, const float* __restrict__ loc,
+    T* __restrict__ dk, T* __restrict__ dv, float* __restrict__ part, int C, int* err) {
+    __shared__ float ck[3][WKV4_MAX_CHUNK / WKV4_SUB][WKV4_BLOCK];
+    const int tx = threadIdx.x;
+    const int ch = blockIdx.y * blockDim.x + tx;
+    if (ch >= C) return;
+    const long long g = blockIdx.x;
+    float* po = part + g * 2 * C + ch;
+    wkv4::Chunk q;
+    if (!wkv4::find_chunk(cu_seqlens, Tlen, total, L, num, g, err, q)) {
+        po[0] = 0.f; po[C] = 0.f;
+        return;
+    }
+    const float wp = wkv4::decay_log(rwkv::to_float(w[ch]));
+    const float uu = rwkv::to_float(u[ch]);
+    const float* si = sin + g * 3 * C + ch;
+    float A = si[0], B = si[C], P = si[2 * C];
+    const int n = (int)(q.t1 - q.t0);    // 1 .. L <= WKV4_MAX_CHUNK
+    long long i = q.t0 * C + ch;
+    for (int j = 0; j < n; ++j, i += C) {
+        if (j % WKV4_SUB == 0) {
+            ck[0][j / WKV4_SUB][tx] = A; ck[1][j / WKV4_SUB][tx] = B; ck[2][j / WKV4_SUB][tx] = P;
+        }
+        const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
+        float f1, f2;
+        wkv4::step(A, B, P, wp, kt, vt, f1, f2);
+    }
+    // (each thread reads back only its own column of ck: no barrier needed)
+    const float Pn = (q.t1 == q.end) ? fin[(long long)q.s * 3 * C + 2 * C + ch] : sin[(g + 1) * 3 * C + 2 * C + ch];
+    const float* lo = loc + g * 3 * C + ch;
+    const float rs = expf(P - Pn);
+    float ah = lo[0] * rs, bh = lo[C] * rs, route = lo[2 * C];
+    float dw = 0.f, du = 0.f;
+    for (int sc = (n - 1) / WKV4_SUB; sc >= 0; --sc) {
+        const int j0 = sc * WKV4_SUB;
+        const int m = min(WKV4_SUB, n - j0);
+        float sA[WKV4_SUB], sB[WKV4_SUB], sP[WKV4_SUB], sK[WKV4_SUB], sV[WKV4_SUB], sF1[WKV4_SUB], sF2[WKV4_SUB];
+        bool sC[WKV4_SUB];
+        A = ck[0][sc][tx]; B = ck[1][sc][tx]; P = ck[2][sc][tx];
+        const long long ib = (q.t0 + j0) * C + ch;
+#pragma unroll
+        for (int r = 0; r < WKV4_SUB; ++r) {
+            if (r < m) {
+                sA[r] = A; sB[r] = B; sP[r] = P;
+                sK[r] = rwkv::to_float(k[ib + (long long)r * C]);
+                sV[r] = rwkv::to_float(v[ib + (long long)r * C]);
+                sC[r] = wkv4::step(A, B, P, wp, sK[r], sV[r], sF1[r], sF2[r]);
+            }
+        }
+#pragma unroll
+        for (int r = WKV4_SUB - 1; r >= 0; --r) {
+            if (r < m) {
+                const long long it = ib + (long long)r * C;
+                const float aj = sA[r], bj = sB[r], pj = sP[r], kt = sK[r], vt = sV[r];
+                const float gy = dy != nullptr ? rwkv::to_float(dy[it]) : 0.f;
+                float e1, e2;
+                wkv4::pair_exp(pj, uu + kt, e1, e2);
+                const float rden = 1.f / (e1 * bj + e2);
+                const float yt = (e1 * aj + e2 * vt) * rden;
+                const float ek = sF2[r];
+                const float dku = gy * e2 * (vt - yt) * rden;
+                du += dku;
+                const float dvt = gy * e2 * rden + ah * ek;
+                float dkt = dku + ek * (ah * vt + bh);
+                const float fac = sF1[r];
+                dw += wp * fac * (ah * aj + bh * bj);
+                if (sC[r]) {
+                    dw += route * wp;
+                } else {
+                    dkt += route;
+                    route = 0.f;
+                }
+                dk[it] = rwkv::from_float<T>(dkt);
+                dv[it] = rwkv::from_float<T>(dvt);
+                const float ce = gy * e1 * rden;
+                ah = fac * ah + ce;
+                bh = fac * bh - ce * yt;
+            }
+        }
+    }
+    po[0] = dw;
+    po[C] = du;
+}
+
+// =====================================================================================================================
+// Single-pass forward (one launch): decoupled look-back over chunks of WKV4_FL tokens.
+//
+// Tile = (chunk slot g, channel block).  Tiles take ids from a counter in the order they start (all channel blocks
+// of slot g before slot g + 1), so a tile's predecessor (g - 1, same channel block) has always started: waiting on
+// it cannot deadlock.  Each tile loads its chunk's k, v into registers (read once), computes the chunk's own
+// history `agg` and publishes it (flag 1), then walks back over its predecessors until one has published its
+// inclusive state `inc` (flag 2), folds the aggregates after it forward IN CHUNK ORDER, so the incoming state is
+// bit for bit the sequential left fold whatever the timing (deterministic), publishes its own inclusive state, and
+// writes y from registers.  Chunk 0 of a sequence starts from the initial state (the only reader of state_in; the
+// write-back of a pool slot by the sequence's last chunk happens after that read, ordered through the flags).
+// It also writes the backward's checkpoints: the incoming state of every Lb-token chunk (sinb) and the final
+// state (fin).  flags: int [ntiles + 1], zeroed before the launch; flags[ntiles] is the tile counter.
+// A tile only ever waits on a predecessor that has not yet published its own aggregate (local work, no chain of
+// waits); if that never comes (only possible with malformed device-side cu_seqlens) it raises error code 3 after
+// WKV4_SPIN_LIMIT polls and goes on, instead of hanging the GPU.
+#define WKV4_FL 16
+#define WKV4_SPIN_LIMIT (1 << 20)   // polls of a predecessor that has not even published its aggregate (~1 s)
+#define WKV4_LOOK 8
+
+namespace wkv4 {
+
+// The state after a chunk of Lc tokens with own history (a, b, p), from the incoming state (A, B, P).
+__device__ __forceinline__ void fold(float& A, float& B, float& P, float a, float b, float p, float Lc, float wp) {
+    const float pw = P + Lc * wp;
+    float f1, f2;
+    const bool hi = pair_exp(pw, p, f1, f2);
+    A = f1 * A + f2 * a;
+    B = f1 * B + f2 * b;
+    P = hi ? p : pw;
+}
+
+}  // namespace wkv4
+
+template <typename T>
+__global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused(
+    const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
+    const int* cu_seqlens, int Tlen, long long total, int num, int Lb,
+    float* agg, float* inc, int* flags, int ntiles, int ncb,
+    const float* state_in, float* state_out, float* __restrict__ fin, float* __restrict__ sinb,
+    const int* state_idx, int pool_size, T* __restrict__ y, int C, int* err) {
+    __shared__ int s_tile;
+    __shared__ long long s_back;
+    if (threadIdx.x == 0) s_tile = atomicAdd(flags + ntiles, 1);
+    __syncthreads();
+    const int tile = s_tile;
+    if (tile >= ntiles) return;
+    const long long g = tile / ncb;
+    const int cbi = tile % ncb;
+    const int ch = cbi * blockDim.x + threadIdx.x;
+    const bool act = ch < C;          // idle threads still take part in the barriers
+    const long long C3 = 3LL * C;
+    wkv4::Chunk q;
+    if (!wkv4::find_chunk(cu_seqlens, Tlen, total, WKV4_FL, num, g, err, q)) {
+        // the first slot of an empty sequence: its state passes through unchanged
+        if (q.s >= 0 && q.c == 0 && q.start == q.end && act) {
+            const long long slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
+            float A = 0.f, B = 0.f, P = 0.f;
+            if (state_in != nullptr && slot >= 0) {
+                const float* si = state_in + slot * C3 + ch;
+                A = si[0]; B = si[C]; P = si[2 * C];
+            }
+            if (state_out != nullptr && slot >= 0 && state_out != state_in) {
+                float* so = state_out + slot * C3 + ch;
+                so[0] = A; so[C] = B; so[2 * C] = P;
+            }
+            if (fin != nullptr) {
+                float* fo = fin + (long long)q.s * C3 + ch;
+                fo[0] = A; fo[C] = B; fo[2 * C] = P;
+            }
+        }
+        return;                       // uniform over the block (g is)
+    }
+    const int n = (int)(q.t1 - q.t0);   // 1 .. WKV4_FL
+    const bool last = q.t1 == q.end;
+    float wp = 0.f, uu = 0.f;
+    float kr[WKV4_FL], vr[WKV4_FL];
+    if (act) {
+        wp = wkv4::decay_log(rwkv::to_float(w[ch]));
+        uu = rwkv::to_float(u[ch]);
+        const long long i0 = q.t0 * C + ch;
+#pragma unroll
+        for (int r = 0; r < WKV4_FL; ++r) {
+            if (r < n) {
+                kr[r] = rwkv::to_float(k[i0 + (long long)r * C]);
+                vr[r] = rwkv::to_float(v[i0 + (long long)r * C]);
+            }
+        }
+    }
+    // the chunk's own history
+    float a = 0.f, b = 0.f, p = 0.f;
+    if (act) {
+        p = kr[0]; a = vr[0]; b = 1.f;
+#pragma unroll
+        for (int r = 1; r < WKV4_FL; ++r) {
+            if (r < n) {
+                float f1, f2;
+                wkv4::step(a, b, p, wp, kr[r], vr[r], f1, f2);
+            }
+        }
+    }
+    // incoming state
+    float A = 0.f, B = 0.f, P = 0.f;
+    long long slot = -1;
+    if (q.c == 0 || last) slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
+    if (q.c == 0) {
+        if (act && state_in != nullptr && slot >= 0) {
+            const float* si = state_in + slot * C3 + ch;
+            A = si[0]; B = si[C]; P = si[2 * C];
+        }
+    } else {
+        if (act) {
+            float* o = agg + g * C3 + ch;
+            o[0] = a; o[C] = b; o[2 * C] = p;
+        }
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            atomicExch(flags + tile, 1);
+            // Walk back WKV4_LOOK predecessors per round trip: the nearest one that is not an aggregate (1) decides:
+            // inclusive (2) -> done; not yet published (0) -> wait on it.  Chunk 0 only ever publishes 2, so the
+            // walk never leaves the sequence (slots below jmin are never looked at: jmin's flag ends every scan).
+            const long long jmin = g - q.c;          // chunk 0 of this sequence
+            long long j = g - 1;                     // chunk c - 1
+            int spins = 0;
+            while (true) {
+                int f[WKV4_LOOK];
+#pragma unroll
+                for (int r = 0; r < WKV4_LOOK; ++r)
+                    f[r] = (j - r >= jmin) ? *(volatile const int*)(flags + (j - r) * ncb + cbi) : 2;
+                int r = WKV4_LOOK, fr = 1;           // the nearest entry that is not 1 (unrolled: no local memory)
+#pragma unroll
+                for (int e = WKV4_LOOK - 1; e >= 0; --e)
+                    if (f[e] != 1) { r = e; fr = f[e]; }
+                if (r == WKV4_LOOK) { j -= WKV4_LOOK; continue; }
+                j -= r;
+                if (fr == 2) break;
+                if (++spins > WKV4_SPIN_LIMIT) {  // never expected: report instead of hanging
+                    if (err) *(volatile int*)err = rwkv::ERR_LOOKBACK_TIMEOUT;
+                    break;
+                }
+                __nanosleep(32);
+            }
+            __threadfence();
+            s_back = j;
+        }
+        __syncthreads();
+        const long long j = s_back;
+        if (act) {
+            const float* si = inc + j * C3 + ch;
+            A = __ldcg(si); B = __ldcg(si + C); P = __ldcg(si + 2 * C);
+#pragma unroll 4
+            for (long long m = j + 1; m < g; ++m) {    // full chunks, in order
+                const float* ag = agg + m * C3 + ch;
+                wkv4::fold(A, B, P, __ldcg(ag), __ldcg(ag + C), __ldcg(ag + 2 * C), (float)WKV4_FL, wp);
+            }
+        }
+    }
+    // publish the inclusive state (or write the final state)
+    {
+        float iA = A, iB = B, iP = P;
+        wkv4::fold(iA, iB, iP, a, b, p, (float)n, wp);
+        if (!last) {
+            if (act) {
+                float* o = inc + g * C3 + ch;
+                o[0] = iA; o[C] = iB; o[2 * C] = iP;
+            }
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) atomicExch(flags + tile, 2);
+        } else if (act) {
+            if (state_out != nullptr && slot >= 0) {
+                float* so = state_out + slot * C3 + ch;
+                so[0] = iA; so[C] = iB; so[2 * C] = iP;
+            }
+            if (fin != nullptr) {
+                float* fo = fin + (long long)q.s * C3 + ch;
+                fo[0] = iA; fo[C] = iB; fo[2 * C] = iP;
+            }
+        }
+    }
+    if (!act) return;
+    // the backward's checkpoint: incoming state of each Lb-token chunk
+    if (sinb != nullptr && ((long long)q.c * WKV4_FL) % Lb == 0) {
+        const long long cs = rwkv::chunk_slot(cu_seqlens, Tlen, q.s, q.start, Lb, (int)(((long long)q.c * WKV4_FL) / Lb));
+        float* o = sinb + cs * C3 + ch;
+        o[0] = A; o[C] = B; o[2 * C] = P;
+    }
+    // outputs
+    const long long i0 = q.t0 * C + ch;
+#pragma unroll
+    for (int r = 0; r < WKV4_FL; ++r) {
+        if (r < n) {
+            float e1, e2;
+            wkv4::pair_exp(P, uu + kr[r], e1, e2);
+            y[i0 + (long long)r * C] = rwkv::from_float<T>((e1 * A + e2 * vr[r]) / (e1 * B + e2));
+            float f1, f2;
+            wkv4::step(A, B, P, wp, kr[r], vr[r], f1, f2);
+        }
+    }
 }

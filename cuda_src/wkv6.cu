@@ -6,6 +6,9 @@
 //
 // State layout S[slot, h, i (value), j (key)], fp32.  Per-token arrays are flat tokens [total, H, N].
 // Recurrent kernels: grid = (num_seqs * H), one block per (sequence, head); chunked ones: see below.
+// Chunk-parallel backward (dense batches): the three backward kernels take CL > 0 and then run one block per
+// (sequence, chunk of CL tokens, head), started from the chunk's initial state (wkv6_chunk_state + wkv6_chunk_scan)
+// and the adjoint at its last token (the same two kernels with rev = 1, k -> r, v -> dy).
 //
 // Staging scheme (all recurrent kernels): a tile of TT = 1024/N time steps is loaded into shared memory
 // with coalesced loads (thread c loads channel c of each step).  Arrays every thread reads ("broadcast")
@@ -32,6 +35,24 @@ __device__ __forceinline__ void load4<float>(const float* p, float& a, float& b,
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
+// Per-step block sums (a scalar shared by every thread of the step, e.g. r.(u*k) or dy.v): during staging,
+// thread c contributes its channel's term and lane 0 of each warp writes the warp's sum to part[warp]; after the
+// tile's barrier every thread adds the N/32 warp sums in a fixed order (deterministic).  Every thread of the block
+// must call warp_part (full-mask shuffles).
+template <int N>
+__device__ __forceinline__ void warp_part(float x, float* part) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = x;
+}
+template <int N>
+__device__ __forceinline__ float part_sum(const float* part) {
+    float a = part[0];
+#pragma unroll
+    for (int q = 1; q < N / 32; ++q) a += part[q];
+    return a;
+}
+
 // Token range of backward unit s.  CL == 0: sequence s (rwkv::seq_bounds).  CL > 0 (chunk-parallel backward,
 // dense batches only): unit s = b * nc + c is chunk c of sequence b, tokens [b*T + c*CL, min(.. + CL, (b+1)*T)).
 __device__ __forceinline__ void bwd_bounds(const int* cu_seqlens, int Tlen, long long total, int CL, int s,
@@ -57,7 +78,8 @@ __device__ __forceinline__ long long bwd_ckpt_slot(const int* cu_seqlens, int Tl
 // ------------------------------------------------------------------------------------------------------
 // Forward over tokens [start, start+len) of head h.  Thread i owns state row i (N fp32 registers,
 // constant-indexed after unrolling), read from `sin` (row i at sin + i*N; null: zeros) and written to `sout`
-// (null: not written).  Broadcast per step: r_j, k_j, d_j, u_j k_j.  Own: v_i.
+// (null: not written).  Broadcast per step: r_j, k_j, d_j and the step's scalar ruk = sum_j r_j u_j k_j (warp
+// sums), so that y_i = sum_j r_j S[i,j] + v_i ruk.  Own: v_i.
 namespace wkv6 {
 template <typename T, int N>
 __device__ __forceinline__ void forward_rows(
@@ -65,11 +87,11 @@ __device__ __forceinline__ void forward_rows(
     const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
     const T* __restrict__ u, const float* sin, float* sout, T* __restrict__ y)
 {
-    constexpr int TT = Tile<N>::TT;
+    constexpr int TT = Tile<N>::TT, NW = N / 32;
     __shared__ __align__(16) float sr[2][TT * N];
     __shared__ __align__(16) float sk[2][TT * N];
     __shared__ __align__(16) float sd[2][TT * N];
-    __shared__ __align__(16) float su[2][TT * N];
+    __shared__ float sp[2][TT * NW];
     __shared__ float sv[TT * N];
     const int i = threadIdx.x;
 
@@ -90,12 +112,12 @@ __device__ __forceinline__ void forward_rows(
         const int cnt = (int)min((long long)TT, len - t0);
         for (int tt = 0; tt < cnt; ++tt) {
             const long long off = ((start + t0 + tt) * H + h) * N + i;
-            const float kk = rwkv::to_float(k[off]);
-            sr[p][tt * N + i] = rwkv::to_float(r[off]);
+            const float kk = rwkv::to_float(k[off]), rr = rwkv::to_float(r[off]);
+            sr[p][tt * N + i] = rr;
             sk[p][tt * N + i] = kk;
             sd[p][tt * N + i] = decay_of(rwkv::to_float(w[off]));
-            su[p][tt * N + i] = ui * kk;
             sv[tt * N + i] = rwkv::to_float(v[off]);
+            warp_part<N>(rr * (ui * kk), &sp[p][tt * NW]);
         }
         __syncthreads();
         for (int tt = 0; tt < cnt; ++tt) {
@@ -103,22 +125,21 @@ __device__ __forceinline__ void forward_rows(
             const float* pr = &sr[p][tt * N];
             const float* pk = &sk[p][tt * N];
             const float* pd = &sd[p][tt * N];
-            const float* pu = &su[p][tt * N];
-            float a0 = 0.f, a1 = 0.f;
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
 #pragma unroll
             for (int q = 0; q < N / 4; ++q) {
-                const float4 rr = ld4(pr + 4 * q), kk = ld4(pk + 4 * q);
-                const float4 dd = ld4(pd + 4 * q), uu = ld4(pu + 4 * q);
-                a0 = fmaf(rr.x, fmaf(uu.x, vi, st[4 * q]), a0);
-                a1 = fmaf(rr.y, fmaf(uu.y, vi, st[4 * q + 1]), a1);
-                a0 = fmaf(rr.z, fmaf(uu.z, vi, st[4 * q + 2]), a0);
-                a1 = fmaf(rr.w, fmaf(uu.w, vi, st[4 * q + 3]), a1);
+                const float4 rr = ld4(pr + 4 * q), kk = ld4(pk + 4 * q), dd = ld4(pd + 4 * q);
+                a0 = fmaf(rr.x, st[4 * q], a0);
+                a1 = fmaf(rr.y, st[4 * q + 1], a1);
+                a2 = fmaf(rr.z, st[4 * q + 2], a2);
+                a3 = fmaf(rr.w, st[4 * q + 3], a3);
                 st[4 * q] = fmaf(st[4 * q], dd.x, kk.x * vi);
                 st[4 * q + 1] = fmaf(st[4 * q + 1], dd.y, kk.y * vi);
                 st[4 * q + 2] = fmaf(st[4 * q + 2], dd.z, kk.z * vi);
                 st[4 * q + 3] = fmaf(st[4 * q + 3], dd.w, kk.w * vi);
             }
-            y[((start + t0 + tt) * H + h) * N + i] = rwkv::from_float<T>(a0 + a1);
+            const float ruk = part_sum<N>(&sp[p][tt * NW]);
+            y[((start + t0 + tt) * H + h) * N + i] = rwkv::from_float<T>(fmaf(vi, ruk, (a0 + a1) + (a2 + a3)));
         }
     }
     if (sout != nullptr) {
@@ -334,7 +355,7 @@ __global__ void __launch_bounds__(256) wkv6_forward_stream(
 //   dr_t[j] = u_j k_t[j] (dy_t . v_t) + sum_i dy_t[i] S_{t-1}[i,j]
 //   X_t[j]  = r_t[j] * sum_i dy_t[i] S_{t-1}[i,j]                       (fp32 scratch, for dw)
 //   ckpt[chunk c] = S at the end of chunk c (tokens [c*CK, min((c+1)*CK, len)))
-// Broadcast: dy, v.  Own: r_j, k_j, d_j.
+// Broadcast: dy, v, the step's dy.v (warp sums).  Own: r_j, k_j, d_j.
 template <typename T, int N>
 __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
     const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
@@ -343,9 +364,10 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
     const float* __restrict__ state_in, int CK,
     T* __restrict__ dr, float* __restrict__ xs, float* __restrict__ ckpt, int* err, int CL)
 {
-    constexpr int TT = wkv6::Tile<N>::TT;
+    constexpr int TT = wkv6::Tile<N>::TT, NW = N / 32;
     __shared__ __align__(16) float sdy[2][TT * N];
     __shared__ __align__(16) float sv[2][TT * N];
+    __shared__ float sp[2][TT * NW];
     __shared__ float sr[TT * N], sk[TT * N], sd[TT * N];
 
     const int s = blockIdx.x / H, h = blockIdx.x % H, j = threadIdx.x;
@@ -369,18 +391,20 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
         const int cnt = (int)min((long long)TT, len - t0);
         for (int tt = 0; tt < cnt; ++tt) {
             const long long off = ((start + t0 + tt) * H + h) * N + j;
-            sdy[p][tt * N + j] = rwkv::to_float(dy[off]);
-            sv[p][tt * N + j] = rwkv::to_float(v[off]);
+            const float e = rwkv::to_float(dy[off]), vj = rwkv::to_float(v[off]);
+            sdy[p][tt * N + j] = e;
+            sv[p][tt * N + j] = vj;
             sr[tt * N + j] = rwkv::to_float(r[off]);
             sk[tt * N + j] = rwkv::to_float(k[off]);
             sd[tt * N + j] = wkv6::decay_of(rwkv::to_float(w[off]));
+            wkv6::warp_part<N>(e * vj, &sp[p][tt * NW]);
         }
         __syncthreads();
         for (int tt = 0; tt < cnt; ++tt) {
             const float kj = sk[tt * N + j], dj = sd[tt * N + j], rj = sr[tt * N + j];
             const float* pdy = &sdy[p][tt * N];
             const float* pv = &sv[p][tt * N];
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, dyv = 0.f;
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
 #pragma unroll
             for (int q = 0; q < N / 4; ++q) {
                 const float4 g = wkv6::ld4(pdy + 4 * q), vv = wkv6::ld4(pv + 4 * q);
@@ -388,16 +412,13 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
                 a1 = fmaf(g.y, st[4 * q + 1], a1);
                 a2 = fmaf(g.z, st[4 * q + 2], a2);
                 a3 = fmaf(g.w, st[4 * q + 3], a3);
-                dyv = fmaf(g.x, vv.x, dyv);
-                dyv = fmaf(g.y, vv.y, dyv);
-                dyv = fmaf(g.z, vv.z, dyv);
-                dyv = fmaf(g.w, vv.w, dyv);
                 st[4 * q] = fmaf(st[4 * q], dj, kj * vv.x);
                 st[4 * q + 1] = fmaf(st[4 * q + 1], dj, kj * vv.y);
                 st[4 * q + 2] = fmaf(st[4 * q + 2], dj, kj * vv.z);
                 st[4 * q + 3] = fmaf(st[4 * q + 3], dj, kj * vv.w);
             }
             const float acc = (a0 + a1) + (a2 + a3);
+            const float dyv = wkv6::part_sum<N>(&sp[p][tt * NW]);
             const long long t = t0 + tt;
             const long long off = ((start + t) * H + h) * N + j;
             dr[off] = rwkv::from_float<T>(fmaf(uj * kj, dyv, acc));
@@ -421,7 +442,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
 //       D_t = dL/dlog d_t[j] = sum_i G_t[i,j] S_{t-1}[i,j] d_t[j] = W_t - Y_t,  W_{t-1} = D_t + X_t,
 //       dw_t[j] = D_t * (-exp(w_t[j])).  W is set exactly from the checkpoint at the end of every chunk,
 //       so the recursion (no division by the decay) only runs over CK steps.
-// Broadcast: dy, v.  Own: r_j, k_j, d_j, exp(w_j), X_t[j].
+// Broadcast: dy, v, the step's dy.v (warp sums).  Own: r_j, k_j, d_j, exp(w_j), X_t[j].
 template <typename T, int N>
 __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
     const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
@@ -431,9 +452,10 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
     T* __restrict__ dk, T* __restrict__ dw, float* __restrict__ dstate_in, float* __restrict__ du_part, int* err,
     int CL)
 {
-    constexpr int TT = wkv6::Tile<N>::TT;
+    constexpr int TT = wkv6::Tile<N>::TT, NW = N / 32;
     __shared__ __align__(16) float sdy[2][TT * N];
     __shared__ __align__(16) float sv[2][TT * N];
+    __shared__ float sp[2][TT * NW];
     __shared__ float sr[TT * N], sk[TT * N], sd[TT * N], se[TT * N], sx[TT * N];
 
     const int s = blockIdx.x / H, h = blockIdx.x % H, j = threadIdx.x;
@@ -462,8 +484,10 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
             const long long off = ((start + t0 + tt) * H + h) * N + j;
             const float ww = rwkv::to_float(w[off]);
             const float ew = expf(ww);
-            sdy[p][tt * N + j] = rwkv::to_float(dy[off]);
-            sv[p][tt * N + j] = rwkv::to_float(v[off]);
+            const float e = rwkv::to_float(dy[off]), vj = rwkv::to_float(v[off]);
+            sdy[p][tt * N + j] = e;
+            sv[p][tt * N + j] = vj;
+            wkv6::warp_part<N>(e * vj, &sp[p][tt * NW]);
             sr[tt * N + j] = rwkv::to_float(r[off]);
             sk[tt * N + j] = rwkv::to_float(k[off]);
             sd[tt * N + j] = expf(-ew);
@@ -487,7 +511,8 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
             const float kj = sk[tt * N + j], dj = sd[tt * N + j], rj = sr[tt * N + j];
             const float* pdy = &sdy[p][tt * N];
             const float* pv = &sv[p][tt * N];
-            float gv0 = 0.f, gv1 = 0.f, gv2 = 0.f, gv3 = 0.f, dyv = 0.f;
+            float gv0 = 0.f, gv1 = 0.f, gv2 = 0.f, gv3 = 0.f;
+            const float dyv = wkv6::part_sum<N>(&sp[p][tt * NW]);
 #pragma unroll
             for (int q = 0; q < N / 4; ++q) {
                 const float4 e = wkv6::ld4(pdy + 4 * q), vv = wkv6::ld4(pv + 4 * q);
@@ -495,10 +520,6 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
                 gv1 = fmaf(g[4 * q + 1], vv.y, gv1);
                 gv2 = fmaf(g[4 * q + 2], vv.z, gv2);
                 gv3 = fmaf(g[4 * q + 3], vv.w, gv3);
-                dyv = fmaf(e.x, vv.x, dyv);
-                dyv = fmaf(e.y, vv.y, dyv);
-                dyv = fmaf(e.z, vv.z, dyv);
-                dyv = fmaf(e.w, vv.w, dyv);
                 g[4 * q] = fmaf(g[4 * q], dj, e.x * rj);
                 g[4 * q + 1] = fmaf(g[4 * q + 1], dj, e.y * rj);
                 g[4 * q + 2] = fmaf(g[4 * q + 2], dj, e.z * rj);
@@ -524,7 +545,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
 // ------------------------------------------------------------------------------------------------------
 // Backward pass 3 (reverse in time).  Thread i owns value row i of the adjoint G.
 //   dv_t[i] = dy_t[i] sum_j r_t[j] u_j k_t[j] + sum_j G_t[i,j] k_t[j]
-// Broadcast: r_j, k_j, d_j, u_j k_j.  Own: dy_i.
+// Broadcast: r_j, k_j, d_j, the step's r.(u*k) (warp sums).  Own: dy_i.
 template <typename T, int N>
 __global__ void __launch_bounds__(N, 1) wkv6_bwd_rowrev(
     const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
@@ -532,11 +553,11 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_rowrev(
     const T* __restrict__ u, const T* __restrict__ dy,
     const float* __restrict__ dstate, T* __restrict__ dv, int* err, int CL)
 {
-    constexpr int TT = wkv6::Tile<N>::TT;
+    constexpr int TT = wkv6::Tile<N>::TT, NW = N / 32;
     __shared__ __align__(16) float sr[2][TT * N];
     __shared__ __align__(16) float sk[2][TT * N];
     __shared__ __align__(16) float sd[2][TT * N];
-    __shared__ __align__(16) float su[2][TT * N];
+    __shared__ float sp[2][TT * NW];
     __shared__ float sdy[TT * N];
 
     const int s = blockIdx.x / H, h = blockIdx.x % H, i = threadIdx.x;
@@ -564,12 +585,12 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_rowrev(
         const int cnt = (int)min((long long)TT, len - t0);
         for (int tt = 0; tt < cnt; ++tt) {
             const long long off = ((start + t0 + tt) * H + h) * N + i;
-            const float kk = rwkv::to_float(k[off]);
-            sr[p][tt * N + i] = rwkv::to_float(r[off]);
+            const float kk = rwkv::to_float(k[off]), rr = rwkv::to_float(r[off]);
+            sr[p][tt * N + i] = rr;
             sk[p][tt * N + i] = kk;
             sd[p][tt * N + i] = wkv6::decay_of(rwkv::to_float(w[off]));
-            su[p][tt * N + i] = ui * kk;
             sdy[tt * N + i] = rwkv::to_float(dy[off]);
+            wkv6::warp_part<N>(rr * (ui * kk), &sp[p][tt * NW]);
         }
         __syncthreads();
         for (int tt = cnt - 1; tt >= 0; --tt) {
@@ -577,25 +598,21 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_rowrev(
             const float* pr = &sr[p][tt * N];
             const float* pk = &sk[p][tt * N];
             const float* pd = &sd[p][tt * N];
-            const float* pu = &su[p][tt * N];
-            float gk = 0.f, ruk = 0.f;
+            const float ruk = wkv6::part_sum<N>(&sp[p][tt * NW]);
+            float gk0 = 0.f, gk1 = 0.f, gk2 = 0.f, gk3 = 0.f;
 #pragma unroll
             for (int q = 0; q < N / 4; ++q) {
-                const float4 rr = wkv6::ld4(pr + 4 * q), kk = wkv6::ld4(pk + 4 * q);
-                const float4 dd = wkv6::ld4(pd + 4 * q), uu = wkv6::ld4(pu + 4 * q);
-                gk = fmaf(g[4 * q], kk.x, gk);
-                gk = fmaf(g[4 * q + 1], kk.y, gk);
-                gk = fmaf(g[4 * q + 2], kk.z, gk);
-                gk = fmaf(g[4 * q + 3], kk.w, gk);
-                ruk = fmaf(rr.x, uu.x, ruk);
-                ruk = fmaf(rr.y, uu.y, ruk);
-                ruk = fmaf(rr.z, uu.z, ruk);
-                ruk = fmaf(rr.w, uu.w, ruk);
+                const float4 rr = wkv6::ld4(pr + 4 * q), kk = wkv6::ld4(pk + 4 * q), dd = wkv6::ld4(pd + 4 * q);
+                gk0 = fmaf(g[4 * q], kk.x, gk0);
+                gk1 = fmaf(g[4 * q + 1], kk.y, gk1);
+                gk2 = fmaf(g[4 * q + 2], kk.z, gk2);
+                gk3 = fmaf(g[4 * q + 3], kk.w, gk3);
                 g[4 * q] = fmaf(g[4 * q], dd.x, e * rr.x);
                 g[4 * q + 1] = fmaf(g[4 * q + 1], dd.y, e * rr.y);
                 g[4 * q + 2] = fmaf(g[4 * q + 2], dd.z, e * rr.z);
                 g[4 * q + 3] = fmaf(g[4 * q + 3], dd.w, e * rr.w);
             }
+            const float gk = (gk0 + gk1) + (gk2 + gk3);
             dv[((start + t0 + tt) * H + h) * N + i] = rwkv::from_float<T>(fmaf(e, ruk, gk));
         }
     }

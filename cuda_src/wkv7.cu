@@ -14,10 +14,11 @@
 //                       per 16 state rows, the forward's thread layout for both S and dS; recomputed sub-chunk
 //                       states kept in shared memory (thread-private slots); column sums over rows reduced
 //                       through shuffles and shared memory in a fixed order (see the kernel).
-//  wkv7_backward_l2<T, N> (N = 128) reverse walk over the CK-token chunks: recompute the chunk's states from its
-//                       checkpoint (rows independent) into a per-block global scratch, then run the adjoint
-//                       backwards with P = N/32 threads holding row x AND column x of dS, so every gradient is a
-//                       short in-thread dot product plus a P-lane shuffle reduction.
+//  wkv7_backward_l2<T, N> (N = 128, or where wkv7_backward's shared memory does not fit, e.g. N = 64 on A100):
+//                       reverse walk over the CK-token chunks: recompute the chunk's states from its checkpoint
+//                       (rows independent) into a per-block global scratch, then run the adjoint backwards with
+//                       P = N/32 threads holding row x AND column x of dS, so every gradient is a short in-thread
+//                       dot product plus a P-lane shuffle reduction.
 //                       No division by the decay anywhere (exact for decays down to exp(-exp(4)) and below).
 #include "common.cuh"
 
@@ -83,17 +84,20 @@ __device__ __forceinline__ float step_row(float (&s)[N], const float* rr, const 
 // group of NT = (RB / RT) * P threads: lane p (of P) owns the float4 column chunks c = p + P*m (m < MC) of RT
 // consecutive rows, so every value read from shared memory is used RT times (the recurrent form is otherwise
 // bound by shared-memory loads, 5 floats per state element and step).  = FWD_* in wkv7.py.
-template <int N> struct FwdCfg {
+// RT = 4 (default): one-warp blocks, least shared-memory traffic per FMA (throughput: many sequences x heads);
+// RT = 1: 4-warp blocks of 16 rows, a quarter of the per-warp work per step (latency: few sequences x heads).
+template <int N, int RT_ = 4> struct FwdCfg {
     static constexpr int P = 8;                   // lanes per row (column split)
-    static constexpr int RT = 4;                  // rows per thread
+    static constexpr int RT = RT_;                // rows per thread
     static constexpr int RB = 16;                 // rows per block (row group)
     static constexpr int R = N / RB;              // row groups per (sequence, head)
-    static constexpr int NT = (RB / RT) * P;      // block size (32: one warp)
+    static constexpr int NT = (RB / RT) * P;      // block size (RT = 4: 32, one warp; RT = 1: 128)
     static constexpr int MC = N / (4 * P);        // float4 column chunks per thread
     static constexpr int TT = 512 / N;            // tokens per staged tile
-    static constexpr int CPA = TT * N / 8 / NT;   // 8-element chunks per array per thread per tile (2)
-    static_assert(CPA * 8 * NT == TT * N && MC * 4 * P == N && R * RB == N, "wkv7 forward geometry");
-    static_assert(P == 8 && RT == 4, "the S r reduce-scatter in wkv7_forward is written for 4 rows over 8 lanes");
+    static constexpr int NCH = TT * N / 8;        // 8-element chunks per array per tile (64)
+    static constexpr int CPA = (NCH + NT - 1) / NT;   // chunks per array per thread per tile
+    static_assert(MC * 4 * P == N && R * RB == N, "wkv7 forward geometry");
+    static_assert(P == 8 && (RT == 4 || RT == 1), "wkv7_forward's S r reductions are written for 8 lanes, 1 or 4 rows");
 };
 
 namespace wkv7 {
@@ -141,25 +145,29 @@ template <> struct Chunk8<float> {
 
 }  // namespace wkv7
 
-// Grid: num * H * R blocks, blockIdx.x = (sq * H + h) * R + g; block FwdCfg<N>::NT threads.  Thread tid = q*P + p
+// Grid: num * H * R blocks, blockIdx.x = (sq * H + h) * R + g; block FwdCfg<N, RT>::NT threads.  Thread tid = q*P + p
 // owns rows i0 .. i0+RT-1 (i0 = g*RB + q*RT), float4 column chunks c = p + P*m.  The row dot products (S a, S r)
-// are reduced over the P lanes with xor shuffles: S a by a full butterfly (bit-identical on every lane), S r by a
-// reduce-scatter that leaves row i0 + 2*bit2(p) + bit1(p) on lanes p and p^1.  Inputs are staged TT tokens at a
+// are reduced over the P lanes with xor shuffles: S a by a full butterfly (bit-identical on every lane), S r (RT = 4)
+// by a reduce-scatter that leaves row i0 + 2*bit2(p) + bit1(p) on lanes p and p^1.  Inputs are staged TT tokens at a
 // time (register prefetch of the next tile + double-buffered shared memory, one barrier per tile).  vec != 0: the
 // six input arrays are 16-byte aligned (vector loads).  With ckpt != null it also stores the state rows before
 // every CK-th token (fp32) at rwkv::chunk_slot(.., CK, c) (full [N][N] layout: the backward is unchanged).
-template <typename T, int N>
-__global__ void __launch_bounds__(FwdCfg<N>::NT) wkv7_forward(
+template <typename T, int N, int RT_ = 4>
+__global__ void __launch_bounds__(FwdCfg<N, RT_>::NT) wkv7_forward(
     const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
     const int* cu_seqlens, int T_len, long long total,
     const float* state_in, float* state_out, const int* state_idx, int pool_size, int* err,
     float* __restrict__ ckpt, int H, int vec) {
-    using C = FwdCfg<N>;
+    using C = FwdCfg<N, RT_>;
     constexpr int P = C::P, RT = C::RT, RB = C::RB, R = C::R, NT = C::NT, MC = C::MC, TT = C::TT, CPA = C::CPA;
+    constexpr int NCH = C::NCH;
     constexpr int N8 = N / 8;
     // [buffer][array][token][N], arrays: r, decay, k, v, a, b
     __shared__ __align__(16) float sm[2][6][TT][N];
+    // RT = 1: the S r partials of the 8 lanes of each row, summed once per tile (keeps the y reduction off the
+    // step's dependency chain); [token][row of the block][lane]
+    __shared__ __align__(16) float sy[RT == 1 ? TT : 1][RB][P];
 
     const int tid = threadIdx.x;
     const int q = tid / P, p = tid % P;
@@ -195,7 +203,7 @@ __global__ void __launch_bounds__(FwdCfg<N>::NT) wkv7_forward(
         for (int j = 0; j < CPA; ++j) {
             const int e = tid + NT * j;             // chunk of the tile: token e / N8, columns 8*(e % N8) ..
             const int tl = tile * TT + e / N8;
-            if (tl < len) {
+            if ((NCH % NT == 0 || e < NCH) && tl < len) {
                 const long long o = ((start + tl) * H + h) * N + 8 * (e % N8);
 #pragma unroll
                 for (int arr = 0; arr < 6; ++arr) pre[arr][j].load(ins[arr] + o, vv);
@@ -207,7 +215,7 @@ __global__ void __launch_bounds__(FwdCfg<N>::NT) wkv7_forward(
         for (int j = 0; j < CPA; ++j) {
             const int e = tid + NT * j;
             const int tt = e / N8, col = 8 * (e % N8);
-            if (tile * TT + tt < len) {
+            if ((NCH % NT == 0 || e < NCH) && tile * TT + tt < len) {
 #pragma unroll
                 for (int arr = 0; arr < 6; ++arr) {
                     float f[8];
@@ -235,6 +243,8 @@ __global__ void __launch_bounds__(FwdCfg<N>::NT) wkv7_forward(
         const int buf = tile & 1;
         if (tile + 1 < ntiles) load_tile(tile + 1);
         const int n = min(TT, len - tile * TT);
+        // RT = 1 is latency-bound: unrolling by 2 lets the next token's shared-memory loads issue early
+#pragma unroll (RT == 1 ? 2 : 1)
         for (int tt = 0; tt < n; ++tt) {
             const int tl = tile * TT + tt;
             if (ckpt != nullptr && (tl % WKV7_CK) == 0) {
@@ -250,8 +260,13 @@ __global__ void __launch_bounds__(FwdCfg<N>::NT) wkv7_forward(
             const float4* k4 = reinterpret_cast<const float4*>(sm[buf][2][tt]);
             const float4* a4 = reinterpret_cast<const float4*>(sm[buf][4][tt]);
             const float4* b4 = reinterpret_cast<const float4*>(sm[buf][5][tt]);
-            const float4 v4 = *reinterpret_cast<const float4*>(&sm[buf][3][tt][i0]);
-            const float vr[RT] = {v4.x, v4.y, v4.z, v4.w};
+            float vr[RT];
+            if constexpr (RT == 4) {
+                const float4 v4 = *reinterpret_cast<const float4*>(&sm[buf][3][tt][i0]);
+                vr[0] = v4.x; vr[1] = v4.y; vr[2] = v4.z; vr[3] = v4.w;
+            } else {
+                vr[0] = sm[buf][3][tt][i0];
+            }
             // sa[rr] = S[i0+rr, :] . a  (two accumulators per row, then a full butterfly over the P lanes)
             float sa[RT], sb[RT];
 #pragma unroll
@@ -291,18 +306,32 @@ __global__ void __launch_bounds__(FwdCfg<N>::NT) wkv7_forward(
             }
 #pragma unroll
             for (int rr = 0; rr < RT; ++rr) yp[rr] += sb[rr];
-            // reduce-scatter of yp[0..3] over the P = 8 lanes: xor 4 halves the rows, xor 2 halves again, xor 1 sums
-            const bool b2 = (p & 4) != 0, b1 = (p & 2) != 0;
-            float k0 = b2 ? yp[2] : yp[0], k1 = b2 ? yp[3] : yp[1];
-            k0 += __shfl_xor_sync(0xffffffffu, b2 ? yp[0] : yp[2], 4, P);
-            k1 += __shfl_xor_sync(0xffffffffu, b2 ? yp[1] : yp[3], 4, P);
-            float yy = b1 ? k1 : k0;
-            yy += __shfl_xor_sync(0xffffffffu, b1 ? k0 : k1, 2, P);
-            yy += __shfl_xor_sync(0xffffffffu, yy, 1, P);
-            if ((p & 1) == 0) y[((start + tl) * H + h) * N + i0 + yrow] = rwkv::from_float<T>(yy);
+            if constexpr (RT == 4) {
+                // reduce-scatter of yp[0..3] over the 8 lanes: xor 4 halves the rows, xor 2 halves again, xor 1 sums
+                const bool b2 = (p & 4) != 0, b1 = (p & 2) != 0;
+                float k0 = b2 ? yp[2] : yp[0], k1 = b2 ? yp[3] : yp[1];
+                k0 += __shfl_xor_sync(0xffffffffu, b2 ? yp[0] : yp[2], 4, P);
+                k1 += __shfl_xor_sync(0xffffffffu, b2 ? yp[1] : yp[3], 4, P);
+                float yy = b1 ? k1 : k0;
+                yy += __shfl_xor_sync(0xffffffffu, b1 ? k0 : k1, 2, P);
+                yy += __shfl_xor_sync(0xffffffffu, yy, 1, P);
+                if ((p & 1) == 0) y[((start + tl) * H + h) * N + i0 + yrow] = rwkv::from_float<T>(yy);
+            } else {
+                sy[tt][q][p] = yp[0];
+            }
+        }
+        if constexpr (RT == 1) {
+            __syncthreads();   // the tile's S r partials visible
+            for (int e = tid; e < n * RB; e += NT) {
+                const int tt = e / RB, row = e % RB;
+                float yy = 0.f;
+#pragma unroll
+                for (int z = 0; z < P; ++z) yy += sy[tt][row][z];
+                y[((start + tile * TT + tt) * H + h) * N + g * RB + row] = rwkv::from_float<T>(yy);
+            }
         }
         if (tile + 1 < ntiles) store_tile(buf ^ 1, tile + 1);
-        __syncthreads();
+        __syncthreads();   // next tile staged; (RT = 1) this tile's partials consumed
     }
     if (state_out != nullptr && slot >= 0) {
         float* dst = state_out + ((slot * H + h) * N + i0) * (long long)N;
@@ -712,7 +741,7 @@ __device__ __forceinline__ void acc4v(float* c, float4 x, float4 s) {
 }  // namespace wkv7
 
 template <typename T, int N>
-__global__ void __launch_bounds__(BwdRowCfg<N>::NT) wkv7_backward(
+__global__ void __launch_bounds__(BwdRowCfg<N>::NT, 1) wkv7_backward(
     const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
     T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk, T* __restrict__ dv,

@@ -19,9 +19,11 @@ from ._compile import get_function
 
 ERR_BAD_CU_SEQLENS = 1
 ERR_BAD_STATE_INDEX = 2
+ERR_LOOKBACK_TIMEOUT = 3
 ERR_MESSAGES = {
     ERR_BAD_CU_SEQLENS: "cu_seqlens (on the GPU) was not non-decreasing from 0 to T",
     ERR_BAD_STATE_INDEX: "state_indices (on the GPU) held an index outside [-1, pool size)",
+    ERR_LOOKBACK_TIMEOUT: "a single-pass scan timed out waiting for an earlier block (wkv4 fused forward)",
 }
 
 

@@ -285,3 +285,35 @@ def decay_ranges():
 def split_points(T):
     st = _st()
     return st.integers(0, T)
+
+
+# ---------------------------------------------------------------- finite differences
+
+def finite_difference_check(forward, backward, x: dict, state, dy, dstate, eps=1e-6, rtol=1e-6, atol=1e-8):
+    """Check a reference backward against central finite differences of its forward (float64, small shapes).
+
+    ``forward(x, state) -> (y, state_out)``; ``backward(x, state, dy, dstate) -> {name: grad, ..., 'state': grad}``
+    (the reference signatures).  The loss is ``sum(dy * y) + sum(dstate * state_out)``; every element of every
+    input and of the initial state is perturbed.  Raises AssertionError naming the first wrong gradient.
+    """
+    def loss(xx, ss):
+        y, s = forward(xx, ss)
+        return float(np.sum(dy * y) + np.sum(dstate * s))
+
+    grads = backward(x, state, dy, dstate)
+    for name in (*x, "state"):
+        base = state if name == "state" else x[name]
+        fd = np.zeros_like(base, dtype=np.float64)
+        for idx in np.ndindex(base.shape):
+            plus, minus = base.copy(), base.copy()
+            plus[idx] += eps
+            minus[idx] -= eps
+            if name == "state":
+                fp, fm = loss(x, plus), loss(x, minus)
+            else:
+                fp, fm = loss({**x, name: plus}, state), loss({**x, name: minus}, state)
+            fd[idx] = (fp - fm) / (2 * eps)
+        g = grads["state" if name == "state" else name]
+        assert g.shape == base.shape, f"gradient of {name!r} has shape {g.shape}, expected {base.shape}"
+        np.testing.assert_allclose(g, fd, rtol=rtol, atol=atol, err_msg=f"gradient of {name!r}")
+    return grads

@@ -110,26 +110,21 @@ def test_cpu_forward_backward_matches_reference(toy):
 
 def test_reference_gradients_by_finite_differences(toy):
     x, w, g, s = toy_inputs(B=1, T=4, H=1, N=2, dtype=np.float64)
-    inputs = dict(x=x, w=w, g=g)
     rng = np.random.default_rng(1)
     dy, ds = rng.standard_normal(x.shape), rng.standard_normal(s.shape)
+    testing.finite_difference_check(toyop.forward, toyop.backward, dict(x=x, w=w, g=g), s, dy, ds)
 
-    def loss(inp, st):
-        y, s1 = toyop.forward(inp, st)
-        return (y * dy).sum() + (s1 * ds).sum()
 
-    grads = toyop.backward(inputs, s, dy, ds)
-    eps = 1e-6
-    for name in ("x", "w", "g", "state"):
-        base = s if name == "state" else inputs[name]
-        num = np.zeros_like(base)
-        for i in np.ndindex(base.shape):
-            for sign in (1, -1):
-                b2 = base.copy()
-                b2[i] += sign * eps
-                inp = dict(inputs, **({} if name == "state" else {name: b2}))
-                num[i] += sign * loss(inp, b2 if name == "state" else s) / (2 * eps)
-        np.testing.assert_allclose(grads[name], num, rtol=1e-6, atol=1e-8)
+def test_finite_difference_check_catches_a_wrong_gradient(toy):
+    x, w, g, s = toy_inputs(B=1, T=3, H=1, N=2, dtype=np.float64)
+
+    def wrong(*a):
+        out = toyop.backward(*a)
+        out["w"] = out["w"] * 1.01
+        return out
+
+    with pytest.raises(AssertionError, match="gradient of 'w'"):
+        testing.finite_difference_check(toyop.forward, wrong, dict(x=x, w=w, g=g), s, np.ones_like(x), np.ones_like(s))
 
 
 def test_torch_cpu_autograd_and_types(toy):

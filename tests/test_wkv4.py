@@ -739,3 +739,494 @@ def test_gpu_matches_fla(need_gpu):
     yf, sf = fla.fused_recurrent_rwkv4(xt["w"], xt["u"], xt["k"], xt["v"], W.to_fla(st_).contiguous())
     assert rel_rms(y, yf) < 1e-5
     assert rel_rms(s, W.from_fla(sf)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- the CUDA kernels executed on the CPU
+# cuda_src/wkv4.cu compiled by g++ with a small stand-in for CUDA (blocks and threads run one after another, which
+# is exact for these kernels: none of them synchronizes threads, and each thread only reads back its own column of
+# shared memory), driven through the op's own GPU launchers with NumPy arrays.  Checks indexing, chunk slots,
+# varlen/pool handling and the launchers' arguments without a GPU, for both kernel versions, and that version 2
+# gives version 1's results bit for bit.
+
+_EMU_SHIM = r"""
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <algorithm>
+struct uint3_ { unsigned x = 0, y = 0, z = 0; };
+struct dim3_ { unsigned x = 1, y = 1, z = 1; };
+inline thread_local uint3_ threadIdx, blockIdx;
+inline dim3_ blockDim, gridDim;
+using std::min; using std::max;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#include <thread>
+#ifdef EMU_THREADED
+#define __shared__ static thread_local
+#else
+#define __shared__ static
+#endif
+inline void __syncthreads() {}
+#ifdef EMU_THREADED
+#include <chrono>
+#include <random>
+// a random delay before every fence (i.e. before publishing): successors often find only an aggregate
+inline void __threadfence() {
+    thread_local std::minstd_rand rng(std::hash<std::thread::id>{}(std::this_thread::get_id()));
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 300));
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+#else
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+#endif
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+inline float __ldcg(const float* p) { return *(const volatile float*)p; }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+"""
+_EMU_FP16 = r"""
+#pragma once
+struct __half { _Float16 v; };
+inline float __half2float(__half h) { return (float)h.v; }
+inline __half __float2half_rn(float f) { __half h; h.v = (_Float16)f; return h; }
+"""
+_EMU_BF16 = r"""
+#pragma once
+#include <cstdint>
+#include <cstring>
+struct __nv_bfloat16 { uint16_t b; };
+inline float __bfloat162float(__nv_bfloat16 h) { uint32_t u = (uint32_t)h.b << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u; std::memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); __nv_bfloat16 h; h.b = (uint16_t)(u >> 16); return h; }
+"""
+_EMU_MAIN = r"""
+#include "shim.h"
+#include "wkv4.cu"
+#include <functional>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+template <class A> A conv(uint64_t x) { if constexpr (std::is_pointer_v<A>) return reinterpret_cast<A>(x); else return (A)(int64_t)x; }
+template <class... A, size_t... I> void call_impl(void (*f)(A...), const uint64_t* a, std::index_sequence<I...>) { f(conv<A>(a[I])...); }
+template <class... A> std::function<void(const uint64_t*)> wrap(void (*f)(A...)) {
+    return [f](const uint64_t* a) { call_impl(f, a, std::index_sequence_for<A...>{}); }; }
+static std::map<std::string, std::function<void(const uint64_t*)>>& reg() {
+    static std::map<std::string, std::function<void(const uint64_t*)>> m; return m; }
+#define R1(K, T, TS) reg()[#K "<" TS ">"] = wrap(&K<T>);
+#define RK(K) R1(K, float, "float") R1(K, __half, "__half") R1(K, __nv_bfloat16, "__nv_bfloat16")
+static int init() { KERNELS return 0; }
+extern "C" __attribute__((visibility("default"))) int wkv4_emu_launch(const char* name, int gx, int gy, int gz, int bx, const uint64_t* args) {
+    static int once = init(); (void)once;
+    auto it = reg().find(name);
+    if (it == reg().end()) return -1;
+    gridDim.x = gx; gridDim.y = gy; gridDim.z = gz; blockDim.x = bx;
+#ifdef EMU_THREADED
+    // every block at once, one OS thread each (block size 1): blocks really run concurrently
+    if (bx != 1) return -2;
+    auto fn = it->second;
+    std::vector<std::thread> th;
+    for (int z = 0; z < gz; ++z)
+        for (int y = 0; y < gy; ++y)
+            for (int x = 0; x < gx; ++x)
+                th.emplace_back([=] {
+                    blockIdx.x = x; blockIdx.y = y; blockIdx.z = z; threadIdx.x = 0; fn(args); });
+    for (auto& t : th) t.join();
+    return 0;
+#endif
+    for (int z = 0; z < gz; ++z)
+        for (int y = 0; y < gy; ++y)
+            for (int x = 0; x < gx; ++x)
+                for (int t = 0; t < bx; ++t) {
+                    blockIdx.x = x; blockIdx.y = y; blockIdx.z = z; threadIdx.x = t;
+                    it->second(args);
+                }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emu4_lib(tmp_path_factory):
+    import ctypes
+    import shutil
+    import subprocess
+    from rwkvops._compile import CUDA_SRC
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the kernel emulation")
+    d = tmp_path_factory.mktemp("wkv4_emu")
+    (d / "inc").mkdir()
+    (d / "shim.h").write_text(_EMU_SHIM)
+    (d / "inc" / "cuda_fp16.h").write_text(_EMU_FP16)
+    (d / "inc" / "cuda_bf16.h").write_text(_EMU_BF16)
+    (d / "emu.cpp").write_text(_EMU_MAIN.replace("KERNELS", " ".join(f"RK({k})" for k in W._KERNELS)))
+    libs = {}
+    for mode, defs in (("sequential", []), ("threaded", ["-DEMU_THREADED"])):
+        so = d / f"emu_{mode}.so"
+        out = subprocess.run([cxx, "-std=c++20", "-O1", "-w", "-fPIC", "-shared", "-ffp-contract=off", *defs,
+                              "-fvisibility=hidden", "-fno-gnu-unique",       # two builds in one process
+                              f"-I{d / 'inc'}", f"-I{CUDA_SRC}", str(d / "emu.cpp"), "-o", str(so), "-lpthread"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            if "c++20" in out.stderr or "_Float16" in out.stderr or "inline variable" in out.stderr:
+                pytest.skip("the C++ compiler lacks C++20 or _Float16")
+            raise AssertionError("compiling wkv4.cu for the CPU emulation failed:\n" + out.stderr[-4000:])
+        lib = ctypes.CDLL(str(so))
+        lib.wkv4_emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                        ctypes.POINTER(ctypes.c_uint64)]
+        libs[mode] = lib
+    return libs
+
+
+@pytest.fixture(params=["sequential"])
+def emu4(emu4_lib, monkeypatch, request):
+    """Route the op's GPU launchers to the CPU-compiled kernels; arrays are NumPy (bf16 as uint16 bits).
+    Yields a dict: 'err' (the error word) and 'launches' (kernel names launched, in order).
+    'threaded': every block runs at once on its own OS thread, with block size 1 (W._BLOCK = 1)."""
+    import ctypes
+    lib = emu4_lib[request.param]
+    if request.param == "threaded":
+        monkeypatch.setattr(W, "_BLOCK", 1)
+    cupy = pytest.importorskip("cupy")
+    from rwkvops import _gpu
+    err = np.zeros(1, np.int32)
+    launches = []
+
+    def ptr(a):
+        return np.uint64(0) if a is None else np.uint64(a.ctypes.data)
+
+    def launch(op_name, source, ne, nes, grid, block, args, shared_mem=0):
+        assert op_name == "wkv4" and source == W.SOURCE and ne in nes, ne
+        assert tuple(block) == (W._BLOCK, 1, 1) and shared_mem == 0
+        vals = [int(a) if isinstance(a, np.uint64) else int(np.int64(a).view(np.uint64)) for a in args]
+        g = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
+        launches.append(ne)
+        rc = lib.wkv4_emu_launch(ne.encode(), *g, int(block[0]), (ctypes.c_uint64 * len(vals))(*vals))
+        assert rc == 0, f"{ne} not in the emulation build"
+
+    monkeypatch.setattr(_gpu, "ptr", ptr)
+    monkeypatch.setattr(_gpu, "error_ptr", lambda: np.uint64(err.ctypes.data))
+    monkeypatch.setattr(_gpu, "launch", launch)
+    monkeypatch.setattr(cupy, "ascontiguousarray",
+                        lambda a, dtype=None: np.ascontiguousarray(a, dtype=dtype))
+    yield {"err": err, "launches": launches}
+    assert err[0] == 0, "a kernel raised the error word"
+
+
+def _bf16_bits(a):
+    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _emu_store(a, dtype):
+    return _bf16_bits(a) if dtype == "bfloat16" else np.ascontiguousarray(a, dtype=dtype)
+
+
+def _emu_load(a, dtype):
+    return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64) if dtype == "bfloat16" \
+        else a.astype(np.float64)
+
+
+def _emu_poisoned(shape, dtype):
+    if dtype == "bfloat16":
+        return np.full(shape, 0x7FC0, np.uint16)
+    if np.dtype(dtype).kind == "i":
+        return np.full(shape, 0x5A5A5A5A, dtype)
+    return np.full(shape, np.nan, dtype)
+
+
+def _emu_run(dtype, x, lens=None, B=None, T=None, s0=None, dy=None, ds=None, pool_idx=None, pool=None, bwd=True):
+    """gpu_forward (+ gpu_backward) on emulated kernels; NumPy float64 inputs are rounded to ``dtype`` first.
+    Returns y, state_out, grads (None without bwd), all as float64."""
+    from rwkvops._dispatch import GpuCall
+    from rwkvops._gpu import Seqs
+    C = x["w"].shape[0]
+    xs = {n: _emu_store(a, dtype) for n, a in x.items()}
+    if lens is not None:
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        S, total = len(lens), int(cu[-1])
+        seqs = Seqs(num=S, T=0, total=total, cu_seqlens=cu)
+        dims = {"B": 1, "T": total, "C": C}
+    else:
+        cu, S, total = None, B, B * T
+        seqs = Seqs(num=B, T=T, total=total)
+        dims = {"B": B, "T": T, "C": C}
+    if pool_idx is not None:
+        seqs.state_idx = np.asarray(pool_idx, np.int32)
+        seqs.pool_size = pool.shape[0]
+        s_in = s_out = pool
+    else:
+        s_in = None if s0 is None else np.ascontiguousarray(s0, np.float32)
+        s_out = np.full((S, 3, C), np.nan, np.float32)
+    call = GpuCall(W.OP, dtype, dims, seqs, _emu_poisoned)
+    y, saved = W.gpu_forward(call, xs, s_in, s_out, bwd)
+    g = None
+    if bwd:
+        dys = None if dy is None else _emu_store(dy, dtype)
+        dss = None if ds is None else np.ascontiguousarray(ds, np.float32)
+        g = W.gpu_backward(call, xs, s_in, saved, dys, dss)
+        g = {n: (a.astype(np.float64) if n == "state" else _emu_load(a, dtype)) for n, a in g.items()}
+    return _emu_load(y, dtype), s_out.astype(np.float64), g
+
+
+def _emu_ref(dtype, x, lens=None, s0=None, dy=None, ds=None):
+    """The float64 oracle on the inputs as the kernels see them (rounded to dtype; state and dstate to fp32)."""
+    xr = {n: _emu_load(_emu_store(a, dtype), dtype) for n, a in x.items()}
+    C = x["w"].shape[0]
+    S = len(lens) if lens is not None else x["k"].shape[0]
+    s64 = np.zeros((S, 3, C)) if s0 is None else s0.astype(np.float32).astype(np.float64)
+    dyr = None if dy is None else _emu_load(_emu_store(dy, dtype), dtype)
+    ds64 = np.zeros((S, 3, C)) if ds is None else ds.astype(np.float32).astype(np.float64)
+    if lens is None:
+        y, s = W.reference_forward(xr, s64)
+        g = W.reference_backward(xr, s64, np.zeros_like(y) if dyr is None else dyr, ds64)
+        return y, s, g
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    y, s = np.zeros_like(xr["k"]), s64.copy()
+    g = {"w": np.zeros(C), "u": np.zeros(C), "k": np.zeros_like(y), "v": np.zeros_like(y), "state": ds64.copy()}
+    for i in range(S):
+        a, b = int(cu[i]), int(cu[i + 1])
+        if a == b:
+            continue
+        xi = {**xr, "k": xr["k"][:, a:b], "v": xr["v"][:, a:b]}
+        yi, si = W.reference_forward(xi, s64[i:i + 1])
+        y[:, a:b], s[i] = yi, si[0]
+        gi = W.reference_backward(xi, s64[i:i + 1], np.zeros_like(yi) if dyr is None else dyr[:, a:b],
+                                  ds64[i:i + 1])
+        for n in ("k", "v"):
+            g[n][:, a:b] = gi[n]
+        g["w"] += gi["w"]
+        g["u"] += gi["u"]
+        g["state"][i] = gi["state"][0]
+    return y, s, g
+
+
+def _emu_check(dtype, got, ref, tf=None, tb=None):
+    tf = tf or TOL[dtype][0]
+    tb = tb or TOL[dtype][1]
+    y, s, g = got
+    yr, sr, gr = ref
+    assert rel_rms(y, yr) < tf, ("y", rel_rms(y, yr))
+    assert rel_rms(s, sr) < tf, ("state", rel_rms(s, sr))
+    if g is not None:
+        for n in (*NAMES, "state"):
+            assert rel_rms(g[n], gr[n]) < tb, (n, rel_rms(g[n], gr[n]))
+
+
+def _emu_inputs(seed, B, T, C, kscale=3.0, **kw):
+    rng = np.random.default_rng(seed)
+    x = make_inputs(rng, B, T, C, kscale=kscale, **kw)
+    s0 = make_state(rng, B if B > 0 else 1, C)
+    dy = rng.standard_normal((B, T, C))
+    ds = rng.standard_normal((B, 3, C))
+    return x, s0, dy, ds
+
+
+@pytest.mark.parametrize("version,forward,L", [(2, "fused", 16), (2, "fused", 64), (2, "fused", 32),
+                                               (2, "chunked", 4), (2, "chunked", 12), (2, "chunked", 64),
+                                               (1, "chunked", 4), (1, "chunked", 16), (1, "fused", 64)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_kernels_dense(emu4, monkeypatch, dtype, L, version, forward):
+    monkeypatch.setattr(W, "KERNEL_VERSION", version)
+    monkeypatch.setattr(W, "FORWARD", forward)
+    monkeypatch.setattr(W, "_chunk_len", lambda seqs, C: L)
+    for B, T, C in ((2, 1, 5), (1, 15, 3), (2, 17, 130), (1, 65, 3), (2, 130, 4)):
+        x, s0, dy, ds = _emu_inputs(B * 1000 + T + L, B, T, C)
+        got = _emu_run(dtype, x, B=B, T=T, s0=s0, dy=dy, ds=ds)
+        _emu_check(dtype, got, _emu_ref(dtype, x, s0=s0, dy=dy, ds=ds))
+    names = set(emu4["launches"])
+    assert (W._name("wkv4_fwd_fused", dtype) in names) == (forward == "fused")
+    v2 = {f"{k}2" for k in W._V2}
+    assert (names & {W._name(k, dtype) for k in v2}) if version == 2 else not any(n.split("<")[0] in v2 for n in names)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_emulated_v2_equals_v1_bitwise(emu4, monkeypatch, dtype):
+    """Version 2 evaluates the same formulas with fewer operations: identical bits, fwd and bwd."""
+    monkeypatch.setattr(W, "FORWARD", "chunked")
+    for L in (5, 16, 64):
+        monkeypatch.setattr(W, "_chunk_len", lambda seqs, C, L=L: L)
+        x, s0, dy, ds = _emu_inputs(L, 2, 150, 7, kscale=20.0, wlo=-8.0, whi=3.0)
+        x["k"][:, ::7] = 0.0                                  # ties: u + k == pp and pp + w' == k happen
+        out = {}
+        for version in (1, 2):
+            monkeypatch.setattr(W, "KERNEL_VERSION", version)
+            out[version] = _emu_run(dtype, x, B=2, T=150, s0=s0, dy=dy, ds=ds)
+        (y1, s1, g1), (y2, s2, g2) = out[1], out[2]
+        np.testing.assert_array_equal(y2, y1)
+        np.testing.assert_array_equal(s2, s1)
+        for n in g1:
+            np.testing.assert_array_equal(g2[n], g1[n], err_msg=n)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_varlen_zero_length(emu4, monkeypatch, dtype):
+    lens = [70, 0, 1, 129, 16, 0, 5]
+    C = 6
+    x, _, _, _ = _emu_inputs(3, 1, sum(lens), C)
+    rng = np.random.default_rng(4)
+    s0 = make_state(rng, len(lens), C)
+    dy = rng.standard_normal((1, sum(lens), C))
+    ds = rng.standard_normal((len(lens), 3, C))
+    for L in (None, 4, 64):
+        if L is not None:
+            monkeypatch.setattr(W, "_chunk_len", lambda seqs, C, L=L: L)
+        got = _emu_run(dtype, x, lens=lens, s0=s0, dy=dy, ds=ds)
+        _emu_check(dtype, got, _emu_ref(dtype, x, lens=lens, s0=s0, dy=dy, ds=ds))
+        for i in (1, 5):     # zero-length sequences: state and its gradient pass through
+            np.testing.assert_array_equal(got[1][i], s0[i].astype(np.float32))
+            np.testing.assert_array_equal(got[2]["state"][i], ds[i].astype(np.float32))
+
+
+def test_emulated_pool_with_empty_slots(emu4, monkeypatch):
+    lens = [3, 0, 40, 1, 1, 0]
+    C, P = 5, 9
+    x, _, _, _ = _emu_inputs(5, 1, sum(lens), C)
+    rng = np.random.default_rng(6)
+    pool = make_state(rng, P, C).astype(np.float32)
+    before = pool.copy()
+    idx = [7, 2, -1, 0, -1, 5]
+    s0 = np.stack([np.zeros((3, C)) if i < 0 else before[i] for i in idx]).astype(np.float64)
+    yr, sr, _ = _emu_ref("float32", x, lens=lens, s0=s0)
+    for L in (4, 16):
+        monkeypatch.setattr(W, "_chunk_len", lambda seqs, C, L=L: L)
+        pool[:] = before
+        y, _, _ = _emu_run("float32", x, lens=lens, pool_idx=idx, pool=pool, bwd=False)
+        assert rel_rms(y, yr) < 1e-5
+        for i, slot in enumerate(idx):
+            if slot >= 0:
+                assert rel_rms(pool[slot], sr[i]) < 1e-5
+        for untouched in (1, 3, 4, 6, 8):
+            np.testing.assert_array_equal(pool[untouched], before[untouched])
+        np.testing.assert_array_equal(pool[2], before[2])      # zero-length sequence: unchanged
+
+
+def test_emulated_no_state_and_no_grads(emu4):
+    x, _, _, ds = _emu_inputs(7, 2, 33, 4)
+    got = _emu_run("float32", x, B=2, T=33)
+    _emu_check("float32", got, _emu_ref("float32", x))
+    for n, a in got[2].items():
+        assert np.all(a == 0), n
+    got = _emu_run("float32", x, B=2, T=33, ds=ds)        # dy None, dstate given
+    _emu_check("float32", got, _emu_ref("float32", x, ds=ds))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_extreme_k(emu4, monkeypatch, dtype):
+    rng = np.random.default_rng(12)
+    B, T, C = 2, 300, 5
+    x = make_inputs(rng, B, T, C)
+    x["k"] = rng.uniform(-60, 60, (B, T, C))
+    x["w"][:3] = [4.0, -12.0, 0.0]
+    s0 = make_state(rng, B, C, plo=-60, phi=60)
+    dy = rng.standard_normal((B, T, C))
+    ds = rng.standard_normal((B, 3, C))
+    for L in (16, 64):
+        monkeypatch.setattr(W, "_chunk_len", lambda seqs, C, L=L: L)
+        got = _emu_run(dtype, x, B=B, T=T, s0=s0, dy=dy, ds=ds)
+        _emu_check(dtype, got, _emu_ref(dtype, x, s0=s0, dy=dy, ds=ds),
+                   tf=max(TOL[dtype][0], 3e-5), tb=max(TOL[dtype][1], 3e-4))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_fused_matches_chunked(emu4, monkeypatch, dtype):
+    """The one-launch forward and the three-launch one agree (to rounding), and so do the backwards run from
+    their checkpoints."""
+    x, s0, dy, ds = _emu_inputs(40, 2, 200, 9, kscale=8.0)
+    out = {}
+    for forward in ("fused", "chunked"):
+        monkeypatch.setattr(W, "FORWARD", forward)
+        out[forward] = _emu_run(dtype, x, B=2, T=200, s0=s0, dy=dy, ds=ds)
+    (y1, s1, g1), (y2, s2, g2) = out["fused"], out["chunked"]
+    assert rel_rms(y1, y2) < 1e-6 if dtype == "float32" else rel_rms(y1, y2) < 1e-2
+    assert rel_rms(s1, s2) < 1e-6
+    for n in g1:
+        assert rel_rms(g1[n], g2[n]) < (1e-5 if dtype == "float32" else 1e-2), n
+
+
+def test_emulated_fused_deterministic_and_ordered(emu4):
+    """Run twice: identical bits (the look-back folds in chunk order, whatever it found)."""
+    x, s0, dy, ds = _emu_inputs(41, 3, 100, 5)
+    a = _emu_run("float32", x, B=3, T=100, s0=s0, dy=dy, ds=ds)
+    b = _emu_run("float32", x, B=3, T=100, s0=s0, dy=dy, ds=ds)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    for n in a[2]:
+        np.testing.assert_array_equal(a[2][n], b[2][n])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("emu4", ["threaded"], indirect=True)
+def test_emulated_fused_concurrent_lookback(emu4, monkeypatch):
+    """Every block at once on its own OS thread, with random delays before each publication: tiles wait for and
+    walk back over predecessors that have published only their aggregate.  Results must equal the sequential run
+    bit for bit (dense, varlen with empty sequences, pool) and the reference."""
+    monkeypatch.setattr(W, "FORWARD", "fused")
+    monkeypatch.setattr(W, "_chunk_len", lambda seqs, C: 32)
+    x, s0, dy, ds = _emu_inputs(42, 2, 150, 3, kscale=5.0)
+    got = _emu_run("float32", x, B=2, T=150, s0=s0, dy=dy, ds=ds)
+    _emu_check("float32", got, _emu_ref("float32", x, s0=s0, dy=dy, ds=ds))
+    again = _emu_run("float32", x, B=2, T=150, s0=s0, dy=dy, ds=ds)
+    np.testing.assert_array_equal(got[0], again[0])
+    np.testing.assert_array_equal(got[1], again[1])
+    lens = [40, 0, 1, 70, 16]
+    xv, _, _, _ = _emu_inputs(43, 1, sum(lens), 3)
+    rng = np.random.default_rng(44)
+    sv = make_state(rng, len(lens), 3)
+    dyv = rng.standard_normal((1, sum(lens), 3))
+    dsv = rng.standard_normal((len(lens), 3, 3))
+    got = _emu_run("bfloat16", xv, lens=lens, s0=sv, dy=dyv, ds=dsv)
+    _emu_check("bfloat16", got, _emu_ref("bfloat16", xv, lens=lens, s0=sv, dy=dyv, ds=dsv))
+    pool = make_state(rng, 7, 3).astype(np.float32)
+    before = pool.copy()
+    idx = [4, 1, -1, 0, 6]
+    y, _, _ = _emu_run("float32", xv, lens=lens, pool_idx=idx, pool=pool, bwd=False)
+    s_in = np.stack([np.zeros((3, 3)) if i < 0 else before[i] for i in idx]).astype(np.float64)
+    yr, sr, _ = _emu_ref("float32", xv, lens=lens, s0=s_in)
+    assert rel_rms(y, yr) < 1e-5
+    for i, slot in enumerate(idx):
+        if slot >= 0:
+            assert rel_rms(pool[slot], sr[i]) < 1e-5
+    for untouched in (2, 3, 5):
+        np.testing.assert_array_equal(pool[untouched], before[untouched])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("B,T,C", [(1, 20000, 2048), (8, 1000, 300), (3, 17, 2048)])
+def test_gpu_fused_forward_matches_chunked_and_is_deterministic(need_gpu, monkeypatch, dtype, B, T, C):
+    """The one-launch look-back forward on many tiles (thousands in flight, several channel blocks): bitwise
+    repeatable, equal to the three-launch forward to rounding, its checkpoints give the same backward, and no
+    look-back ever timed out (error word)."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator(device="cuda").manual_seed(17)
+    dt = getattr(torch, dtype)
+    w = (torch.rand(C, device="cuda", generator=g) * 4 - 3).to(dt)
+    u = torch.randn(C, device="cuda", generator=g).to(dt) * 0.5
+    k = (torch.randn(B, T, C, device="cuda", generator=g) * 3).to(dt)
+    v = torch.randn(B, T, C, device="cuda", generator=g).to(dt)
+    s0 = torch.rand(B, 3, C, device="cuda", generator=g) + 0.5
+    dy = torch.randn(B, T, C, device="cuda", generator=g).to(dt)
+    ds = torch.randn(B, 3, C, device="cuda", generator=g)
+    out = {}
+    for forward in ("fused", "fused", "chunked"):
+        monkeypatch.setattr(W, "FORWARD", forward)
+        xs = [t.clone().requires_grad_(True) for t in (w, u, k, v)]
+        st_ = s0.clone().requires_grad_(True)
+        y, s = rwkvops.wkv4(*xs, state=st_)
+        ((y.float() * dy.float()).sum() + (s * ds).sum()).backward()
+        res = (y.detach(), s.detach(), *(t.grad for t in xs), st_.grad)
+        if forward in out:
+            for a, b in zip(out[forward], res):
+                assert torch.equal(a, b), "fused forward not deterministic"
+        out[forward] = res
+    rwkvops.check_errors()
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    for i, (a, b) in enumerate(zip(out["fused"], out["chunked"])):
+        assert rel_rms(a, b) < tol, i

@@ -603,6 +603,11 @@ _EMU_DRIVER = r'''
 #define I_(i) ((int)(int64_t)a[i])
 #define L_(i) ((long long)a[i])
 template <typename T, int N> void fwd(const uint64_t* a, int grid, int blk) {
+  if (blk != FwdCfg<N>::NT) {
+    emu_run(grid, blk, 0, [&]{ wkv7_forward<T, N, 1>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
+     (const T*)P_(4),(const T*)P_(5),(T*)P_(6),(const int*)P_(7), I_(8), L_(9), (const float*)P_(10), (float*)P_(11),
+     (const int*)P_(12), I_(13), (int*)P_(14), (float*)P_(15), I_(16), I_(17)); });
+    return; }
   emu_run(grid, blk, 0, [&]{ wkv7_forward<T, N>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(T*)P_(6),(const int*)P_(7), I_(8), L_(9), (const float*)P_(10), (float*)P_(11),
      (const int*)P_(12), I_(13), (int*)P_(14), (float*)P_(15), I_(16), I_(17)); }); }
@@ -697,12 +702,17 @@ def emu(emu_lib, monkeypatch):
     monkeypatch.setattr(G, "ptr", lambda a: np.uint64(0) if a is None else np.uint64(a.ctypes.data))
     monkeypatch.setattr(G, "error_ptr", lambda: np.uint64(err.ctypes.data))
     monkeypatch.setattr(W, "_bwd_blocks", lambda items, N: min(items, 3))   # exercise the grid-stride loop
+    monkeypatch.setattr(W, "_smem_optin", lambda: 227 * 1024)                # as on an H100
+    # forward rows per thread: RT = 1 for grids of fewer than 8 blocks (as on a GPU with 4 SMs), else RT = 4
+    monkeypatch.setattr(W, "_fwd_rt", lambda blocks: 4 if blocks >= 8 else 1)
     launches = []
 
     def fake_launch(name, grid, block, args, shared_mem=0):
         import re
-        m = re.match(r"wkv7_(\w+)<(\w+), (\d+)>$", name)
+        m = re.match(r"wkv7_(\w+)<(\w+), (\d+)(?:, (\d+))?>$", name)
         assert m and name in W.NAME_EXPRESSIONS, name
+        if m.group(1) == "forward":   # block size must match the instantiation (the driver picks it by block)
+            assert int(block[0]) == W.FWD_NT[int(m.group(4) or 4)], (name, block)
         kind = {"forward": 0, "decode": 1, "backward": 2, "backward_l2": 3}[m.group(1)]
         dt = {"float": 0, "__half": 1, "__nv_bfloat16": 2}[m.group(2)]
         a = np.array([int(v) & 0xFFFFFFFFFFFFFFFF for v in args], dtype=np.uint64)
@@ -895,3 +905,43 @@ def test_emulated_backward_kernels(emu, monkeypatch, rows, N, T):
     y, s, g = emu(x, None, dt, B, T, H, dy=dy)
     z = np.zeros_like(s0)
     _check_grads(g, W.reference_backward(x, z, dy, z), 6e-3)
+
+
+@pytest.mark.parametrize("N,T", [(32, 37), (64, 21), (128, 9)], ids=str)
+def test_emulated_forward_one_row_per_thread(emu, monkeypatch, N, T):
+    """The forward's RT = 1 variant (4-warp blocks, picked for grids that underfill the GPU): dense with
+    checkpoints (+ backward), without, zero-length varlen sequences, and a pool with -1 slots."""
+    monkeypatch.setattr(W, "_fwd_rt", lambda blocks: 1)
+    rng = np.random.default_rng(N + 7 * T)
+    B, H, dt = 2, 2, "float32"
+    x, s0 = _rounded(rng, B, T, H, N, dt)
+    dy = rng.standard_normal((B, T, H, N)).astype(np.float32).astype(np.float64)
+    ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
+    assert emu.launches[-2] == f"wkv7_forward<float, {N}, 1>"
+    y_ref, s_ref = W.reference_forward(x, s0)
+    assert rel_rms(y, y_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
+    _check_grads(g, W.reference_backward(x, s0, dy, ds), 1e-4)
+    y, s = emu(x, None, dt, B, T, H, save=False)
+    y_ref, s_ref = W.reference_forward(x, np.zeros_like(s0))
+    assert rel_rms(y, y_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5
+    # varlen with empty sequences (B = 1 packing of the two sequences around two empty ones)
+    lens = [0, T, 0, T]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    xv = {n: np.concatenate([x[n][0:1], x[n][1:2]], axis=1) for n in NAMES}
+    sv = np.concatenate([s0[:1], s0, s0[1:]])
+    y, s = emu(xv, sv, dt, 1, 2 * T, H, cu=cu, save=False)
+    for i, (lo, hi) in enumerate(zip(cu[:-1], cu[1:])):
+        if hi == lo:
+            np.testing.assert_array_equal(s[i], sv[i])
+            continue
+        yr, sr = W.reference_forward({n: xv[n][:, lo:hi] for n in NAMES}, sv[i:i + 1])
+        assert rel_rms(y[:, lo:hi], yr) < 1e-5 and rel_rms(s[i:i + 1], sr) < 1e-5
+    # pool, one -1 slot
+    pool = make_state(rng, 3, H, N).astype(np.float32)
+    before = pool.copy()
+    idx = np.array([2, -1], np.int32)
+    y, _ = emu(x, None, dt, B, T, H, idx=idx, pool=pool, save=False)
+    y_ref, s_ref = W.reference_forward(x, np.stack([before[2], np.zeros_like(before[0])]).astype(np.float64))
+    assert rel_rms(y, y_ref) < 1e-5 and rel_rms(pool[2], s_ref[0]) < 1e-5
+    np.testing.assert_array_equal(pool[:2], before[:2])

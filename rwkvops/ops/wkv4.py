@@ -114,10 +114,20 @@ def reference_backward(x: dict, state, dy, dstate):
 
 SOURCE = "wkv4.cu"
 _KERNELS = ("wkv4_fwd_chunk", "wkv4_fwd_scan", "wkv4_fwd_out", "wkv4_bwd_chunk", "wkv4_bwd_scan",
-            "wkv4_bwd_out", "wkv4_bwd_reduce")
+            "wkv4_bwd_out", "wkv4_bwd_reduce",
+            "wkv4_fwd_chunk2", "wkv4_fwd_out2", "wkv4_bwd_chunk2", "wkv4_bwd_out2", "wkv4_fwd_fused")
 _CTYPES = ("float", "__half", "__nv_bfloat16")
 NAME_EXPRESSIONS = tuple(f"{k}<{t}>" for k in _KERNELS for t in _CTYPES)
-MAX_CHUNK = 64        # must match WKV4_MAX_CHUNK in wkv4.cu (backward keeps one chunk's states per thread)
+MAX_CHUNK = 64        # must match WKV4_MAX_CHUNK in wkv4.cu (the backward's checkpoint arrays are sized by it)
+# Which per-chunk kernels the launchers use: 2 (one exp per max-normalized pair, no local-memory arrays in the
+# backward; same results bit for bit) or 1 (the original kernels, kept as a fallback).  The scans and the
+# reduction are shared.
+KERNEL_VERSION = 2
+# Forward: "fused" (one launch, decoupled look-back over FUSED_L-token chunks: k, v read once) or "chunked" (three
+# launches: chunk aggregates, scan over chunks, outputs; k, v read twice).  Both give the same checkpoints to the
+# backward (the incoming state of every _chunk_len-token chunk and the final state).
+FORWARD = "fused"
+FUSED_L = 16          # must match WKV4_FL in wkv4.cu
 _FILL_THREADS = 132 * 2048   # threads that fill an H100
 _BLOCK = 128
 
@@ -139,6 +149,9 @@ def _chunk_len(seqs, C: int) -> int:
     return min((MAX_CHUNK, 32, 16), key=lambda L: L + -(-n // L))
 
 
+_V2 = ("wkv4_fwd_chunk", "wkv4_fwd_out", "wkv4_bwd_chunk", "wkv4_bwd_out")
+
+
 def _name(kernel, dtype):
     from .._compile import CTYPES
     return f"{kernel}<{CTYPES[dtype]}>"
@@ -146,16 +159,57 @@ def _name(kernel, dtype):
 
 def _launch(kernel, dtype, grid, args):
     from .._gpu import launch
+    if KERNEL_VERSION == 2 and kernel in _V2:
+        kernel += "2"
     launch("wkv4", SOURCE, _name(kernel, dtype), NAME_EXPRESSIONS, grid, (_BLOCK, 1, 1), args)
 
 
+def _zero(a):
+    """Zero an int/float buffer on the current stream (NumPy arrays too, for the CPU emulation)."""
+    if isinstance(a, np.ndarray):
+        a.fill(0)
+        return
+    import cupy
+    cupy.cuda.runtime.memsetAsync(a.data.ptr, 0, a.nbytes, cupy.cuda.get_current_stream().ptr)
+
+
+def _forward_fused(call, x, state_in, state_out, save):
+    """One launch: see wkv4_fwd_fused in wkv4.cu."""
+    from .._gpu import error_ptr, ptr
+    seqs = call.seqs
+    C = call.dims["C"]
+    k = x["k"]
+    L = _chunk_len(seqs, C)                 # the backward's chunk length (a multiple of FUSED_L)
+    ns = seqs.chunk_slots(FUSED_L)
+    ncb = -(-C // _BLOCK)
+    ntiles = ns * ncb
+    i32 = np.int32
+    agg = call.empty((ns, 3, C), "float32")
+    inc = call.empty((ns, 3, C), "float32")
+    flags = call.empty((ntiles + 1,), "int32")
+    _zero(flags)
+    fin = call.empty((seqs.num, 3, C), "float32") if save else None
+    sinb = call.empty((seqs.chunk_slots(L), 3, C), "float32") if save else None
+    y = call.empty(tuple(k.shape), call.dtype)
+    _launch("wkv4_fwd_fused", call.dtype, (ntiles, 1, 1),
+            (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(seqs.cu_seqlens), i32(seqs.T), np.int64(seqs.total),
+             i32(seqs.num), i32(L), ptr(agg), ptr(inc), ptr(flags), i32(ntiles), i32(ncb), ptr(state_in),
+             ptr(state_out), ptr(fin), ptr(sinb), ptr(seqs.state_idx), i32(seqs.pool_size), ptr(y), i32(C),
+             error_ptr()))
+    saved = {"L": L, "sin": sinb, "fin": fin} if save else None
+    return y, saved
+
+
 def gpu_forward(call, x, state_in, state_out, save):
-    """Three launches: chunk aggregates, scan over chunks (incoming states, final state), outputs."""
+    """FORWARD == "fused": one launch (_forward_fused).  "chunked": three launches: chunk aggregates, scan over
+    chunks (incoming states, final state), outputs."""
     from .._gpu import error_ptr, ptr
     seqs = call.seqs
     C = call.dims["C"]
     k = x["k"]
     L = _chunk_len(seqs, C)
+    if FORWARD == "fused" and L % FUSED_L == 0 and seqs.chunk_slots(FUSED_L) * -(-C // _BLOCK) < 2**31 - 1:
+        return _forward_fused(call, x, state_in, state_out, save)
     nslots = seqs.chunk_slots(L)
     cb = -(-C // _BLOCK)
     i32 = np.int32

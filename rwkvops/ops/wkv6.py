@@ -19,7 +19,16 @@ Files: this module (declaration, NumPy reference forward/backward, GPU launchers
 * forward, one-token decode (T == 1, or varlen with one token per sequence on average): 256 threads per
   (sequence, head), each owning float4 quads of the state (coalesced 16-byte state traffic), row sums by
   warp shuffles;
-* backward: three passes over the recurrence, none divides by the decay (no clamp; decays down to 1e-24):
+* the per-step scalars r.(u*k) (forward, dv) and dy.v (dr, dk) are block sums computed once per step during
+  staging (warp shuffles, fixed order), not by every thread;
+* backward, chunk-parallel (dense inputs with T >= BWD_CHUNKED_MIN_T; ``BACKWARD_PATH`` forces "sequential" or
+  "chunked"): the state at every BWD_CHUNK_L-token chunk's start (the forward chunk scan below, or the chunked
+  forward's saved one when its CHUNK_L matches) and the adjoint G at every chunk's last token (the same two
+  kernels run in reverse: local reverse accumulation of G_{t-1} = G_t d_t + dy_t r_t^T per chunk from zero, then
+  a reverse scan over chunks, which also yields dstate); then the three passes below run per (sequence, chunk,
+  head) in parallel, and du is reduced over all of them in a fixed order (deterministic);
+* backward, sequential (varlen, short T): three passes over the recurrence, none divides by the decay (no clamp;
+  decays down to 1e-24):
   (1) forward, thread = key column ``j``: recomputes S, writes dr, the terms X_t[j] = r_t[j] (dy_t . S_{t-1}[:, j])
       and fp32 checkpoints of S at the end of every CK-token chunk;
   (2) reverse, thread = key column ``j`` of the adjoint G: dk, du partials (per sequence and head, reduced
@@ -27,7 +36,8 @@ Files: this module (declaration, NumPy reference forward/backward, GPU launchers
       checkpoint at every chunk and stepped inside a chunk with W_{t-1} = W_t - Y_t + X_t, Y_t = k_t (G_t^T v_t);
       (dw at strongly decayed steps carries fp32 rounding of the state: absolute error ~1e-7 |G||S| exp(w));
   (3) reverse, thread = value row ``i`` of G: dv.
-  The forward saves nothing for the backward (it recomputes from the inputs and the initial state).
+  The recurrent forward saves nothing for the backward (it recomputes from the inputs and the initial state);
+  the chunked forward with save=True keeps its chunk-start states for the chunk-parallel backward.
 """
 from __future__ import annotations
 
@@ -58,6 +68,8 @@ CHUNKED_MAX_BLOCKS = 1024  # ... and fewer than this many (sequence, head) block
 BACKWARD_PATH = "auto"
 BWD_CHUNK_L = 64           # tokens per chunk of the chunk-parallel backward
 BWD_CHUNKED_MIN_T = 128
+BWD_CHUNKED_MAX_BLOCKS = 2048  # auto: ... and fewer (sequence, head) blocks than this (bounds the 3 chunk-state
+                               # buffers of [B, T/L, H, N, N] fp32; larger batches fill the GPU sequentially)
 
 
 def _ne(name, ctype, n):
@@ -233,7 +245,9 @@ def _backward_path(call) -> str:
         return "sequential"
     if BACKWARD_PATH == "chunked":
         return "chunked"
-    return "chunked" if seqs.T >= BWD_CHUNKED_MIN_T else "sequential"
+    if seqs.T >= BWD_CHUNKED_MIN_T and seqs.num * call.dims["H"] < BWD_CHUNKED_MAX_BLOCKS:
+        return "chunked"
+    return "sequential"
 
 
 def gpu_backward(call, x, state_in, saved, dy, dstate):

@@ -153,7 +153,8 @@ def _names():
     out = []
     for ct in CTYPE.values():
         for n in HEAD_SIZES:
-            out.append(f"wkv7_forward<{ct}, {n}>")
+            out.append(f"wkv7_forward<{ct}, {n}>")       # 4 rows per thread, one-warp blocks
+            out.append(f"wkv7_forward<{ct}, {n}, 1>")    # 1 row per thread, 4-warp blocks (few sequences x heads)
             out.append(f"wkv7_decode<{ct}, {n}>")
             out.append(f"wkv7_backward<{ct}, {n}>" if n in BWD_ROWS_SC else f"wkv7_backward_l2<{ct}, {n}>")
             if n in BWD_ROWS_SC:
@@ -164,9 +165,10 @@ def _names():
 NAME_EXPRESSIONS = _names()
 
 
-FWD_NT = 32                   # wkv7_forward block size (FwdCfg<N>::NT in wkv7.cu: one warp)
-FWD_RB = 16                   # state rows per forward block (FwdCfg<N>::RB)
-FWD_R = {n: n // FWD_RB for n in HEAD_SIZES}   # forward row groups (blocks) per (sequence, head): FwdCfg<N>::R
+FWD_RB = 16                   # state rows per forward block (FwdCfg<N, RT>::RB in wkv7.cu)
+FWD_R = {n: n // FWD_RB for n in HEAD_SIZES}   # forward row groups (blocks) per (sequence, head): FwdCfg::R
+FWD_NT = {4: 32, 1: 128}      # forward block size per rows-per-thread RT (FwdCfg<N, RT>::NT = (16 / RT) * 8)
+FWD_WAVE = 2                  # RT = 4 (one-warp blocks) once the grid has >= FWD_WAVE blocks per SM, else RT = 1
 BWD_ROWS = {32: True, 64: True, 128: False}  # backward kernel per N: wkv7_backward (rows) or wkv7_backward_l2
 BWD_SC = {32: 8, 64: 4, 128: 4}              # wkv7_backward_l2 sub-chunk (BwdCfg::SC in wkv7.cu): scratch slots - 1
 BWD_BLOCKS_PER_SM = {32: 8, 64: 3, 128: 1}   # backward grid = min(items, SMs * this): about what is resident
@@ -176,6 +178,31 @@ BWD_BLOCKS_PER_SM = {32: 8, 64: 3, 128: 1}   # backward grid = min(items, SMs * 
 def _sm_count(device: int) -> int:
     import cupy
     return int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin_of(device: int) -> int:
+    import cupy
+    return int(cupy.cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"])
+
+
+def _smem_optin() -> int:
+    """Largest dynamic shared memory (bytes) one block may opt in to on the current device."""
+    import cupy
+    return _smem_optin_of(cupy.cuda.Device().id)
+
+
+def _bwd_rows(N: int) -> bool:
+    """Use the row-layout backward for head size N: selected in BWD_ROWS and its shared memory fits the device
+    (200 KB for N = 64: H100/H200 yes, A100 (163 KB) falls back to wkv7_backward_l2)."""
+    return BWD_ROWS.get(N, False) and _bwd_rows_smem(N) <= _smem_optin()
+
+
+def _fwd_rt(blocks: int) -> int:
+    """Rows per thread of the forward for a grid of ``blocks`` row-group blocks: 4 (one-warp blocks, fewest
+    shared-memory loads per FMA) when the grid fills the GPU, else 1 (four warps share each row group's step)."""
+    import cupy
+    return 4 if blocks >= FWD_WAVE * _sm_count(cupy.cuda.Device().id) else 1
 
 
 def _bwd_blocks(items: int, N: int) -> int:
@@ -233,8 +260,10 @@ def gpu_forward(call, x, state_in, state_out, save):
         if save:
             ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
         vec = all(int(p) % 16 == 0 for p in ins)   # 16-byte input loads (always true for fresh allocations)
-        _launch(f"wkv7_forward<{ct}, {N}>", (seqs.num * H * FWD_R[N],), (FWD_NT,),
-                (*ins, ptr(y), *abi, ptr(ckpt), np.int32(H), np.int32(vec)))
+        blocks = seqs.num * H * FWD_R[N]
+        rt = _fwd_rt(blocks)
+        name = f"wkv7_forward<{ct}, {N}>" if rt == 4 else f"wkv7_forward<{ct}, {N}, {rt}>"
+        _launch(name, (blocks,), (FWD_NT[rt],), (*ins, ptr(y), *abi, ptr(ckpt), np.int32(H), np.int32(vec)))
     return y, {"ckpt": ckpt}
 
 
@@ -249,7 +278,7 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
     g = {n: call.empty(shape, call.dtype) for n in ("r", "w", "k", "v", "a", "b")}
     dstate_in = call.empty((seqs.num, H, N, N), "float32")
     items = seqs.num * H
-    rows = BWD_ROWS[N]
+    rows = _bwd_rows(N)
     nblk = items if rows else _bwd_blocks(items, N)
     scratch = None if rows else call.empty((nblk, BWD_SC[N] + 1, N, N), "float32")
     args = ([ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b")] + [ptr(dy)]
