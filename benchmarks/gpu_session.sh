@@ -40,3 +40,5 @@ for s in $stages; do case $s in
   sweep)    run sweep python3 benchmarks/chunk_sweep.py --out "$OUT/chunk_sweep.json" ;;
 esac; done
 grep -h "^BENCH" "$OUT/bench.log" 2>/dev/null | tail -n 40
+# the device tool returns a limited number of files: everything also travels in one archive
+(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./*.log 2>/dev/null)

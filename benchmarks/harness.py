@@ -19,7 +19,7 @@ RECORDS: list = []
 ENV: dict = {}
 
 
-def cuda_time(fn, warmup=3, reps=15, max_ms=3000.0):
+def cuda_time(fn, warmup=3, reps=10, max_ms=1500.0):
     """Median milliseconds of ``fn()`` on torch's current stream, by CUDA events, after ``warmup`` calls."""
     import torch
     for _ in range(warmup):
