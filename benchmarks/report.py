@@ -15,8 +15,20 @@ def _fmt(v, nd=3):
     return "–" if v is None else f"{v:.{nd}f}"
 
 
+def _normalize(recs):
+    """Graph-replayed decode runs become their own mode, so ours-with-graph is compared with peers-with-graph."""
+    out = []
+    for r in recs:
+        r = dict(r)
+        if r["impl"].endswith("_graph"):
+            r["impl"] = r["impl"][: -len("_graph")]
+            r["mode"] = r["mode"] + "+graph"
+        out.append(r)
+    return out
+
+
 def table(data):
-    recs = data["records"]
+    recs = _normalize(data["records"])
     groups = defaultdict(dict)
     for r in recs:
         key = (r["op"], r["mode"], r["B"], r["T"], r["dtype"])
@@ -39,6 +51,7 @@ def table(data):
         lines.append("| " + " | ".join(row) + " |")
     errs = [r for r in recs if r.get("error")]
     host = [r for r in recs if r.get("host_ms") is not None and r["impl"] == "rwkvops"]
+    host.sort(key=lambda r: (r["op"], r["mode"], r["B"]))
     out = [f"# Benchmarks on {data.get('gpu')}", "",
            f"commit `{data.get('commit')}`; torch {data.get('torch')} (CUDA {data.get('cuda_runtime')}), "
            f"cupy {data.get('cupy')}, triton {data.get('triton')}, fla {data.get('fla')}, "
@@ -48,7 +61,8 @@ def table(data):
     out += lines
     if host:
         out += ["", "Host overhead per decode call (median CPU time of the Python call, not synced):", ""]
-        out += [f"- {r['op']} B={r['B']}: {r['host_ms']:.4f} ms host, {r['ms']:.4f} ms device" for r in host]
+        out += [f"- {r['op']} {r['mode']} B={r['B']}: {r['host_ms']:.4f} ms host, {r['ms']:.4f} ms per call (events)"
+                for r in host]
     if errs:
         out += ["", "Failures:", ""] + [f"- {r['op']} {r['mode']} B={r['B']} T={r['T']} {r['impl']}: {r['error']}"
                                         for r in errs]
@@ -62,7 +76,7 @@ def plot(data, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    recs = [r for r in data["records"] if r.get("ms")]
+    recs = [r for r in _normalize(data["records"]) if r.get("ms")]
     panels = sorted({(r["op"], r["mode"], r["dtype"]) for r in recs})
     if not panels:
         return False
@@ -71,14 +85,15 @@ def plot(data, path):
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, (op, mode, dtype) in zip(axes.flat, panels):
         sel = [r for r in recs if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype)]
-        xkey = "B" if mode == "decode" else "T"
+        xkey = "B" if mode.startswith("decode") else "T"
         for impl in sorted({r["impl"] for r in sel}):
-            pts = sorted((r[xkey], r["ms"]) for r in sel if r["impl"] == impl and (mode == "decode" or r["B"] == 1))
+            pts = sorted((r[xkey], r["ms"]) for r in sel
+                         if r["impl"] == impl and (mode.startswith("decode") or r["B"] == 1))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(f"{op} {mode} {dtype}" + ("" if mode == "decode" else " (B=1)"))
+        ax.set_title(f"{op} {mode} {dtype}" + ("" if mode.startswith("decode") else " (B=1)"))
         ax.set_xlabel(xkey)
         ax.set_ylabel("ms")
         ax.legend(fontsize=8)
