@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from rwkvops import testing
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import rwkvops
@@ -66,11 +68,6 @@ def test_reference_matches_naive_formula(zero_state):
     np.testing.assert_allclose(s[:, 1] * np.exp(s[:, 2]), den, rtol=1e-12, atol=1e-13)
 
 
-def _loss(x, s0, dy, ds):
-    y, s1 = W.reference_forward(x, s0)
-    return float(np.sum(dy * y) + np.sum(ds * s1))
-
-
 @pytest.mark.parametrize("B,T,C,kscale,zero_state", [(1, 1, 2, 1.0, False), (2, 5, 3, 1.0, False),
                                                       (2, 6, 2, 6.0, False), (1, 4, 3, 1.0, True)],
                          ids=["T1", "B2T5", "wide-k", "zero-state"])
@@ -81,23 +78,7 @@ def test_reference_backward_finite_differences(B, T, C, kscale, zero_state):
     s0 = np.zeros((B, 3, C)) if zero_state else make_state(rng, B, C)
     dy = rng.standard_normal((B, T, C))
     ds = rng.standard_normal((B, 3, C))
-    g = W.reference_backward(x, s0, dy, ds)
-    eps = 1e-6
-    for name in (*NAMES, "state"):
-        base = s0 if name == "state" else x[name]
-        fd = np.zeros_like(base)
-        for idx in np.ndindex(base.shape):
-            plus, minus = base.copy(), base.copy()
-            plus[idx] += eps
-            minus[idx] -= eps
-            if name == "state":
-                fp, fm = _loss(x, plus, dy, ds), _loss(x, minus, dy, ds)
-            else:
-                fp, fm = _loss({**x, name: plus}, s0, dy, ds), _loss({**x, name: minus}, s0, dy, ds)
-            fd[idx] = (fp - fm) / (2 * eps)
-        assert g[name].shape == base.shape
-        np.testing.assert_allclose(g[name], fd, rtol=1e-5, atol=1e-7, err_msg=name)
-
+    testing.finite_difference_check(W.reference_forward, W.reference_backward, x, s0, dy, ds, rtol=1e-5, atol=1e-7)
 
 def test_reference_float32_stays_float32():
     rng = np.random.default_rng(3)

@@ -1,6 +1,8 @@
 """RWKV-6 (wkv6): NumPy reference checks on the CPU, kernels vs the float64 reference on the GPU."""
 import numpy as np
 import pytest
+
+from rwkvops import testing
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import rwkvops
@@ -59,25 +61,7 @@ def test_reference_matches_naive_loop():
 def test_reference_backward_finite_differences(T):
     x, s, dy, ds = make(2, T, 2, 3, seed=2, wlo=-3.0, whi=1.5)
 
-    def loss(x, s):
-        y, S = reference_forward(x, s)
-        return float(np.sum(dy * y) + np.sum(ds * S))
-
-    g = reference_backward(x, s, dy, ds)
-    eps = 1e-6
-    for name in (*NAMES, "state"):
-        base = s if name == "state" else x[name]
-        num = np.zeros_like(base)
-        for idx in np.ndindex(base.shape):
-            for sign in (1, -1):
-                xx = {k: v.copy() for k, v in x.items()}
-                ss = s.copy()
-                tgt = ss if name == "state" else xx[name]
-                tgt[idx] += sign * eps
-                num[idx] += sign * loss(xx, ss) / (2 * eps)
-        assert g[name].shape == base.shape, name
-        np.testing.assert_allclose(g[name], num, rtol=1e-6, atol=1e-7, err_msg=name)
-
+    testing.finite_difference_check(reference_forward, reference_backward, x, s, dy, ds, rtol=1e-6, atol=1e-7)
 
 def test_public_api_cpu_float32_and_default_state():
     x, s, _, _ = make(2, 6, 2, 4, seed=3, dtype=np.float32)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from rwkvops import testing
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import rwkvops
@@ -37,11 +39,6 @@ def args(x):
 
 # ----------------------------------------------------------------------------- reference: backward by FD
 
-def _loss(x, s0, dy, ds):
-    y, s1 = W.reference_forward(x, s0)
-    return float(np.sum(dy * y) + np.sum(ds * s1))
-
-
 @pytest.mark.parametrize("B,T,H,N", [(1, 1, 1, 3), (2, 4, 1, 3), (1, 5, 2, 2)], ids=lambda v: str(v))
 def test_reference_backward_finite_differences(B, T, H, N):
     rng = np.random.default_rng(1)
@@ -49,23 +46,7 @@ def test_reference_backward_finite_differences(B, T, H, N):
     s0 = make_state(rng, B, H, N)
     dy = rng.standard_normal((B, T, H, N))
     ds = rng.standard_normal((B, H, N, N))
-    g = W.reference_backward(x, s0, dy, ds)
-    eps = 1e-6
-    for name in (*NAMES, "state"):
-        base = s0 if name == "state" else x[name]
-        fd = np.zeros_like(base)
-        for idx in np.ndindex(base.shape):
-            plus, minus = base.copy(), base.copy()
-            plus[idx] += eps
-            minus[idx] -= eps
-            if name == "state":
-                fp, fm = _loss(x, plus, dy, ds), _loss(x, minus, dy, ds)
-            else:
-                fp, fm = _loss({**x, name: plus}, s0, dy, ds), _loss({**x, name: minus}, s0, dy, ds)
-            fd[idx] = (fp - fm) / (2 * eps)
-        assert g[name].shape == base.shape
-        np.testing.assert_allclose(g[name], fd, rtol=1e-6, atol=1e-8, err_msg=name)
-
+    testing.finite_difference_check(W.reference_forward, W.reference_backward, x, s0, dy, ds, rtol=1e-6, atol=1e-8)
 
 def test_reference_formula_single_step():
     """One step by hand, with explicit loops over i, j (the formula in the docstring)."""

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _fla
 from ..registry import Arg, Kernel, Op, register_op
 
 __all__ = ["wkv6", "to_fla", "from_fla", "reference_forward", "reference_backward", "OP"]
@@ -373,46 +374,6 @@ def wkv6(r, k, v, w, u, state=None, *, cu_seqlens=None, state_indices=None):
 
 # ---------------------------------------------------------------- flash-linear-attention conventions
 
-def _xp(a):
-    import sys
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(a, torch.Tensor):
-        return "torch"
-    return "array"
-
-
-def _up(t):
-    """A torch tensor in at least fp32 (half precisions are computed in fp32, fp32/fp64 kept)."""
-    import torch
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _neg_exp(w):
-    if _xp(w) == "torch":
-        return -_up(w).exp().to(w.dtype)
-    import numpy
-    mod = numpy if isinstance(w, numpy.ndarray) else __import__("cupy")
-    return -mod.exp(w)
-
-
-def _log_neg(g):
-    if _xp(g) == "torch":
-        return (-_up(g)).log().to(g.dtype)
-    import numpy
-    mod = numpy if isinstance(g, numpy.ndarray) else __import__("cupy")
-    return mod.log(-g)
-
-
-def _transpose(s):
-    if s is None:
-        return None
-    if _xp(s) == "torch":
-        return s.transpose(-1, -2).contiguous()
-    import numpy
-    mod = numpy if isinstance(s, numpy.ndarray) else __import__("cupy")
-    return mod.ascontiguousarray(mod.swapaxes(s, -1, -2))
-
-
 def to_fla(r, k, v, w, u, state=None):
     """Our arguments in flash-linear-attention's RWKV-6 convention (``chunk_rwkv6``/``fused_recurrent_rwkv6``).
 
@@ -420,11 +381,11 @@ def to_fla(r, k, v, w, u, state=None):
     ``initial_state = state.transpose(-1, -2)`` is fla's ``[B, H, K, V]`` layout (None stays None).
     Call fla with ``scale=1.0`` (fla's default scale is ``1/sqrt(K)``).  Works on NumPy, CuPy and torch.
     """
-    return r, k, v, _neg_exp(w), u, _transpose(state)
+    return r, k, v, _fla.log_decay(w), u, _fla.transpose_state(state)
 
 
 def from_fla(r, k, v, g, u, initial_state=None):
     """Inverse of :func:`to_fla`: fla's ``(r, k, v, g, u, initial_state)`` (``g`` the log decay, must be < 0;
     state ``[B, H, K, V]``) as our ``(r, k, v, w, u, state)`` with ``w = log(-g)`` and the state transposed to
     ``[B, H, V(i), K(j)]``.  fla outputs convert the same way: ``y`` is unchanged, final states transpose."""
-    return r, k, v, _log_neg(g), u, _transpose(initial_state)
+    return r, k, v, _fla.raw_decay(g), u, _fla.transpose_state(initial_state)

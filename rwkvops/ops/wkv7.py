@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from . import _fla
 from ..registry import Arg, Kernel, Op, register_op
 
 __all__ = ["wkv7", "to_fla", "from_fla", "reference_forward", "reference_backward", "OP"]
@@ -84,37 +85,6 @@ def reference_backward(x: dict, state, dy, dstate):
 
 # ----------------------------------------------------------------------------- flash-linear-attention
 
-def _is_torch(x):
-    t = sys.modules.get("torch")
-    return t is not None and isinstance(x, t.Tensor)
-
-
-def _exp(x):
-    if _is_torch(x):
-        return x.float().exp().to(x.dtype)
-    if x.dtype.kind == "f" and x.dtype.itemsize < 4:
-        return np.exp(x.astype(np.float32)).astype(x.dtype)
-    return np.exp(x)
-
-
-def _log(x):
-    if _is_torch(x):
-        return x.float().log().to(x.dtype)
-    if x.dtype.kind == "f" and x.dtype.itemsize < 4:
-        return np.log(x.astype(np.float32)).astype(x.dtype)
-    return np.log(x)
-
-
-def _transpose_state(s):
-    if _is_torch(s):
-        return s.transpose(-1, -2).contiguous()
-    out = s.swapaxes(-1, -2)
-    if type(out).__module__.startswith("cupy"):
-        import cupy
-        return cupy.ascontiguousarray(out)
-    return np.ascontiguousarray(out)
-
-
 def to_fla(w=None, state=None):
     """Convert our decay parameter and/or state to flash-linear-attention's ``chunk_rwkv7`` convention.
 
@@ -125,16 +95,16 @@ def to_fla(w=None, state=None):
     ``scale=1.0`` (``fused_recurrent_rwkv7`` otherwise defaults to ``1/sqrt(K)``).
     Works on NumPy, CuPy and torch arrays.  Returns ``(w_fla, state_fla)`` (None where not given).
     """
-    w_fla = None if w is None else -_exp(w)
-    s_fla = None if state is None else _transpose_state(state)
+    w_fla = None if w is None else _fla.log_decay(w)
+    s_fla = _fla.transpose_state(state)
     return w_fla, s_fla
 
 
 def from_fla(w=None, state=None):
     """Inverse of :func:`to_fla`: fla's log decay ``g = -exp(w)`` back to ``w = log(-g)``, and fla's state
     ``[B, H, K, V]`` back to ours ``[B, H, V, K]`` (transpose of the last two axes).  Returns ``(w, state)``."""
-    w_ours = None if w is None else _log(-w)
-    s_ours = None if state is None else _transpose_state(state)
+    w_ours = None if w is None else _fla.raw_decay(w)
+    s_ours = _fla.transpose_state(state)
     return w_ours, s_ours
 
 

@@ -67,26 +67,7 @@ def test_reference_gradients_by_finite_differences():
     rng = np.random.default_rng(1)
     dy, ds = rng.standard_normal(x.shape), rng.standard_normal(s.shape)
 
-    def loss(inp, st):
-        y, s1 = reference_forward(inp, st)
-        return (y * dy).sum() + (s1 * ds).sum()
-
-    grads = reference_backward(inputs, s, dy, ds)
-    eps = 1e-6
-    for name in ("x", "w", "g", "state"):
-        base = s if name == "state" else inputs[name]
-        num = np.zeros_like(base)
-        for i in np.ndindex(base.shape):
-            hi, lo = base.copy(), base.copy()
-            hi[i] += eps
-            lo[i] -= eps
-            if name == "state":
-                num[i] = (loss(inputs, hi) - loss(inputs, lo)) / (2 * eps)
-            else:
-                num[i] = (loss(dict(inputs, **{name: hi}), s) - loss(dict(inputs, **{name: lo}), s)) / (2 * eps)
-        assert grads[name].shape == base.shape, name
-        np.testing.assert_allclose(grads[name], num, rtol=1e-6, atol=1e-8, err_msg=name)
-
+    testing.finite_difference_check(reference_forward, reference_backward, inputs, s, dy, ds, rtol=1e-6, atol=1e-8)
 
 def test_reference_matches_the_formula_by_hand():
     x, w, g, s = _inputs(B=1, T=3, H=2, N=2)
