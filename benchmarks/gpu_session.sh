@@ -19,13 +19,17 @@ run() { local name=$1; shift; local t0=$SECONDS; timeout "${STAGE_TIMEOUT:-400}"
         echo "[$name] rc=$rc $((SECONDS - t0))s: $(tail -n 1 "$OUT/$name.log")"; }
 for s in $stages; do case $s in
   compile)  run compile python3 -m rwkvops compile ;;
-  test)     # one pytest process per file, in parallel: most of the time is the float64 references on the CPU
+  test)     # shards of <= 25 tests, in parallel: most of the time is the float64 references on the CPU
             files=${TEST_FILES:-$(ls tests/test_*.py examples/rwkvops_ema/tests/test_*.py)}
-            t0=$SECONDS
+            t0=$SECONDS; mkdir -p /tmp/shards; rm -f /tmp/shards/*
             for f in $files; do
-              ( timeout "${STAGE_TIMEOUT:-400}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
-                  --durations=5 "$f" > "$OUT/test-gpu-$(basename "$f" .py).log" 2>&1
-                echo "[test $f] rc=$? $(tail -n 1 "$OUT/test-gpu-$(basename "$f" .py).log")" ) &
+              python3 -m pytest --co -q -m gpu -p no:cacheprovider "$f" 2>/dev/null | grep "::" \
+                | split -l 25 - "/tmp/shards/$(basename "$f" .py)."
+            done
+            for sh in /tmp/shards/*; do
+              ( timeout "${STAGE_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
+                  $(cat "$sh") > "$OUT/test-gpu-$(basename "$sh").log" 2>&1
+                echo "[test $(basename "$sh")] rc=$? $(tail -n 1 "$OUT/test-gpu-$(basename "$sh").log")" ) &
             done
             wait; echo "[test-gpu] $((SECONDS - t0))s" ;;
   memcheck) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py ;;
