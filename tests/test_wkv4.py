@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from rwkvops import testing
+
+import cuda_emulation
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import rwkvops
@@ -769,21 +771,8 @@ inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC
 inline float __ldcg(const float* p) { return *(const volatile float*)p; }
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 """
-_EMU_FP16 = r"""
-#pragma once
-struct __half { _Float16 v; };
-inline float __half2float(__half h) { return (float)h.v; }
-inline __half __float2half_rn(float f) { __half h; h.v = (_Float16)f; return h; }
-"""
-_EMU_BF16 = r"""
-#pragma once
-#include <cstdint>
-#include <cstring>
-struct __nv_bfloat16 { uint16_t b; };
-inline float __bfloat162float(__nv_bfloat16 h) { uint32_t u = (uint32_t)h.b << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-    uint32_t u; std::memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); __nv_bfloat16 h; h.b = (uint16_t)(u >> 16); return h; }
-"""
+_EMU_FP16 = cuda_emulation.FP16_H
+_EMU_BF16 = cuda_emulation.BF16_H
 _EMU_MAIN = r"""
 #include "shim.h"
 #include "wkv4.cu"
@@ -900,18 +889,12 @@ def emu4(emu4_lib, monkeypatch, request):
     assert err[0] == 0, "a kernel raised the error word"
 
 
-def _bf16_bits(a):
-    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def _emu_store(a, dtype):
-    return _bf16_bits(a) if dtype == "bfloat16" else np.ascontiguousarray(a, dtype=dtype)
+    return cuda_emulation.bf16_bits(a) if dtype == "bfloat16" else np.ascontiguousarray(a, dtype=dtype)
 
 
 def _emu_load(a, dtype):
-    return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64) if dtype == "bfloat16" \
-        else a.astype(np.float64)
+    return cuda_emulation.bf16_values(a) if dtype == "bfloat16" else a.astype(np.float64)
 
 
 def _emu_poisoned(shape, dtype):

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 
 from rwkvops import testing
+
+import cuda_emulation
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import rwkvops
@@ -595,22 +597,8 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 """
-_FP16 = r"""
-#pragma once
-#include <cstdint>
-struct __half { _Float16 v; };
-inline float __half2float(__half h) { return (float)h.v; }
-inline __half __float2half_rn(float f) { __half h; h.v = (_Float16)f; return h; }
-"""
-_BF16 = r"""
-#pragma once
-#include <cstdint>
-#include <cstring>
-struct __nv_bfloat16 { uint16_t b; };
-inline float __bfloat162float(__nv_bfloat16 h) { uint32_t u = (uint32_t)h.b << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-    uint32_t u; std::memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); __nv_bfloat16 h; h.b = (uint16_t)(u >> 16); return h; }
-"""
+_FP16 = cuda_emulation.FP16_H
+_BF16 = cuda_emulation.BF16_H
 _MAIN = r"""
 #include "shim.h"
 #include "wkv6.cu"
@@ -692,18 +680,12 @@ def emu(emu_lib, monkeypatch):
     assert err[0] == 0, "a kernel raised the error word"
 
 
-def _bf16_bits(a):
-    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def _store(a, dtype):
-    return _bf16_bits(a) if dtype == "bfloat16" else a.astype(dtype)
+    return cuda_emulation.bf16_bits(a) if dtype == "bfloat16" else a.astype(dtype)
 
 
 def _load(a, dtype):
-    return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64) if dtype == "bfloat16" \
-        else a.astype(np.float64)
+    return cuda_emulation.bf16_values(a) if dtype == "bfloat16" else a.astype(np.float64)
 
 
 def _poisoned(shape, dtype):
