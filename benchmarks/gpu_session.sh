@@ -23,11 +23,11 @@ for s in $stages; do case $s in
             files=${TEST_FILES:-$(ls tests/test_*.py examples/rwkvops_ema/tests/test_*.py)}
             t0=$SECONDS; mkdir -p /tmp/shards; rm -f /tmp/shards/*
             for f in $files; do
-              python3 -m pytest --co -q -m gpu -p no:cacheprovider "$f" 2>/dev/null | grep "::" \
+              python3 -m pytest --co -q -m gpu -p no:cacheprovider --rootdir="$PWD" "$f" 2>/dev/null | grep "::" \
                 | split -l 25 - "/tmp/shards/$(basename "$f" .py)."
             done
             for sh in /tmp/shards/*; do
-              ( timeout "${STAGE_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short \
+              ( timeout "${STAGE_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider --rootdir="$PWD" -rfE --tb=short \
                   $(cat "$sh") > "$OUT/test-gpu-$(basename "$sh").log" 2>&1
                 echo "[test $(basename "$sh")] rc=$? $(tail -n 1 "$OUT/test-gpu-$(basename "$sh").log")" ) &
             done
