@@ -51,6 +51,7 @@ for _p in (ROOT, HERE):
 import torch  # noqa: E402
 
 import rwkvops  # noqa: E402
+import harness  # noqa: E402
 from rwkvops.testing import TOLERANCES, rel_rms as np_rel_rms  # noqa: E402
 
 T_START = time.time()
@@ -114,36 +115,9 @@ def check_rel_rms(device):
 # ---------------------------------------------------------------- inputs
 
 def make_inputs64(name, d, device, seed, w_range=None):
-    """Float64 inputs in the ranges of ``benchmarks/bench_ops.make_inputs`` (built on ``device``); with
-    ``w_range``, ``w`` is uniform in that range instead."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    kw = dict(device=device, dtype=torch.float64)
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, **kw) * scale
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=g, **kw)
-
-    def uniform(lo, hi, *shape):
-        return lo + (hi - lo) * rand(*shape)
-
-    if name == "wkv4":
-        B, T, C = d["B"], d["T"], d["C"]
-        w = randn(C, scale=0.5) - 1.0 if w_range is None else uniform(*w_range, C)
-        return {"w": w, "u": randn(C, scale=0.5), "k": randn(B, T, C), "v": randn(B, T, C)}
-    B, T, H, N = d["B"], d["T"], d["H"], d["N"]
-    shape = (B, T, H, N)
-    w = -rand(*shape) * 5.0 - 0.5 if w_range is None else uniform(*w_range, *shape)
-    if name == "wkv7":
-        kk = randn(*shape)
-        kk = kk / kk.norm(dim=-1, keepdim=True)
-        lr = torch.sigmoid(randn(*shape))
-        x = {"r": randn(*shape, scale=0.5), "w": w, "k": randn(*shape, scale=0.5), "v": randn(*shape),
-             "a": -kk, "b": kk * lr}
-    else:
-        x = {"r": randn(*shape, scale=0.5), "k": randn(*shape, scale=0.5), "v": randn(*shape), "w": w,
-             "u": randn(H, N, scale=0.5)}
+    """Float64 inputs in the benchmarks' ranges (``harness.random_inputs``) on ``device``; with ``w_range``, ``w``
+    is uniform in that range instead."""
+    x = harness.random_inputs(name, d, device=device, seed=seed, dtype=torch.float64, w_range=w_range)
     return {n: x[n] for n in arg_names(name)}
 
 

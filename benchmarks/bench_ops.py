@@ -22,29 +22,10 @@ def _torch():
 
 
 def make_inputs(op_name, B, T, dtype, seed=0):
-    """Random inputs in the op's realistic range, built on the GPU (the NumPy samplers are too slow at this size)."""
+    """Random inputs in the op's realistic range (harness.random_inputs), drawn in fp32 on the GPU, cast to dtype."""
     torch = _torch()
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dt = getattr(torch, dtype)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=g) * scale)
-
-    if op_name == "wkv4":
-        x = {"w": randn(C, scale=0.5) - 1.0, "u": randn(C, scale=0.5), "k": randn(B, T, C), "v": randn(B, T, C)}
-    else:
-        shape = (B, T, H, N)
-        w = -torch.rand(*shape, device="cuda", generator=g) * 5.0 - 0.5  # decays in ~(0.37, 0.9999)
-        if op_name == "wkv7":
-            kk = randn(*shape)
-            kk = kk / kk.norm(dim=-1, keepdim=True)
-            lr = torch.sigmoid(randn(*shape))
-            x = {"r": randn(*shape, scale=0.5), "w": w, "k": randn(*shape, scale=0.5), "v": randn(*shape),
-                 "a": -kk, "b": kk * lr}
-        else:
-            x = {"r": randn(*shape, scale=0.5), "k": randn(*shape, scale=0.5), "v": randn(*shape), "w": w,
-                 "u": randn(H, N, scale=0.5)}
-    return {k: v.to(dt).contiguous() for k, v in x.items()}
+    x = harness.random_inputs(op_name, dict(B=B, T=T, H=H, N=N, C=C), device="cuda", seed=seed, dtype=torch.float32)
+    return {k: v.to(getattr(torch, dtype)).contiguous() for k, v in x.items()}
 
 
 def state_shape(op_name, B):

@@ -19,6 +19,38 @@ RECORDS: list = []
 ENV: dict = {}
 
 
+def random_inputs(op_name, dims, *, device, seed, dtype, w_range=None):
+    """Inputs of ``op_name`` in the realistic ranges the benchmarks use, drawn with torch on ``device`` in ``dtype``
+    (the NumPy samplers are too slow at benchmark sizes).  ``dims``: B, T and H, N (or C for wkv4).  ``w`` decays lie
+    in about (0.37, 0.9999), or ``w`` is uniform in ``w_range``; wkv7 gets a = -kk, b = kk * lr as models make them.
+    Returned in the op's argument order."""
+    import torch
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(device=device, dtype=dtype)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, **kw) * scale
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*shape, generator=g, **kw)
+
+    if op_name == "wkv4":
+        B, T, C = dims["B"], dims["T"], dims["C"]
+        w = randn(C, scale=0.5) - 1.0 if w_range is None else uniform(*w_range, C)
+        return {"w": w, "u": randn(C, scale=0.5), "k": randn(B, T, C), "v": randn(B, T, C)}
+    B, T, H, N = dims["B"], dims["T"], dims["H"], dims["N"]
+    shape = (B, T, H, N)
+    w = uniform(-0.5, -5.5, *shape) if w_range is None else uniform(*w_range, *shape)  # -0.5 - 5 * rand
+    if op_name == "wkv7":
+        kk = randn(*shape)
+        kk = kk / kk.norm(dim=-1, keepdim=True)
+        lr = torch.sigmoid(randn(*shape))
+        return {"r": randn(*shape, scale=0.5), "w": w, "k": randn(*shape, scale=0.5), "v": randn(*shape),
+                "a": -kk, "b": kk * lr}
+    return {"r": randn(*shape, scale=0.5), "k": randn(*shape, scale=0.5), "v": randn(*shape), "w": w,
+            "u": randn(H, N, scale=0.5)}
+
+
 def cuda_time(fn, warmup=3, reps=10, max_ms=1500.0):
     """Median milliseconds of ``fn()`` on torch's current stream, by CUDA events, after ``warmup`` calls."""
     import torch

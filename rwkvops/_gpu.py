@@ -61,6 +61,17 @@ def ptr(x):
     return np.uint64(0) if x is None else np.uint64(x.data.ptr)
 
 
+def check_aligned(op_name, **arrays):
+    """Kernels use 16-byte vector accesses: refuse (rather than fault on) an array whose data starts off a 16-byte
+    boundary (a view at an odd offset).  None entries are skipped."""
+    for name, a in arrays.items():
+        off = 0 if a is None else int(ptr(a)) % 16
+        if off:
+            raise ValueError(f"{op_name}: {name!r} must start at a 16-byte aligned address on the GPU (its data "
+                             f"pointer is {int(ptr(a)):#x}, a view at offset {off} bytes?); pass a fresh contiguous "
+                             "copy (.clone())")
+
+
 _FUNCTIONS: dict = {}
 _SMEM: dict = {}  # the dynamic shared-memory limit already raised per function
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _fla
+from .. import _gpu
 from ..registry import Arg, Kernel, Op, register_op
 
 __all__ = ["wkv6", "to_fla", "from_fla", "reference_forward", "reference_backward", "OP"]
@@ -154,15 +155,6 @@ def _use_stream(seqs) -> bool:
     return seqs.total <= seqs.num
 
 
-def _check_aligned(**arrays):
-    """The kernels use 16-byte vector accesses on states (and on fp32 inputs in the decode kernel)."""
-    from .._gpu import ptr
-    for name, a in arrays.items():
-        if a is not None and int(ptr(a)) % 16:
-            raise ValueError(f"wkv6: {name!r} must be 16-byte aligned on the GPU (its data pointer is "
-                             f"{int(ptr(a)):#x}, a view at an odd offset?); pass a fresh copy (.clone())")
-
-
 def _forward_path(call) -> str:
     """'stream' (decode), 'chunked' (dense long sequences, few blocks) or 'recurrent'."""
     seqs = call.seqs
@@ -224,7 +216,7 @@ def gpu_forward(call, x, state_in, state_out, save):
     y = call.empty(x["r"].shape, call.dtype)
     if seqs.num == 0:
         return y, None
-    _check_aligned(state=state_in, state_out=state_out, **(x if call.dtype == "float32" else {}))
+    _gpu.check_aligned('wkv6', state=state_in, state_out=state_out, **(x if call.dtype == "float32" else {}))
     path = _forward_path(call)
     if path == "chunked":
         buf = _forward_chunked(call, x, state_in, state_out, y)
@@ -257,7 +249,7 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
     seqs = call.seqs
     H, N = call.dims["H"], call.dims["N"]
     shape = x["r"].shape
-    _check_aligned(state=state_in, dstate=dstate)
+    _gpu.check_aligned('wkv6', state=state_in, dstate=dstate)
     if dy is None:
         dy = call.empty(shape, call.dtype)
         dy.fill(0)

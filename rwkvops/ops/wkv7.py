@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from . import _fla
+from .. import _gpu
 from ..registry import Arg, Kernel, Op, register_op
 
 __all__ = ["wkv7", "to_fla", "from_fla", "reference_forward", "reference_backward", "OP"]
@@ -199,22 +200,12 @@ def _bwd_rows_smem(N):
     return (7 * CK * N + CK * N + sc * N * N + sc * 5 * (N // 16) * N) * 4
 
 
-def _check_aligned(**arrays):
-    """The kernels access states with 16-byte vector loads: refuse (rather than fault on) a misaligned view."""
-    from .. import _gpu
-    for name, arr in arrays.items():
-        off = 0 if arr is None else int(_gpu.ptr(arr)) % 16
-        if off:
-            raise ValueError(f"wkv7: {name!r} must start at a 16-byte aligned address on the GPU (got a view at "
-                             f"offset {off} bytes); pass a fresh contiguous copy")
-
-
 def gpu_forward(call, x, state_in, state_out, save):
     """Launch the forward.  Dense T == 1 without backward uses the decode kernel; everything else the recurrent
     kernel (``FWD_R[N]`` one-warp blocks per (sequence, head), each owning ``FWD_RB`` state rows), which with
     ``save`` also writes fp32 state checkpoints every ``CK`` tokens (``saved['ckpt']``)."""
     from .._gpu import error_ptr, ptr
-    _check_aligned(state=state_in, state_out=state_out)
+    _gpu.check_aligned('wkv7', state=state_in, state_out=state_out)
     seqs = call.seqs
     H, N = call.dims["H"], call.dims["N"]
     ct = CTYPE[call.dtype]
@@ -240,7 +231,7 @@ def gpu_forward(call, x, state_in, state_out, save):
 def gpu_backward(call, x, state_in, saved, dy, dstate):
     """Launch the backward: gradients of ``sum(dy*y) + sum(dstate*state_out)`` from the forward's checkpoints."""
     from .._gpu import error_ptr, ptr
-    _check_aligned(dstate=dstate)
+    _gpu.check_aligned('wkv7', dstate=dstate)
     seqs = call.seqs
     H, N = call.dims["H"], call.dims["N"]
     ct = CTYPE[call.dtype]
