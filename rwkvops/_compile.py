@@ -41,7 +41,9 @@ def read_source(path: str) -> str:
         s = line.strip()
         if s.startswith('#include "'):
             inc = s.split('"')[1]
-            out.append(read_source(str(p.parent / inc)))
+            # beside the including file first, then rwkvops' own cuda_src/: plugins share common.cuh (the ABI)
+            local = p.parent / inc
+            out.append(read_source(str(local if local.is_file() else CUDA_SRC / inc)))
         else:
             out.append(line)
     return "\n".join(out)

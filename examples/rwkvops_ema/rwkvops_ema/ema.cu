@@ -2,45 +2,16 @@
 //
 //   S_t = S_{t-1} * exp(-exp(w_t)) + x_t ;  y_t = S_t * g      (elementwise over [H, N]; g is [H, N], shared)
 //
-// Self-contained on purpose: a plugin's source is compiled from its absolute path, so it cannot include
-// rwkvops' cuda_src/common.cuh.  The helpers below follow the same ABI (see rwkvops/_gpu.py).
+// `#include "common.cuh"` is resolved by rwkvops' compile cache from its own cuda_src/: the sequence/state ABI
+// helpers (rwkv::seq_bounds, rwkv::state_slot, element conversion) are shared with the built-in ops.
 //
 // Launch layout of the sequence kernels: grid = (num_seqs, ceil(H*N / blockDim.x)), one thread per
 // (sequence, h, n) walking that sequence's tokens; per-token arrays are flat tokens [total, H*N].
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "common.cuh"
 
 namespace ema {
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename F> __device__ __forceinline__ F from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-enum ErrorCode { ERR_BAD_CU_SEQLENS = 1, ERR_BAD_STATE_INDEX = 2 };   // same codes as rwkvops._gpu
-
-// Tokens [start, end) of sequence s (packed by cu_seqlens, or dense with T each); bad bounds -> empty + error.
-__device__ __forceinline__ void seq_bounds(const int* cu_seqlens, int T, long long total, int s,
-                                           long long& start, long long& end, int* err) {
-    if (cu_seqlens == nullptr) { start = (long long)s * T; end = start + T; return; }
-    start = cu_seqlens[s]; end = cu_seqlens[s + 1];
-    if (start < 0 || end < start || end > total) {
-        if (err) *(volatile int*)err = ERR_BAD_CU_SEQLENS;
-        start = end = 0;
-    }
-}
-
-// State slot of sequence s: s itself, or state_idx[s] for a pool (-1 = none); out-of-range -> -1 + error.
-__device__ __forceinline__ long long state_slot(const int* state_idx, int s, int pool_size, int* err) {
-    if (state_idx == nullptr) return s;
-    int i = state_idx[s];
-    if (i < -1 || i >= pool_size) { if (err) *(volatile int*)err = ERR_BAD_STATE_INDEX; return -1; }
-    return i;
-}
+using namespace rwkv;
 
 __device__ __forceinline__ float decay(float w) { return expf(-expf(w)); }
 
