@@ -8,8 +8,9 @@
 //                       8 lanes; inputs staged TT = 512/N tokens at a time with 16-byte loads (double buffered,
 //                       one barrier per tile).  With ckpt != null it also stores the state rows before every
 //                       CK-th token (fp32) at rwkv::chunk_slot(.., CK, c) for the backward (full [N][N] layout).
-//  wkv7_decode<T, N>    one token per sequence (dense T == 1): block (4N threads) per (sequence, head), the
-//                       state read and written once with coalesced 16-byte accesses.
+//  wkv7_decode<T, N>    one token per sequence (dense T == 1, or packed with every length 1, pools included):
+//                       block (4N threads) per (sequence, head), the state read and written once with coalesced
+//                       16-byte accesses (loops for the rare longer sequence, so it is correct for any length).
 //  wkv7_backward<T, N>  (N = 32, 64) reverse walk over the CK-token chunks, block per (sequence, head), one warp
 //                       per 16 state rows, the forward's thread layout for both S and dS; recomputed sub-chunk
 //                       states kept in shared memory (thread-private slots); column sums over rows reduced
@@ -344,8 +345,13 @@ __global__ void __launch_bounds__(FwdCfg<N, RT_>::NT) wkv7_forward(
 
 // ------------------------------------------------------------------------------------------------ decode
 
-// One token per sequence (dense T == 1; any other length is handled by wkv7_forward).  Block: 4N threads;
-// thread q = tid % (N/4) of row group g = tid / (N/4) owns columns 4q..4q+3 of rows g, g+16, g+32, ...
+// Decode: one token per sequence (dense T == 1, or a packed call whose lengths sum to the number of sequences,
+// i.e. every length 1 in serving).  Correct for any length: the launcher cannot see device-side cu_seqlens
+// without a sync, so a packed call with total == num may still hold a 0/2 pair; such a sequence just loops.
+// Pools: the state comes from slot state_idx[s] (rwkv::state_slot: -1 = zeros and no write-back, an index
+// outside [-1, pool_size) sets the error word and is treated as -1), so nothing outside the pool is touched.
+// Block: 4N threads; thread q = tid % (N/4) of row group g = tid / (N/4) owns columns 4q..4q+3 of rows
+// g, g+16, g+32, ...
 template <typename T, int N>
 __global__ void __launch_bounds__(4 * N) wkv7_decode(
     const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
@@ -363,7 +369,6 @@ __global__ void __launch_bounds__(4 * N) wkv7_decode(
     long long start, end;
     rwkv::seq_bounds(cu_seqlens, T_len, total, sq, start, end, err);
     const long long slot = rwkv::state_slot(state_idx, sq, pool_size, err);
-    const int len = (int)(end - start);
     const int q = tid % Q, g = tid / Q;
 
     float4 st[R];
@@ -376,9 +381,10 @@ __global__ void __launch_bounds__(4 * N) wkv7_decode(
 #pragma unroll
         for (int m = 0; m < R; ++m) st[m] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
-    if (len >= 1) {   // block-uniform
+    for (long long t = start; t < end; ++t) {   // block-uniform; one pass in decode
+        if (t > start) __syncthreads();          // every thread has read sm of the previous token
         if (tid < N) {
-            const long long o = (start * H + h) * N + tid;
+            const long long o = (t * H + h) * N + tid;
             sm[0][tid] = rwkv::to_float(r[o]);
             sm[1][tid] = wkv7::decay_of(rwkv::to_float(w[o]));
             sm[2][tid] = rwkv::to_float(k[o]);
@@ -406,7 +412,7 @@ __global__ void __launch_bounds__(4 * N) wkv7_decode(
             float yy = st[m].x * r4.x + st[m].y * r4.y + st[m].z * r4.z + st[m].w * r4.w;
 #pragma unroll
             for (int off = Q / 2; off > 0; off >>= 1) yy += __shfl_xor_sync(0xffffffffu, yy, off, Q);
-            if (q == 0) y[(start * H + h) * N + row] = rwkv::from_float<T>(yy);
+            if (q == 0) y[(t * H + h) * N + row] = rwkv::from_float<T>(yy);
         }
     }
     if (state_out != nullptr && slot >= 0) {

@@ -470,6 +470,55 @@ def test_gpu_decode_large_batch(poison):
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+def test_gpu_packed_decode_pool(dtype, poison, monkeypatch):
+    """Issue #6 decode step: torch pool [P, H, N, N], device int32 cu_seqlens (every length 1) and state_indices with
+    -1 slots: the decode kernel runs and equals the reference; then bad device indices raise on check_errors()
+    without touching other slots."""
+    torch = _torch()
+    launched = []
+    real = W._launch
+    monkeypatch.setattr(W, "_launch", lambda name, *a, **k: (launched.append(name), real(name, *a, **k))[1])
+    rng = np.random.default_rng(700)
+    S, H, N, P = 7, 4, 64, 11
+    x, _ = _gpu_case(rng, 1, S, H, N, dtype)
+    pool = make_state(rng, P, H, N).astype(np.float32)
+    idx = np.array([9, -1, 0, 4, -1, 10, 2], np.int32)
+    tpool = torch.tensor(pool, device=DEV)
+    tx = [_to_torch(x[n], dtype) for n in NAMES]
+    cu = torch.arange(S + 1, dtype=torch.int32, device=DEV)
+    with torch.no_grad():
+        y, out = rwkvops.wkv7(*tx, state=tpool, cu_seqlens=cu, state_indices=torch.tensor(idx, device=DEV))
+    rwkvops.check_errors()
+    assert out is tpool and launched[-1].startswith("wkv7_decode<")
+    got = to_numpy(tpool)
+    fwd_tol = TOL[dtype][0]
+    for s, slot in enumerate(idx):
+        s0 = pool[slot:slot + 1] if slot >= 0 else np.zeros_like(pool[:1])
+        yr, sr = W.reference_forward({n: x[n][:, s:s + 1] for n in NAMES}, s0.astype(np.float64))
+        assert rel_rms(y[:, s:s + 1], yr) < fwd_tol
+        if slot >= 0:
+            assert rel_rms(got[slot], sr[0]) < 1e-5
+    for slot in set(range(P)) - set(idx.tolist()):
+        np.testing.assert_array_equal(got[slot], pool[slot])
+    # bad device-side slots: reported on the next check, valid slots still written, the rest untouched
+    bad = torch.tensor([1, P, -1, -5, 3, 2 ** 30, 5], dtype=torch.int32, device=DEV)
+    before = to_numpy(tpool).copy()
+    with torch.no_grad():
+        rwkvops.wkv7(*tx, state=tpool, cu_seqlens=cu, state_indices=bad)
+    with pytest.raises(ValueError, match="state_indices"):
+        rwkvops.check_errors()
+    rwkvops.check_errors()   # cleared once raised
+    after = to_numpy(tpool)
+    for slot in set(range(P)) - {1, 3, 5}:
+        np.testing.assert_array_equal(after[slot], before[slot])
+    for s, slot in ((0, 1), (4, 3), (6, 5)):
+        yr, sr = W.reference_forward({n: x[n][:, s:s + 1] for n in NAMES}, before[slot:slot + 1].astype(np.float64))
+        assert rel_rms(after[slot], sr[0]) < 1e-5
+
+
+@gpu
+@needs_gpu
 def test_gpu_extreme_decays(poison):
     rng = np.random.default_rng(700)
     B, T, H, N = 1, 40, 2, 64
@@ -701,7 +750,7 @@ def emu(emu_lib, monkeypatch):
         emu_lib.emu(kind, dt, int(m.group(3)), a.ctypes.data, int(grid[0]), int(block[0]), int(shared_mem))
     monkeypatch.setattr(W, "_launch", fake_launch)
 
-    def run(x, s0, dt, B, T, H, cu=None, idx=None, pool=None, save=True, dy=None, ds=None):
+    def run(x, s0, dt, B, T, H, cu=None, idx=None, pool=None, save=True, dy=None, ds=None, expect_err=0):
         N = x["r"].shape[-1]
         num = B if cu is None else len(cu) - 1
         seqs = Seqs(num=num, T=0 if cu is not None else T, total=B * T,
@@ -721,7 +770,8 @@ def emu(emu_lib, monkeypatch):
             g = W.gpu_backward(call, xe, sin, saved, None if dy is None else _enc(dy, dt),
                                None if ds is None else np.ascontiguousarray(ds.astype(np.float32)))
             out.append({n: g[n].astype(np.float64) if n == "state" else _dec(g[n], dt) for n in g})
-        assert err[0] == 0
+        code, err[0] = err[0], 0
+        assert code == expect_err, f"error word {code}, expected {expect_err}"
         return out
     run.launches = launches
     return run
@@ -783,6 +833,90 @@ def test_emulated_pool(emu, T):
             assert rel_rms(pool[slot], s_ref[n]) < 1e-5
     for slot in (1, 2, 4):
         np.testing.assert_array_equal(pool[slot], before[slot])
+
+
+def _pool_case(rng, S, H, N, P, dt):
+    """Packed one-token step of S sequences (cu_seqlens = 0..S) and a pool of P slots."""
+    x, _ = _rounded(rng, 1, S, H, N, dt)
+    pool = make_state(rng, P, H, N).astype(np.float32)
+    return x, pool, np.arange(S + 1, dtype=np.int32)
+
+
+def _check_pool_step(x, before, pool, idx, y, tol, lens=None):
+    """y and pool after a packed step against the reference, sequence by sequence: slot idx[s] (or zeros for -1 and
+    bad slots) in, written back only to valid slots; every other slot bit-identical."""
+    S = len(idx)
+    lens = [1] * S if lens is None else lens
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    P = before.shape[0]
+    for s, slot in enumerate(idx):
+        lo, hi = cu[s], cu[s + 1]
+        s0 = before[slot:slot + 1] if 0 <= slot < P else np.zeros_like(before[:1])
+        if hi == lo:
+            if 0 <= slot < P:
+                np.testing.assert_array_equal(pool[slot], before[slot])
+            continue
+        yr, sr = W.reference_forward({n: x[n][:, lo:hi] for n in NAMES}, s0.astype(np.float64))
+        assert rel_rms(y[:, lo:hi], yr) < tol, (s, rel_rms(y[:, lo:hi], yr))
+        if 0 <= slot < P:
+            assert rel_rms(pool[slot], sr[0]) < 1e-5, s
+    for slot in set(range(P)) - {int(i) for i in idx}:
+        np.testing.assert_array_equal(pool[slot], before[slot])
+
+
+@pytest.mark.parametrize("dt,N", [("float32", 64), ("bfloat16", 64), ("float16", 32), ("float32", 128)], ids=str)
+def test_emulated_packed_decode_pool(emu, dt, N):
+    """Issue #6: a packed call with every length 1 over a pool (-1 slots included) runs the decode kernel and equals
+    the reference; slots not named stay bit-identical."""
+    rng = np.random.default_rng(N)
+    S, H, P = 5, 2, 8
+    x, pool, cu = _pool_case(rng, S, H, N, P, dt)
+    before = pool.copy()
+    idx = np.array([6, -1, 0, 3, -1], np.int32)
+    y, _ = emu(x, None, dt, 1, S, H, cu=cu, idx=idx, pool=pool, save=False)
+    ct = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}[dt]
+    assert emu.launches[-1] == f"wkv7_decode<{ct}, {N}>"
+    _check_pool_step(x, before, pool, idx, y, 1e-5 if dt == "float32" else 3e-3)
+    # the training forward (save) keeps the checkpointing kernel
+    y2, s2, _ = emu(x, before[:S].astype(np.float64), dt, 1, S, H, cu=cu, save=True)
+    assert emu.launches[-2].startswith("wkv7_forward")
+
+
+def test_emulated_packed_decode_bad_device_index(emu):
+    """Out-of-range device-side slots (P, -2, huge) set the error word, read zeros and write nothing: no memory
+    outside the pool is touched, and the valid sequences of the same launch are still exact."""
+    from rwkvops._gpu import ERR_BAD_STATE_INDEX
+    rng = np.random.default_rng(21)
+    S, H, N, P = 5, 2, 64, 4
+    x, pool, cu = _pool_case(rng, S, H, N, P, "float32")
+    guard = np.concatenate([make_state(rng, 1, H, N).astype(np.float32), pool,
+                            make_state(rng, 1, H, N).astype(np.float32)])   # a slot of canary on either side
+    pool = guard[1:1 + P]
+    before = guard.copy()
+    idx = np.array([1, P, -2, 2 ** 30, 3], np.int32)
+    y, _ = emu(x, None, "float32", 1, S, H, cu=cu, idx=idx, pool=pool, save=False, expect_err=ERR_BAD_STATE_INDEX)
+    assert emu.launches[-1] == "wkv7_decode<float, 64>"
+    np.testing.assert_array_equal(guard[0], before[0])
+    np.testing.assert_array_equal(guard[-1], before[-1])
+    _check_pool_step(x, before[1:1 + P], pool, idx, y, 1e-5)
+
+
+def test_emulated_packed_decode_uneven_lengths(emu):
+    """total == number of sequences does not mean every length is 1 (device cu_seqlens can't be read without a
+    sync): lengths 0 and 2 still give exact results through the decode kernel's loop."""
+    rng = np.random.default_rng(22)
+    lens = [1, 0, 2, 1, 0, 2, 1]
+    S, H, N, P = len(lens), 2, 32, 9
+    T = sum(lens)
+    assert T == S
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    x, _ = _rounded(rng, 1, T, H, N, "float32")
+    pool = make_state(rng, P, H, N).astype(np.float32)
+    before = pool.copy()
+    idx = np.array([8, 2, -1, 0, 5, 7, 1], np.int32)
+    y, _ = emu(x, None, "float32", 1, T, H, cu=cu, idx=idx, pool=pool, save=False)
+    assert emu.launches[-1] == "wkv7_decode<float, 32>"
+    _check_pool_step(x, before, pool, idx, y, 1e-5, lens=lens)
 
 
 @pytest.mark.parametrize("dt", ("float32", "float16"))

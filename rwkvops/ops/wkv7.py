@@ -200,9 +200,21 @@ def _bwd_rows_smem(N):
     return (7 * CK * N + CK * N + sc * N * N + sc * 5 * (N // 16) * N) * 4
 
 
+def _use_decode(seqs, save) -> bool:
+    """The decode kernel (wkv7_decode): inference (no checkpoints for a backward) with one token per sequence,
+    dense T == 1 or packed with total tokens <= number of sequences (every length 1 in a serving step; pools and
+    -1 slots work as in the recurrent kernel).  wkv7_decode loops over longer sequences, so a device-side
+    cu_seqlens that only sums to the count (lengths 0 and 2) is still exact, just not the fast case."""
+    if save:
+        return False
+    if seqs.cu_seqlens is None:
+        return seqs.T == 1
+    return seqs.total <= seqs.num
+
+
 def gpu_forward(call, x, state_in, state_out, save):
-    """Launch the forward.  Dense T == 1 without backward uses the decode kernel; everything else the recurrent
-    kernel (``FWD_R[N]`` one-warp blocks per (sequence, head), each owning ``FWD_RB`` state rows), which with
+    """Launch the forward.  One token per sequence without backward (:func:`_use_decode`, pools included) uses the
+    decode kernel; everything else the recurrent kernel (``FWD_R[N]`` one-warp blocks per (sequence, head), each owning ``FWD_RB`` state rows), which with
     ``save`` also writes fp32 state checkpoints every ``CK`` tokens (``saved['ckpt']``)."""
     from .._gpu import error_ptr, ptr
     _gpu.check_aligned('wkv7', state=state_in, state_out=state_out)
@@ -215,7 +227,7 @@ def gpu_forward(call, x, state_in, state_out, save):
            ptr(state_in), ptr(state_out), ptr(seqs.state_idx), np.int32(seqs.pool_size), error_ptr()]
     grid = (seqs.num * H,)
     ckpt = None
-    if not save and seqs.cu_seqlens is None and seqs.T == 1:
+    if _use_decode(seqs, save):
         _launch(f"wkv7_decode<{ct}, {N}>", grid, (4 * N,), (*ins, ptr(y), *abi, np.int32(H)))
     else:
         if save:
