@@ -82,8 +82,27 @@ def _graphed(fn):
     return graph.replay
 
 
+def _pool_step(op_name, S, dtype):
+    """A serving decode step (issue #6): S sequences packed along T (device int32 cu_seqlens 0..S, every length 1),
+    each on its own slot of a pool of 2S fp32 states (device int32 state_indices, a random permutation, so the
+    slots are scattered as in a live pool).  Returns the call; it updates the pool in place."""
+    torch = _torch()
+    x = make_inputs(op_name, 1, S, dtype)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    pool = torch.randn(*state_shape(op_name, 2 * S), device="cuda", generator=g) * 0.1
+    idx = torch.randperm(2 * S, device="cuda", generator=g)[:S].to(torch.int32)
+    cu = torch.arange(S + 1, device="cuda", dtype=torch.int32)
+    import rwkvops
+    op = rwkvops.get_op(op_name)
+    args = tuple(x.values())
+    return lambda: op(*args, state=pool, cu_seqlens=cu, state_indices=idx)
+
+
 def _run_case(benchmark, op_name, mode, B, T, dtype, impl):
     torch = _torch()
+    if mode == "decode_pool":
+        _run_pool_case(benchmark, op_name, B, dtype, impl)
+        return
     x = make_inputs(op_name, B, T, dtype)
     decode = mode == "decode"
     state = torch.randn(*state_shape(op_name, B), device="cuda") * 0.1 if decode else None
@@ -131,6 +150,28 @@ def _run_case(benchmark, op_name, mode, B, T, dtype, impl):
     torch.cuda.empty_cache()
 
 
+def _run_pool_case(benchmark, op_name, S, dtype, impl):
+    """Decode over a pool (see _pool_step): ours only (fla has no in-place pool with per-sequence slots);
+    ``rwkvops_graph`` replays it as a CUDA graph.  B in the record is the number of sequences."""
+    torch = _torch()
+    rec = dict(op=op_name, mode="decode_pool", B=S, T=1, H=H, N=N, C=H * N, dtype=dtype, impl=impl,
+               floor_ms=floor_ms(op_name, "decode", S, 1, dtype, True))
+    try:
+        fwd = _pool_step(op_name, S, dtype)
+        fn = _graphed(fwd) if impl.endswith("_graph") else fwd
+        with torch.no_grad():
+            rec["ms"] = harness.cuda_time(fn)
+            rec["peak_mem_mb"] = harness.peak_mem_mb(fn)
+            rec["host_ms"] = harness.host_time(fn)
+            benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=1, iterations=1)
+    except Exception as exc:
+        rec["ms"] = None
+        rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    benchmark.extra_info.update(rec)
+    harness.record(**rec)
+    torch.cuda.empty_cache()
+
+
 CASES = []
 for op_name, peers in (("wkv7", ("rwkvops", "fla")), ("wkv6", ("rwkvops", "fla"))):
     for mode in ("fwd", "fwdbwd"):
@@ -140,6 +181,8 @@ for op_name, peers in (("wkv7", ("rwkvops", "fla")), ("wkv6", ("rwkvops", "fla")
     for B in DECODE:
         for impl in ("rwkvops", "fla_recurrent", "torch_step", "rwkvops_graph", "fla_recurrent_graph"):
             CASES.append((op_name, "decode", B, 1, "bfloat16", impl))
+        for impl in ("rwkvops", "rwkvops_graph"):
+            CASES.append((op_name, "decode_pool", B, 1, "bfloat16", impl))
 for dtype in ("bfloat16", "float32"):
     for mode in ("fwd", "fwdbwd"):
         for B, T in ((1, 4096), (1, 16384), (8, 4096)):

@@ -39,10 +39,13 @@ for s in $stages; do case $s in
               --benchmark-disable-gc --benchmark-json="$OUT/pytest-benchmark.json" ${BENCH_K:+-k "$BENCH_K"} benchmarks/bench_ops.py ;;
   serving)  run serving python3 benchmarks/serving.py --device gpu --full --out "$OUT/serving.json" ;;
   demo)     run demo python3 -m rwkvops demo ;;
-  host)     run host python3 benchmarks/host_overhead.py ;;
+  host)     run host python3 benchmarks/host_overhead.py --profile --json "$OUT/host.json" ;;
+  wkv4paths) run wkv4paths python3 benchmarks/wkv4_paths.py --out "$OUT/wkv4_paths.json" ;;
   accuracy)  run accuracy python3 benchmarks/accuracy.py --out "$OUT" ;;
   sweep)    run sweep python3 benchmarks/chunk_sweep.py --out "$OUT/chunk_sweep.json" ;;
 esac; done
 grep -h "^BENCH" "$OUT/bench.log" 2>/dev/null | tail -n 40
+grep -h "^HOST" "$OUT/host.log" 2>/dev/null
+grep -h "^WKV4" "$OUT/wkv4paths.log" 2>/dev/null | cut -c1-200
 # the device tool returns a limited number of files: everything also travels in one archive
 (cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./*.log 2>/dev/null)

@@ -643,8 +643,13 @@ __device__ __forceinline__ void fold(float& A, float& B, float& P, float a, floa
 
 }  // namespace wkv4
 
-template <typename T>
-__global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused(
+namespace wkv4 {
+
+// The fused forward with FL-token chunks (see above).  FL = 16 (wkv4_fwd_fused) keeps the tiles small for short and
+// batched sequences; FL = 64 (wkv4_fwd_fused64) cuts the serial look-back chain of a long sequence (one hop per
+// chunk: T / FL hops per (sequence, channel block)) by 4x, which is what bounds batch-1 long prefill.
+template <typename T, int FL>
+__device__ __forceinline__ void fwd_fused(
     const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
     const int* cu_seqlens, int Tlen, long long total, int num, int Lb,
     float* agg, float* inc, int* flags, int ntiles, int ncb,
@@ -661,8 +666,8 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused(
     const int ch = cbi * blockDim.x + threadIdx.x;
     const bool act = ch < C;          // idle threads still take part in the barriers
     const long long C3 = 3LL * C;
-    wkv4::Chunk q;
-    if (!wkv4::find_chunk(cu_seqlens, Tlen, total, WKV4_FL, num, g, err, q)) {
+    Chunk q;
+    if (!find_chunk(cu_seqlens, Tlen, total, FL, num, g, err, q)) {
         // the first slot of an empty sequence: its state passes through unchanged
         if (q.s >= 0 && q.c == 0 && q.start == q.end && act) {
             const long long slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
@@ -682,16 +687,16 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused(
         }
         return;                       // uniform over the block (g is)
     }
-    const int n = (int)(q.t1 - q.t0);   // 1 .. WKV4_FL
+    const int n = (int)(q.t1 - q.t0);   // 1 .. FL
     const bool last = q.t1 == q.end;
     float wp = 0.f, uu = 0.f;
-    float kr[WKV4_FL], vr[WKV4_FL];
+    float kr[FL], vr[FL];
     if (act) {
-        wp = wkv4::decay_log(rwkv::to_float(w[ch]));
+        wp = decay_log(rwkv::to_float(w[ch]));
         uu = rwkv::to_float(u[ch]);
         const long long i0 = q.t0 * C + ch;
 #pragma unroll
-        for (int r = 0; r < WKV4_FL; ++r) {
+        for (int r = 0; r < FL; ++r) {
             if (r < n) {
                 kr[r] = rwkv::to_float(k[i0 + (long long)r * C]);
                 vr[r] = rwkv::to_float(v[i0 + (long long)r * C]);
@@ -703,10 +708,10 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused(
     if (act) {
         p = kr[0]; a = vr[0]; b = 1.f;
 #pragma unroll
-        for (int r = 1; r < WKV4_FL; ++r) {
+        for (int r = 1; r < FL; ++r) {
             if (r < n) {
                 float f1, f2;
-                wkv4::step(a, b, p, wp, kr[r], vr[r], f1, f2);
+                step(a, b, p, wp, kr[r], vr[r], f1, f2);
             }
         }
     }
@@ -763,14 +768,14 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused(
 #pragma unroll 4
             for (long long m = j + 1; m < g; ++m) {    // full chunks, in order
                 const float* ag = agg + m * C3 + ch;
-                wkv4::fold(A, B, P, __ldcg(ag), __ldcg(ag + C), __ldcg(ag + 2 * C), (float)WKV4_FL, wp);
+                fold(A, B, P, __ldcg(ag), __ldcg(ag + C), __ldcg(ag + 2 * C), (float)FL, wp);
             }
         }
     }
     // publish the inclusive state (or write the final state)
     {
         float iA = A, iB = B, iP = P;
-        wkv4::fold(iA, iB, iP, a, b, p, (float)n, wp);
+        fold(iA, iB, iP, a, b, p, (float)n, wp);
         if (!last) {
             if (act) {
                 float* o = inc + g * C3 + ch;
@@ -792,21 +797,42 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused(
     }
     if (!act) return;
     // the backward's checkpoint: incoming state of each Lb-token chunk
-    if (sinb != nullptr && ((long long)q.c * WKV4_FL) % Lb == 0) {
-        const long long cs = rwkv::chunk_slot(cu_seqlens, Tlen, q.s, q.start, Lb, (int)(((long long)q.c * WKV4_FL) / Lb));
+    if (sinb != nullptr && ((long long)q.c * FL) % Lb == 0) {
+        const long long cs = rwkv::chunk_slot(cu_seqlens, Tlen, q.s, q.start, Lb, (int)(((long long)q.c * FL) / Lb));
         float* o = sinb + cs * C3 + ch;
         o[0] = A; o[C] = B; o[2 * C] = P;
     }
     // outputs
     const long long i0 = q.t0 * C + ch;
 #pragma unroll
-    for (int r = 0; r < WKV4_FL; ++r) {
+    for (int r = 0; r < FL; ++r) {
         if (r < n) {
             float e1, e2;
-            wkv4::pair_exp(P, uu + kr[r], e1, e2);
+            pair_exp(P, uu + kr[r], e1, e2);
             y[i0 + (long long)r * C] = rwkv::from_float<T>((e1 * A + e2 * vr[r]) / (e1 * B + e2));
             float f1, f2;
-            wkv4::step(A, B, P, wp, kr[r], vr[r], f1, f2);
+            step(A, B, P, wp, kr[r], vr[r], f1, f2);
         }
     }
+}
+
+}  // namespace wkv4
+
+#define WKV4_FUSED_ARGS \
+    const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v, \
+    const int* cu_seqlens, int Tlen, long long total, int num, int Lb, \
+    float* agg, float* inc, int* flags, int ntiles, int ncb, \
+    const float* state_in, float* state_out, float* __restrict__ fin, float* __restrict__ sinb, \
+    const int* state_idx, int pool_size, T* __restrict__ y, int C, int* err
+#define WKV4_FUSED_PASS w, u, k, v, cu_seqlens, Tlen, total, num, Lb, agg, inc, flags, ntiles, ncb, state_in, \
+    state_out, fin, sinb, state_idx, pool_size, y, C, err
+
+template <typename T>
+__global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused(WKV4_FUSED_ARGS) {
+    wkv4::fwd_fused<T, WKV4_FL>(WKV4_FUSED_PASS);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused64(WKV4_FUSED_ARGS) {
+    wkv4::fwd_fused<T, 64>(WKV4_FUSED_PASS);
 }

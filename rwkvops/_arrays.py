@@ -84,6 +84,80 @@ def describe(x):
     return kind_of(x), device_of(x), dtype_name(x), is_c_contiguous(x)
 
 
+def signature(x):
+    """Hashable summary of everything validation reads from an array (type, shape, dtype, device, C-contiguity), or
+    None for objects without cheap metadata (host int lists, generic DLPack producers): the key of the plan cache
+    in :mod:`rwkvops._validate`."""
+    t = _torch()
+    if t is not None and isinstance(x, t.Tensor):
+        return (x.shape, x.dtype, x.get_device(), x.is_contiguous())
+    if isinstance(x, np.ndarray):
+        return ("numpy", x.shape, x.dtype, x.flags.c_contiguous)
+    if is_cupy(x):
+        return ("cupy", x.shape, x.dtype, x.device.id, x.flags.c_contiguous)
+    return None
+
+
+class DeviceView:
+    """A C-contiguous device array given by raw pointer, shape and storage dtype (``uint16`` for bf16, as CuPy views
+    are): what kernel launchers read (``ptr(view)`` i.e. ``view.data.ptr``, ``.shape``, ``.dtype``, ``.nbytes``).
+
+    The torch bridge hands these to inference launches instead of CuPy arrays: one is built in well under a
+    microsecond, a CuPy ``ndarray`` over ``UnownedMemory`` costs several, and a decode call passes eight arrays.
+    ``owner`` (the torch tensor) keeps the memory alive.  Any other attribute (``fill``, ``astype``, ...) is served by
+    a CuPy view made on first use, so launchers written for CuPy arrays keep working, only slower;
+    ``__cuda_array_interface__`` lets ``cupy.asarray(view)`` wrap it without a copy.
+    """
+
+    __slots__ = ("ptr", "shape", "dtype", "owner", "device", "_cp")
+
+    def __init__(self, ptr, shape, dtype, owner, device):
+        self.ptr, self.shape, self.dtype, self.owner, self.device, self._cp = ptr, shape, dtype, owner, device, None
+
+    @property
+    def data(self):
+        return self          # ``x.data.ptr``, as on a CuPy array
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self):
+        return self.size * self.dtype.itemsize
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": tuple(self.shape), "typestr": self.dtype.str, "data": (self.ptr, False), "strides": None,
+                "version": 3}
+
+    def cupy(self):
+        """A CuPy ndarray over the same memory (kept alive by the owner)."""
+        if self._cp is None:
+            cp = require_cupy()
+            if self.size == 0:
+                self._cp = cp.empty(self.shape, dtype=self.dtype)
+            else:
+                mem = cp.cuda.UnownedMemory(self.ptr, self.nbytes, self.owner, self.device)
+                self._cp = cp.ndarray(self.shape, dtype=self.dtype, memptr=cp.cuda.MemoryPointer(mem, 0))
+        return self._cp
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.cupy(), name)
+
+    def __repr__(self):
+        return f"DeviceView(ptr={self.ptr:#x}, shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
 def require_cupy():
     try:
         import cupy
@@ -96,9 +170,10 @@ def require_cupy():
 
 
 class Bridge:
-    """Converts between the caller's arrays and the compute arrays for one call."""
+    """Converts between the caller's arrays and the compute arrays (one bridge per array kind and device)."""
 
     gpu = False
+    light_views = False   # has view()/empty_view() giving DeviceView arrays for inference launches
 
     def to_compute(self, x, dtype=None):
         raise NotImplementedError
@@ -159,18 +234,26 @@ class CupyBridge(Bridge):
 class TorchCudaBridge(Bridge):
     """torch CUDA tensors: zero-copy views, kernels on torch's current stream, torch's allocator.
 
-    Views are built straight from ``data_ptr()`` (CuPy ``UnownedMemory`` holding the tensor alive) rather than
-    through ``__dlpack__``: the kernels run on torch's current stream anyway, so DLPack's stream hand-shake would
-    only add host time to every call (it dominates a one-token decode step).
+    Inference calls (no backward to save for) get :class:`DeviceView` arrays (``view``, ``empty_view``): a pointer,
+    a shape and a dtype straight from the tensor, no CuPy object per array.  The autograd path gets CuPy views
+    (``to_compute``, ``empty``), which its backward launchers compute on.  Both are built from ``data_ptr()`` rather
+    than ``__dlpack__``: the kernels run on torch's current stream anyway, so DLPack's stream hand-shake would only
+    add host time to every call (it dominated a one-token decode step).
     """
 
     gpu = True
+    light_views = True
     _streams: dict = {}
 
     def __init__(self, device):
         self.cp = require_cupy()
         self.torch = _torch()
         self.device = device
+        self.tdevice = self.torch.device("cuda", device)
+        # the raw cudaStream_t of torch's current stream, without building a torch.cuda.Stream object per call
+        raw = getattr(self.torch._C, "_cuda_getCurrentRawStream", None)
+        self._raw_stream = ((lambda: raw(device)) if raw is not None
+                            else (lambda: self.torch.cuda.current_stream(device).cuda_stream))
 
     def _view(self, t):
         cp = self.cp
@@ -184,9 +267,17 @@ class TorchCudaBridge(Bridge):
     def to_compute(self, x, dtype=None):
         return self._view(x.detach())
 
+    def view(self, t):
+        """A :class:`DeviceView` of a C-contiguous CUDA tensor (validation has checked contiguity and device)."""
+        return DeviceView(t.data_ptr(), tuple(t.shape), _TORCH_STORAGE[t.dtype], t, self.device)
+
     def from_compute(self, x, dtype):
-        owner = getattr(getattr(x.data, "mem", None), "_owner", None)
         torch = self.torch
+        if type(x) is DeviceView:
+            if isinstance(x.owner, torch.Tensor) and x.owner.data_ptr() == x.ptr and tuple(x.owner.shape) == x.shape:
+                return x.owner   # allocated by empty_view (or an input passed through): already a tensor
+            x = x.cupy()
+        owner = getattr(getattr(x.data, "mem", None), "_owner", None)
         if isinstance(owner, torch.Tensor) and owner.data_ptr() == x.data.ptr and tuple(owner.shape) == x.shape:
             return owner  # an output allocated through empty(): already the caller's tensor
         t = torch.from_dlpack(x)
@@ -194,13 +285,17 @@ class TorchCudaBridge(Bridge):
 
     def empty(self, shape, dtype):
         torch = self.torch
-        t = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=f"cuda:{self.device}")
+        t = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=self.tdevice)
         return self._view(t)
 
-    @contextlib.contextmanager
+    def empty_view(self, shape, dtype):
+        """An uninitialized tensor from torch's allocator (on its current stream), as a :class:`DeviceView`."""
+        t = self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=self.tdevice)
+        return DeviceView(t.data_ptr(), tuple(shape), _TORCH_STORAGE[t.dtype], t, self.device)
+
     def stream(self):
         # Launch on torch's current stream (one cached CuPy wrapper per torch stream).
-        s = self.torch.cuda.current_stream(self.device).cuda_stream
+        s = self._raw_stream()
         key = (s, self.device)
         cs = self._streams.get(key)
         if cs is None:
@@ -208,15 +303,55 @@ class TorchCudaBridge(Bridge):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 cs = self._streams[key] = self.cp.cuda.ExternalStream(s, self.device)
-        with self.cp.cuda.Device(self.device), cs:
-            yield
+        return _OnStream(self.cp.cuda.Device(self.device), cs)
+
+
+class _OnStream:
+    """``with``: the CuPy device and stream current for the launches of one call (a plain class: a
+    ``contextlib.contextmanager`` generator costs microseconds per call)."""
+
+    __slots__ = ("dev", "stream")
+
+    def __init__(self, dev, stream):
+        self.dev, self.stream = dev, stream
+
+    def __enter__(self):
+        self.dev.__enter__()
+        self.stream.__enter__()
+
+    def __exit__(self, *exc):
+        self.stream.__exit__(*exc)
+        self.dev.__exit__(*exc)
+        return False
+
+
+class _StorageDtypes(dict):
+    """torch dtype -> NumPy storage dtype of its launch view (bf16 travels as uint16)."""
+
+    def __missing__(self, tdtype):
+        v = self[tdtype] = np.dtype(_storage_dtype(str(tdtype)[6:]))
+        return v
+
+
+_TORCH_STORAGE = _StorageDtypes()
 
 
 def _storage_dtype(dtype: str):
     return np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
 
 
+_BRIDGES: dict = {}
+
+
 def make_bridge(kind: str, device) -> Bridge:
+    """The bridge for arrays of ``kind`` on ``device`` (bridges hold no per-call state: one per (kind, device))."""
+    b = _BRIDGES.get((kind, device))
+    if b is None:
+        b = _BRIDGES[(kind, device)] = _new_bridge(kind, device)
+    return b
+
+
+def _new_bridge(kind: str, device) -> Bridge:
     on_gpu = device[0] == "cuda"
     if kind == "numpy":
         return NumpyBridge()

@@ -39,7 +39,9 @@ class GpuCall:
 
 
 def _bind(op, args, kwargs):
-    names = [a.name for a in op.inputs]
+    names = op.input_names
+    if not kwargs and len(args) == len(names):
+        return dict(zip(names, args))      # the common positional call
     if len(args) > len(names):
         raise TypeError(f"{op.name}() takes {len(names)} array arguments ({', '.join(names)}), got {len(args)}")
     x = dict(zip(names, args))
@@ -68,8 +70,10 @@ def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs
     x, plan, bridge = _prepare(op, args, kwargs, state, cu_seqlens, state_indices)
     if plan.kind == "torch":
         import torch
-        tensors = [*x.values(), state]
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        # autograd only when something needs a gradient: inference (no_grad, or plain tensors) skips the
+        # autograd Function and runs the lean launch path below
+        if torch.is_grad_enabled() and ((state is not None and state.requires_grad)
+                                        or any(t.requires_grad for t in x.values())):
             if plan.pool:
                 raise ValueError(f"{op.name}: gradients through a state pool (state_indices) are not supported; "
                                  "pass the initial states as a batch [num_seqs, ...] instead")
@@ -131,11 +135,15 @@ def _forward(op, plan, bridge, x, state, cu_seqlens, state_indices, save):
     if plan.gpu:
         from ._gpu import raise_pending_error
         raise_pending_error(plan.device[1])
+    # Inference on a bridge that has them: launch views (pointer, shape, dtype) instead of CuPy arrays, outputs
+    # from the caller's allocator as the same views (the host cost of a decode step is mostly per-array objects).
+    light = not save and bridge.light_views
+    to = bridge.view if light else bridge.to_compute
     with bridge.stream():
-        xc = {k: bridge.to_compute(v) for k, v in x.items()}
-        sc = None if state is None else bridge.to_compute(state)
+        xc = {k: to(v) for k, v in x.items()}
+        sc = None if state is None else to(state)
         if plan.gpu:
-            y, s_out, ctx = _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save)
+            y, s_out, ctx = _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, light)
         else:
             y, s_out, ctx = _cpu_forward(op, plan, bridge, xc, sc, save)
         y = bridge.from_compute(y, plan.dtype)
@@ -235,29 +243,29 @@ def _cpu_backward(op, ctx, dy, ds):
 
 # ---------------------------------------------------------------- GPU path
 
-def _device_ints(bridge, host, given):
-    """A host-validated int array uploaded as int32, or the caller's device array as a CuPy view."""
+def _device_ints(bridge, host, given, light=False):
+    """A host-validated int array uploaded as int32, or the caller's device array as a view."""
     import cupy
     if host is not None:
         return cupy.asarray(host.astype(np.int32))
-    return bridge.to_compute(given)
+    return bridge.view(given) if light else bridge.to_compute(given)
 
 
-def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save):
+def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, light=False):
     from ._gpu import Seqs
     S = plan.num_seqs
     T = plan.dims.get("T", 0)
-    cu = None if not plan.varlen else _device_ints(bridge, plan.cu_host, cu_seqlens)
-    idx = None if not plan.pool else _device_ints(bridge, plan.idx_host, state_indices)
+    cu = None if not plan.varlen else _device_ints(bridge, plan.cu_host, cu_seqlens, light)
+    idx = None if not plan.pool else _device_ints(bridge, plan.idx_host, state_indices, light)
     B = plan.dims.get("B", 1)
     seqs = Seqs(num=S, T=0 if plan.varlen else T, total=B * T, cu_seqlens=cu, state_idx=idx,
                 pool_size=0 if sc is None else int(sc.shape[0]))
+    empty = bridge.empty_view if light else bridge.empty
     if plan.pool:
         s_out = sc
     else:
-        st_shape = (S,) + tuple(plan.dims.get(s, s) for s in op.state.shape[1:])
-        s_out = bridge.empty(st_shape, "float32")
-    call = GpuCall(op, plan.dtype, plan.dims, seqs, bridge.empty)
+        s_out = empty(plan.state_shape(op), "float32")
+    call = GpuCall(op, plan.dtype, plan.dims, seqs, empty)
     y, saved = op.gpu_forward(call, xc, sc, s_out, save)
     ctx = Context(op, plan, bridge, xc, sc, seqs, saved) if save else None
     return y, s_out, ctx

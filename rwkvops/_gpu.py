@@ -15,7 +15,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as _np
+
+from ._arrays import DeviceView
 from ._compile import get_function
+
+_u64 = _np.uint64
+_NULL = _u64(0)
 
 ERR_BAD_CU_SEQLENS = 1
 ERR_BAD_STATE_INDEX = 2
@@ -56,9 +62,10 @@ class Seqs:
 
 
 def ptr(x):
-    """Raw device pointer of a CuPy array, or 0 (null) for None."""
-    import numpy as np
-    return np.uint64(0) if x is None else np.uint64(x.data.ptr)
+    """Raw device pointer of a CuPy array or launch view (``x.data.ptr``), or 0 (null) for None."""
+    if x is None:
+        return _NULL
+    return _u64(x.ptr) if type(x) is DeviceView else _u64(x.data.ptr)
 
 
 def check_aligned(op_name, **arrays):

@@ -29,6 +29,14 @@ class Plan:
     def gpu(self) -> bool:
         return self.device[0] == "cuda"
 
+    def state_shape(self, op) -> tuple:
+        """Shape of one state per sequence, ``[num_seqs, ...]`` (computed once per cached plan)."""
+        st = self.__dict__.get("_state_shape")
+        if st is None:
+            st = self.__dict__["_state_shape"] = ((self.num_seqs,) + tuple(self.dims.get(s, s)
+                                                                           for s in op.state.shape[1:]))
+        return st
+
 
 def _fmt(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
@@ -50,7 +58,50 @@ def _host_ints(name, op, x):
     return a.astype(np.int64)
 
 
+_PLANS_MAX = 1024        # plans cached per op (call signature -> Plan), in op.__dict__["_plans"]
+
+
+def _call_signature(op, x: dict, state, cu_seqlens, state_indices):
+    """What every check below depends on (for device-side index arrays), or None when an object has no cheap
+    metadata (lists, generic DLPack producers)."""
+    torch = _arrays._torch()
+    Tensor = torch.Tensor if torch is not None else ()
+    key = [tuple(x)]
+    for a in (*x.values(), state, cu_seqlens, state_indices):
+        if isinstance(a, Tensor):      # the hot case, inlined: _arrays.signature costs a call per array
+            key.append((a.shape, a.dtype, a.get_device(), a.is_contiguous()))
+        elif a is None:
+            key.append(None)
+        else:
+            k = _arrays.signature(a)
+            if k is None:
+                return None
+            key.append(k)
+    return tuple(key)   # host-side index arrays get a key too, but their plans (cu_host/idx_host) are never cached
+
+
 def check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:
+    """Validate one call against ``op``'s declaration and return its :class:`Plan` (raises TypeError/ValueError
+    naming the argument).  Plans of calls whose checks read only array metadata (type, shape, dtype, device,
+    contiguity: everything but host-side index values) are cached by that metadata, so a decode loop pays the
+    full checks once; a call that fails is never cached, and a cached plan is exactly what the checks returned."""
+    key = _call_signature(op, x, state, cu_seqlens, state_indices)
+    plans = op.__dict__.get("_plans")
+    if plans is None:
+        plans = op.__dict__["_plans"] = {}
+    if key is not None:
+        plan = plans.get(key)
+        if plan is not None:
+            return plan
+    plan = _check_call(op, x, state, cu_seqlens, state_indices)
+    if key is not None and plan.cu_host is None and plan.idx_host is None:
+        if len(plans) >= _PLANS_MAX:
+            plans.clear()
+        plans[key] = plan
+    return plan
+
+
+def _check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:
     name = op.name
     arrays = dict(x)
     if state is not None:

@@ -8,6 +8,7 @@ group (each entry point names a callable or module that calls :func:`register_op
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional, Sequence
 
 __all__ = ["Arg", "Op", "Kernel", "register_op", "get_op", "list_ops"]
@@ -92,6 +93,11 @@ class Op:
         bad = [d for d in self.dtypes if d not in FLOAT_DTYPES]
         if bad:
             raise ValueError(f"op {self.name!r}: unsupported dtypes {bad}; expected a subset of {FLOAT_DTYPES}")
+
+    @functools.cached_property
+    def input_names(self) -> tuple:
+        """Names of the array inputs, in call order."""
+        return tuple(a.name for a in self.inputs)
 
     def arg(self, name: str) -> Arg:
         for a in (*self.inputs, self.state):

@@ -1005,9 +1005,33 @@ def test_emulated_kernels_dense(emu4, monkeypatch, dtype, L, version, forward):
         got = _emu_run(dtype, x, B=B, T=T, s0=s0, dy=dy, ds=ds)
         _emu_check(dtype, got, _emu_ref(dtype, x, s0=s0, dy=dy, ds=ds))
     names = set(emu4["launches"])
-    assert (W._name("wkv4_fwd_fused", dtype) in names) == (forward == "fused")
+    fused = {W._name("wkv4_fwd_fused", dtype), W._name("wkv4_fwd_fused64", dtype)}
+    assert bool(names & fused) == (forward == "fused")
+    if forward == "fused":   # 64-token fused chunks exactly when the backward's chunks are 64 long
+        assert (W._name("wkv4_fwd_fused64", dtype) in names) == (L % 64 == 0)
     v2 = {f"{k}2" for k in W._V2}
     assert (names & {W._name(k, dtype) for k in v2}) if version == 2 else not any(n.split("<")[0] in v2 for n in names)
+
+
+def test_auto_path_selection_by_shape(monkeypatch):
+    """FORWARD/KERNEL_VERSION "auto": the three-launch forward and version-1 kernels once (sequence, channel-block)
+    chains fill about AUTO_ITEMS_PER_SM per SM (H100: B = 8 yes, B <= 2 no), the fused forward and version 2 below;
+    forcing values win."""
+    from rwkvops._gpu import Seqs
+    monkeypatch.setattr(W, "_sm_count", lambda: 132)
+    monkeypatch.setattr(W, "FORWARD", "auto")
+    monkeypatch.setattr(W, "KERNEL_VERSION", "auto")
+    C = 2048                                              # 16 channel blocks per sequence
+    for B, path, ver in ((1, "fused", 2), (2, "fused", 2), (8, "chunked", 1), (16, "chunked", 1)):
+        seqs = Seqs(num=B, T=4096, total=B * 4096)
+        assert W._forward_path(seqs, C, 64) == path and W._kernel_version(seqs, C) == ver, B
+    packed = Seqs(num=8, T=0, total=8 * 4096, cu_seqlens=np.zeros(9, np.int32))
+    assert W._forward_path(packed, C, 64) == "chunked"
+    monkeypatch.setattr(W, "FORWARD", "fused")
+    monkeypatch.setattr(W, "KERNEL_VERSION", 2)
+    assert W._forward_path(Seqs(num=8, T=4096, total=8 * 4096), C, 64) == "fused"
+    assert W._kernel_version(Seqs(num=8, T=4096, total=8 * 4096), C) == 2
+    assert W._fused_len(64) == 64 and W._fused_len(32) == 16 and W._fused_len(16) == 16
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -21,6 +21,18 @@ Gradients: ``dstate[:, 0]`` and ``dstate[:, 1]`` are the derivatives w.r.t. ``aa
 history value (``aa dL/daa + bb dL/dbb``) plus, when ``state_out``'s ``pp`` has a gradient, through the max that
 forms ``pp_out`` (the max's derivative goes to its largest term, like ``torch.max``).  Where ``dstate_out`` comes
 from a continuation call (TBPTT), these compose into the exact gradient of the whole sequence.
+
+GPU paths, chosen by shape (``FORWARD = KERNEL_VERSION = "auto"``; set them to force one, as benchmarks do):
+
+* work items = (sequences) x (channel blocks of 128): the independent chains the time-serial parts run along;
+* batched (work items >= ``AUTO_ITEMS_PER_SM`` x SM count, i.e. B >= 5 at C = 2048 on an H100's 132 SMs):
+  the three-launch forward (chunk aggregates, scan over chunks, outputs) and the version-1 chunk kernels.  The
+  GPU is full of chains, so reading k, v twice costs less than the fused forward's look-back traffic (H100 bf16
+  C=2048 B=8 T=4096: fwd 0.70 vs 0.90 ms, fwd+bwd 3.12 ms vs 4.50 ms with the fused forward and version 2);
+* otherwise (batch 1, 2, ...): the one-launch fused forward with a decoupled look-back (k, v read once; 64-token
+  chunks for long sequences so a chain has T/64 hops, 16-token ones for short) and the version-2 kernels
+  (B=1 T=4096: fwd 0.28 vs 0.40 ms, fwd+bwd 0.94 vs 1.58 ms).
+  ``benchmarks/wkv4_paths.py`` measures every combination by shape.
 """
 from __future__ import annotations
 
@@ -115,19 +127,25 @@ def reference_backward(x: dict, state, dy, dstate):
 SOURCE = "wkv4.cu"
 _KERNELS = ("wkv4_fwd_chunk", "wkv4_fwd_scan", "wkv4_fwd_out", "wkv4_bwd_chunk", "wkv4_bwd_scan",
             "wkv4_bwd_out", "wkv4_bwd_reduce",
-            "wkv4_fwd_chunk2", "wkv4_fwd_out2", "wkv4_bwd_chunk2", "wkv4_bwd_out2", "wkv4_fwd_fused")
+            "wkv4_fwd_chunk2", "wkv4_fwd_out2", "wkv4_bwd_chunk2", "wkv4_bwd_out2", "wkv4_fwd_fused",
+            "wkv4_fwd_fused64")
 _CTYPES = ("float", "__half", "__nv_bfloat16")
 NAME_EXPRESSIONS = tuple(f"{k}<{t}>" for k in _KERNELS for t in _CTYPES)
 MAX_CHUNK = 64        # must match WKV4_MAX_CHUNK in wkv4.cu (the backward's checkpoint arrays are sized by it)
 # Which per-chunk kernels the launchers use: 2 (one exp per max-normalized pair, no local-memory arrays in the
-# backward; same results bit for bit) or 1 (the original kernels, kept as a fallback).  The scans and the
-# reduction are shared.
-KERNEL_VERSION = 2
-# Forward: "fused" (one launch, decoupled look-back over FUSED_L-token chunks: k, v read once) or "chunked" (three
-# launches: chunk aggregates, scan over chunks, outputs; k, v read twice).  Both give the same checkpoints to the
-# backward (the incoming state of every _chunk_len-token chunk and the final state).
-FORWARD = "fused"
-FUSED_L = 16          # must match WKV4_FL in wkv4.cu
+# backward; same results bit for bit) or 1 (the original kernels), or "auto" (by shape: _kernel_version).
+# The scans and the reduction are shared.
+KERNEL_VERSION = "auto"
+# Forward: "fused" (one launch, decoupled look-back over FUSED_L-token chunks: k, v read once), "chunked" (three
+# launches: chunk aggregates, scan over chunks, outputs; k, v read twice) or "auto" (by shape: _forward_path).
+# Both give the same checkpoints to the backward (the incoming state of every _chunk_len-token chunk and the final
+# state).  The forcing values stay for benchmarks and tests.
+FORWARD = "auto"
+FUSED_L = 16          # must match WKV4_FL in wkv4.cu (wkv4_fwd_fused); wkv4_fwd_fused64 uses 64-token chunks
+FUSED_L_LONG = 64
+# "auto" rule (see the module docstring): the three-launch path once (sequence, channel-block) work items reach
+# AUTO_ITEMS_PER_SM per SM, the fused one-launch path below.
+AUTO_ITEMS_PER_SM = 0.5
 _FILL_THREADS = 132 * 2048   # threads that fill an H100
 _BLOCK = 128
 
@@ -149,6 +167,50 @@ def _chunk_len(seqs, C: int) -> int:
     return min((MAX_CHUNK, 32, 16), key=lambda L: L + -(-n // L))
 
 
+def _sm_count() -> int:
+    try:
+        import cupy
+        return _sm_count_of(cupy.cuda.Device().id)
+    except Exception:       # no device (CPU emulation): an H100's count
+        return 132
+
+
+_SM_CACHE: dict = {}
+
+
+def _sm_count_of(device: int) -> int:
+    n = _SM_CACHE.get(device)
+    if n is None:
+        import cupy
+        n = _SM_CACHE[device] = int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
+    return n
+
+
+def _work_items(seqs, C: int) -> int:
+    """Independent (sequence, channel-block) chains of the recurrence: what the time-serial parts (the chunk scan,
+    the fused forward's look-back) are parallel over."""
+    return max(seqs.num, 1) * -(-C // _BLOCK)
+
+
+def _batched(seqs, C: int) -> bool:
+    """Enough work items to fill about AUTO_ITEMS_PER_SM per SM (H100, C = 2048: B >= 4)."""
+    return _work_items(seqs, C) >= AUTO_ITEMS_PER_SM * _sm_count()
+
+
+def _forward_path(seqs, C: int, L: int) -> str:
+    """'fused' or 'chunked' for this call (FORWARD, or by shape when it is "auto")."""
+    if FORWARD != "auto":
+        return FORWARD
+    return "chunked" if _batched(seqs, C) else "fused"
+
+
+def _kernel_version(seqs, C: int) -> int:
+    """1 or 2 (KERNEL_VERSION, or by shape when it is "auto": version 1 for batched calls, 2 otherwise)."""
+    if KERNEL_VERSION != "auto":
+        return KERNEL_VERSION
+    return 1 if _batched(seqs, C) else 2
+
+
 _V2 = ("wkv4_fwd_chunk", "wkv4_fwd_out", "wkv4_bwd_chunk", "wkv4_bwd_out")
 
 
@@ -157,9 +219,9 @@ def _name(kernel, dtype):
     return f"{kernel}<{CTYPES[dtype]}>"
 
 
-def _launch(kernel, dtype, grid, args):
+def _launch(kernel, dtype, grid, args, version=2):
     from .._gpu import launch
-    if KERNEL_VERSION == 2 and kernel in _V2:
+    if version == 2 and kernel in _V2:
         kernel += "2"
     launch("wkv4", SOURCE, _name(kernel, dtype), NAME_EXPRESSIONS, grid, (_BLOCK, 1, 1), args)
 
@@ -179,8 +241,9 @@ def _forward_fused(call, x, state_in, state_out, save):
     seqs = call.seqs
     C = call.dims["C"]
     k = x["k"]
-    L = _chunk_len(seqs, C)                 # the backward's chunk length (a multiple of FUSED_L)
-    ns = seqs.chunk_slots(FUSED_L)
+    L = _chunk_len(seqs, C)                 # the backward's chunk length (a multiple of the fused chunk)
+    fl = _fused_len(L)
+    ns = seqs.chunk_slots(fl)
     ncb = -(-C // _BLOCK)
     ntiles = ns * ncb
     i32 = np.int32
@@ -191,7 +254,7 @@ def _forward_fused(call, x, state_in, state_out, save):
     fin = call.empty((seqs.num, 3, C), "float32") if save else None
     sinb = call.empty((seqs.chunk_slots(L), 3, C), "float32") if save else None
     y = call.empty(tuple(k.shape), call.dtype)
-    _launch("wkv4_fwd_fused", call.dtype, (ntiles, 1, 1),
+    _launch("wkv4_fwd_fused" if fl == FUSED_L else "wkv4_fwd_fused64", call.dtype, (ntiles, 1, 1),
             (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(seqs.cu_seqlens), i32(seqs.T), np.int64(seqs.total),
              i32(seqs.num), i32(L), ptr(agg), ptr(inc), ptr(flags), i32(ntiles), i32(ncb), ptr(state_in),
              ptr(state_out), ptr(fin), ptr(sinb), ptr(seqs.state_idx), i32(seqs.pool_size), ptr(y), i32(C),
@@ -200,15 +263,23 @@ def _forward_fused(call, x, state_in, state_out, save):
     return y, saved
 
 
+def _fused_len(L: int) -> int:
+    """Chunk length of the fused forward: 64 tokens when the backward's chunks are 64 long (long sequences: a quarter
+    of the look-back hops of 16-token chunks), else 16."""
+    return FUSED_L_LONG if L % FUSED_L_LONG == 0 else FUSED_L
+
+
 def gpu_forward(call, x, state_in, state_out, save):
-    """FORWARD == "fused": one launch (_forward_fused).  "chunked": three launches: chunk aggregates, scan over
-    chunks (incoming states, final state), outputs."""
+    """Path "fused": one launch (_forward_fused).  "chunked": three launches: chunk aggregates, scan over
+    chunks (incoming states, final state), outputs.  See _forward_path."""
     from .._gpu import error_ptr, ptr
     seqs = call.seqs
     C = call.dims["C"]
     k = x["k"]
     L = _chunk_len(seqs, C)
-    if FORWARD == "fused" and L % FUSED_L == 0 and seqs.chunk_slots(FUSED_L) * -(-C // _BLOCK) < 2**31 - 1:
+    ver = _kernel_version(seqs, C)
+    if (_forward_path(seqs, C, L) == "fused" and L % FUSED_L == 0
+            and seqs.chunk_slots(FUSED_L) * -(-C // _BLOCK) < 2**31 - 1):
         return _forward_fused(call, x, state_in, state_out, save)
     nslots = seqs.chunk_slots(L)
     cb = -(-C // _BLOCK)
@@ -220,12 +291,12 @@ def gpu_forward(call, x, state_in, state_out, save):
     y = call.empty(tuple(k.shape), call.dtype)
     err = error_ptr()
     _launch("wkv4_fwd_chunk", call.dtype, (nslots, cb, 1),
-            (ptr(x["w"]), ptr(k), ptr(x["v"]), *seq_args, ptr(agg), i32(C), err))
+            (ptr(x["w"]), ptr(k), ptr(x["v"]), *seq_args, ptr(agg), i32(C), err), ver)
     _launch("wkv4_fwd_scan", call.dtype, (seqs.num, cb, 1),
             (ptr(x["w"]), *seq_args, ptr(agg), ptr(sin), ptr(state_in), ptr(state_out), ptr(fin),
              ptr(seqs.state_idx), i32(seqs.pool_size), i32(C), err))
     _launch("wkv4_fwd_out", call.dtype, (nslots, cb, 1),
-            (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), *seq_args, ptr(sin), ptr(y), i32(C), err))
+            (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), *seq_args, ptr(sin), ptr(y), i32(C), err), ver)
     saved = {"L": L, "sin": sin, "fin": fin} if save else None
     return y, saved
 
@@ -264,13 +335,14 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
     dw = call.empty((C,), call.dtype)
     du = call.empty((C,), call.dtype)
     err = error_ptr()
+    ver = _kernel_version(seqs, C)
     _launch("wkv4_bwd_chunk", call.dtype, (nslots, cb, 1),
-            (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(dy), *seq_args, ptr(sin), ptr(loc), i32(C), err))
+            (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(dy), *seq_args, ptr(sin), ptr(loc), i32(C), err), ver)
     _launch("wkv4_bwd_scan", call.dtype, (seqs.num, cb, 1),
             (ptr(x["w"]), *seq_args, ptr(sin), ptr(fin), ptr(dstate), ptr(loc), ptr(ds), i32(C), err))
     _launch("wkv4_bwd_out", call.dtype, (nslots, cb, 1),
             (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(dy), *seq_args, ptr(sin), ptr(fin), ptr(loc),
-             ptr(dk), ptr(dv), ptr(part), i32(C), err))
+             ptr(dk), ptr(dv), ptr(part), i32(C), err), ver)
     _launch("wkv4_bwd_reduce", call.dtype, (cb, 1, 1),
             (ptr(part), np.int64(nslots), i32(C), ptr(dw), ptr(du)))
     return {"w": dw, "u": du, "k": dk, "v": dv, "state": ds}
