@@ -16,6 +16,7 @@
 // passed the barrier of tile n, which every thread reached only after finishing tile n-1 (the last reader
 // of buffer p^1).  Arrays a thread reads only at its own channel ("own") need no barrier and one buffer.
 #include "common.cuh"
+#include "tc.cuh"
 
 namespace wkv6 {
 
@@ -171,67 +172,236 @@ __global__ void __launch_bounds__(N, 1) wkv6_forward(
 }
 
 // ------------------------------------------------------------------------------------------------------
-// Chunked forward (dense batches only, cu_seqlens == null): the recurrence split into chunks of L tokens
-// (seed 000's plan), no division anywhere:
-//   1. wkv6_chunk_state  (grid B*nc*H, block N): each chunk's local state A_c from a zero state and the
-//      product of its decays P_c[j], in parallel over chunks;
-//   2. wkv6_chunk_scan   (grid B*H*(N*N/1024), block 256): per state element, S_in(c) = S, S = S*P_c + A_c
+// Chunked forward (dense batches only, cu_seqlens == null): the recurrence split into chunks of L = TC_L
+// tokens (seed 000's plan) with the matrix products on tensor cores (rwkv::tc; 3xTF32 for fp32 I/O), no
+// division anywhere:
+//   1. wkv6_tc_state   (grid B*nc*H, 128 threads): each chunk's local state from a zero state,
+//      A_c = V^T Kt with Kt[s, j] = k_s[j] prod_{s < s' < L} d_s'[j], and the product of its decays P_c[j];
+//   2. wkv6_chunk_scan (grid B*H*(N*N/1024), block 256): per state element, S_in(c) = S, S = S*P_c + A_c
 //      over the chunks in order (A_c is overwritten by S_in(c)); writes the final state (pool aware);
-//   3. wkv6_chunk_output (grid B*nc*H, block N): the recurrent forward of each chunk from S_in(c), in
-//      parallel over chunks, writing y.
+//   3. wkv6_tc_output  (grid B*nc*H, 128 threads, N <= 64): y of each chunk from S_in(c), in parallel over
+//      chunks (below); wkv6_chunk_output (block N) is the recurrent form of the same step, used for N = 128.
 // buf: fp32 [B, nc, H, N, N]; dec: fp32 [B, nc, H, N]; nc = ceil(T / L).
+// rev = 1 runs steps 1-2 for the backward's adjoint (G_{t-1} = G_t d_t + dy_t r_t^T, k -> r, v -> dy, chunks
+// in reverse): Kt[s, j] = k_s[j] prod_{s' < s} d_s'[j].
+//
+// Decay products are exp of sums of log decays -exp(w) taken over exactly the tokens of the product (prefix or
+// suffix sums inside 16-token blocks, plus whole-block totals), never differences of long prefix sums, so a
+// long run of strong decay cannot wipe out the precision of a later weak one; every exponent is <= 0 except
+// inside a diagonal 16-token block (see wkv6_tc_output).
+namespace wkv6 {
+constexpr int TC_L = 64;          // tokens per chunk (wkv6.py CHUNK_L)
+constexpr int TC_THREADS = 128;   // 4 warps
+constexpr float TC_SAFE_SPAN = 30.f;  // a diagonal block whose decays multiply to >= e^-30 in every channel
+                                      // is factorized (exponents up to +30); others take the exact pairwise path
+
+// dst[t][j] (row stride ld) = src token start+t, head h, channel j for t < len, 0 for the padding rows;
+// logdecay: store -exp(x) (the padding rows get 0: decay 1).
 template <typename T, int N>
-__global__ void __launch_bounds__(N, 1) wkv6_chunk_state(
+__device__ __forceinline__ void tc_stage(float* dst, int ld, const T* __restrict__ src, long long start, int len,
+                                         int H, int h, bool logdecay) {
+    for (int e = threadIdx.x; e < TC_L * N; e += TC_THREADS) {
+        const int t = e / N, j = e % N;
+        float x = 0.f;
+        if (t < len) {
+            x = rwkv::to_float(src[((start + t) * H + h) * N + j]);
+            if (logdecay) x = -expf(x);
+        }
+        dst[t * ld + j] = x;
+    }
+}
+}  // namespace wkv6
+
+// Chunks of L <= TC_L tokens (the rows past L are zero padding).  Shared memory: 3 * TC_L * (N + 4) floats
+// (tc_state_smem in wkv6.py).
+template <typename T, int N>
+__global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
     int Tlen, int H, int L, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
     float* __restrict__ buf, float* __restrict__ dec, int rev)
 {
-    constexpr int TT = wkv6::Tile<N>::TT;
-    __shared__ __align__(16) float sk[2][TT * N];
-    __shared__ __align__(16) float sd[2][TT * N];
-    __shared__ float sv[TT * N];
+    using namespace wkv6;
+    constexpr int LD = N + 4;
+    extern __shared__ __align__(32) float smem[];
+    float* sK = smem;               // k, then Kt
+    float* sW = sK + TC_L * LD;     // log decays
+    float* sV = sW + TC_L * LD;     // v
     const int nc = (Tlen + L - 1) / L;
-    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc, i = threadIdx.x;
+    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
     const long long start = (long long)b * Tlen + (long long)c * L;
-    const long long len = min((long long)L, (long long)Tlen - (long long)c * L);
-    float st[N];
-#pragma unroll
-    for (int j = 0; j < N; ++j) st[j] = 0.f;
-    float prod = 1.f;   // product of the chunk's decays of key channel i
-    int p = 0;
-    const long long ntiles = (len + TT - 1) / TT;
-    for (long long n = 0; n < ntiles; ++n, p ^= 1) {
-        const long long t0 = (rev ? ntiles - 1 - n : n) * TT;
-        const int cnt = (int)min((long long)TT, len - t0);
-        for (int tt = 0; tt < cnt; ++tt) {
-            const long long off = ((start + t0 + tt) * H + h) * N + i;
-            const float d = wkv6::decay_of(rwkv::to_float(w[off]));
-            sk[p][tt * N + i] = rwkv::to_float(k[off]);
-            sd[p][tt * N + i] = d;
-            sv[tt * N + i] = rwkv::to_float(v[off]);
-            prod *= d;
+    const int len = (int)min((long long)L, (long long)Tlen - (long long)c * L);
+    tc_stage<T, N>(sK, LD, k, start, len, H, h, false);
+    tc_stage<T, N>(sW, LD, w, start, len, H, h, true);
+    tc_stage<T, N>(sV, LD, v, start, len, H, h, false);
+    __syncthreads();
+    const long long cb = (long long)bc * H + h;
+    for (int j = threadIdx.x; j < N; j += TC_THREADS) {
+        float acc = 0.f;   // sum of the log decays strictly after (rev: before) token t
+        for (int m = 0; m < TC_L; ++m) {
+            const int t = rev ? m : TC_L - 1 - m;
+            sK[t * LD + j] *= expf(acc);
+            acc += sW[t * LD + j];
         }
-        __syncthreads();
-        for (int m = 0; m < cnt; ++m) {
-            const int tt = rev ? cnt - 1 - m : m;
-            const float vi = sv[tt * N + i];
-            const float* pk = &sk[p][tt * N];
-            const float* pd = &sd[p][tt * N];
-#pragma unroll
-            for (int q = 0; q < N / 4; ++q) {
-                const float4 kk = wkv6::ld4(pk + 4 * q), dd = wkv6::ld4(pd + 4 * q);
-                st[4 * q] = fmaf(st[4 * q], dd.x, kk.x * vi);
-                st[4 * q + 1] = fmaf(st[4 * q + 1], dd.y, kk.y * vi);
-                st[4 * q + 2] = fmaf(st[4 * q + 2], dd.z, kk.z * vi);
-                st[4 * q + 3] = fmaf(st[4 * q + 3], dd.w, kk.w * vi);
+        dec[cb * N + j] = expf(acc);
+    }
+    __syncthreads();
+    rwkv::tc::matmul<true, false, false, rwkv::tc::is_f32<T>::value>(
+        buf + cb * (N * N), N, sV, LD, sK, LD, N, N, TC_L, threadIdx.x / 32, TC_THREADS / 32);
+}
+
+// Chunk output on tensor cores.  Warp q owns the 16 query tokens of block q (t = 16q .. 16q+15) of the chunk:
+//   y_t = S_in (r_t * gamma_{t-1}) + sum_{s < t} A[t, s] v_s + (r_t . (u * k_t)) v_t,
+//   A[t, s] = sum_j r_t[j] k_s[j] prod_{s < s' < t} d_s'[j],   gamma_{t-1} = prod_{s' < t} d_s' (inside the chunk).
+// With alpha_t = log-decay sum of block q's tokens before t, sigma_s = sum over s's block after s, E_p = block p's
+// total: Qh_t = r_t exp(alpha_t) (<= |r|); inter-chunk term (Qh_t exp(sum_{p<q} E_p)) S_in^T; for key blocks p < q
+// Kh_s = k_s exp(sigma_s + sum_{p<p'<q} E_p') (<= |k|), A_qp = Qh Kh^T; for the diagonal block, when its total
+// E_q >= -TC_SAFE_SPAN in every channel, Kh_s = k_s exp(sigma_s - E_q) (<= |k| e^30; the masked entries s >= t
+// stay finite), else the entries are summed pairwise from the decays themselves (exact for any decay).
+// Shared memory: tc_output_smem(N) floats in wkv6.py.
+template <typename T, int N>
+__global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
+    int Tlen, int H, const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ w, const T* __restrict__ u, const float* __restrict__ buf, T* __restrict__ y)
+{
+    using namespace wkv6;
+    constexpr int L = TC_L, LD = N + 4, LA = L + 4, NB = L / 16;
+    constexpr bool SPLIT = rwkv::tc::is_f32<T>::value;
+    static_assert(N <= L && NB == TC_THREADS / 32, "one warp per 16-token block; state rows fit the scratch");
+    extern __shared__ __align__(32) float smem[];
+    float* sQ = smem;              // r, then Qh
+    float* sK = sQ + L * LD;       // k
+    float* sSig = sK + L * LD;     // log decays, then sigma
+    float* sV = sSig + L * LD;     // v
+    float* sS = sV + L * LD;       // S_in (N rows), then the warps' Kh scratch (16 rows each)
+    float* sA = sS + L * LD;       // per warp [16][LA]: the inter-chunk operand, then A, then y
+    float* sE = sA + NB * 16 * LA; // [NB][LD] block totals E_p
+    float* sRuk = sE + NB * LD;    // [L] r_t . (u * k_t)
+    float* sU = sRuk + L;          // [N]
+    int* sUnsafe = reinterpret_cast<int*>(sU + N);   // [NB]
+    const int nc = (Tlen + L - 1) / L;
+    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
+    const int tid = threadIdx.x, q = tid / 32, lane = tid % 32;
+    const long long start = (long long)b * Tlen + (long long)c * L;
+    const int len = (int)min((long long)L, (long long)Tlen - (long long)c * L);
+
+    tc_stage<T, N>(sQ, LD, r, start, len, H, h, false);
+    tc_stage<T, N>(sK, LD, k, start, len, H, h, false);
+    tc_stage<T, N>(sSig, LD, w, start, len, H, h, true);
+    tc_stage<T, N>(sV, LD, v, start, len, H, h, false);
+    const float* Sin = buf + ((long long)bc * H + h) * (N * N);
+    for (int e = tid; e < N * N; e += TC_THREADS) sS[(e / N) * LD + e % N] = Sin[e];
+    for (int j = tid; j < N; j += TC_THREADS) sU[j] = rwkv::to_float(u[h * N + j]);
+    if (tid < NB) sUnsafe[tid] = 0;
+    __syncthreads();
+    {   // r_t . (u * k_t): two threads per token, fixed order
+        const int t = tid / 2, half = tid % 2;
+        float p = 0.f;
+        for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) p += sQ[t * LD + j] * sU[j] * sK[t * LD + j];
+        p += __shfl_xor_sync(0xffffffffu, p, 1);
+        if (half == 0) sRuk[t] = p;
+    }
+    __syncthreads();
+    for (int j = tid; j < N; j += TC_THREADS) {
+        for (int p = 0; p < NB; ++p) {
+            float a = 0.f;
+            for (int s = 16 * p; s < 16 * p + 16; ++s) {
+                const float ld = sSig[s * LD + j];
+                sQ[s * LD + j] *= expf(a);
+                a += ld;
             }
+            float sg = 0.f;
+            for (int s = 16 * p + 15; s >= 16 * p; --s) {
+                const float ld = sSig[s * LD + j];
+                sSig[s * LD + j] = sg;
+                sg += ld;
+            }
+            sE[p * LD + j] = a;
+            if (a < -TC_SAFE_SPAN) sUnsafe[p] = 1;
         }
     }
-    const long long cb = (long long)bc * H + h;
-    float* o = buf + cb * (N * N) + (long long)i * N;
+    __syncthreads();
+
+    float* sAw = sA + q * 16 * LA;
+    const float* Qq = sQ + 16 * q * LD;
+    for (int e = lane; e < 16 * N; e += 32) {
+        const int s = e / N, j = e % N;
+        float rho = 0.f;
+        for (int p = 0; p < q; ++p) rho += sE[p * LD + j];
+        sAw[s * LA + j] = Qq[s * LD + j] * expf(rho);
+    }
+    __syncwarp();
+    float acc[N / 16][8];
 #pragma unroll
-    for (int q = 0; q < N / 4; ++q)
-        *reinterpret_cast<float4*>(o + 4 * q) = make_float4(st[4 * q], st[4 * q + 1], st[4 * q + 2], st[4 * q + 3]);
-    dec[cb * N + i] = prod;
+    for (int n = 0; n < N / 16; ++n) {
+        rwkv::tc::zero(acc[n]);
+        rwkv::tc::mma_tile<false, true, SPLIT>(acc[n], sAw, LA, sS + n * 16 * LD, LD, N);
+    }
+    __syncthreads();   // every warp is done with S_in: its rows become the Kh scratch
+
+    float* sKh = sS + q * 16 * LD;
+    const bool unsafe = sUnsafe[q] != 0;
+    for (int p = 0; p <= q; ++p) {
+        const bool diag = p == q;
+        if (!(diag && unsafe)) {
+            for (int e = lane; e < 16 * N; e += 32) {
+                const int s = e / N, j = e % N, t = 16 * p + s;
+                float g = sSig[t * LD + j];
+                if (diag) g -= sE[q * LD + j];
+                else
+                    for (int p2 = p + 1; p2 < q; ++p2) g += sE[p2 * LD + j];
+                sKh[s * LD + j] = sK[t * LD + j] * expf(g);
+            }
+            __syncwarp();
+            float sc[8];
+            rwkv::tc::zero(sc);
+            rwkv::tc::mma_tile<false, true, SPLIT>(sc, Qq, LD, sKh, LD, N);
+            rwkv::tc::store_tile(sAw + 16 * p, LA, sc);
+            __syncwarp();
+        }
+    }
+    if (unsafe) {
+        // A[t, s] for s < t in block q from the decays themselves: lane owns channels j = lane + 32m; for each
+        // s the running sum g of log decays over (s, t) grows one token at a time (exactly the product's range).
+        for (int s = 0; s < 15; ++s) {
+            float g[N / 32];
+#pragma unroll
+            for (int m = 0; m < N / 32; ++m) g[m] = 0.f;
+            for (int t = s + 1; t < 16; ++t) {
+                float part = 0.f;
+#pragma unroll
+                for (int m = 0; m < N / 32; ++m) {
+                    const int j = lane + 32 * m;
+                    if (t > s + 1) {
+                        const int tp = 16 * q + t - 1;
+                        g[m] += tp < len ? -expf(rwkv::to_float(w[((start + tp) * H + h) * N + j])) : 0.f;
+                    }
+                    const int tq = 16 * q + t;
+                    const float rt = tq < len ? rwkv::to_float(r[((start + tq) * H + h) * N + j]) : 0.f;
+                    part += rt * sK[(16 * q + s) * LD + j] * expf(g[m]);
+                }
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+                if (lane == 0) sAw[t * LA + 16 * q + s] = part;
+            }
+        }
+        __syncwarp();
+    }
+    for (int e = lane; e < 256; e += 32) {   // diagonal block: u term on the diagonal, nothing above it
+        const int t = e / 16, s = e % 16;
+        if (s > t) sAw[t * LA + 16 * q + s] = 0.f;
+        else if (s == t) sAw[t * LA + 16 * q + s] = sRuk[16 * q + t];
+    }
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < N / 16; ++n)
+        rwkv::tc::mma_tile<false, false, SPLIT>(acc[n], sAw, LA, sV + n * 16, LD, 16 * (q + 1));
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < N / 16; ++n) rwkv::tc::store_tile(sAw + n * 16, LA, acc[n]);
+    __syncwarp();
+    for (int e = lane; e < 16 * N; e += 32) {
+        const int s = e / N, i = e % N, t = 16 * q + s;
+        if (t < len) y[((start + t) * H + h) * N + i] = rwkv::from_float<T>(sAw[s * LA + i]);
+    }
 }
 
 template <typename T, int N>

@@ -469,19 +469,17 @@ def test_gpu_strong_decay_gradients_finite():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("L", [16, 64])
 @pytest.mark.parametrize("N", [32, 64, 128])
 @pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
-def test_gpu_chunked_forward(monkeypatch, dtype, N, L):
+def test_gpu_chunked_forward(monkeypatch, dtype, N):
     """The chunk-parallel forward (forced; auto picks it for dense T >= 256) vs the reference, incl. pools."""
     torch = _torch_cuda()
     from rwkvops.ops import wkv6 as W
     monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
-    monkeypatch.setattr(W, "CHUNK_L", L)
     ftol = TOL[dtype][0]
     for T in (1, 15, 16, 17, 65, 200):
         B, H = 2, 2
-        x, s, _, _ = make(B, T, H, N, seed=T + N + L)
+        x, s, _, _ = make(B, T, H, N, seed=T + N)
         tx = {n: _to_torch(torch, x[n], dtype) for n in NAMES}
         ts = torch.tensor(s, dtype=torch.float32, device="cuda")
         xr = _rounded(torch, tx)
@@ -515,7 +513,6 @@ def test_gpu_chunked_backward(monkeypatch, dtype, N, L, fwd):
     monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
     monkeypatch.setattr(W, "BWD_CHUNK_L", L)
     monkeypatch.setattr(W, "FORWARD_PATH", fwd)
-    monkeypatch.setattr(W, "CHUNK_L", L)
     for T in (1, 17, 65, 200):
         B, H = 2, 2
         x, s, dy, ds = make(B, T, H, N, seed=T * 7 + N + L)
@@ -577,6 +574,7 @@ _SHIM = r"""
 #include <functional>
 #include <type_traits>
 #include <utility>
+#include <memory>
 struct uint3_ { unsigned x = 0, y = 0, z = 0; };
 inline thread_local uint3_ threadIdx, blockIdx;
 struct float4 { float x, y, z, w; };
@@ -585,9 +583,27 @@ using std::min; using std::max;
 inline std::barrier<>* g_bar = nullptr;
 inline float g_x[1024];
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline std::barrier<>* g_wbar[32];   // one per warp: __syncwarp, shuffles and the mma exchange
+inline float* g_dyn = nullptr;       // dynamic shared memory of the running block
+inline void __syncwarp(unsigned = 0xffffffffu) { g_wbar[threadIdx.x / 32]->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int m) {
-    g_x[threadIdx.x] = v; g_bar->arrive_and_wait();
-    float r = g_x[threadIdx.x ^ m]; g_bar->arrive_and_wait(); return r;
+    g_x[threadIdx.x] = v; __syncwarp();
+    float r = g_x[threadIdx.x ^ m]; __syncwarp(); return r;
+}
+// mma.sync.m16n8k8 (tf32 in, fp32 accumulate) for one warp, with the fragment layout of cuda_src/tc.cuh.
+inline float g_mma[32][32][6];
+inline void rwkv_emu_mma_m16n8k8(float* acc, const unsigned* a, const unsigned* b) {
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    std::memcpy(&g_mma[w][l][0], a, 16); std::memcpy(&g_mma[w][l][4], b, 8);
+    __syncwarp();
+    for (int r = 0; r < 4; ++r) {
+        const int row = l / 4 + 8 * (r / 2), col = 2 * (l % 4) + r % 2;
+        float s = 0.f;
+        for (int k = 0; k < 8; ++k)
+            s += g_mma[w][(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)] * g_mma[w][col * 4 + k % 4][4 + k / 4];
+        acc[r] += s;
+    }
+    __syncwarp();
 }
 #define __global__
 #define __device__
@@ -601,7 +617,7 @@ _FP16 = cuda_emulation.FP16_H
 _BF16 = cuda_emulation.BF16_H
 _MAIN = r"""
 #include "shim.h"
-#include "wkv6.cu"
+#include "wkv6_emu.cu"
 template <class A> A conv(uint64_t x) { if constexpr (std::is_pointer_v<A>) return reinterpret_cast<A>(x); else return (A)(int64_t)x; }
 template <class... A, size_t... I> void call_impl(void (*f)(A...), const uint64_t* a, std::index_sequence<I...>) { f(conv<A>(a[I])...); }
 template <class... A> std::function<void(const uint64_t*)> wrap(void (*f)(A...)) {
@@ -612,14 +628,21 @@ static std::map<std::string, std::function<void(const uint64_t*)>>& reg() {
 #define RN(K, T, TS) R1(K, T, TS, 32) R1(K, T, TS, 64)
 #define RK(K) RN(K, float, "float") RN(K, __nv_bfloat16, "__nv_bfloat16")
 static int init() { KERNELS return 0; }
-extern "C" int wkv6_emu_launch(const char* name, int grid, int block, const uint64_t* args) {
+extern "C" int wkv6_emu_launch(const char* name, int grid, int block, long smem, const uint64_t* args) {
     static int once = init(); (void)once;
     auto it = reg().find(name);
     if (it == reg().end()) return -1;
     auto fn = it->second;
+    std::vector<float> dyn(smem / 4 + 8);
+    g_dyn = dyn.data();
     for (int b = 0; b < grid; ++b) {
         std::barrier<> bar(block);
         g_bar = &bar;
+        std::vector<std::unique_ptr<std::barrier<>>> wbars;
+        for (int w = 0; w * 32 < block; ++w) {
+            wbars.emplace_back(new std::barrier<>(std::min(32, block - 32 * w)));
+            g_wbar[w] = wbars.back().get();
+        }
         std::vector<std::thread> th;
         for (int t = 0; t < block; ++t) th.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = b; fn(args); });
         for (auto& x : th) x.join();
@@ -644,6 +667,10 @@ def emu_lib(tmp_path_factory):
     (d / "shim.h").write_text(_SHIM)
     (d / "inc" / "cuda_fp16.h").write_text(_FP16)
     (d / "inc" / "cuda_bf16.h").write_text(_BF16)
+    src = (CUDA_SRC / "wkv6.cu").read_text()
+    dyn = "extern __shared__ __align__(32) float smem[];"
+    assert dyn in src
+    (d / "wkv6_emu.cu").write_text(src.replace(dyn, "float* smem = g_dyn;"))
     (d / "emu.cpp").write_text(_MAIN.replace("KERNELS", " ".join(f"RK({k})" for k in W._KERNEL_NAMES)))
     out = subprocess.run([cxx, "-std=c++20", "-O1", "-w", "-fPIC", "-shared", f"-I{d / 'inc'}", f"-I{CUDA_SRC}",
                           str(d / "emu.cpp"), "-o", str(d / "emu.so"), "-lpthread"], capture_output=True, text=True)
@@ -652,7 +679,8 @@ def emu_lib(tmp_path_factory):
             pytest.skip("the C++ compiler lacks C++20 <barrier> or _Float16")
         raise AssertionError("compiling wkv6.cu for the CPU emulation failed:\n" + out.stderr[-4000:])
     lib = ctypes.CDLL(str(d / "emu.so"))
-    lib.wkv6_emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
+    lib.wkv6_emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+                                    ctypes.POINTER(ctypes.c_uint64)]
     return lib
 
 
@@ -669,7 +697,7 @@ def emu(emu_lib, monkeypatch):
     def launch(op_name, source, ne, nes, grid, block, args, shared_mem=0):
         assert ne in nes, ne
         vals = [int(a) if isinstance(a, np.uint64) else int(np.int64(a).view(np.uint64)) for a in args]
-        rc = emu_lib.wkv6_emu_launch(ne.encode(), int(np.prod(grid)), int(np.prod(block)),
+        rc = emu_lib.wkv6_emu_launch(ne.encode(), int(np.prod(grid)), int(np.prod(block)), int(shared_mem),
                                      (ctypes.c_uint64 * len(vals))(*vals))
         assert rc == 0, f"{ne} not in the emulation build"
 
@@ -692,7 +720,7 @@ def _poisoned(shape, dtype):
     return np.full(shape, 0x7FC0, np.uint16) if dtype == "bfloat16" else np.full(shape, np.nan, dtype)
 
 
-def _emu_case(dtype, N, T=17, B=2, H=2, lens=None, with_state=True, seed=0, bwd=True):
+def _emu_case(dtype, N, T=17, B=2, H=2, lens=None, with_state=True, seed=0, bwd=True, w_range=(-8.0, 4.0)):
     """Run gpu_forward/gpu_backward on the emulated kernels; return rel. RMS errors vs the float64 reference."""
     from rwkvops._dispatch import GpuCall
     from rwkvops._gpu import Seqs
@@ -703,7 +731,7 @@ def _emu_case(dtype, N, T=17, B=2, H=2, lens=None, with_state=True, seed=0, bwd=
         B, T, S = 1, int(cu[-1]), len(lens)
     else:
         cu, S = None, B
-    x, _, dy, _ = make(B, T, H, N, seed=seed)
+    x, _, dy, _ = make(B, T, H, N, seed=seed, wlo=w_range[0], whi=w_range[1])
     xs = {n: _store(a, dtype) for n, a in x.items()}
     xr = {n: _load(a, dtype) for n, a in xs.items()}
     s0 = rng.standard_normal((S, H, N, N)).astype(np.float32) if with_state else None
@@ -792,7 +820,6 @@ def test_emulated_kernels_pool(emu, monkeypatch, path, varlen):
     if path == "chunked" and varlen:
         pytest.skip("the chunked forward is dense-only")
     monkeypatch.setattr(W, "FORWARD_PATH", "chunked" if path == "chunked" else "recurrent")
-    monkeypatch.setattr(W, "CHUNK_L", 4)
     B, T, H, N = 3, (1 if path == "stream" else 9), 2, 32
     if path == "stream":
         monkeypatch.setattr(W, "FORWARD_PATH", "auto")
@@ -819,19 +846,31 @@ def test_emulated_kernels_pool(emu, monkeypatch, path, varlen):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("L", [4, 16, 64])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_emulated_chunked_forward(emu, monkeypatch, dtype, L):
+def test_emulated_chunked_forward(emu, monkeypatch, dtype):
+    """The tensor-core chunked forward (mma emulated lane by lane) vs the reference: partial chunks, several
+    chunks, no initial state."""
     from rwkvops.ops import wkv6 as W
     monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
-    monkeypatch.setattr(W, "CHUNK_L", L)
-    for T, N in ((1, 32), (15, 64), (16, 32), (17, 32), (65, 64), (130, 32)):
-        _assert_errs(_emu_case(dtype, N, T=T, seed=T + L, bwd=False), dtype)
+    for T, N in ((1, 32), (15, 64), (16, 32), (17, 32), (64, 64), (130, 32)):
+        _assert_errs(_emu_case(dtype, N, T=T, seed=T, bwd=False), dtype)
     _assert_errs(_emu_case(dtype, 32, T=40, with_state=False, bwd=False), dtype)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fwd", ["recurrent", "chunked-same-L", "chunked-other-L"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("w_range", [(-8.0, -1.0), (2.0, 4.0), (-8.0, 4.0)], ids=["weak", "strong", "mixed"])
+def test_emulated_chunked_forward_decay_extremes(emu, monkeypatch, dtype, w_range):
+    """Weak decays (16-token blocks factorized on tensor cores), decays strong enough that the blocks take the
+    exact pairwise path (products far below e^-30), and decays mixed across the whole range."""
+    from rwkvops.ops import wkv6 as W
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    errs = _emu_case(dtype, 32, T=70, seed=11, bwd=False, w_range=w_range)
+    _assert_errs(errs, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fwd", ["recurrent", "chunked"])
 @pytest.mark.parametrize("L", [4, 16, 64])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_emulated_chunked_backward(emu, monkeypatch, dtype, L, fwd):
@@ -840,8 +879,7 @@ def test_emulated_chunked_backward(emu, monkeypatch, dtype, L, fwd):
     from rwkvops.ops import wkv6 as W
     monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
     monkeypatch.setattr(W, "BWD_CHUNK_L", L)
-    monkeypatch.setattr(W, "FORWARD_PATH", "recurrent" if fwd == "recurrent" else "chunked")
-    monkeypatch.setattr(W, "CHUNK_L", 8 if fwd == "chunked-other-L" else L)
+    monkeypatch.setattr(W, "FORWARD_PATH", fwd)   # the chunked forward's saved states serve L == CHUNK_L
     for T, N in ((1, 32), (15, 32), (16, 32), (17, 64), (65, 32), (130, 32)):
         _assert_errs(_emu_case(dtype, N, T=T, seed=T + 3 * L), dtype)
     _assert_errs(_emu_case(dtype, 32, T=37, with_state=False, seed=L), dtype)

@@ -55,12 +55,13 @@ _CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 CK = 64              # checkpoint interval (tokens) of the backward pass
 STREAM_THREADS = 256  # block size of the decode kernel
 
-_KERNEL_NAMES = ("wkv6_forward", "wkv6_forward_stream", "wkv6_chunk_state", "wkv6_chunk_scan",
+_KERNEL_NAMES = ("wkv6_forward", "wkv6_forward_stream", "wkv6_tc_state", "wkv6_chunk_scan", "wkv6_tc_output",
                  "wkv6_chunk_output", "wkv6_bwd_colfwd", "wkv6_bwd_colrev", "wkv6_bwd_rowrev", "wkv6_reduce_u")
 
 # Forward path selection: "auto" (below), or force "recurrent" / "chunked" (for comparisons and tests).
 FORWARD_PATH = "auto"
-CHUNK_L = 64               # tokens per chunk of the chunked forward
+CHUNK_L = 64               # tokens per chunk of the chunked forward (TC_L in wkv6.cu; fixed)
+TC_OUTPUT_MAX_N = 64       # wkv6_tc_output serves N <= 64 (shared memory); N = 128 uses wkv6_chunk_output
 CHUNKED_MIN_T = 256        # auto: chunked only for dense inputs with T >= this ...
 CHUNKED_MAX_BLOCKS = 1024  # ... and fewer than this many (sequence, head) blocks (the recurrent form underfills)
 
@@ -78,7 +79,19 @@ def _ne(name, ctype, n):
     return f"{name}<{ctype}, {n}>"
 
 
-NAME_EXPRESSIONS = tuple(_ne(k, c, n) for k in _KERNEL_NAMES for c in _CTYPES.values() for n in HEAD_SIZES)
+NAME_EXPRESSIONS = tuple(_ne(k, c, n) for k in _KERNEL_NAMES for c in _CTYPES.values() for n in HEAD_SIZES
+                         if not (k == "wkv6_tc_output" and n > TC_OUTPUT_MAX_N))
+
+
+def tc_state_smem(N) -> int:
+    """Dynamic shared memory (bytes) of wkv6_tc_state: k, log decays and v of one chunk, rows of N + 4 floats."""
+    return 4 * 3 * CHUNK_L * (N + 4)
+
+
+def tc_output_smem(N) -> int:
+    """Dynamic shared memory (bytes) of wkv6_tc_output (layout in wkv6.cu)."""
+    L, nb = CHUNK_L, CHUNK_L // 16
+    return 4 * (5 * L * (N + 4) + nb * 16 * (L + 4) + nb * (N + 4) + L + N + nb)
 
 
 # ---------------------------------------------------------------- NumPy reference (the test oracle)
@@ -179,9 +192,11 @@ def _forward_chunked(call, x, state_in, state_out, y):
     L = CHUNK_L
     nc = -(-T // L)
     buf = _chunk_states(call, x["k"], x["v"], x["w"], state_in, state_out, seqs.state_idx, seqs.pool_size, L, False)
-    _launch("wkv6_chunk_output", call, (B * nc * H,), (N,),
-            (i32(T), i32(H), i32(L), ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(buf),
-             ptr(y)))
+    rkvwu = (ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(buf), ptr(y))
+    if N <= TC_OUTPUT_MAX_N:
+        _launch("wkv6_tc_output", call, (B * nc * H,), (128,), (i32(T), i32(H)) + rkvwu, tc_output_smem(N))
+    else:
+        _launch("wkv6_chunk_output", call, (B * nc * H,), (N,), (i32(T), i32(H), i32(L)) + rkvwu)
     return buf
 
 
@@ -199,8 +214,9 @@ def _chunk_states(call, k, v, w, state_in, state_out, state_idx, pool_size, L, r
     nc = -(-T // L)
     buf = call.empty((B, nc, H, N, N), "float32")
     dec = call.empty((B, nc, H, N), "float32")
-    _launch("wkv6_chunk_state", call, (B * nc * H,), (N,),
-            (i32(T), i32(H), i32(L), ptr(k), ptr(v), ptr(w), ptr(buf), ptr(dec), i32(1 if rev else 0)))
+    assert 1 <= L <= CHUNK_L, "wkv6_tc_state takes chunks of at most CHUNK_L tokens"
+    _launch("wkv6_tc_state", call, (B * nc * H,), (128,),
+            (i32(T), i32(H), i32(L), ptr(k), ptr(v), ptr(w), ptr(buf), ptr(dec), i32(1 if rev else 0)), tc_state_smem(N))
     nb = -(-(N * N // 4) // 256)
     _launch("wkv6_chunk_scan", call, (B * H * nb,), (256,),
             (i32(T), i32(H), i32(L), ptr(buf), ptr(dec), ptr(state_in), ptr(state_out), ptr(state_idx),
