@@ -32,9 +32,9 @@ for s in $stages; do case $s in
                 echo "[test $(basename "$sh")] rc=$? $(tail -n 1 "$OUT/test-gpu-$(basename "$sh").log")" ) &
             done
             wait; echo "[test-gpu] $((SECONDS - t0))s" ;;
-  memcheck) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py ;;
-  memquick) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ;;
-  racecheck) run racecheck compute-sanitizer --tool racecheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ;;
+  memcheck) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py ${SANITIZE_OPS:+--ops=$SANITIZE_OPS} ;;
+  memquick) run memcheck compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ${SANITIZE_OPS:+--ops=$SANITIZE_OPS} ;;
+  racecheck) run racecheck compute-sanitizer --tool racecheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ${SANITIZE_OPS:+--ops=$SANITIZE_OPS} ;;
   bench)    RWKVOPS_BENCH_OUT="$OUT/bench.json" run bench python3 -m pytest -q -s -p no:cacheprovider \
               --benchmark-disable-gc --benchmark-json="$OUT/pytest-benchmark.json" ${BENCH_K:+-k "$BENCH_K"} benchmarks/bench_ops.py ;;
   serving)  run serving python3 benchmarks/serving.py --device gpu --full --out "$OUT/serving.json" ;;
