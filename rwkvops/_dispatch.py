@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, _gpu
 from ._validate import Plan, check_call
 
 
@@ -69,7 +69,7 @@ def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs
     """``op(*inputs, state=None, cu_seqlens=None, state_indices=None) -> (y, state_out)``."""
     x, plan, bridge = _prepare(op, args, kwargs, state, cu_seqlens, state_indices)
     if plan.kind == "torch":
-        import torch
+        torch = _arrays._torch()
         # autograd only when something needs a gradient: inference (no_grad, or plain tensors) skips the
         # autograd Function and runs the lean launch path below
         if torch.is_grad_enabled() and ((state is not None and state.requires_grad)
@@ -133,8 +133,7 @@ def _cpu_out_dtype(plan):
 
 def _forward(op, plan, bridge, x, state, cu_seqlens, state_indices, save):
     if plan.gpu:
-        from ._gpu import raise_pending_error
-        raise_pending_error(plan.device[1])
+        _gpu.raise_pending_error(plan.device[1])
     # Inference on a bridge that has them: launch views (pointer, shape, dtype) instead of CuPy arrays, outputs
     # from the caller's allocator as the same views (the host cost of a decode step is mostly per-array objects).
     light = not save and bridge.light_views
@@ -252,7 +251,7 @@ def _device_ints(bridge, host, given, light=False):
 
 
 def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, light=False):
-    from ._gpu import Seqs
+    Seqs = _gpu.Seqs
     S = plan.num_seqs
     T = plan.dims.get("T", 0)
     cu = None if not plan.varlen else _device_ints(bridge, plan.cu_host, cu_seqlens, light)

@@ -83,9 +83,20 @@ _FUNCTIONS: dict = {}
 _SMEM: dict = {}  # the dynamic shared-memory limit already raised per function
 
 
+_CUPY = None   # the cupy module, looked up once: an import statement per launch costs host time in decode loops
+
+
+def _cupy():
+    global _CUPY
+    if _CUPY is None:
+        import cupy
+        _CUPY = cupy
+    return _CUPY
+
+
 def launch(op_name, source, name_expression, name_expressions, grid, block, args, shared_mem=0):
     """Launch ``name_expression`` (compiled once with all of ``name_expressions``) on the current stream."""
-    import cupy
+    cupy = _CUPY or _cupy()
     key = (cupy.cuda.runtime.getDevice(), source, name_expression)
     fn = _FUNCTIONS.get(key)
     if fn is None:
@@ -107,19 +118,24 @@ def _error_word(device: int):
     return mem, host
 
 
+_ERR_PTRS: dict = {}
+
+
 def error_ptr():
     """Device-visible pointer to this device's pinned error word (pinned host memory is mapped under UVA)."""
-    import cupy
-    import numpy as np
-    mem, _ = _error_word(cupy.cuda.Device().id)
-    return np.uint64(mem.ptr)
+    cupy = _CUPY or _cupy()
+    dev = cupy.cuda.runtime.getDevice()
+    p = _ERR_PTRS.get(dev)
+    if p is None:
+        p = _ERR_PTRS[dev] = _u64(_error_word(dev)[0].ptr)
+    return p
 
 
 def raise_pending_error(device: int, sync: bool = False) -> None:
     """Raise (and clear) an error a kernel reported on ``device``; with ``sync``, wait for the device first."""
-    import cupy
     mem, host = _error_word(device)
     if sync:
+        import cupy
         with cupy.cuda.Device(device):
             cupy.cuda.Device(device).synchronize()
     code = int(host[0])
