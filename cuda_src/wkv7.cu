@@ -22,6 +22,7 @@
 //                       dot product plus a P-lane shuffle reduction.
 //                       No division by the decay anywhere (exact for decays down to exp(-exp(4)) and below).
 #include "common.cuh"
+#include "tc.cuh"
 
 #define WKV7_CK 16
 
@@ -975,5 +976,382 @@ __global__ void __launch_bounds__(BwdRowCfg<N>::NT, 1) wkv7_backward(
 #pragma unroll
             for (int m = 0; m < MC; ++m)
                 *reinterpret_cast<float4*>(state_out + sbase + rr * N + 4 * (p + P * m)) = dS[rr][m];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ chunked forward
+//
+// Chunked forward on tensor cores (dense batches, N = 32 or 64): the recurrence in chunks of TC_L = 16 tokens
+// (= WKV7_CK, so the chunk starts are exactly the backward's checkpoints).  In a chunk starting from S (rows i =
+// value, columns j = key), with lw_t = -exp(w_t) (log decay), G(s, u) = sum_{s < s' <= u} lw_s' (per channel), and
+// u_t = S_{t-1} a_t:
+//   U = (I - M_ab)^{-1} (A_g S^T + M_ak V)                       (rows of U, V: tokens; columns: value i)
+//   Y = R_g S^T + Q_ab U + Q_ak V
+//   S' = S diag(exp(G(-1, 15))) + U^T B_g + V^T K_g
+// with A_g[t] = a_t exp(G(-1, t-1)), R_g[t] = r_t exp(G(-1, t)), B_g[s] = b_s exp(G(s, 15)), K_g likewise from k,
+// strictly lower M_ab[t, s] = sum_j a_t b_s exp(G(s, t-1)) (M_ak from k), lower Q_ab[t, s] = sum_j r_t b_s
+// exp(G(s, t)) (Q_ak from k; the diagonal has no decay).  Every exponent above is <= 0 except in the factorized
+// intra-chunk matrices: M_ab = A_g Bi^T with Bi[s] = b_s exp(-G(-1, s)), which is exact only while the chunk's total
+// log decay is >= -TC_SAFE_SPAN in every channel (exponents up to +30, masked entries finite); a chunk with a
+// stronger decay computes the four 16 x 16 matrices pairwise, with G summed over exactly each entry's tokens.
+// Never a division, never a difference of long prefix sums: exact for any decay exp(-exp(w)), w in [-8, 4] and
+// beyond.  Products on tensor cores (rwkv::tc, TF32; 3xTF32 for fp32 I/O), the solve and the decays in fp32.
+//
+//  wkv7_tc_chunk<T, N, 0>  block per (sequence, segment, head): runs the segment's chunks in order from its initial
+//                          state (nseg == 1: state_in (pool slot) / zeros, final state to state_out; nseg > 1: the
+//                          segment's start state from segbuf); writes y and, with ckpt, the state at every chunk
+//                          start (rwkv::chunk_slot(.., WKV7_CK, c)).
+//  wkv7_tc_chunk<T, N, 1>  block per (sequence, segment, head): the segment's transition S_end = S_start M + A as a
+//                          2N-row "state": rows 0..N-1 start at 0 with the real v (-> A), rows N..2N-1 start at the
+//                          identity with v = 0 (-> M, rows of the homogeneous map); written to segbuf [A; M].
+//  wkv7_tc_scan<N>         block per (sequence, head, 16 state rows): S <- S M_g + A_g over the segments in order
+//                          (fp32 FMA), the start state of each segment written over its A_g; final state to
+//                          state_out.  Together: batch-1 long prefill runs nseg-way parallel over time.
+// Warp q owns state rows q*RW .. q*RW+RW-1 and the same columns of U (and Y): S, U and Y never cross warps, so
+// the only block barriers are around the per-chunk token matrices (staged inputs, decays, intra-chunk matrices).
+namespace wkv7 {
+constexpr int TC_L = 16;
+constexpr float TC_SAFE_SPAN = 30.f;
+static_assert(TC_L == WKV7_CK, "the chunk starts are the backward's checkpoints");
+}  // namespace wkv7
+
+template <int N, int MODE> struct TcCfg {
+    static constexpr int L = wkv7::TC_L;
+    static constexpr int R = MODE == 1 ? 2 * N : N;     // state rows
+    static constexpr int NW = R / 16 < 4 ? R / 16 : 4;  // warps
+    static constexpr int NT = 32 * NW;                  // block size (= wkv7.py _tc_threads)
+    static constexpr int RW = R / NW;                   // state rows (and U columns) per warp
+    static constexpr int LDA = N + 4;   // arrays read as mma A (row-major) or transposed B: conflict-free
+    static constexpr int LDK = N + 8;   // arrays read with the token as the k index: conflict-free
+    static constexpr int LDU = R + 8;
+    static constexpr int LDI = 20;      // the 16 x 16 intra-chunk matrices
+    static constexpr int A_ = L * LDA, K_ = L * LDK;
+    // floats: Rg Ag Bi Ki LW Braw Kraw [L][LDA]; V Bg Kg [L][LDK]; S [R][LDA]; U [L][LDU]; I [4][L][LDI]; gam [N]
+    static constexpr int O_RG = 0, O_AG = A_, O_BI = 2 * A_, O_KI = 3 * A_, O_LW = 4 * A_, O_B = 5 * A_,
+                         O_K = 6 * A_, O_V = 7 * A_, O_BG = O_V + K_, O_KG = O_BG + K_, O_S = O_KG + K_,
+                         O_U = O_S + R * LDA, O_I = O_U + L * LDU, O_GAM = O_I + 4 * L * LDI;
+    static constexpr int SMEM_FLOATS = O_GAM + N;       // = wkv7.py _tc_smem
+    static constexpr int NCH = L * N / 8;               // 8-element input chunks per array per chunk
+    static constexpr int CPA = (NCH + NT - 1) / NT;
+    static_assert(N == 32 || N == 64, "chunked forward: N = 32 or 64");
+    static_assert(RW % 16 == 0 && RW <= 32 && (MODE == 1 || RW == 16), "warp tiles");
+};
+
+template <typename T, int N, int MODE>
+__global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
+    const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
+    int T_len, int H, int seg_len, int nseg,
+    const float* state_in, float* state_out, const int* state_idx, int pool_size, int* err,
+    float* __restrict__ ckpt, float* segbuf, int vec) {
+    using C = TcCfg<N, MODE>;
+    using namespace rwkv::tc;
+    constexpr int L = C::L, R = C::R, NT = C::NT, RW = C::RW, LDA = C::LDA, LDK = C::LDK, LDU = C::LDU,
+                  LDI = C::LDI, CPA = C::CPA, NCH = C::NCH, N8 = N / 8;
+    constexpr bool SPLIT = is_f32<T>::value;
+    extern __shared__ __align__(16) float smem[];
+    float* sRg = smem + C::O_RG;  float* sAg = smem + C::O_AG;  float* sBi = smem + C::O_BI;
+    float* sKi = smem + C::O_KI;  float* sLW = smem + C::O_LW;  float* sB = smem + C::O_B;
+    float* sK = smem + C::O_K;    float* sV = smem + C::O_V;    float* sBg = smem + C::O_BG;
+    float* sKg = smem + C::O_KG;  float* sS = smem + C::O_S;    float* sU = smem + C::O_U;
+    float* sI = smem + C::O_I;    float* sGam = smem + C::O_GAM;
+
+    const int tid = threadIdx.x, q = tid / 32, lane = tid % 32;
+    const int h = blockIdx.x % H;
+    const int seg = (blockIdx.x / H) % nseg;
+    const int sq = blockIdx.x / (H * nseg);
+    const long long start = (long long)sq * T_len + (long long)seg * seg_len;   // first token of the segment
+    const int len = min(seg_len, T_len - seg * seg_len);
+    const bool vv = vec != 0;
+    float* seg_state = segbuf != nullptr ? segbuf + ((long long)blockIdx.x * 2) * N * N : nullptr;   // [A; M]
+
+    // ---- initial state (each warp its own rows)
+    long long slot = -1;
+    const float* src = nullptr;
+    if (MODE == 0) {
+        if (nseg == 1) {
+            slot = rwkv::state_slot(state_idx, sq, pool_size, err);
+            if (state_in != nullptr && slot >= 0) src = state_in + (slot * H + h) * (long long)(N * N);
+        } else {
+            src = seg_state;
+        }
+    }
+    for (int e = lane; e < RW * N; e += 32) {
+        const int i = q * RW + e / N, j = e % N;
+        float x = 0.f;
+        if (MODE == 1) x = (i - N == j) ? 1.f : 0.f;
+        else if (src != nullptr) x = src[(long long)i * N + j];
+        sS[i * LDA + j] = x;
+    }
+
+    const T* const ins[6] = {r, w, k, v, a, b};
+    float* const dst_of[6] = {sRg, sLW, sK, sV, sAg, sB};
+    const int ld_of[6] = {LDA, LDA, LDA, LDK, LDA, LDA};
+    wkv7::Chunk8<T> pre[6][CPA];
+    auto load = [&](int t0) {
+#pragma unroll
+        for (int jj = 0; jj < CPA; ++jj) {
+            const int e = tid + NT * jj, t = e / N8;
+            if ((NCH % NT == 0 || e < NCH) && t0 + t < len) {
+                const long long o = ((start + t0 + t) * H + h) * N + 8 * (e % N8);
+#pragma unroll
+                for (int arr = 0; arr < 6; ++arr) pre[arr][jj].load(ins[arr] + o, vv);
+            }
+        }
+    };
+    auto stage = [&](int t0) {
+#pragma unroll
+        for (int jj = 0; jj < CPA; ++jj) {
+            const int e = tid + NT * jj, t = e / N8, col = 8 * (e % N8);
+            if (NCH % NT == 0 || e < NCH) {
+                const bool in = t0 + t < len;   // padding tokens: all zero (decay 1, no contribution)
+#pragma unroll
+                for (int arr = 0; arr < 6; ++arr) {
+                    float f[8];
+                    pre[arr][jj].get(f);
+#pragma unroll
+                    for (int z = 0; z < 8; ++z) f[z] = in ? (arr == 1 ? -expf(f[z]) : f[z]) : 0.f;
+                    float* d = dst_of[arr] + t * ld_of[arr] + col;
+                    *reinterpret_cast<float4*>(d) = make_float4(f[0], f[1], f[2], f[3]);
+                    *reinterpret_cast<float4*>(d + 4) = make_float4(f[4], f[5], f[6], f[7]);
+                }
+            }
+        }
+    };
+
+    const int nchunks = (len + L - 1) / L;
+    if (nchunks > 0) load(0);
+    for (int c = 0; c < nchunks; ++c) {
+        const int t0 = c * L;
+        __syncwarp();
+        if (MODE == 0 && ckpt != nullptr) {   // the state before this chunk (own rows) = checkpoint
+            const long long cs = rwkv::chunk_slot(nullptr, T_len, sq, 0, WKV7_CK, (seg * seg_len + t0) / WKV7_CK);
+            float* dst = ckpt + ((cs * H + h) * N) * (long long)N;
+            for (int e = lane; e < RW * N / 4; e += 32) {
+                const int i = q * RW + e / (N / 4), j4 = 4 * (e % (N / 4));
+                *reinterpret_cast<float4*>(dst + (long long)i * N + j4) =
+                    *reinterpret_cast<const float4*>(sS + i * LDA + j4);
+            }
+        }
+        __syncthreads();   // (B1) the previous chunk is done with the token matrices
+        stage(t0);
+        if (c + 1 < nchunks) load(t0 + L);
+        __syncthreads();   // (B2) staged
+        // ---- decays, per channel j: prefix role (A_g, R_g in place; Bi, Ki; gamma; safety) / suffix role (B_g, K_g)
+        int bad = 0;   // a channel of this chunk decays below exp(-TC_SAFE_SPAN) (or is NaN)
+        for (int e = tid; e < 2 * N; e += NT) {
+            const int j = e % N;
+            float g = 0.f;
+            if (e < N) {
+#pragma unroll 4
+                for (int t = 0; t < L; ++t) {
+                    const float gx = g;                 // G(-1, t-1)
+                    g += sLW[t * LDA + j];              // G(-1, t)
+                    sAg[t * LDA + j] *= expf(gx);
+                    sRg[t * LDA + j] *= expf(g);
+                    const float inv = expf(-g);         // overflows only in unsafe chunks (then unused)
+                    sBi[t * LDA + j] = sB[t * LDA + j] * inv;
+                    sKi[t * LDA + j] = sK[t * LDA + j] * inv;
+                }
+                sGam[j] = expf(g);
+                if (!(g >= -wkv7::TC_SAFE_SPAN)) bad = 1;
+            } else {
+#pragma unroll 4
+                for (int t = L - 1; t >= 0; --t) {      // g = G(t, L-1)
+                    const float f = expf(g);
+                    sBg[t * LDK + j] = sB[t * LDA + j] * f;
+                    sKg[t * LDK + j] = sK[t * LDA + j] * f;
+                    g += sLW[t * LDA + j];
+                }
+            }
+        }
+        const bool unsafe = __syncthreads_or(bad) != 0;   // (B3)
+        // ---- intra-chunk matrices: m = 0 M_ab, 1 M_ak (strictly lower), 2 Q_ab, 3 Q_ak (lower)
+        for (int m = q; m < 4; m += C::NW) {
+            float* Im = sI + m * L * LDI;
+            const bool strict = m < 2;
+            if (!unsafe) {
+                float acc[8];
+                zero(acc);
+                mma_tile<false, true, SPLIT>(acc, m < 2 ? sAg : sRg, LDA, (m & 1) ? sKi : sBi, LDA, N);
+#pragma unroll
+                for (int rr = 0; rr < 8; ++rr) {
+                    const int t = acc_row(rr), s = acc_col(rr);
+                    Im[t * LDI + s] = (strict ? s < t : s <= t) ? acc[rr] : 0.f;
+                }
+            } else {
+                // pairwise from the decays: lane owns channels lane + 32*jj; for each key token s, g runs over
+                // G(s, t) one token at a time (exactly the entry's range)
+                const T* xs = m < 2 ? a : r;
+                const float* ys = (m & 1) ? sK : sB;
+                for (int e = lane; e < L * L; e += 32) {
+                    const int t = e / L, s = e % L;
+                    if (s > t || (strict && s == t)) Im[t * LDI + s] = 0.f;
+                }
+                for (int s = 0; s < L; ++s) {
+                    float g[N / 32];
+#pragma unroll
+                    for (int jj = 0; jj < N / 32; ++jj) g[jj] = 0.f;
+                    for (int t = s; t < L; ++t) {
+                        float part = 0.f;
+#pragma unroll
+                        for (int jj = 0; jj < N / 32; ++jj) {
+                            const int j = lane + 32 * jj;
+                            const float gq = t > s ? g[jj] + sLW[t * LDA + j] : 0.f;   // G(s, t)
+                            const float f = expf(strict ? g[jj] : gq);                  // M: G(s, t-1)
+                            const float xt = t0 + t < len ? rwkv::to_float(xs[((start + t0 + t) * H + h) * N + j]) : 0.f;
+                            part = fmaf(xt * ys[s * LDA + j], f, part);
+                            g[jj] = gq;
+                        }
+#pragma unroll
+                        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o, 32);
+                        if (lane == 0 && !(strict && t == s)) Im[t * LDI + s] = part;
+                    }
+                }
+            }
+        }
+        __syncthreads();   // (B4)
+        const float* Mab = sI;
+        const float* Mak = sI + 1 * L * LDI;
+        const float* Qab = sI + 2 * L * LDI;
+        const float* Qak = sI + 3 * L * LDI;
+        // ---- X = A_g S^T + M_ak V (own columns), into sU
+#pragma unroll
+        for (int rt = 0; rt < RW / 16; ++rt) {
+            const int base = q * RW + 16 * rt;
+            float acc[8];
+            zero(acc);
+            mma_tile<false, true, SPLIT>(acc, sAg, LDA, sS + base * LDA, LDA, N);
+            if (base < N) mma_tile<false, false, SPLIT>(acc, Mak, LDI, sV + base, LDK, L);
+            store_tile(sU + base, LDU, acc);
+        }
+        __syncwarp();
+        {   // ---- U = (I - M_ab)^{-1} X: forward substitution per column, fp32 (lanes >= RW duplicate lane % RW)
+            const int col = q * RW + lane % RW;
+            float u[L];
+#pragma unroll
+            for (int t = 0; t < L; ++t) u[t] = sU[t * LDU + col];
+#pragma unroll
+            for (int t = 1; t < L; ++t) {
+                float s0 = u[t], s1 = 0.f;
+#pragma unroll
+                for (int s = 0; s < t; s += 2) {
+                    s0 = fmaf(Mab[t * LDI + s], u[s], s0);
+                    if (s + 1 < t) s1 = fmaf(Mab[t * LDI + s + 1], u[s + 1], s1);
+                }
+                u[t] = s0 + s1;
+            }
+            __syncwarp();
+            if (lane < RW) {
+#pragma unroll
+                for (int t = 0; t < L; ++t) sU[t * LDU + col] = u[t];
+            }
+        }
+        __syncwarp();
+        // ---- Y = R_g S^T + Q_ab U + Q_ak V (MODE 0: one 16-column tile per warp), from the state before the update
+        float yacc[8];
+        if (MODE == 0) {
+            const int base = q * RW;
+            zero(yacc);
+            mma_tile<false, true, SPLIT>(yacc, sRg, LDA, sS + base * LDA, LDA, N);
+            mma_tile<false, false, SPLIT>(yacc, Qab, LDI, sU + base, LDU, L);
+            mma_tile<false, false, SPLIT>(yacc, Qak, LDI, sV + base, LDK, L);
+        }
+        __syncwarp();
+        // ---- S' = S diag(gamma) + U^T B_g + V^T K_g (own rows)
+#pragma unroll
+        for (int rt = 0; rt < RW / 16; ++rt) {
+            const int base = q * RW + 16 * rt;
+#pragma unroll
+            for (int n = 0; n < N / 16; ++n) {
+                float acc[8];
+                float* st = sS + base * LDA + 16 * n;
+                load_tile(acc, st, LDA);
+#pragma unroll
+                for (int rr = 0; rr < 8; ++rr) acc[rr] *= sGam[16 * n + acc_col(rr)];
+                mma_tile<true, false, SPLIT>(acc, sU + base, LDU, sBg + 16 * n, LDK, L);
+                if (base < N) mma_tile<true, false, SPLIT>(acc, sV + base, LDK, sKg + 16 * n, LDK, L);
+                store_tile(st, LDA, acc);
+            }
+        }
+        if (MODE == 0) {   // y through the warp's own U columns (no longer needed), coalesced stores
+            const int base = q * RW;
+            __syncwarp();
+            store_tile(sU + base, LDU, yacc);
+            __syncwarp();
+            for (int e = lane; e < L * 16; e += 32) {
+                const int t = e / 16, i = e % 16;
+                if (t0 + t < len) y[((start + t0 + t) * H + h) * N + base + i] = rwkv::from_float<T>(sU[t * LDU + base + i]);
+            }
+        }
+    }
+    __syncwarp();
+    // ---- results (own rows)
+    float* out = nullptr;
+    if (MODE == 1) out = seg_state;
+    else if (nseg == 1 && state_out != nullptr && slot >= 0) out = state_out + (slot * H + h) * (long long)(N * N);
+    if (out != nullptr) {
+        for (int e = lane; e < RW * N / 4; e += 32) {
+            const int i = q * RW + e / (N / 4), j4 = 4 * (e % (N / 4));
+            *reinterpret_cast<float4*>(out + (long long)i * N + j4) = *reinterpret_cast<const float4*>(sS + i * LDA + j4);
+        }
+    }
+}
+
+// Scan over segments: grid num * H * (N / 16), block 256; block (sequence sq, head h, rows 16*rb ..) carries its 16
+// state rows through S <- S M_g + A_g (segbuf [num][nseg][H][2][N][N], part 0 = A_g, part 1 = M_g), writing the
+// start state of segment g over A_g.  Start: state_in at the sequence's pool slot (or zeros); end: state_out.
+template <int N>
+__global__ void __launch_bounds__(256) wkv7_tc_scan(
+    float* segbuf, int nseg, int H, const float* state_in, float* state_out, const int* state_idx, int pool_size,
+    int* err) {
+    constexpr int RB = 16, NR = N / RB, PT = RB * N / 256, MT = N * N / 256;
+    __shared__ __align__(16) float sM[N * N];
+    __shared__ __align__(16) float sS[RB * N];
+    const int tid = threadIdx.x;
+    const int rb = blockIdx.x % NR, h = (blockIdx.x / NR) % H, sq = blockIdx.x / (NR * H);
+    const long long slot = rwkv::state_slot(state_idx, sq, pool_size, err);
+    const long long rows = (long long)rb * RB * N;   // offset of the block's rows inside an N x N matrix
+    float s[PT], pa[PT], pm[MT];
+#pragma unroll
+    for (int m = 0; m < PT; ++m)
+        s[m] = (state_in != nullptr && slot >= 0) ? state_in[(slot * H + h) * (long long)(N * N) + rows + tid + 256 * m] : 0.f;
+    auto seg_ptr = [&](int g) { return segbuf + (((long long)sq * nseg + g) * H + h) * 2 * N * N; };
+    auto fetch = [&](int g) {
+        const float* p = seg_ptr(g);
+#pragma unroll
+        for (int m = 0; m < PT; ++m) pa[m] = p[rows + tid + 256 * m];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) pm[m] = p[N * N + tid + 256 * m];
+    };
+    fetch(0);
+    for (int g = 0; g < nseg; ++g) {
+        float* p = seg_ptr(g);
+#pragma unroll
+        for (int m = 0; m < PT; ++m) {
+            p[rows + tid + 256 * m] = s[m];   // start state of segment g (over A_g, already fetched)
+            sS[tid + 256 * m] = s[m];
+            s[m] = pa[m];
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) sM[tid + 256 * m] = pm[m];
+        __syncthreads();
+        if (g + 1 < nseg) fetch(g + 1);
+#pragma unroll
+        for (int m = 0; m < PT; ++m) {
+            const int e = tid + 256 * m, i = e / N, j = e % N;
+            float acc0 = s[m], acc1 = 0.f;
+#pragma unroll 8
+            for (int kk = 0; kk < N; kk += 2) {
+                acc0 = fmaf(sS[i * N + kk], sM[kk * N + j], acc0);
+                acc1 = fmaf(sS[i * N + kk + 1], sM[(kk + 1) * N + j], acc1);
+            }
+            s[m] = acc0 + acc1;
+        }
+        __syncthreads();
+    }
+    if (state_out != nullptr && slot >= 0) {
+#pragma unroll
+        for (int m = 0; m < PT; ++m) state_out[(slot * H + h) * (long long)(N * N) + rows + tid + 256 * m] = s[m];
     }
 }

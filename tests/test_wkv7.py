@@ -585,6 +585,8 @@ _EMU_SHIM = r'''
 #include <thread>
 #include <barrier>
 #include <vector>
+#include <memory>
+#include <atomic>
 #include <algorithm>
 struct __half { _Float16 x; };
 inline float __half2float(__half h) { return (float)h.x; }
@@ -610,8 +612,30 @@ struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline __half __ushort_as_half(unsigned short u) { __half h; memcpy(&h, &u, 2); return h; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { __nv_bfloat16 h; h.x = u; return h; }
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
-inline float __shfl_xor_sync(unsigned, float v, int off, int) {   // every thread of the block calls it together
-    int t = threadIdx.x; g_x[t] = v; __syncthreads(); float r = g_x[t ^ off]; __syncthreads(); return r; }
+std::barrier<>* g_wbar[32];   // one per warp: __syncwarp, shuffles and the mma fragment exchange
+inline void __syncwarp(unsigned = 0xffffffffu) { g_wbar[threadIdx.x / 32]->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int off, int = 32) {   // every lane of the warp calls it together
+    int t = threadIdx.x; g_x[t] = v; __syncwarp(); float r = g_x[t ^ off]; __syncwarp(); return r; }
+std::atomic<int> g_or{0};
+inline int __syncthreads_or(int p) {
+    __syncthreads(); if (p) g_or.store(1); __syncthreads(); int r = g_or.load(); __syncthreads();
+    if (threadIdx.x == 0) g_or.store(0);   // the next call's stores come after its first barrier
+    return r; }
+// mma.sync.m16n8k8 (tf32 in, fp32 accumulate) for one warp, fragment layout of cuda_src/tc.cuh
+float g_mma[32][32][6];
+inline void rwkv_emu_mma_m16n8k8(float* acc, const unsigned* a, const unsigned* b) {
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    memcpy(&g_mma[w][l][0], a, 16); memcpy(&g_mma[w][l][4], b, 8);
+    __syncwarp();
+    for (int r = 0; r < 4; ++r) {
+        const int row = l / 4 + 8 * (r / 2), col = 2 * (l % 4) + r % 2;
+        float s = 0.f;
+        for (int k = 0; k < 8; ++k)
+            s += g_mma[w][(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)] * g_mma[w][col * 4 + k % 4][4 + k / 4];
+        acc[r] += s;
+    }
+    __syncwarp();
+}
 using std::min;
 template <class F> void emu_run(int grid, int block, size_t dyn, F f) {
     std::vector<float> dynbuf(dyn / 4 + 16, NAN);
@@ -620,6 +644,9 @@ template <class F> void emu_run(int grid, int block, size_t dyn, F f) {
     g_x.assign(block, 0.f);
     for (int b = 0; b < grid; ++b) {
         std::barrier<> bar(block); g_bar = &bar;
+        std::vector<std::unique_ptr<std::barrier<>>> wb;
+        for (int w = 0; w * 32 < block; ++w) {
+            wb.emplace_back(new std::barrier<>(std::min(32, block - 32 * w))); g_wbar[w] = wb.back().get(); }
         std::vector<std::thread> th;
         for (int t = 0; t < block; ++t)
             th.emplace_back([&, b, t] { blockIdx = {(unsigned)b, 0, 0}; threadIdx = {(unsigned)t, 0, 0}; f(); });
@@ -655,12 +682,24 @@ template <typename T, int N> void bwd(const uint64_t* a, int grid, int blk, size
      (const T*)P_(4),(const T*)P_(5),(const T*)P_(6),(T*)P_(7),(T*)P_(8),(T*)P_(9),(T*)P_(10),(T*)P_(11),(T*)P_(12),
      (const int*)P_(13), I_(14), L_(15), (const float*)P_(16), (float*)P_(17), (const int*)P_(18), I_(19), (int*)P_(20),
      (const float*)P_(21), (float*)P_(22), I_(23), I_(24)); }); }
+template <typename T, int N, int M> void tcc(const uint64_t* a, int grid, int blk, size_t smem) {
+  emu_run(grid, blk, smem, [&]{ wkv7_tc_chunk<T, N, M>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
+     (const T*)P_(4),(const T*)P_(5),(T*)P_(6), I_(7), I_(8), I_(9), I_(10), (const float*)P_(11), (float*)P_(12),
+     (const int*)P_(13), I_(14), (int*)P_(15), (float*)P_(16), (float*)P_(17), I_(18)); }); }
+template <int N> void tcs(const uint64_t* a, int grid, int blk) {
+  emu_run(grid, blk, 0, [&]{ wkv7_tc_scan<N>((float*)P_(0), I_(1), I_(2), (const float*)P_(3), (float*)P_(4),
+     (const int*)P_(5), I_(6), (int*)P_(7)); }); }
+#define DISP_TC(T) \
+  if (kind == 4) { if (N == 32) tcc<T, 32, 0>(a, grid, blk, smem); else tcc<T, 64, 0>(a, grid, blk, smem); } \
+  else { if (N == 32) tcc<T, 32, 1>(a, grid, blk, smem); else tcc<T, 64, 1>(a, grid, blk, smem); }
 #define DISP(T) \
+  if (kind >= 4) { DISP_TC(T) } else \
   if (kind == 0) { if (N == 32) fwd<T, 32>(a, grid, blk); else if (N == 64) fwd<T, 64>(a, grid, blk); else fwd<T, 128>(a, grid, blk); } \
   else if (kind == 1) { if (N == 32) dec<T, 32>(a, grid, blk); else if (N == 64) dec<T, 64>(a, grid, blk); else dec<T, 128>(a, grid, blk); } \
   else if (kind == 2) { if (N == 32) bwd_rows<T, 32>(a, grid, blk, smem); else bwd_rows<T, 64>(a, grid, blk, smem); } \
   else { if (N == 32) bwd<T, 32>(a, grid, blk, smem); else if (N == 64) bwd<T, 64>(a, grid, blk, smem); else bwd<T, 128>(a, grid, blk, smem); }
 extern "C" void emu(int kind, int dt, int N, const uint64_t* a, int grid, int blk, long smem) {
+  if (kind == 6) { if (N == 32) tcs<32>(a, grid, blk); else tcs<64>(a, grid, blk); return; }
   if (dt == 0) { DISP(float) } else if (dt == 1) { DISP(__half) } else { DISP(__nv_bfloat16) }
 }
 '''
@@ -735,18 +774,29 @@ def emu(emu_lib, monkeypatch):
     monkeypatch.setattr(W, "_smem_optin", lambda: 227 * 1024)                # as on an H100
     # forward rows per thread: RT = 1 for grids of fewer than 8 blocks (as on a GPU with 4 SMs), else RT = 4
     monkeypatch.setattr(W, "_fwd_rt", lambda blocks: 4 if blocks >= 8 else 1)
+    monkeypatch.setattr(W, "_device_sms", lambda: 4)                         # chunked path: segments as on 4 SMs
     launches = []
 
     def fake_launch(name, grid, block, args, shared_mem=0):
         import re
-        m = re.match(r"wkv7_(\w+)<(\w+), (\d+)(?:, (\d+))?>$", name)
-        assert m and name in W.NAME_EXPRESSIONS, name
-        if m.group(1) == "forward":   # block size must match the instantiation (the driver picks it by block)
-            assert int(block[0]) == W.FWD_NT[int(m.group(4) or 4)], (name, block)
-        kind = {"forward": 0, "decode": 1, "backward": 2, "backward_l2": 3}[m.group(1)]
-        dt = {"float": 0, "__half": 1, "__nv_bfloat16": 2}[m.group(2)]
+        assert name in W.NAME_EXPRESSIONS, name
         a = np.array([int(v) & 0xFFFFFFFFFFFFFFFF for v in args], dtype=np.uint64)
         launches.append(name)
+        ms = re.match(r"wkv7_tc_scan<(\d+)>$", name)
+        if ms:
+            assert int(block[0]) == 256
+            emu_lib.emu(6, 0, int(ms.group(1)), a.ctypes.data, int(grid[0]), int(block[0]), 0)
+            return
+        m = re.match(r"wkv7_(\w+)<(\w+), (\d+)(?:, (\d+))?>$", name)
+        assert m, name
+        if m.group(1) == "forward":   # block size must match the instantiation (the driver picks it by block)
+            assert int(block[0]) == W.FWD_NT[int(m.group(4) or 4)], (name, block)
+        if m.group(1) == "tc_chunk":
+            assert int(block[0]) == W._tc_threads(int(m.group(3)), int(m.group(4))), (name, block)
+            kind = 4 + int(m.group(4))
+        else:
+            kind = {"forward": 0, "decode": 1, "backward": 2, "backward_l2": 3}[m.group(1)]
+        dt = {"float": 0, "__half": 1, "__nv_bfloat16": 2}[m.group(2)]
         emu_lib.emu(kind, dt, int(m.group(3)), a.ctypes.data, int(grid[0]), int(block[0]), int(shared_mem))
     monkeypatch.setattr(W, "_launch", fake_launch)
 
@@ -1060,3 +1110,72 @@ def test_emulated_forward_one_row_per_thread(emu, monkeypatch, N, T):
     y_ref, s_ref = W.reference_forward(x, np.stack([before[2], np.zeros_like(before[0])]).astype(np.float64))
     assert rel_rms(y, y_ref) < 1e-5 and rel_rms(pool[2], s_ref[0]) < 1e-5
     np.testing.assert_array_equal(pool[:2], before[:2])
+
+
+# ----------------------------------------------------------------------------- chunked (tensor-core) forward, emulated
+
+@pytest.mark.parametrize("dt,N,T,nseg,wr", [("float32", 64, 37, 1, "model"), ("bfloat16", 32, 50, 3, "wide"),
+                                             ("float32", 32, 70, 2, "model"), ("bfloat16", 64, 33, 2, "model"),
+                                             ("float32", 32, 20, 1, "wide")], ids=str)
+def test_emulated_chunked_forward(emu, monkeypatch, dt, N, T, nseg, wr):
+    """wkv7_tc_chunk (one segment, or segments: transitions + wkv7_tc_scan + outputs) against the reference, with a
+    partial last chunk, an initial state, and the checkpoints it writes for the (unchanged) backward.  w: "model"
+    (in [-5.5, -0.5] as models make it: every chunk takes the factorized tensor-core path) or "wide" ([-8, 4]:
+    mostly the pairwise path of chunks with a strong decay)."""
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "TC_NSEG", nseg)
+    rng = np.random.default_rng(N + T)
+    B, H = 2, 1
+    lo, hi = (-5.5, -0.5) if wr == "model" else (-8.0, 4.0)
+    x = {n: _dec(_enc(v, dt), dt) for n, v in make_inputs(rng, B, T, H, N, wlo=lo, whi=hi).items()}
+    s0 = make_state(rng, B, H, N).astype(np.float32).astype(np.float64)
+    dy = _dec(_enc(rng.standard_normal((B, T, H, N)), dt), dt)
+    ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    fwd_tol, bwd_tol = (1e-5, 1e-4) if dt == "float32" else (3e-3, 6e-3)
+    y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
+    ct = {"float32": "float", "bfloat16": "__nv_bfloat16"}[dt]
+    want = [f"wkv7_tc_chunk<{ct}, {N}, 0>"] if nseg == 1 else [f"wkv7_tc_chunk<{ct}, {N}, 1>", f"wkv7_tc_scan<{N}>",
+                                                                 f"wkv7_tc_chunk<{ct}, {N}, 0>"]
+    assert emu.launches[-1 - len(want):-1] == want
+    y_ref, s_ref = W.reference_forward(x, s0)
+    assert rel_rms(y, y_ref) < fwd_tol and rel_rms(s, s_ref) < (1e-5 if dt == "float32" else 3e-3)
+    _check_grads(g, W.reference_backward(x, s0, dy, ds), bwd_tol)
+
+
+def test_emulated_chunked_extreme_decays_and_pool(emu, monkeypatch):
+    """Chunks whose decays multiply below exp(-30) (w = 4: log decay -54.6 per token) take the pairwise path, others
+    the factorized one; fp32 exact to 1e-5.  Then a pool with a -1 slot, one segment and two."""
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    rng = np.random.default_rng(5)
+    B, T, H, N = 2, 40, 1, 32
+    x, s0 = _rounded(rng, B, T, H, N, "float32")
+    x["w"][:, 16:32] = np.where(rng.random((B, 16, H, N)) < 0.5, 4.0, -8.0)   # the second chunk: unsafe
+    x["w"][:, 32:] = -8.0                                                     # the third: no decay at all
+    y_ref, s_ref = W.reference_forward(x, s0)
+    for nseg in (1, 2):
+        monkeypatch.setattr(W, "TC_NSEG", nseg)
+        y, s = emu(x, s0, "float32", B, T, H, save=False)
+        assert rel_rms(y, y_ref) < 1e-5 and rel_rms(s, s_ref) < 1e-5, nseg
+        pool = make_state(rng, 3, H, N).astype(np.float32)
+        before = pool.copy()
+        idx = np.array([2, -1], np.int32)
+        y, _ = emu(x, None, "float32", B, T, H, idx=idx, pool=pool, save=False)
+        yr, sr = W.reference_forward(x, np.stack([before[2], np.zeros_like(before[0])]).astype(np.float64))
+        assert rel_rms(y, yr) < 1e-5 and rel_rms(pool[2], sr[0]) < 1e-5, nseg
+        np.testing.assert_array_equal(pool[:2], before[:2])
+
+
+def test_chunked_path_selection(monkeypatch):
+    """Auto: chunked for dense T >= TC_MIN_T and N in TC_HEAD_SIZES; recurrent for varlen, short T, N = 128;
+    one segment when the (sequence, head) blocks fill the GPU, else about TC_BLOCKS_PER_SM blocks per SM."""
+    from rwkvops._gpu import Seqs
+    monkeypatch.setattr(W, "_device_sms", lambda: 132)
+
+    def call(num, T, N, cu=None):
+        return _EmuCall("bfloat16", {"H": 32, "N": N}, Seqs(num=num, T=T, total=num * T, cu_seqlens=cu))
+    assert W._use_chunked(call(8, 4096, 64)) and W._use_chunked(call(1, W.TC_MIN_T, 32))
+    assert not W._use_chunked(call(8, W.TC_MIN_T - 1, 64)) and not W._use_chunked(call(8, 4096, 128))
+    assert not W._use_chunked(call(1, 4096, 64, cu=np.array([0, 4096], np.int32)))
+    assert W._tc_segments(8, 32, 4096) == 1
+    n = W._tc_segments(1, 32, 16384)
+    assert n > 1 and 16384 / n >= W.TC_SEG_MIN

@@ -117,7 +117,18 @@ HEAD_SIZES = (32, 64, 128)
 CK = 16                       # checkpoint interval (tokens) of the training forward / backward
 
 
-BWD_ROWS_SC = {32: 16, 64: 8}   # row-layout backward (wkv7_backward, BwdRowCfg<N>::SC in wkv7.cu) for these N
+BWD_ROWS_SC = {32: 16, 64: 8}
+
+# Chunked forward (wkv7_tc_chunk / wkv7_tc_scan in wkv7.cu): tensor-core chunks of TC_L = CK tokens for dense
+# batches with T >= TC_MIN_T and N in TC_HEAD_SIZES; varlen, decode and short T keep the recurrent kernels.
+# FORWARD_PATH forces "recurrent" or "chunked" (dense inputs) for comparisons and tests.
+FORWARD_PATH = "auto"
+TC_HEAD_SIZES = (32, 64)
+TC_L = 16                     # tokens per chunk (wkv7::TC_L; = CK: chunk starts are the checkpoints)
+TC_MIN_T = 256                # auto: chunked from this sequence length on
+TC_SEG_MIN = 256              # shortest time segment (tokens) of the segmented path
+TC_BLOCKS_PER_SM = 3          # segmented path: aim at about this many output blocks per SM
+TC_NSEG = None                # force the number of time segments (None: _tc_segments)   # row-layout backward (wkv7_backward, BwdRowCfg<N>::SC in wkv7.cu) for these N
 
 
 def _names():
@@ -130,6 +141,10 @@ def _names():
             out.append(f"wkv7_backward<{ct}, {n}>" if n in BWD_ROWS_SC else f"wkv7_backward_l2<{ct}, {n}>")
             if n in BWD_ROWS_SC:
                 out.append(f"wkv7_backward_l2<{ct}, {n}>")   # the scratch backward, kept selectable (BWD_ROWS)
+            if n in TC_HEAD_SIZES:
+                out.append(f"wkv7_tc_chunk<{ct}, {n}, 0>")   # chunked forward: outputs (+ checkpoints)
+                out.append(f"wkv7_tc_chunk<{ct}, {n}, 1>")   # chunked forward: segment transitions
+    out.extend(f"wkv7_tc_scan<{n}>" for n in TC_HEAD_SIZES)
     return tuple(out)
 
 
@@ -212,9 +227,79 @@ def _use_decode(seqs, save) -> bool:
     return seqs.total <= seqs.num
 
 
+def _tc_threads(N, mode):
+    """Block size of wkv7_tc_chunk<T, N, mode> (TcCfg::NT): one warp per 16 state rows, at most 4 warps."""
+    rows = 2 * N if mode == 1 else N
+    return 32 * min(rows // 16, 4)
+
+
+def _tc_smem(N, mode):
+    """Dynamic shared memory (bytes) of wkv7_tc_chunk<T, N, mode> (TcCfg::SMEM_FLOATS): 7 token arrays [L][N+4],
+    3 [L][N+8], the state [R][N+4], U [L][R+8], 4 intra-chunk matrices [L][20], the chunk decay [N]."""
+    L, R = TC_L, (2 * N if mode == 1 else N)
+    return 4 * (7 * L * (N + 4) + 3 * L * (N + 8) + R * (N + 4) + L * (R + 8) + 4 * L * 20 + N)
+
+
+def _use_chunked(call) -> bool:
+    """The chunked tensor-core forward: dense inputs (no cu_seqlens), N in TC_HEAD_SIZES, T >= TC_MIN_T (or
+    FORWARD_PATH == "chunked"); never for decode (T == 1 without checkpoints goes to wkv7_decode first)."""
+    seqs, N = call.seqs, call.dims["N"]
+    if FORWARD_PATH == "recurrent" or seqs.cu_seqlens is not None or N not in TC_HEAD_SIZES or seqs.T < 1:
+        return False
+    return FORWARD_PATH == "chunked" or seqs.T >= TC_MIN_T
+
+
+def _device_sms() -> int:
+    import cupy
+    return _sm_count(cupy.cuda.Device().id)
+
+
+def _tc_segments(num, H, T) -> int:
+    """Time segments per sequence: 1 (one block per (sequence, head) runs all its chunks) when the (sequence, head)
+    blocks fill the GPU, else enough segments for about TC_BLOCKS_PER_SM blocks per SM, each >= TC_SEG_MIN tokens
+    (the segmented path costs a transition pass and a scan on top)."""
+    if TC_NSEG is not None:
+        return max(1, min(int(TC_NSEG), -(-T // TC_L)))
+    sms = _device_sms()
+    items = num * H
+    if items >= sms:
+        return 1
+    return max(1, min(-(-T // TC_SEG_MIN), -(-TC_BLOCKS_PER_SM * sms // items)))
+
+
+def _forward_chunked(call, x, y, state_in, state_out, ckpt, vec):
+    """Chunked forward of a dense batch (see wkv7.cu): nseg == 1: wkv7_tc_chunk<.., 0> per (sequence, head);
+    else wkv7_tc_chunk<.., 1> (segment transitions into segbuf [B, nseg, H, 2, N, N] fp32), wkv7_tc_scan (segment
+    start states, final state) and wkv7_tc_chunk<.., 0> per (sequence, segment, head)."""
+    from .._gpu import error_ptr, ptr
+    i32 = np.int32
+    seqs = call.seqs
+    B, T, H, N = seqs.num, seqs.T, call.dims["H"], call.dims["N"]
+    ct = CTYPE[call.dtype]
+    nseg = _tc_segments(B, H, T)
+    seg_len = -(-(-(-T // nseg)) // TC_L) * TC_L
+    nseg = -(-T // seg_len)
+    ins = tuple(ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b"))
+    segbuf = None if nseg == 1 else call.empty((B, nseg, H, 2, N, N), "float32")
+
+    def chunk(mode, yy, sin, sout, ck):
+        _launch(f"wkv7_tc_chunk<{ct}, {N}, {mode}>", (B * nseg * H,), (_tc_threads(N, mode),),
+                (*ins, ptr(yy), i32(T), i32(H), i32(seg_len), i32(nseg), ptr(sin), ptr(sout), ptr(seqs.state_idx),
+                 i32(seqs.pool_size), error_ptr(), ptr(ck), ptr(segbuf), i32(vec)), shared_mem=_tc_smem(N, mode))
+    if nseg == 1:
+        chunk(0, y, state_in, state_out, ckpt)
+        return
+    chunk(1, None, None, None, None)
+    _launch(f"wkv7_tc_scan<{N}>", (B * H * (N // 16),), (256,),
+            (ptr(segbuf), i32(nseg), i32(H), ptr(state_in), ptr(state_out), ptr(seqs.state_idx),
+             i32(seqs.pool_size), error_ptr()))
+    chunk(0, y, None, None, ckpt)
+
+
 def gpu_forward(call, x, state_in, state_out, save):
     """Launch the forward.  One token per sequence without backward (:func:`_use_decode`, pools included) uses the
-    decode kernel; everything else the recurrent kernel (``FWD_R[N]`` one-warp blocks per (sequence, head), each owning ``FWD_RB`` state rows), which with
+    decode kernel; dense long sequences the chunked tensor-core forward (:func:`_use_chunked`, also writing the
+    checkpoints with ``save``); everything else the recurrent kernel (``FWD_R[N]`` one-warp blocks per (sequence, head), each owning ``FWD_RB`` state rows), which with
     ``save`` also writes fp32 state checkpoints every ``CK`` tokens (``saved['ckpt']``)."""
     from .._gpu import error_ptr, ptr
     _gpu.check_aligned('wkv7', state=state_in, state_out=state_out)
@@ -233,6 +318,9 @@ def gpu_forward(call, x, state_in, state_out, save):
         if save:
             ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
         vec = all(int(p) % 16 == 0 for p in ins)   # 16-byte input loads (always true for fresh allocations)
+        if _use_chunked(call):
+            _forward_chunked(call, x, y, state_in, state_out, ckpt, vec)
+            return y, {"ckpt": ckpt}
         blocks = seqs.num * H * FWD_R[N]
         rt = _fwd_rt(blocks)
         name = f"wkv7_forward<{ct}, {N}>" if rt == 4 else f"wkv7_forward<{ct}, {N}, {rt}>"
