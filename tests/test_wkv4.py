@@ -999,6 +999,7 @@ def _emu_inputs(seed, B, T, C, kscale=3.0, **kw):
 def test_emulated_kernels_dense(emu4, monkeypatch, dtype, L, version, forward):
     monkeypatch.setattr(W, "KERNEL_VERSION", version)
     monkeypatch.setattr(W, "FORWARD", forward)
+    monkeypatch.setattr(W, "FUSED_L_LONG", 64)            # exercise wkv4_fwd_fused64 where L allows it
     monkeypatch.setattr(W, "_chunk_len", lambda seqs, C: L)
     for B, T, C in ((2, 1, 5), (1, 15, 3), (2, 17, 130), (1, 65, 3), (2, 130, 4)):
         x, s0, dy, ds = _emu_inputs(B * 1000 + T + L, B, T, C)
@@ -1014,24 +1015,23 @@ def test_emulated_kernels_dense(emu4, monkeypatch, dtype, L, version, forward):
 
 
 def test_auto_path_selection_by_shape(monkeypatch):
-    """FORWARD/KERNEL_VERSION "auto": the three-launch forward and version-1 kernels once (sequence, channel-block)
-    chains fill about AUTO_ITEMS_PER_SM per SM (H100: B = 8 yes, B <= 2 no), the fused forward and version 2 below;
-    forcing values win."""
+    """FORWARD "auto": the fused forward while its 16-token x 128-channel tiles are at most FUSED_MAX_TILES_PER_SM per
+    SM (H100, C=2048: B=1 T=4096 yes; B=1 T=16384 and B>=2 T=4096 no), the three-launch one beyond; forcing wins."""
     from rwkvops._gpu import Seqs
     monkeypatch.setattr(W, "_sm_count", lambda: 132)
     monkeypatch.setattr(W, "FORWARD", "auto")
-    monkeypatch.setattr(W, "KERNEL_VERSION", "auto")
-    C = 2048                                              # 16 channel blocks per sequence
-    for B, path, ver in ((1, "fused", 2), (2, "fused", 2), (8, "chunked", 1), (16, "chunked", 1)):
-        seqs = Seqs(num=B, T=4096, total=B * 4096)
-        assert W._forward_path(seqs, C, 64) == path and W._kernel_version(seqs, C) == ver, B
+    C = 2048
+    for B, T, path in ((1, 1024, "fused"), (1, 4096, "fused"), (1, 16384, "chunked"), (2, 4096, "chunked"),
+                       (8, 4096, "chunked")):
+        assert W._forward_path(Seqs(num=B, T=T, total=B * T), C, 64) == path, (B, T)
     packed = Seqs(num=8, T=0, total=8 * 4096, cu_seqlens=np.zeros(9, np.int32))
     assert W._forward_path(packed, C, 64) == "chunked"
+    assert W._forward_path(Seqs(num=3, T=0, total=30, cu_seqlens=np.zeros(4, np.int32)), C, 16) == "fused"
     monkeypatch.setattr(W, "FORWARD", "fused")
-    monkeypatch.setattr(W, "KERNEL_VERSION", 2)
     assert W._forward_path(Seqs(num=8, T=4096, total=8 * 4096), C, 64) == "fused"
-    assert W._kernel_version(Seqs(num=8, T=4096, total=8 * 4096), C) == 2
-    assert W._fused_len(64) == 64 and W._fused_len(32) == 16 and W._fused_len(16) == 16
+    assert W._fused_len(64) == 16                         # 64-token fused chunks only when asked for
+    monkeypatch.setattr(W, "FUSED_L_LONG", 64)
+    assert W._fused_len(64) == 64 and W._fused_len(32) == 16
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

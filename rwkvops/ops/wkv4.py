@@ -22,17 +22,18 @@ history value (``aa dL/daa + bb dL/dbb``) plus, when ``state_out``'s ``pp`` has 
 forms ``pp_out`` (the max's derivative goes to its largest term, like ``torch.max``).  Where ``dstate_out`` comes
 from a continuation call (TBPTT), these compose into the exact gradient of the whole sequence.
 
-GPU paths, chosen by shape (``FORWARD = KERNEL_VERSION = "auto"``; set them to force one, as benchmarks do):
+GPU paths, chosen by shape (``FORWARD = "auto"``; the switches below force one, as benchmarks do), from the sweep
+``benchmarks/wkv4_paths.py`` on an H100 (bf16, C = 2048, results in ``benchmarks/results/wkv4_paths_h100.json``):
 
-* work items = (sequences) x (channel blocks of 128): the independent chains the time-serial parts run along;
-* batched (work items >= ``AUTO_ITEMS_PER_SM`` x SM count, i.e. B >= 5 at C = 2048 on an H100's 132 SMs):
-  the three-launch forward (chunk aggregates, scan over chunks, outputs) and the version-1 chunk kernels.  The
-  GPU is full of chains, so reading k, v twice costs less than the fused forward's look-back traffic (H100 bf16
-  C=2048 B=8 T=4096: fwd 0.70 vs 0.90 ms, fwd+bwd 3.12 ms vs 4.50 ms with the fused forward and version 2);
-* otherwise (batch 1, 2, ...): the one-launch fused forward with a decoupled look-back (k, v read once; 64-token
-  chunks for long sequences so a chain has T/64 hops, 16-token ones for short) and the version-2 kernels
-  (B=1 T=4096: fwd 0.28 vs 0.40 ms, fwd+bwd 0.94 vs 1.58 ms).
-  ``benchmarks/wkv4_paths.py`` measures every combination by shape.
+* forward: the one-launch fused forward (decoupled look-back over 16-token chunks, k and v read once) only while its
+  tiles (16-token chunks x 128-channel blocks) are at most ``FUSED_MAX_TILES_PER_SM`` per SM: then the look-back
+  chains are short and the GPU holds most tiles at once (B=1 T=4096: 0.21 ms vs 0.26 chunked).  Beyond that the
+  serial look-back hops dominate and the three-launch forward (chunk aggregates, scan over chunks, outputs) wins
+  although it reads k, v twice (B=1 T=16384: 0.39 vs 0.62 ms; B=2 T=4096: 0.23 vs 0.42; B=8: 0.53 vs 0.86);
+* per-chunk kernels: version 2 (fewer exps, no local-memory arrays) at every measured shape for fwd+bwd
+  (B=8 T=4096: 2.63 ms vs 2.83 with version 1); version 1 stays selectable;
+* 64-token fused chunks (``FUSED_L_LONG = 64``) cut the look-back hops 4x but were slower everywhere measured
+  (B=1 T=16384: 1.00 vs 0.62 ms: fewer, longer tiles), so they are off by default and kept for experiments.
 """
 from __future__ import annotations
 
@@ -133,19 +134,16 @@ _CTYPES = ("float", "__half", "__nv_bfloat16")
 NAME_EXPRESSIONS = tuple(f"{k}<{t}>" for k in _KERNELS for t in _CTYPES)
 MAX_CHUNK = 64        # must match WKV4_MAX_CHUNK in wkv4.cu (the backward's checkpoint arrays are sized by it)
 # Which per-chunk kernels the launchers use: 2 (one exp per max-normalized pair, no local-memory arrays in the
-# backward; same results bit for bit) or 1 (the original kernels), or "auto" (by shape: _kernel_version).
-# The scans and the reduction are shared.
-KERNEL_VERSION = "auto"
+# backward; same results bit for bit) or 1 (the original kernels).  The scans and the reduction are shared.
+KERNEL_VERSION = 2
 # Forward: "fused" (one launch, decoupled look-back over FUSED_L-token chunks: k, v read once), "chunked" (three
 # launches: chunk aggregates, scan over chunks, outputs; k, v read twice) or "auto" (by shape: _forward_path).
 # Both give the same checkpoints to the backward (the incoming state of every _chunk_len-token chunk and the final
 # state).  The forcing values stay for benchmarks and tests.
 FORWARD = "auto"
-FUSED_L = 16          # must match WKV4_FL in wkv4.cu (wkv4_fwd_fused); wkv4_fwd_fused64 uses 64-token chunks
-FUSED_L_LONG = 64
-# "auto" rule (see the module docstring): the three-launch path once (sequence, channel-block) work items reach
-# AUTO_ITEMS_PER_SM per SM, the fused one-launch path below.
-AUTO_ITEMS_PER_SM = 0.5
+FUSED_L = 16          # must match WKV4_FL in wkv4.cu (wkv4_fwd_fused)
+FUSED_L_LONG = 16     # 64: wkv4_fwd_fused64 (64-token chunks) where the backward's chunks are 64 long; see above
+FUSED_MAX_TILES_PER_SM = 40   # "auto": fused forward up to this many 16-token x 128-channel tiles per SM
 _FILL_THREADS = 132 * 2048   # threads that fill an H100
 _BLOCK = 128
 
@@ -186,29 +184,18 @@ def _sm_count_of(device: int) -> int:
     return n
 
 
-def _work_items(seqs, C: int) -> int:
-    """Independent (sequence, channel-block) chains of the recurrence: what the time-serial parts (the chunk scan,
-    the fused forward's look-back) are parallel over."""
-    return max(seqs.num, 1) * -(-C // _BLOCK)
-
-
-def _batched(seqs, C: int) -> bool:
-    """Enough work items to fill about AUTO_ITEMS_PER_SM per SM (H100, C = 2048: B >= 4)."""
-    return _work_items(seqs, C) >= AUTO_ITEMS_PER_SM * _sm_count()
-
-
 def _forward_path(seqs, C: int, L: int) -> str:
-    """'fused' or 'chunked' for this call (FORWARD, or by shape when it is "auto")."""
+    """'fused' or 'chunked' for this call (FORWARD, or by shape when it is "auto": fused while its tiles number at
+    most FUSED_MAX_TILES_PER_SM per SM, e.g. B=1 T<=5000 at C=2048 on an H100; see the module docstring)."""
     if FORWARD != "auto":
         return FORWARD
-    return "chunked" if _batched(seqs, C) else "fused"
+    tiles = seqs.chunk_slots(FUSED_L) * -(-C // _BLOCK)
+    return "fused" if tiles <= FUSED_MAX_TILES_PER_SM * _sm_count() else "chunked"
 
 
 def _kernel_version(seqs, C: int) -> int:
-    """1 or 2 (KERNEL_VERSION, or by shape when it is "auto": version 1 for batched calls, 2 otherwise)."""
-    if KERNEL_VERSION != "auto":
-        return KERNEL_VERSION
-    return 1 if _batched(seqs, C) else 2
+    """1 or 2: KERNEL_VERSION (2 was faster at every measured shape; 1 is kept selectable)."""
+    return KERNEL_VERSION
 
 
 _V2 = ("wkv4_fwd_chunk", "wkv4_fwd_out", "wkv4_bwd_chunk", "wkv4_bwd_out")
