@@ -1179,3 +1179,67 @@ def test_chunked_path_selection(monkeypatch):
     assert W._tc_segments(8, 32, 4096) == 1
     n = W._tc_segments(1, 32, 16384)
     assert n > 1 and 16384 / n >= W.TC_SEG_MIN
+
+
+def _spy_launches(monkeypatch):
+    names = []
+    orig = W._launch
+
+    def spy(name, *a, **kw):
+        names.append(name)
+        return orig(name, *a, **kw)
+    monkeypatch.setattr(W, "_launch", spy)
+    return names
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("nseg", (1, 3, None), ids=("one-segment", "three-segments", "auto"))
+@pytest.mark.parametrize("dtype,N", [("float32", 64), ("bfloat16", 64), ("float16", 32), ("bfloat16", 32)], ids=str)
+def test_gpu_chunked_vs_reference(dtype, N, nseg, poison, monkeypatch):
+    """The chunked forward (T = 300 >= TC_MIN_T: auto) with one segment, three, or the automatic count, decays over
+    the whole range and as models make them, non-zero initial state; fwd+bwd through its checkpoints, and no-grad."""
+    monkeypatch.setattr(W, "TC_NSEG", nseg)
+    launches = _spy_launches(monkeypatch)
+    rng = np.random.default_rng(1000 + N)
+    fwd_tol, bwd_tol = TOL[dtype]
+    B, T, H = 2, 300, 2
+    for lo, hi in ((-8.0, 4.0), (-5.5, -0.5)):
+        x = {n: _round(v, dtype) for n, v in make_inputs(rng, B, T, H, N, wlo=lo, whi=hi).items()}
+        s0 = make_state(rng, B, H, N).astype(np.float32).astype(np.float64)
+        gy = _round(rng.standard_normal((B, T, H, N)), dtype)
+        gs = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+        y, s, g = _torch_fwd_bwd(x, s0, gy, gs, dtype)
+        y_ref, s_ref = W.reference_forward(x, s0)
+        assert rel_rms(y, y_ref) < fwd_tol and rel_rms(s, s_ref) < fwd_tol, (lo, rel_rms(y, y_ref), rel_rms(s, s_ref))
+        _check_grads(g, W.reference_backward(x, s0, gy, gs), bwd_tol, f"w in [{lo}, {hi}]")
+        with _torch().no_grad():
+            y2, s2 = rwkvops.wkv7(*(_to_torch(x[n], dtype) for n in NAMES), state=_to_torch(s0, "float32"))
+        assert rel_rms(y2, y_ref) < fwd_tol and rel_rms(s2, s_ref) < fwd_tol
+    assert any(n.startswith("wkv7_tc_chunk") for n in launches)
+    assert not any(n.startswith("wkv7_forward") for n in launches)
+    if nseg == 3:
+        assert any(n.startswith("wkv7_tc_scan") for n in launches)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("nseg", (1, 2))
+def test_gpu_chunked_pool(nseg, poison, monkeypatch):
+    """Dense call over a pool with a -1 slot through the chunked forward: slots read and written in place."""
+    torch = _torch()
+    monkeypatch.setattr(W, "TC_NSEG", nseg)
+    rng = np.random.default_rng(1100 + nseg)
+    B, T, H, N = 3, 260, 2, 64
+    x, _ = _gpu_case(rng, B, T, H, N, "float32")
+    pool = make_state(rng, 5, H, N).astype(np.float32)
+    idx = np.array([4, -1, 1], np.int32)
+    tp = torch.tensor(pool, device=DEV)
+    with torch.no_grad():
+        y, _ = rwkvops.wkv7(*(_to_torch(x[n], "float32") for n in NAMES), state=tp,
+                            state_indices=torch.tensor(idx, device=DEV))
+    s0 = np.stack([pool[4], np.zeros_like(pool[0]), pool[1]]).astype(np.float64)
+    y_ref, s_ref = W.reference_forward(x, s0)
+    got = tp.cpu().numpy()
+    assert rel_rms(y, y_ref) < 1e-5 and rel_rms(got[4], s_ref[0]) < 1e-5 and rel_rms(got[1], s_ref[2]) < 1e-5
+    np.testing.assert_array_equal(got[[0, 2, 3]], pool[[0, 2, 3]])
