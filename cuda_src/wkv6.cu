@@ -195,53 +195,143 @@ constexpr int TC_THREADS = 128;   // 4 warps
 constexpr float TC_SAFE_SPAN = 30.f;  // a diagonal block whose decays multiply to >= e^-30 in every channel
                                       // is factorized (exponents up to +30); others take the exact pairwise path
 
-// dst[t][j] (row stride ld) = src token start+t, head h, channel j for t < len, 0 for the padding rows;
-// logdecay: store -exp(x) (the padding rows get 0: decay 1).
-template <typename T, int N>
-__device__ __forceinline__ void tc_stage(float* dst, int ld, const T* __restrict__ src, long long start, int len,
-                                         int H, int h, bool logdecay) {
-    for (int e = threadIdx.x; e < TC_L * N; e += TC_THREADS) {
-        const int t = e / N, j = e % N;
-        float x = 0.f;
-        if (t < len) {
-            x = rwkv::to_float(src[((start + t) * H + h) * N + j]);
-            if (logdecay) x = -expf(x);
+// 8 consecutive elements of an input array as raw 16-byte words (two for fp32).
+template <typename T> struct Raw8 { uint4 q[sizeof(T) / 2]; };
+
+template <typename T>
+__device__ __forceinline__ void load8(Raw8<T>& r, const T* p, bool vec) {
+    if (vec) {
+#pragma unroll
+        for (int i = 0; i < (int)(sizeof(T) / 2); ++i) r.q[i] = reinterpret_cast<const uint4*>(p)[i];
+    } else {
+        T* e = reinterpret_cast<T*>(r.q);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) e[i] = p[i];
+    }
+}
+
+// dst[a][t][j] (row stride ld) = src[a] at token start+t, head h, channel j for t < len; 0 in the padding rows.
+// Arrays whose bit is set in logmask are stored as log decays -exp(x) (padding rows: 0, i.e. decay 1).
+// Every load of every array is issued before the first store (the staging is one memory round trip); vec:
+// the arrays are 16-byte aligned (16-byte loads), else element loads.
+template <typename T, int N, int NA>
+__device__ __forceinline__ void tc_stage(float* const (&dst)[NA], const T* const (&src)[NA], unsigned logmask, int ld,
+                                         long long start, int len, int H, int h, bool vec) {
+    constexpr int IT = TC_L * N / 8 / TC_THREADS;   // 16-byte vectors per thread and array
+    static_assert(IT * 8 * TC_THREADS == TC_L * N, "chunk tile not divisible among the threads");
+    Raw8<T> raw[NA][IT];
+#pragma unroll
+    for (int a = 0; a < NA; ++a)
+#pragma unroll
+        for (int it = 0; it < IT; ++it) {
+            const int e = it * TC_THREADS + threadIdx.x, t = e / (N / 8), j = (e % (N / 8)) * 8;
+            if (t < len) load8(raw[a][it], src[a] + ((start + t) * H + h) * N + j, vec);
         }
-        dst[t * ld + j] = x;
+#pragma unroll
+    for (int a = 0; a < NA; ++a)
+#pragma unroll
+        for (int it = 0; it < IT; ++it) {
+            const int e = it * TC_THREADS + threadIdx.x, t = e / (N / 8), j = (e % (N / 8)) * 8;
+            const T* x = reinterpret_cast<const T*>(raw[a][it].q);
+            float f[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                f[i] = t < len ? rwkv::to_float(x[i]) : 0.f;
+                if (((logmask >> a) & 1u) && t < len) f[i] = -expf(f[i]);
+            }
+            float4* o = reinterpret_cast<float4*>(dst[a] + t * ld + j);
+            o[0] = make_float4(f[0], f[1], f[2], f[3]);
+            o[1] = make_float4(f[4], f[5], f[6], f[7]);
+        }
+}
+
+// dst[i][j] (row stride ld) = the fp32 N x N matrix src (row-major), all loads issued first.
+template <int N>
+__device__ __forceinline__ void tc_stage_state(float* dst, int ld, const float* __restrict__ src) {
+    constexpr int IT = N * N / 4 / TC_THREADS;
+    float4 x[IT];
+#pragma unroll
+    for (int it = 0; it < IT; ++it) x[it] = reinterpret_cast<const float4*>(src)[it * TC_THREADS + threadIdx.x];
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+        const int e = 4 * (it * TC_THREADS + threadIdx.x);
+        *reinterpret_cast<float4*>(dst + (e / N) * ld + e % N) = x[it];
+    }
+}
+
+// Per 16-token block p and channel j of a staged chunk, from the log decays lg[t][j] (row stride ld):
+// alpha (sum over the block's tokens before t), sigma (after t) and the block total E_p = sE[p][j].
+// lg is overwritten by sigma (keep_alpha: by alpha); if given, qscale[t][j] *= exp(alpha_t), expa[t][j] =
+// exp(alpha_t), and unsafe[p] = 1 where E_p < -TC_SAFE_SPAN in some channel.  Threads take (p, j) pairs.
+template <int N>
+__device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool keep_alpha, float* qscale,
+                                              float* expa, int* unsafe) {
+    for (int idx = threadIdx.x; idx < (TC_L / 16) * N; idx += TC_THREADS) {
+        const int p = idx / N, j = idx % N, o = 16 * p * ld + j;
+        float l[16], alpha[16], a = 0.f;
+#pragma unroll
+        for (int s = 0; s < 16; ++s) l[s] = lg[o + s * ld];
+#pragma unroll
+        for (int s = 0; s < 16; ++s) { alpha[s] = a; a += l[s]; }
+        float sg = 0.f;
+#pragma unroll
+        for (int s = 15; s >= 0; --s) { lg[o + s * ld] = keep_alpha ? alpha[s] : sg; sg += l[s]; }
+        sE[p * ld + j] = a;
+        if (unsafe != nullptr && a < -TC_SAFE_SPAN) unsafe[p] = 1;
+        if (qscale != nullptr) {
+#pragma unroll
+            for (int s = 0; s < 16; ++s) qscale[o + s * ld] *= expf(alpha[s]);
+        }
+        if (expa != nullptr) {
+#pragma unroll
+            for (int s = 0; s < 16; ++s) expa[o + s * ld] = expf(alpha[s]);
+        }
     }
 }
 }  // namespace wkv6
 
-// Chunks of L <= TC_L tokens (the rows past L are zero padding).  Shared memory: 3 * TC_L * (N + 4) floats
-// (tc_state_smem in wkv6.py).
+// Chunks of L <= TC_L tokens (the rows past L are zero padding).  vec: k, v, w 16-byte aligned.  Shared memory:
+// tc_state_smem(N) in wkv6.py.
 template <typename T, int N>
 __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
     int Tlen, int H, int L, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ w,
-    float* __restrict__ buf, float* __restrict__ dec, int rev)
+    float* __restrict__ buf, float* __restrict__ dec, int rev, int vec)
 {
     using namespace wkv6;
     constexpr int LD = N + 4;
     extern __shared__ __align__(32) float smem[];
+    constexpr int NB = TC_L / 16;
     float* sK = smem;               // k, then Kt
-    float* sW = sK + TC_L * LD;     // log decays
+    float* sW = sK + TC_L * LD;     // log decays, then sigma (rev: alpha)
     float* sV = sW + TC_L * LD;     // v
+    float* sE = sV + TC_L * LD;     // [NB][LD] block totals
     const int nc = (Tlen + L - 1) / L;
     const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
     const long long start = (long long)b * Tlen + (long long)c * L;
     const int len = (int)min((long long)L, (long long)Tlen - (long long)c * L);
-    tc_stage<T, N>(sK, LD, k, start, len, H, h, false);
-    tc_stage<T, N>(sW, LD, w, start, len, H, h, true);
-    tc_stage<T, N>(sV, LD, v, start, len, H, h, false);
+    if (sizeof(T) * N <= 128) {
+        tc_stage<T, N, 3>({sK, sW, sV}, {k, w, v}, 2u, LD, start, len, H, h, vec != 0);
+    } else {   // fp32 with N = 128: three round trips rather than too many registers
+        tc_stage<T, N, 1>({sK}, {k}, 0u, LD, start, len, H, h, vec != 0);
+        tc_stage<T, N, 1>({sW}, {w}, 1u, LD, start, len, H, h, vec != 0);
+        tc_stage<T, N, 1>({sV}, {v}, 0u, LD, start, len, H, h, vec != 0);
+    }
     __syncthreads();
+    tc_block_scan<N>(sW, LD, sE, rev != 0, nullptr, nullptr, nullptr);
+    __syncthreads();
+    // Kt = k * exp(log decays after t in the chunk) (rev: before t), never above |k|
+    for (int e = threadIdx.x; e < TC_L * N; e += TC_THREADS) {
+        const int t = e / N, j = e % N, p = t / 16;
+        float g = sW[t * LD + j];
+        if (rev) { for (int p2 = 0; p2 < p; ++p2) g += sE[p2 * LD + j]; }
+        else { for (int p2 = p + 1; p2 < NB; ++p2) g += sE[p2 * LD + j]; }
+        sK[t * LD + j] *= expf(g);
+    }
     const long long cb = (long long)bc * H + h;
     for (int j = threadIdx.x; j < N; j += TC_THREADS) {
-        float acc = 0.f;   // sum of the log decays strictly after (rev: before) token t
-        for (int m = 0; m < TC_L; ++m) {
-            const int t = rev ? m : TC_L - 1 - m;
-            sK[t * LD + j] *= expf(acc);
-            acc += sW[t * LD + j];
-        }
-        dec[cb * N + j] = expf(acc);
+        float tot = 0.f;
+        for (int p = 0; p < NB; ++p) tot += sE[p * LD + j];
+        dec[cb * N + j] = expf(tot);
     }
     __syncthreads();
     rwkv::tc::matmul<true, false, false, rwkv::tc::is_f32<T>::value>(
@@ -256,11 +346,11 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
 // Kh_s = k_s exp(sigma_s + sum_{p<p'<q} E_p') (<= |k|), A_qp = Qh Kh^T; for the diagonal block, when its total
 // E_q >= -TC_SAFE_SPAN in every channel, Kh_s = k_s exp(sigma_s - E_q) (<= |k| e^30; the masked entries s >= t
 // stay finite), else the entries are summed pairwise from the decays themselves (exact for any decay).
-// Shared memory: tc_output_smem(N) floats in wkv6.py.
+// vec: r, k, v, w 16-byte aligned.  Shared memory: tc_output_smem(N) in wkv6.py.
 template <typename T, int N>
 __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     int Tlen, int H, const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ w, const T* __restrict__ u, const float* __restrict__ buf, T* __restrict__ y)
+    const T* __restrict__ w, const T* __restrict__ u, const float* __restrict__ buf, T* __restrict__ y, int vec)
 {
     using namespace wkv6;
     constexpr int L = TC_L, LD = N + 4, LA = L + 4, NB = L / 16;
@@ -283,12 +373,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     const long long start = (long long)b * Tlen + (long long)c * L;
     const int len = (int)min((long long)L, (long long)Tlen - (long long)c * L);
 
-    tc_stage<T, N>(sQ, LD, r, start, len, H, h, false);
-    tc_stage<T, N>(sK, LD, k, start, len, H, h, false);
-    tc_stage<T, N>(sSig, LD, w, start, len, H, h, true);
-    tc_stage<T, N>(sV, LD, v, start, len, H, h, false);
-    const float* Sin = buf + ((long long)bc * H + h) * (N * N);
-    for (int e = tid; e < N * N; e += TC_THREADS) sS[(e / N) * LD + e % N] = Sin[e];
+    tc_stage<T, N, 4>({sQ, sK, sSig, sV}, {r, k, w, v}, 4u, LD, start, len, H, h, vec != 0);
+    tc_stage_state<N>(sS, LD, buf + ((long long)bc * H + h) * (N * N));
     for (int j = tid; j < N; j += TC_THREADS) sU[j] = rwkv::to_float(u[h * N + j]);
     if (tid < NB) sUnsafe[tid] = 0;
     __syncthreads();
@@ -300,24 +386,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
         if (half == 0) sRuk[t] = p;
     }
     __syncthreads();
-    for (int j = tid; j < N; j += TC_THREADS) {
-        for (int p = 0; p < NB; ++p) {
-            float a = 0.f;
-            for (int s = 16 * p; s < 16 * p + 16; ++s) {
-                const float ld = sSig[s * LD + j];
-                sQ[s * LD + j] *= expf(a);
-                a += ld;
-            }
-            float sg = 0.f;
-            for (int s = 16 * p + 15; s >= 16 * p; --s) {
-                const float ld = sSig[s * LD + j];
-                sSig[s * LD + j] = sg;
-                sg += ld;
-            }
-            sE[p * LD + j] = a;
-            if (a < -TC_SAFE_SPAN) sUnsafe[p] = 1;
-        }
-    }
+    tc_block_scan<N>(sSig, LD, sE, false, sQ, nullptr, sUnsafe);
     __syncthreads();
 
     float* sAw = sA + q * 16 * LA;

@@ -68,6 +68,11 @@ def ptr(x):
     return _u64(x.ptr) if type(x) is DeviceView else _u64(x.data.ptr)
 
 
+def aligned(*arrays, n=16) -> bool:
+    """True when every array's data starts on an n-byte boundary (kernels then take their vector-load path)."""
+    return all(int(ptr(a)) % n == 0 for a in arrays)
+
+
 def check_aligned(op_name, **arrays):
     """Kernels use 16-byte vector accesses: refuse (rather than fault on) an array whose data starts off a 16-byte
     boundary (a view at an odd offset).  None entries are skipped."""

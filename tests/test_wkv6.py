@@ -578,6 +578,7 @@ _SHIM = r"""
 struct uint3_ { unsigned x = 0, y = 0, z = 0; };
 inline thread_local uint3_ threadIdx, blockIdx;
 struct float4 { float x, y, z, w; };
+struct uint4 { unsigned x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 using std::min; using std::max;
 inline std::barrier<>* g_bar = nullptr;

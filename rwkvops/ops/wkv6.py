@@ -84,8 +84,9 @@ NAME_EXPRESSIONS = tuple(_ne(k, c, n) for k in _KERNEL_NAMES for c in _CTYPES.va
 
 
 def tc_state_smem(N) -> int:
-    """Dynamic shared memory (bytes) of wkv6_tc_state: k, log decays and v of one chunk, rows of N + 4 floats."""
-    return 4 * 3 * CHUNK_L * (N + 4)
+    """Dynamic shared memory (bytes) of wkv6_tc_state: k, log decays and v of one chunk and the 16-token block
+    totals, rows of N + 4 floats."""
+    return 4 * (3 * CHUNK_L + CHUNK_L // 16) * (N + 4)
 
 
 def tc_output_smem(N) -> int:
@@ -194,7 +195,8 @@ def _forward_chunked(call, x, state_in, state_out, y):
     buf = _chunk_states(call, x["k"], x["v"], x["w"], state_in, state_out, seqs.state_idx, seqs.pool_size, L, False)
     rkvwu = (ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(buf), ptr(y))
     if N <= TC_OUTPUT_MAX_N:
-        _launch("wkv6_tc_output", call, (B * nc * H,), (128,), (i32(T), i32(H)) + rkvwu, tc_output_smem(N))
+        vec = i32(_gpu.aligned(x["r"], x["k"], x["v"], x["w"]))
+        _launch("wkv6_tc_output", call, (B * nc * H,), (128,), (i32(T), i32(H)) + rkvwu + (vec,), tc_output_smem(N))
     else:
         _launch("wkv6_chunk_output", call, (B * nc * H,), (N,), (i32(T), i32(H), i32(L)) + rkvwu)
     return buf
@@ -216,7 +218,8 @@ def _chunk_states(call, k, v, w, state_in, state_out, state_idx, pool_size, L, r
     dec = call.empty((B, nc, H, N), "float32")
     assert 1 <= L <= CHUNK_L, "wkv6_tc_state takes chunks of at most CHUNK_L tokens"
     _launch("wkv6_tc_state", call, (B * nc * H,), (128,),
-            (i32(T), i32(H), i32(L), ptr(k), ptr(v), ptr(w), ptr(buf), ptr(dec), i32(1 if rev else 0)), tc_state_smem(N))
+            (i32(T), i32(H), i32(L), ptr(k), ptr(v), ptr(w), ptr(buf), ptr(dec), i32(1 if rev else 0),
+             i32(_gpu.aligned(k, v, w))), tc_state_smem(N))
     nb = -(-(N * N // 4) // 256)
     _launch("wkv6_chunk_scan", call, (B * H * nb,), (256,),
             (i32(T), i32(H), i32(L), ptr(buf), ptr(dec), ptr(state_in), ptr(state_out), ptr(state_idx),
