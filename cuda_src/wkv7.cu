@@ -21,6 +21,8 @@
 //                       P = N/32 threads holding row x AND column x of dS, so every gradient is a short in-thread
 //                       dot product plus a P-lane shuffle reduction.
 //                       No division by the decay anywhere (exact for decays down to exp(-exp(4)) and below).
+//  wkv7_tc_chunk<T, N, MODE>, wkv7_tc_scan<N>  (N = 32, 64; dense batches) the chunked forward on tensor cores, in
+//                       16-token chunks whose starts are the checkpoints above; see "chunked forward" below.
 #include "common.cuh"
 #include "tc.cuh"
 

@@ -1176,9 +1176,9 @@ def test_chunked_path_selection(monkeypatch):
     assert W._use_chunked(call(8, 4096, 64)) and W._use_chunked(call(1, W.TC_MIN_T, 32))
     assert not W._use_chunked(call(8, W.TC_MIN_T - 1, 64)) and not W._use_chunked(call(8, 4096, 128))
     assert not W._use_chunked(call(1, 4096, 64, cu=np.array([0, 4096], np.int32)))
-    assert W._tc_segments(8, 32, 4096) == 1
-    n = W._tc_segments(1, 32, 16384)
-    assert n > 1 and 16384 / n >= W.TC_SEG_MIN
+    assert W._tc_segments(8, 32, 4096) == 1 and W._tc_segments(4, 32, 1024) == 1
+    assert W._tc_segments(1, 32, 16384) == 8 and W._tc_segments(1, 32, 1024) == 4
+    assert W._tc_segments(1, 4, 16384) == 64   # capped by TC_SEG_MIN tokens per segment
 
 
 def _spy_launches(monkeypatch):
