@@ -288,6 +288,108 @@ __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool
         }
     }
 }
+
+// Kh (16 x N, row stride N + 4) = k of key block p scaled for query block q >= p: k_s exp(sigma_s + sum of the
+// block totals strictly between p and q) (<= |k|), or for p == q, k_s exp(sigma_s - E_q) (the diagonal block
+// when it is safe to factorize: <= |k| e^TC_SAFE_SPAN).  One warp.
+template <int N>
+__device__ __forceinline__ void tc_key_scaled(float* Kh, const float* sK, const float* sSig, const float* sE, int p,
+                                              int q) {
+    constexpr int LD = N + 4;
+    for (int e = threadIdx.x % 32; e < 16 * N; e += 32) {
+        const int s = e / N, j = e % N, t = 16 * p + s;
+        float g = sSig[t * LD + j];
+        if (p == q) g -= sE[q * LD + j];
+        else
+            for (int p2 = p + 1; p2 < q; ++p2) g += sE[p2 * LD + j];
+        Kh[s * LD + j] = sK[t * LD + j] * expf(g);
+    }
+}
+
+// Log decay -exp(w) of token t of the chunk (0 past its end), read again from global memory: only the exact
+// pairwise paths of strongly decayed blocks use it.
+template <typename T, int N>
+__device__ __forceinline__ float tc_log_decay(const T* __restrict__ w, long long start, int len, int H, int h,
+                                              int t, int j) {
+    return t < len ? -expf(rwkv::to_float(w[((start + t) * H + h) * N + j])) : 0.f;
+}
+
+// Rows of query block q of the intra-chunk score matrix (row stride la, columns = key tokens of the chunk):
+//   A[t, s] = sum_j r_t[j] k_s[j] prod_{s < s' < t} d_s'[j] for s < t,  ruk[t] for s == t,  0 for s > t.
+// Qq: Qh of block q (r_t exp(alpha_t)); scratch: this warp's 16 x (N + 4) floats; unsafe: block q's decays
+// are too strong to factorize, its diagonal entries are summed pairwise from the decays (r, w re-read).  One warp.
+template <typename T, int N, bool SPLIT>
+__device__ __forceinline__ void tc_scores(float* Aq, int la, const float* Qq, const float* sK, const float* sSig,
+                                          const float* sE, float* scratch, int q, bool unsafe, const float* sRuk,
+                                          const T* __restrict__ r, const T* __restrict__ w, long long start, int len,
+                                          int H, int h) {
+    constexpr int LD = N + 4;
+    const int lane = threadIdx.x % 32;
+    for (int p = 0; p <= q; ++p) {
+        if (p == q && unsafe) break;
+        tc_key_scaled<N>(scratch, sK, sSig, sE, p, q);
+        __syncwarp();
+        float sc[8];
+        rwkv::tc::zero(sc);
+        rwkv::tc::mma_tile<false, true, SPLIT>(sc, Qq, LD, scratch, LD, N);
+        rwkv::tc::store_tile(Aq + 16 * p, la, sc);
+        __syncwarp();
+    }
+    if (unsafe) {
+        // lane owns channels j = lane + 32m; for each s the running sum g of log decays over (s, t) grows one
+        // token at a time (exactly the product's range)
+        for (int s = 0; s < 15; ++s) {
+            float g[N / 32];
+#pragma unroll
+            for (int m = 0; m < N / 32; ++m) g[m] = 0.f;
+            for (int t = s + 1; t < 16; ++t) {
+                float part = 0.f;
+#pragma unroll
+                for (int m = 0; m < N / 32; ++m) {
+                    const int j = lane + 32 * m, tq = 16 * q + t;
+                    if (t > s + 1) g[m] += tc_log_decay<T, N>(w, start, len, H, h, tq - 1, j);
+                    const float rt = tq < len ? rwkv::to_float(r[((start + tq) * H + h) * N + j]) : 0.f;
+                    part += rt * sK[(16 * q + s) * LD + j] * expf(g[m]);
+                }
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+                if (lane == 0) Aq[t * la + 16 * q + s] = part;
+            }
+        }
+        __syncwarp();
+    }
+    for (int e = lane; e < 16 * (TC_L - 16 * q); e += 32) {   // the diagonal block's u term, zeros above it
+        const int t = e / (TC_L - 16 * q), s = 16 * q + e % (TC_L - 16 * q);
+        if (s > 16 * q + t) Aq[t * la + s] = 0.f;
+        else if (s == 16 * q + t) Aq[t * la + s] = sRuk[16 * q + t];
+    }
+    __syncwarp();
+}
+
+// Scan down (SUFFIX) or up the 16 rows of one column of a warp's 16 x 16 accumulator tile: rows g and g + 8
+// (g = lane / 4) are `top` and `bot` of the 8 lanes with equal lane % 4.  Replaced by the inclusive or exclusive
+// suffix (prefix) sums inside the tile; total = the column's sum.  Every lane of the warp must call it.
+template <bool SUFFIX>
+__device__ __forceinline__ void col_scan(float& top, float& bot, float& total, bool exclusive) {
+    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+#pragma unroll
+    for (int d = 1; d < 8; d *= 2) {
+        const float ot = SUFFIX ? __shfl_down_sync(0xffffffffu, top, 4 * d) : __shfl_up_sync(0xffffffffu, top, 4 * d);
+        const float ob = SUFFIX ? __shfl_down_sync(0xffffffffu, bot, 4 * d) : __shfl_up_sync(0xffffffffu, bot, 4 * d);
+        if (SUFFIX ? g + d < 8 : g - d >= 0) { top += ot; bot += ob; }
+    }
+    // SUFFIX: the top rows also get the whole bottom half; else the bottom rows get the whole top half
+    if (SUFFIX) top += __shfl_sync(0xffffffffu, bot, c);
+    else bot += __shfl_sync(0xffffffffu, top, 28 + c);
+    total = SUFFIX ? __shfl_sync(0xffffffffu, top, c) : __shfl_sync(0xffffffffu, bot, 28 + c);
+    if (exclusive) {   // the neighbouring row's inclusive sum (no subtraction)
+        const float nt = SUFFIX ? __shfl_down_sync(0xffffffffu, top, 4) : __shfl_up_sync(0xffffffffu, top, 4);
+        const float nb = SUFFIX ? __shfl_down_sync(0xffffffffu, bot, 4) : __shfl_up_sync(0xffffffffu, bot, 4);
+        const float edge = SUFFIX ? __shfl_sync(0xffffffffu, bot, c) : __shfl_sync(0xffffffffu, top, 28 + c);
+        if (SUFFIX) { top = g < 7 ? nt : edge; bot = g < 7 ? nb : 0.f; }
+        else { bot = g > 0 ? nb : edge; top = g > 0 ? nt : 0.f; }
+    }
+}
 }  // namespace wkv6
 
 // Chunks of L <= TC_L tokens (the rows past L are zero padding).  vec: k, v, w 16-byte aligned.  Shared memory:
@@ -406,60 +508,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     }
     __syncthreads();   // every warp is done with S_in: its rows become the Kh scratch
 
-    float* sKh = sS + q * 16 * LD;
-    const bool unsafe = sUnsafe[q] != 0;
-    for (int p = 0; p <= q; ++p) {
-        const bool diag = p == q;
-        if (!(diag && unsafe)) {
-            for (int e = lane; e < 16 * N; e += 32) {
-                const int s = e / N, j = e % N, t = 16 * p + s;
-                float g = sSig[t * LD + j];
-                if (diag) g -= sE[q * LD + j];
-                else
-                    for (int p2 = p + 1; p2 < q; ++p2) g += sE[p2 * LD + j];
-                sKh[s * LD + j] = sK[t * LD + j] * expf(g);
-            }
-            __syncwarp();
-            float sc[8];
-            rwkv::tc::zero(sc);
-            rwkv::tc::mma_tile<false, true, SPLIT>(sc, Qq, LD, sKh, LD, N);
-            rwkv::tc::store_tile(sAw + 16 * p, LA, sc);
-            __syncwarp();
-        }
-    }
-    if (unsafe) {
-        // A[t, s] for s < t in block q from the decays themselves: lane owns channels j = lane + 32m; for each
-        // s the running sum g of log decays over (s, t) grows one token at a time (exactly the product's range).
-        for (int s = 0; s < 15; ++s) {
-            float g[N / 32];
-#pragma unroll
-            for (int m = 0; m < N / 32; ++m) g[m] = 0.f;
-            for (int t = s + 1; t < 16; ++t) {
-                float part = 0.f;
-#pragma unroll
-                for (int m = 0; m < N / 32; ++m) {
-                    const int j = lane + 32 * m;
-                    if (t > s + 1) {
-                        const int tp = 16 * q + t - 1;
-                        g[m] += tp < len ? -expf(rwkv::to_float(w[((start + tp) * H + h) * N + j])) : 0.f;
-                    }
-                    const int tq = 16 * q + t;
-                    const float rt = tq < len ? rwkv::to_float(r[((start + tq) * H + h) * N + j]) : 0.f;
-                    part += rt * sK[(16 * q + s) * LD + j] * expf(g[m]);
-                }
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-                if (lane == 0) sAw[t * LA + 16 * q + s] = part;
-            }
-        }
-        __syncwarp();
-    }
-    for (int e = lane; e < 256; e += 32) {   // diagonal block: u term on the diagonal, nothing above it
-        const int t = e / 16, s = e % 16;
-        if (s > t) sAw[t * LA + 16 * q + s] = 0.f;
-        else if (s == t) sAw[t * LA + 16 * q + s] = sRuk[16 * q + t];
-    }
-    __syncwarp();
+    tc_scores<T, N, SPLIT>(sAw, LA, Qq, sK, sSig, sE, sS + q * 16 * LD, q, sUnsafe[q] != 0, sRuk, r, w, start, len,
+                           H, h);
 #pragma unroll
     for (int n = 0; n < N / 16; ++n)
         rwkv::tc::mma_tile<false, false, SPLIT>(acc[n], sAw, LA, sV + n * 16, LD, 16 * (q + 1));
@@ -471,6 +521,358 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
         const int s = e / N, i = e % N, t = 16 * q + s;
         if (t < len) y[((start + t) * H + h) * N + i] = rwkv::from_float<T>(sAw[s * LA + i]);
     }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Chunk-parallel backward on tensor cores (dense batches, chunks of TC_L tokens, N <= 64).  Per (sequence,
+// chunk, head), from the state at the chunk's start S0 (sbuf, the forward chunk scan) and the adjoint at its
+// last token G = dL/dS_end (gbuf, the reverse chunk scan), with B[t, s] = dy_t . v_s and the scores A of
+// wkv6_tc_output (ruk on the diagonal):
+//   dv_s = sum_{t >= s} A[t, s] dy_t + G Kt_s,                Kt_s = k_s * exp(log decays after s in the chunk)
+//   dr_t = u*k_t (dy_t.v_t) + gamma_{t-1} * (S0^T dy_t) + sum_{s<t} B[t, s] k_s prod_{s<s'<t} d_s'
+//   dk_s = u*r_s (dy_s.v_s) + Kt_s/k_s * (G^T v_s)     + sum_{t>s} B[t, s] r_t prod_{s<s'<t} d_s'
+//   du   = sum_t r_t k_t (dy_t.v_t)                     (per chunk; wkv6_reduce_u sums the chunks in order)
+//   dw_t = -exp(w_t) * dlogd_t,  dlogd_m = sum_{t >= m} e_t - r_m dr'_m + sum_j' <G, S_end>_col,
+//          e_t = r_t dr'_t - k_t dk'_t (dr', dk' without the u terms)
+// (every log decay of a chunk scales the terms whose range covers it: + on the query side, - on the key side,
+// + for the chunk's end state).  Decay products use the same block-local sums as the forward.
+// wkv6_tc_bwd_v computes dv; wkv6_tc_bwd_rkw dr, dk, dw and the du partials.  vec: inputs 16-byte aligned.
+
+// Shared memory: tc_bwd_smem(N) in wkv6.py (the same for both kernels).
+template <typename T, int N>
+__global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
+    int Tlen, int H, const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ w,
+    const T* __restrict__ u, const T* __restrict__ dy, const float* __restrict__ gbuf, T* __restrict__ dv, int vec)
+{
+    using namespace wkv6;
+    constexpr int L = TC_L, LD = N + 4, LA = L + 4, NB = L / 16;
+    constexpr bool SPLIT = rwkv::tc::is_f32<T>::value;
+    static_assert(N <= L && NB == TC_THREADS / 32, "one warp per 16-token block");
+    extern __shared__ __align__(32) float smem[];
+    float* sQ = smem;              // r, then Qh
+    float* sK = sQ + L * LD;       // k
+    float* sSig = sK + L * LD;     // log decays, then sigma
+    float* sDy = sSig + L * LD;    // dy
+    float* sG = sDy + L * LD;      // G (N rows), then the warps' Kh scratch
+    float* sA = sG + L * LD;       // [L][LA]: the warps' Kt, then the scores A, then dv
+    float* sE = sA + L * LA;       // [NB][LD]
+    float* sRuk = sE + NB * LD;    // [L]
+    float* sU = sRuk + L;          // [N]
+    int* sUnsafe = reinterpret_cast<int*>(sU + N);
+    const int nc = (Tlen + L - 1) / L;
+    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
+    const int tid = threadIdx.x, q = tid / 32, lane = tid % 32;
+    const long long start = (long long)b * Tlen + (long long)c * L;
+    const int len = (int)min((long long)L, (long long)Tlen - (long long)c * L);
+
+    tc_stage<T, N, 4>({sQ, sK, sSig, sDy}, {r, k, w, dy}, 4u, LD, start, len, H, h, vec != 0);
+    tc_stage_state<N>(sG, LD, gbuf + ((long long)bc * H + h) * (N * N));
+    for (int j = tid; j < N; j += TC_THREADS) sU[j] = rwkv::to_float(u[h * N + j]);
+    if (tid < NB) sUnsafe[tid] = 0;
+    __syncthreads();
+    {
+        const int t = tid / 2, half = tid % 2;
+        float p = 0.f;
+        for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) p += sQ[t * LD + j] * sU[j] * sK[t * LD + j];
+        p += __shfl_xor_sync(0xffffffffu, p, 1);
+        if (half == 0) sRuk[t] = p;
+    }
+    __syncthreads();
+    tc_block_scan<N>(sSig, LD, sE, false, sQ, nullptr, sUnsafe);
+    __syncthreads();
+
+    // inter-chunk part: dv_s += G Kt_s for the warp's key block q
+    float* Aq = sA + 16 * q * LA;
+    for (int e = lane; e < 16 * N; e += 32) {
+        const int s = e / N, j = e % N, t = 16 * q + s;
+        float g = sSig[t * LD + j];
+        for (int p2 = q + 1; p2 < NB; ++p2) g += sE[p2 * LD + j];
+        Aq[s * LA + j] = sK[t * LD + j] * expf(g);
+    }
+    __syncwarp();
+    float acc[N / 16][8];
+#pragma unroll
+    for (int n = 0; n < N / 16; ++n) {
+        rwkv::tc::zero(acc[n]);
+        rwkv::tc::mma_tile<false, true, SPLIT>(acc[n], Aq, LA, sG + n * 16 * LD, LD, N);
+    }
+    __syncthreads();   // G and the Kt rows are done with
+    tc_scores<T, N, SPLIT>(Aq, LA, sQ + 16 * q * LD, sK, sSig, sE, sG + q * 16 * LD, q, sUnsafe[q] != 0, sRuk, r, w,
+                           start, len, H, h);
+    __syncthreads();   // every row of A is written
+#pragma unroll
+    for (int n = 0; n < N / 16; ++n)   // (A^T dY) rows of key block q: op(A)[s, t] = A[t, s]
+        rwkv::tc::mma_tile<true, false, SPLIT>(acc[n], sA + 16 * q, LA, sDy + n * 16, LD, L);
+    __syncthreads();   // every warp is done reading A
+#pragma unroll
+    for (int n = 0; n < N / 16; ++n) rwkv::tc::store_tile(Aq + n * 16, LA, acc[n]);
+    __syncwarp();
+    for (int e = lane; e < 16 * N; e += 32) {
+        const int s = e / N, i = e % N, t = 16 * q + s;
+        if (t < len) dv[((start + t) * H + h) * N + i] = rwkv::from_float<T>(Aq[s * LA + i]);
+    }
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
+    int Tlen, int H, const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ dy, const float* __restrict__ sbuf,
+    const float* __restrict__ gbuf, T* __restrict__ dr, T* __restrict__ dk, T* __restrict__ dw,
+    float* __restrict__ du_part, int vec)
+{
+    using namespace wkv6;
+    using rwkv::tc::acc_row;
+    using rwkv::tc::acc_col;
+    constexpr int L = TC_L, LD = N + 4, LA = L + 4, NB = L / 16, NT = N / 16;
+    constexpr bool SPLIT = rwkv::tc::is_f32<T>::value;
+    static_assert(N <= L && NB == TC_THREADS / 32, "one warp per 16-token block");
+    extern __shared__ __align__(32) float smem[];
+    float* X1 = smem;              // dy, then G, then r
+    float* X2 = X1 + L * LD;       // v, then k
+    float* X3 = X2 + L * LD;       // S0, then log decays -> sigma
+    float* X4 = X3 + L * LD;       // exp(alpha)
+    float* X5 = X4 + L * LD;       // the warps' scratch (16 rows each)
+    float* sB = X5 + L * LD;       // [L][LA] B[t, s] = dy_t . v_s for s < t, else 0
+    float* sE = sB + L * LA;       // [NB][LD] block totals
+    float* sTot = sE + NB * LD;    // [NB][LD] per-block column sums of e
+    float* sTot2 = sTot + NB * LD; // [NB][LD] per-block column sums of ki
+    float* sTot3 = sTot2 + NB * LD; // [NB][LD] per-block column sums of the intra k part
+    float* sDyv = sTot3 + NB * LD; // [L] dy_t . v_t
+    float* sU = sDyv + L;          // [N]
+    float* sGS = sU + N;           // [N] <G, S0>_col
+    int* sUnsafe = reinterpret_cast<int*>(sGS + N);
+    const int nc = (Tlen + L - 1) / L;
+    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
+    const int tid = threadIdx.x, q = tid / 32, lane = tid % 32, g8 = lane / 4;
+    const long long start = (long long)b * Tlen + (long long)c * L;
+    const int len = (int)min((long long)L, (long long)Tlen - (long long)c * L);
+    const long long cb = (long long)bc * H + h;
+
+    // 1. B (rows of query block q) and dY S0
+    tc_stage<T, N, 2>({X1, X2}, {dy, v}, 0u, LD, start, len, H, h, vec != 0);
+    tc_stage_state<N>(X3, LD, sbuf + cb * (N * N));
+    __syncthreads();
+    float* Bq = sB + 16 * q * LA;
+    for (int p = 0; p <= q; ++p) {
+        float sc[8];
+        rwkv::tc::zero(sc);
+        rwkv::tc::mma_tile<false, true, SPLIT>(sc, X1 + 16 * q * LD, LD, X2 + 16 * p * LD, LD, N);
+        rwkv::tc::store_tile(Bq + 16 * p, LA, sc);
+    }
+    __syncwarp();
+    for (int e = lane; e < 16 * (L - 16 * q); e += 32) {
+        const int t = e / (L - 16 * q), s = 16 * q + e % (L - 16 * q);
+        if (s == 16 * q + t) sDyv[s] = Bq[t * LA + s];
+        if (s >= 16 * q + t) Bq[t * LA + s] = 0.f;
+    }
+    float accR[NT][8], accK[NT][8];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        rwkv::tc::zero(accR[n]);
+        rwkv::tc::mma_tile<false, false, SPLIT>(accR[n], X1 + 16 * q * LD, LD, X3 + n * 16, LD, N);
+    }
+    __syncthreads();
+    // 2. V G (rows of key block q) and <G, S0>_col
+    tc_stage_state<N>(X1, LD, gbuf + cb * (N * N));
+    __syncthreads();
+    for (int j = tid; j < N; j += TC_THREADS) {
+        float a = 0.f;
+        for (int i = 0; i < N; ++i) a += X1[i * LD + j] * X3[i * LD + j];
+        sGS[j] = a;
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        rwkv::tc::zero(accK[n]);
+        rwkv::tc::mma_tile<false, false, SPLIT>(accK[n], X2 + 16 * q * LD, LD, X1 + n * 16, LD, N);
+    }
+    __syncthreads();
+    // 3. r, k, decays; du partial; block scans
+    tc_stage<T, N, 3>({X1, X2, X3}, {r, k, w}, 4u, LD, start, len, H, h, vec != 0);
+    for (int j = tid; j < N; j += TC_THREADS) sU[j] = rwkv::to_float(u[h * N + j]);
+    if (tid < NB) sUnsafe[tid] = 0;
+    __syncthreads();
+    for (int j = tid; j < N; j += TC_THREADS) {
+        float a = 0.f;
+        for (int t = 0; t < L; ++t) a += X1[t * LD + j] * X2[t * LD + j] * sDyv[t];
+        du_part[cb * N + j] = a;
+    }
+    tc_block_scan<N>(X3, LD, sE, false, nullptr, X4, sUnsafe);
+    __syncthreads();
+    const bool unsafe = sUnsafe[q] != 0;
+    float* scr = X5 + 16 * q * LD;
+
+    // 4. dk' for key block q: exp(sigma_s) * [ (V G)_s exp(E after block q) + sum_{t in later blocks} B[t, s]
+    //    r_t exp(alpha_t + E strictly between) + sum_{t in block q} B[t, s] r_t exp(alpha_t - E_q) ]
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int j = 16 * n + acc_col(e);
+            float f = 0.f;
+            for (int p2 = q + 1; p2 < NB; ++p2) f += sE[p2 * LD + j];
+            accK[n][e] *= expf(f);
+        }
+    float kin[NT][8];   // the inter-chunk part of dk' (before its exp(sigma_s) factor)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) kin[n][e] = accK[n][e];
+    for (int q2 = q + 1; q2 <= NB; ++q2) {
+        if (q2 == NB && unsafe) break;
+        const int qb = q2 == NB ? q : q2;   // q2 == NB: the diagonal block, last
+        for (int e = lane; e < 16 * N; e += 32) {
+            const int tt = e / N, j = e % N, t = 16 * qb + tt;
+            float gsum = 0.f;
+            if (qb == q) gsum = -sE[q * LD + j];
+            else
+                for (int p2 = q + 1; p2 < qb; ++p2) gsum += sE[p2 * LD + j];
+            scr[tt * LD + j] = X1[t * LD + j] * X4[t * LD + j] * expf(gsum);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < NT; ++n)   // op(A)[s, t] = B[t, s]
+            rwkv::tc::mma_tile<true, false, SPLIT>(accK[n], sB + 16 * qb * LA + 16 * q, LA, scr + n * 16, LD, 16);
+        __syncwarp();
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int s = 16 * q + acc_row(e), j = 16 * n + acc_col(e);
+            const float f = expf(X3[s * LD + j]);
+            accK[n][e] *= f;
+            kin[n][e] *= f;
+            if (unsafe) {   // exact pairwise sum over the block's later tokens
+                float gsum = 0.f, x = 0.f;
+                for (int t = s + 1; t < 16 * q + 16; ++t) {
+                    x += sB[t * LA + s] * X1[t * LD + j] * expf(gsum);
+                    gsum += tc_log_decay<T, N>(w, start, len, H, h, t, j);
+                }
+                accK[n][e] += x;
+            }
+        }
+
+    // 5. dr' for query block q: exp(alpha_t) * [ (dY S0)_t exp(E before block q) + sum_{p <= q} B_qp Kh_p ]
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int j = 16 * n + acc_col(e);
+            float f = 0.f;
+            for (int p2 = 0; p2 < q; ++p2) f += sE[p2 * LD + j];
+            accR[n][e] *= expf(f);
+        }
+    float rin[NT][8];   // the inter-chunk part of dr' (before its exp(alpha_t) factor)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) rin[n][e] = accR[n][e];
+    for (int p = 0; p <= q; ++p) {
+        if (p == q && unsafe) break;
+        tc_key_scaled<N>(scr, X2, X3, sE, p, q);
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+            rwkv::tc::mma_tile<false, false, SPLIT>(accR[n], Bq + 16 * p, LA, scr + n * 16, LD, 16);
+        __syncwarp();
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int t = 16 * q + acc_row(e), j = 16 * n + acc_col(e);
+            accR[n][e] *= X4[t * LD + j];
+            rin[n][e] *= X4[t * LD + j];
+            if (unsafe) {   // exact pairwise sum over the block's earlier tokens
+                float gsum = 0.f, x = 0.f;
+                for (int s = t - 1; s >= 16 * q; --s) {
+                    x += sB[t * LA + s] * X2[s * LD + j] * expf(gsum);
+                    gsum += tc_log_decay<T, N>(w, start, len, H, h, s, j);
+                }
+                accR[n][e] += x;
+            }
+        }
+
+    // 6. dw.  With ki_s = k_s dk'inter_s, ri_t = r_t dr'inter_t and the pair terms of the intra-chunk part,
+    //    dlogd_t = gamma_end <G, S0>_col + sum_{s<t} ki_s + sum_{t'>t} ri_t' + X_t,
+    //    X_t = sum_{s < t < t'} B[t', s] r_t' k_s prod_{s<s'<t'} d_s'   (the pairs whose decay product covers t).
+    //    Every sum is taken over exactly its terms (prefix / suffix scans, no total-minus-part) so that strongly
+    //    decayed tokens keep their small gradients.  Where every block is safe, X_t = sum_{t'>t} r_t' dr'intra_t'
+    //    - sum_{s>=t} k_s dk'intra_s (pairs not covering t cancel, their size bounded by the safe span); else X_t
+    //    comes from an exact per-channel recurrence over the chunk (below), with no subtraction at all.
+    __syncthreads();   // X3 (sigma), X4 (exp alpha) and the scratch are free
+    bool chunk_unsafe = false;
+    for (int p = 0; p < NB; ++p) chunk_unsafe |= sUnsafe[p] != 0;
+    if (chunk_unsafe) {
+        // per channel j: Z_t[t'] = sum_{s<t} B[t', s] k_s prod_{s<s'<=t} d_s' (t' > t), Z_{t+1} = d_{t+1} (Z_t + B[:, t] k_t);
+        // X_t = sum_{t'>t} r_t' prod_{t<s'<t'} d_s' Z_t[t'].  d in X4, Z in X5, X_t into X3.
+        for (int j = tid; j < N; j += TC_THREADS) {
+            for (int t = 0; t < L; ++t) {
+                X4[t * LD + j] = t < len ? expf(tc_log_decay<T, N>(w, start, len, H, h, t, j)) : 1.f;
+                X5[t * LD + j] = 0.f;
+            }
+            for (int t = 0; t < L; ++t) {
+                float pr = 1.f, x = 0.f;
+                for (int t2 = t + 1; t2 < L; ++t2) {
+                    x += X1[t2 * LD + j] * pr * X5[t2 * LD + j];
+                    pr *= X4[t2 * LD + j];
+                }
+                X3[t * LD + j] = x;
+                if (t + 1 < L) {
+                    const float dn = X4[(t + 1) * LD + j], kt = X2[t * LD + j];
+                    for (int t2 = t + 2; t2 < L; ++t2)
+                        X5[t2 * LD + j] = dn * (X5[t2 * LD + j] + sB[t2 * LA + t] * kt);
+                }
+            }
+        }
+    }
+    // block-local scans (rows g8 and g8 + 8 of a column live on the 8 lanes with equal lane % 4) and per-block
+    // column totals: ri (+ intra r part) exclusive suffix, intra k part inclusive suffix, ki exclusive prefix
+    float rsx[NT][8], ksx[NT][8], kpx[NT][8];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            if ((e % 4) >= 2) continue;
+            const int j = 16 * n + acc_col(e), t0 = 16 * q + acc_row(e), t1 = t0 + 8;
+            const float r0 = X1[t0 * LD + j], r1 = X1[t1 * LD + j], k0 = X2[t0 * LD + j], k1 = X2[t1 * LD + j];
+            float rt = r0 * (chunk_unsafe ? rin[n][e] : accR[n][e]);
+            float rb = r1 * (chunk_unsafe ? rin[n][e + 2] : accR[n][e + 2]);
+            float kt = chunk_unsafe ? 0.f : k0 * (accK[n][e] - kin[n][e]);
+            float kb = chunk_unsafe ? 0.f : k1 * (accK[n][e + 2] - kin[n][e + 2]);
+            float it = k0 * kin[n][e], ib = k1 * kin[n][e + 2];
+            float tot;
+            wkv6::col_scan<true>(rt, rb, tot, true);
+            if (g8 == 0) sTot[q * LD + j] = tot;
+            rsx[n][e] = rt; rsx[n][e + 2] = rb;
+            wkv6::col_scan<true>(kt, kb, tot, false);
+            if (g8 == 0) sTot3[q * LD + j] = tot;
+            ksx[n][e] = kt; ksx[n][e + 2] = kb;
+            wkv6::col_scan<false>(it, ib, tot, true);
+            if (g8 == 0) sTot2[q * LD + j] = tot;
+            kpx[n][e] = it; kpx[n][e + 2] = ib;
+        }
+    __syncthreads();
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int t = 16 * q + acc_row(e), j = 16 * n + acc_col(e);
+            if (t >= len) continue;
+            float gs = 0.f, dlog = rsx[n][e] - ksx[n][e] + kpx[n][e];
+            for (int p = 0; p < NB; ++p) {
+                gs += sE[p * LD + j];
+                if (p > q) dlog += sTot[p * LD + j] - sTot3[p * LD + j];
+                if (p < q) dlog += sTot2[p * LD + j];
+            }
+            dlog += expf(gs) * sGS[j];
+            if (chunk_unsafe) dlog += X3[t * LD + j];
+            const float rt = X1[t * LD + j], kt = X2[t * LD + j];
+            const long long o = ((start + t) * H + h) * N + j;
+            dw[o] = rwkv::from_float<T>(dlog * tc_log_decay<T, N>(w, start, len, H, h, t, j));
+            dr[o] = rwkv::from_float<T>(accR[n][e] + sU[j] * kt * sDyv[t]);
+            dk[o] = rwkv::from_float<T>(accK[n][e] + sU[j] * rt * sDyv[t]);
+        }
 }
 
 template <typename T, int N>

@@ -591,6 +591,20 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
     g_x[threadIdx.x] = v; __syncwarp();
     float r = g_x[threadIdx.x ^ m]; __syncwarp(); return r;
 }
+inline float __shfl_down_sync(unsigned, float v, int d) {
+    g_x[threadIdx.x] = v; __syncwarp();
+    const unsigned l = threadIdx.x % 32 + d;
+    float r = l < 32 ? g_x[threadIdx.x + d] : v; __syncwarp(); return r;
+}
+inline float __shfl_up_sync(unsigned, float v, int d) {
+    g_x[threadIdx.x] = v; __syncwarp();
+    const int l = (int)(threadIdx.x % 32) - d;
+    float r = l >= 0 ? g_x[threadIdx.x - d] : v; __syncwarp(); return r;
+}
+inline float __shfl_sync(unsigned, float v, int src) {
+    g_x[threadIdx.x] = v; __syncwarp();
+    float r = g_x[threadIdx.x / 32 * 32 + src]; __syncwarp(); return r;
+}
 // mma.sync.m16n8k8 (tf32 in, fp32 accumulate) for one warp, with the fragment layout of cuda_src/tc.cuh.
 inline float g_mma[32][32][6];
 inline void rwkv_emu_mma_m16n8k8(float* acc, const unsigned* a, const unsigned* b) {
@@ -861,12 +875,13 @@ def test_emulated_chunked_forward(emu, monkeypatch, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("w_range", [(-8.0, -1.0), (2.0, 4.0), (-8.0, 4.0)], ids=["weak", "strong", "mixed"])
-def test_emulated_chunked_forward_decay_extremes(emu, monkeypatch, dtype, w_range):
-    """Weak decays (16-token blocks factorized on tensor cores), decays strong enough that the blocks take the
-    exact pairwise path (products far below e^-30), and decays mixed across the whole range."""
+def test_emulated_chunked_decay_extremes(emu, monkeypatch, dtype, w_range):
+    """The tensor-core forward and backward with weak decays (16-token blocks factorized), decays strong enough
+    that the blocks take the exact pairwise paths (products far below e^-30), and decays mixed over the range."""
     from rwkvops.ops import wkv6 as W
     monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
-    errs = _emu_case(dtype, 32, T=70, seed=11, bwd=False, w_range=w_range)
+    monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    errs = _emu_case(dtype, 32, T=70, seed=11, w_range=w_range)
     _assert_errs(errs, dtype)
 
 

@@ -56,12 +56,15 @@ CK = 64              # checkpoint interval (tokens) of the backward pass
 STREAM_THREADS = 256  # block size of the decode kernel
 
 _KERNEL_NAMES = ("wkv6_forward", "wkv6_forward_stream", "wkv6_tc_state", "wkv6_chunk_scan", "wkv6_tc_output",
+                 "wkv6_tc_bwd_v", "wkv6_tc_bwd_rkw",
                  "wkv6_chunk_output", "wkv6_bwd_colfwd", "wkv6_bwd_colrev", "wkv6_bwd_rowrev", "wkv6_reduce_u")
 
 # Forward path selection: "auto" (below), or force "recurrent" / "chunked" (for comparisons and tests).
 FORWARD_PATH = "auto"
 CHUNK_L = 64               # tokens per chunk of the chunked forward (TC_L in wkv6.cu; fixed)
-TC_OUTPUT_MAX_N = 64       # wkv6_tc_output serves N <= 64 (shared memory); N = 128 uses wkv6_chunk_output
+TC_OUTPUT_MAX_N = 64       # wkv6_tc_output and the tensor-core backward serve N <= 64 (shared memory); N = 128
+                           # uses wkv6_chunk_output and the recurrent per-chunk backward passes
+_TC_N_LIMITED = ("wkv6_tc_output", "wkv6_tc_bwd_v", "wkv6_tc_bwd_rkw")
 CHUNKED_MIN_T = 256        # auto: chunked only for dense inputs with T >= this ...
 CHUNKED_MAX_BLOCKS = 1024  # ... and fewer than this many (sequence, head) blocks (the recurrent form underfills)
 
@@ -80,13 +83,19 @@ def _ne(name, ctype, n):
 
 
 NAME_EXPRESSIONS = tuple(_ne(k, c, n) for k in _KERNEL_NAMES for c in _CTYPES.values() for n in HEAD_SIZES
-                         if not (k == "wkv6_tc_output" and n > TC_OUTPUT_MAX_N))
+                         if not (k in _TC_N_LIMITED and n > TC_OUTPUT_MAX_N))
 
 
 def tc_state_smem(N) -> int:
     """Dynamic shared memory (bytes) of wkv6_tc_state: k, log decays and v of one chunk and the 16-token block
     totals, rows of N + 4 floats."""
     return 4 * (3 * CHUNK_L + CHUNK_L // 16) * (N + 4)
+
+
+def tc_bwd_smem(N) -> int:
+    """Dynamic shared memory (bytes) of wkv6_tc_bwd_rkw (and, with room to spare, wkv6_tc_bwd_v)."""
+    L, nb = CHUNK_L, CHUNK_L // 16
+    return 4 * (5 * L * (N + 4) + L * (L + 4) + 4 * nb * (N + 4) + L + 2 * N + nb)
 
 
 def tc_output_smem(N) -> int:
@@ -296,8 +305,22 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
             dstate = call.empty((seqs.num, H, N, N), "float32")
             dstate.fill(0)
         gbuf = _chunk_states(call, x["r"], dy, x["w"], dstate, dstate_in, None, 0, L, True)
-        ckpt = call.empty((units, H, N, N), "float32")
         du_part = call.empty((units, H, N), "float32")
+        if L == CHUNK_L and N <= TC_OUTPUT_MAX_N:   # tensor-core chunk backward
+            vec = i32(_gpu.aligned(x["r"], x["k"], x["v"], x["w"], dy))
+            grid, smem = (units * H,), tc_bwd_smem(N)
+            _launch("wkv6_tc_bwd_v", call, grid, (128,),
+                    (i32(T), i32(H), ptr(x["r"]), ptr(x["k"]), ptr(x["w"]), ptr(x["u"]), ptr(dy), ptr(gbuf),
+                     ptr(grads["v"]), vec), smem)
+            _launch("wkv6_tc_bwd_rkw", call, grid, (128,),
+                    (i32(T), i32(H), ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(dy),
+                     ptr(sbuf), ptr(gbuf), ptr(grads["r"]), ptr(grads["k"]), ptr(grads["w"]), ptr(du_part), vec),
+                    smem)
+            _launch("wkv6_reduce_u", call, (H,), (N,), (ptr(du_part), i32(units), i32(H), ptr(du)))
+            grads["u"] = du
+            grads["state"] = dstate_in
+            return grads
+        ckpt = call.empty((units, H, N, N), "float32")
         grid, block, cl = (units * H,), (N,), i32(L)
         _launch("wkv6_bwd_colfwd", call, grid, block,
                 head + (ptr(sbuf), i32(L), ptr(grads["r"]), ptr(xs), ptr(ckpt), err, cl))
