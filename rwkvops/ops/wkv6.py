@@ -12,21 +12,28 @@ Files: this module (declaration, NumPy reference forward/backward, GPU launchers
 * forward, recurrent (general T, varlen): one block per (sequence, head), thread ``i`` owns state row ``i``
   in registers, r/k/decay/u*k of a tile of time steps staged in shared memory (double buffered, one barrier
   per tile);
-* forward, chunked (dense batches with T >= CHUNKED_MIN_T and few (sequence, head) blocks; seed 000's plan):
-  local states of L-token chunks from zero in parallel, a scan over chunks per state element, then the
-  recurrent forward of every chunk from its true initial state in parallel (no division anywhere).
-  ``FORWARD_PATH`` forces "recurrent" or "chunked" for comparisons;
+* forward, chunked (dense batches with T >= CHUNKED_MIN_T and few (sequence, head) blocks; seed 000's plan),
+  on tensor cores (``cuda_src/tc.cuh``: mma.sync m16n8k8 TF32; 3xTF32 for fp32 inputs, so fp32 stays at fp32
+  accuracy): each 64-token chunk's local state V^T Kt (wkv6_tc_state) in parallel, a scan over chunks per state
+  element (wkv6_chunk_scan), then every chunk's outputs from its true initial state in parallel (wkv6_tc_output:
+  the inter-chunk term (r*gamma) S^T plus the intra-chunk scores A = Qh Kh^T in 16-token blocks).  Decay
+  products are exp of sums of log decays over exactly their tokens (never a ratio of cumulative products), and a
+  16-token block whose decays multiply below e^-30 gets its diagonal scores pairwise from the decays, so any w in
+  [-8, 4] is exact.  ``FORWARD_PATH`` forces "recurrent" or "chunked" for comparisons;
 * forward, one-token decode (T == 1, or varlen with one token per sequence on average): 256 threads per
   (sequence, head), each owning float4 quads of the state (coalesced 16-byte state traffic), row sums by
   warp shuffles;
 * the per-step scalars r.(u*k) (forward, dv) and dy.v (dr, dk) are block sums computed once per step during
   staging (warp shuffles, fixed order), not by every thread;
 * backward, chunk-parallel (dense inputs with T >= BWD_CHUNKED_MIN_T; ``BACKWARD_PATH`` forces "sequential" or
-  "chunked"): the state at every BWD_CHUNK_L-token chunk's start (the forward chunk scan below, or the chunked
-  forward's saved one when its CHUNK_L matches) and the adjoint G at every chunk's last token (the same two
-  kernels run in reverse: local reverse accumulation of G_{t-1} = G_t d_t + dy_t r_t^T per chunk from zero, then
-  a reverse scan over chunks, which also yields dstate); then the three passes below run per (sequence, chunk,
-  head) in parallel, and du is reduced over all of them in a fixed order (deterministic);
+  "chunked"): the state at every BWD_CHUNK_L-token chunk's start (the forward chunk scan, or the chunked forward's
+  saved one) and the adjoint G at every chunk's last token (the same kernels run in reverse: local reverse
+  accumulation of G_{t-1} = G_t d_t + dy_t r_t^T per chunk from zero, then a reverse scan over chunks, which also
+  yields dstate).  With 64-token chunks and N <= 64 two tensor-core kernels then finish every (sequence, chunk,
+  head) in parallel (wkv6_tc_bwd_v: dv; wkv6_tc_bwd_rkw: dr, dk, dw and du partials; formulas in wkv6.cu; dw from
+  prefix/suffix scans over exactly their terms, and an exact per-channel recurrence in chunks with strong decays);
+  otherwise the three recurrent passes below run per chunk.  du is reduced over the chunks in a fixed order
+  (deterministic);
 * backward, sequential (varlen, short T): three passes over the recurrence, none divides by the decay (no clamp;
   decays down to 1e-24):
   (1) forward, thread = key column ``j``: recomputes S, writes dr, the terms X_t[j] = r_t[j] (dy_t . S_{t-1}[:, j])
