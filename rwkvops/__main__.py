@@ -29,10 +29,12 @@ def _compile(nvrtc: bool, archs=("compute_80", "compute_90")) -> int:
             if nvrtc:
                 for arch in archs:
                     nvrtc_check(name, kern.source, kern.name_expressions, arch)
-            else:
+            else:   # the modules launches use: one per compile group (element type, head size)
                 import cupy
                 from ._compile import OPTIONS
-                _module(kern.source, tuple(kern.name_expressions), OPTIONS, cupy.cuda.Device().id, name)
+                from ._gpu import compile_group
+                for group in dict.fromkeys(compile_group(ne, kern.name_expressions) for ne in kern.name_expressions):
+                    _module(kern.source, group, OPTIONS, cupy.cuda.Device().id, name)
             dt = time.perf_counter() - t0
             total += dt
             n += len(kern.name_expressions)

@@ -99,13 +99,28 @@ def _cupy():
     return _CUPY
 
 
+def _group_key(name_expression):
+    """(element type, head size) of an instantiation: its first non-numeric and first numeric template argument."""
+    args = [a.strip() for a in name_expression[name_expression.find("<") + 1:name_expression.rfind(">")].split(",")]
+    return (next((a for a in args if a and not a.lstrip("-").isdigit()), None),
+            next((a for a in args if a.lstrip("-").isdigit()), None))
+
+
+def compile_group(name_expression, name_expressions):
+    """The instantiations compiled together with ``name_expression``: those of the same element type and head size,
+    so that a first call compiles only what its shapes need (a whole op's module takes a minute of NVRTC)."""
+    key = _group_key(name_expression)
+    return tuple(ne for ne in name_expressions if _group_key(ne) == key)
+
+
 def launch(op_name, source, name_expression, name_expressions, grid, block, args, shared_mem=0):
-    """Launch ``name_expression`` (compiled once with all of ``name_expressions``) on the current stream."""
+    """Launch ``name_expression`` on the current stream (compiled once, with its compile_group)."""
     cupy = _CUPY or _cupy()
     key = (cupy.cuda.runtime.getDevice(), source, name_expression)
     fn = _FUNCTIONS.get(key)
     if fn is None:
-        fn = _FUNCTIONS[key] = get_function(op_name, source, name_expression, name_expressions)
+        fn = _FUNCTIONS[key] = get_function(op_name, source, name_expression,
+                                            compile_group(name_expression, name_expressions))
     if shared_mem > 48 * 1024 and _SMEM.get(key, 0) < shared_mem:
         fn.max_dynamic_shared_size_bytes = shared_mem
         _SMEM[key] = shared_mem
