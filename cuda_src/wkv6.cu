@@ -192,8 +192,11 @@ __global__ void __launch_bounds__(N, 1) wkv6_forward(
 namespace wkv6 {
 constexpr int TC_L = 64;          // tokens per chunk (wkv6.py CHUNK_L)
 constexpr int TC_THREADS = 128;   // 4 warps
-constexpr float TC_SAFE_SPAN = 30.f;  // a diagonal block whose decays multiply to >= e^-30 in every channel
-                                      // is factorized (exponents up to +30); others take the exact pairwise path
+// Inside the chunk kernels log decays are in log2 units (-exp(w) log2(e)): every decay product is one exp2.
+constexpr float TC_LOG2E = 1.4426950408889634f, TC_LN2 = 0.6931471805599453f;
+constexpr float TC_SAFE_SPAN = 43.28f;   // = 30 / ln 2: a diagonal block whose decays multiply to >= e^-30 in
+                                         // every channel is factorized (factors up to e^30); others take the
+                                         // exact pairwise path
 
 // 8 consecutive elements of an input array as raw 16-byte words (two for fp32).
 template <typename T> struct Raw8 { uint4 q[sizeof(T) / 2]; };
@@ -211,7 +214,7 @@ __device__ __forceinline__ void load8(Raw8<T>& r, const T* p, bool vec) {
 }
 
 // dst[a][t][j] (row stride ld) = src[a] at token start+t, head h, channel j for t < len; 0 in the padding rows.
-// Arrays whose bit is set in logmask are stored as log decays -exp(x) (padding rows: 0, i.e. decay 1).
+// Arrays whose bit is set in logmask are stored as log2 decays -exp(x) log2(e) (padding rows: 0, i.e. decay 1).
 // Every load of every array is issued before the first store (the staging is one memory round trip); vec:
 // the arrays are 16-byte aligned (16-byte loads), else element loads.
 template <typename T, int N, int NA>
@@ -237,7 +240,7 @@ __device__ __forceinline__ void tc_stage(float* const (&dst)[NA], const T* const
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 f[i] = t < len ? rwkv::to_float(x[i]) : 0.f;
-                if (((logmask >> a) & 1u) && t < len) f[i] = -expf(f[i]);
+                if (((logmask >> a) & 1u) && t < len) f[i] = -expf(f[i]) * TC_LOG2E;
             }
             float4* o = reinterpret_cast<float4*>(dst[a] + t * ld + j);
             o[0] = make_float4(f[0], f[1], f[2], f[3]);
@@ -259,10 +262,10 @@ __device__ __forceinline__ void tc_stage_state(float* dst, int ld, const float* 
     }
 }
 
-// Per 16-token block p and channel j of a staged chunk, from the log decays lg[t][j] (row stride ld):
-// alpha (sum over the block's tokens before t), sigma (after t) and the block total E_p = sE[p][j].
-// lg is overwritten by sigma (keep_alpha: by alpha); if given, qscale[t][j] *= exp(alpha_t), expa[t][j] =
-// exp(alpha_t), and unsafe[p] = 1 where E_p < -TC_SAFE_SPAN in some channel.  Threads take (p, j) pairs.
+// Per 16-token block p and channel j of a staged chunk, from the log2 decays lg[t][j] (row stride ld):
+// alpha (sum over the block's tokens before t), sigma (after t) and the block total E_p = sE[p][j] (log2 units).
+// lg is overwritten by 2^sigma (keep_alpha: by 2^alpha), factors <= 1; if given, qscale[t][j] *= 2^alpha_t,
+// expa[t][j] = 2^alpha_t, and unsafe[p] = 1 where E_p < -TC_SAFE_SPAN in some channel.  Threads take (p, j).
 template <int N>
 __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool keep_alpha, float* qscale,
                                               float* expa, int* unsafe) {
@@ -275,59 +278,77 @@ __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool
         for (int s = 0; s < 16; ++s) { alpha[s] = a; a += l[s]; }
         float sg = 0.f;
 #pragma unroll
-        for (int s = 15; s >= 0; --s) { lg[o + s * ld] = keep_alpha ? alpha[s] : sg; sg += l[s]; }
+        for (int s = 15; s >= 0; --s) { lg[o + s * ld] = exp2f(keep_alpha ? alpha[s] : sg); sg += l[s]; }
         sE[p * ld + j] = a;
         if (unsafe != nullptr && a < -TC_SAFE_SPAN) unsafe[p] = 1;
         if (qscale != nullptr) {
 #pragma unroll
-            for (int s = 0; s < 16; ++s) qscale[o + s * ld] *= expf(alpha[s]);
+            for (int s = 0; s < 16; ++s) qscale[o + s * ld] *= exp2f(alpha[s]);
         }
         if (expa != nullptr) {
 #pragma unroll
-            for (int s = 0; s < 16; ++s) expa[o + s * ld] = expf(alpha[s]);
+            for (int s = 0; s < 16; ++s) expa[o + s * ld] = exp2f(alpha[s]);
         }
     }
 }
 
-// Kh (16 x N, row stride N + 4) = k of key block p scaled for query block q >= p: k_s exp(sigma_s + sum of the
-// block totals strictly between p and q) (<= |k|), or for p == q, k_s exp(sigma_s - E_q) (the diagonal block
-// when it is safe to factorize: <= |k| e^TC_SAFE_SPAN).  One warp.
+// f[j] = 2^(sum_{lo <= p < hi} E_p[j] - (neg >= 0 ? E_neg[j] : 0)): a per-channel factor, one warp's row.
 template <int N>
-__device__ __forceinline__ void tc_key_scaled(float* Kh, const float* sK, const float* sSig, const float* sE, int p,
-                                              int q) {
+__device__ __forceinline__ void tc_col_factor(float* f, const float* sE, int lo, int hi, int neg) {
+    constexpr int LD = N + 4;
+    for (int j = threadIdx.x % 32; j < N; j += 32) {
+        float g = neg >= 0 ? -sE[neg * LD + j] : 0.f;
+        for (int p = lo; p < hi; ++p) g += sE[p * LD + j];
+        f[j] = exp2f(g);
+    }
+    __syncwarp();
+}
+
+// Kh (16 x N, row stride N + 4) = k of key block p scaled for query block q >= p: k_s 2^sigma_s f[j], f from
+// tc_col_factor: the block totals strictly between p and q (Kh <= |k|), or for p == q, -E_q (the diagonal block
+// when it is safe to factorize: <= |k| e^30).  One warp.
+template <int N>
+__device__ __forceinline__ void tc_key_scaled(float* Kh, const float* sK, const float* sExpSig, const float* f, int p) {
     constexpr int LD = N + 4;
     for (int e = threadIdx.x % 32; e < 16 * N; e += 32) {
         const int s = e / N, j = e % N, t = 16 * p + s;
-        float g = sSig[t * LD + j];
-        if (p == q) g -= sE[q * LD + j];
-        else
-            for (int p2 = p + 1; p2 < q; ++p2) g += sE[p2 * LD + j];
-        Kh[s * LD + j] = sK[t * LD + j] * expf(g);
+        Kh[s * LD + j] = sK[t * LD + j] * sExpSig[t * LD + j] * f[j];
     }
 }
 
-// Log decay -exp(w) of token t of the chunk (0 past its end), read again from global memory: only the exact
-// pairwise paths of strongly decayed blocks use it.
+// Column factor and scaled keys of the pair (query block q, key block p <= q); f: this warp's factor row.
+template <int N>
+__device__ __forceinline__ void tc_pair_keys(float* Kh, float* f, const float* sK, const float* sExpSig,
+                                             const float* sE, int p, int q) {
+    if (p == q) tc_col_factor<N>(f, sE, 0, 0, q);
+    else tc_col_factor<N>(f, sE, p + 1, q, -1);
+    tc_key_scaled<N>(Kh, sK, sExpSig, f, p);
+}
+
+// Log2 decay -exp(w) log2(e) of token t of the chunk (0 past its end), read again from global memory: only the
+// exact pairwise paths of strongly decayed blocks and dw use it.
 template <typename T, int N>
 __device__ __forceinline__ float tc_log_decay(const T* __restrict__ w, long long start, int len, int H, int h,
                                               int t, int j) {
-    return t < len ? -expf(rwkv::to_float(w[((start + t) * H + h) * N + j])) : 0.f;
+    return t < len ? -expf(rwkv::to_float(w[((start + t) * H + h) * N + j])) * TC_LOG2E : 0.f;
 }
 
 // Rows of query block q of the intra-chunk score matrix (row stride la, columns = key tokens of the chunk):
 //   A[t, s] = sum_j r_t[j] k_s[j] prod_{s < s' < t} d_s'[j] for s < t,  ruk[t] for s == t,  0 for s > t.
-// Qq: Qh of block q (r_t exp(alpha_t)); scratch: this warp's 16 x (N + 4) floats; unsafe: block q's decays
+// Qq: Qh of block q (r_t 2^alpha_t); sK: raw k; sSig: 2^sigma; scratch: this warp's 16 x (N + 4) floats, f its
+// factor row; unsafe: block q's decays
 // are too strong to factorize, its diagonal entries are summed pairwise from the decays (r, w re-read).  One warp.
 template <typename T, int N, bool SPLIT>
 __device__ __forceinline__ void tc_scores(float* Aq, int la, const float* Qq, const float* sK, const float* sSig,
-                                          const float* sE, float* scratch, int q, bool unsafe, const float* sRuk,
+                                          const float* sE, float* scratch, float* f, int q, bool unsafe,
+                                          const float* sRuk,
                                           const T* __restrict__ r, const T* __restrict__ w, long long start, int len,
                                           int H, int h) {
     constexpr int LD = N + 4;
     const int lane = threadIdx.x % 32;
     for (int p = 0; p <= q; ++p) {
         if (p == q && unsafe) break;
-        tc_key_scaled<N>(scratch, sK, sSig, sE, p, q);
+        tc_pair_keys<N>(scratch, f, sK, sSig, sE, p, q);
         __syncwarp();
         float sc[8];
         rwkv::tc::zero(sc);
@@ -349,7 +370,7 @@ __device__ __forceinline__ void tc_scores(float* Aq, int la, const float* Qq, co
                     const int j = lane + 32 * m, tq = 16 * q + t;
                     if (t > s + 1) g[m] += tc_log_decay<T, N>(w, start, len, H, h, tq - 1, j);
                     const float rt = tq < len ? rwkv::to_float(r[((start + tq) * H + h) * N + j]) : 0.f;
-                    part += rt * sK[(16 * q + s) * LD + j] * expf(g[m]);
+                    part += rt * sK[(16 * q + s) * LD + j] * exp2f(g[m]);
                 }
 #pragma unroll
                 for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
@@ -407,6 +428,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
     float* sW = sK + TC_L * LD;     // log decays, then sigma (rev: alpha)
     float* sV = sW + TC_L * LD;     // v
     float* sE = sV + TC_L * LD;     // [NB][LD] block totals
+    float* sF = sE + NB * LD;       // [NB][LD] 2^(totals of the later (rev: earlier) blocks)
     const int nc = (Tlen + L - 1) / L;
     const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
     const long long start = (long long)b * Tlen + (long long)c * L;
@@ -421,19 +443,19 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
     __syncthreads();
     tc_block_scan<N>(sW, LD, sE, rev != 0, nullptr, nullptr, nullptr);
     __syncthreads();
-    // Kt = k * exp(log decays after t in the chunk) (rev: before t), never above |k|
-    for (int e = threadIdx.x; e < TC_L * N; e += TC_THREADS) {
-        const int t = e / N, j = e % N, p = t / 16;
-        float g = sW[t * LD + j];
-        if (rev) { for (int p2 = 0; p2 < p; ++p2) g += sE[p2 * LD + j]; }
-        else { for (int p2 = p + 1; p2 < NB; ++p2) g += sE[p2 * LD + j]; }
-        sK[t * LD + j] *= expf(g);
-    }
     const long long cb = (long long)bc * H + h;
-    for (int j = threadIdx.x; j < N; j += TC_THREADS) {
-        float tot = 0.f;
-        for (int p = 0; p < NB; ++p) tot += sE[p * LD + j];
-        dec[cb * N + j] = expf(tot);
+    for (int idx = threadIdx.x; idx < (NB + 1) * N; idx += TC_THREADS) {
+        const int p = idx / N, j = idx % N;
+        float g = 0.f;
+        for (int p2 = 0; p2 < NB; ++p2) g += (p == NB || (rev ? p2 < p : p2 > p)) ? sE[p2 * LD + j] : 0.f;
+        if (p < NB) sF[p * LD + j] = exp2f(g);
+        else dec[cb * N + j] = exp2f(g);
+    }
+    __syncthreads();
+    // Kt = k * (decays after t in the chunk) (rev: before t), never above |k|
+    for (int e = threadIdx.x; e < TC_L * N; e += TC_THREADS) {
+        const int t = e / N, j = e % N;
+        sK[t * LD + j] *= sW[t * LD + j] * sF[(t / 16) * LD + j];
     }
     __syncthreads();
     rwkv::tc::matmul<true, false, false, rwkv::tc::is_f32<T>::value>(
@@ -468,7 +490,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     float* sE = sA + NB * 16 * LA; // [NB][LD] block totals E_p
     float* sRuk = sE + NB * LD;    // [L] r_t . (u * k_t)
     float* sU = sRuk + L;          // [N]
-    int* sUnsafe = reinterpret_cast<int*>(sU + N);   // [NB]
+    float* sF = sU + N;            // [NB][LD] per-warp channel factors
+    int* sUnsafe = reinterpret_cast<int*>(sF + NB * LD);   // [NB]
     const int nc = (Tlen + L - 1) / L;
     const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
     const int tid = threadIdx.x, q = tid / 32, lane = tid % 32;
@@ -492,12 +515,12 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     __syncthreads();
 
     float* sAw = sA + q * 16 * LA;
+    float* fq = sF + q * LD;
     const float* Qq = sQ + 16 * q * LD;
+    tc_col_factor<N>(fq, sE, 0, q, -1);   // the decays of the chunk's earlier blocks
     for (int e = lane; e < 16 * N; e += 32) {
         const int s = e / N, j = e % N;
-        float rho = 0.f;
-        for (int p = 0; p < q; ++p) rho += sE[p * LD + j];
-        sAw[s * LA + j] = Qq[s * LD + j] * expf(rho);
+        sAw[s * LA + j] = Qq[s * LD + j] * fq[j];
     }
     __syncwarp();
     float acc[N / 16][8];
@@ -508,8 +531,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     }
     __syncthreads();   // every warp is done with S_in: its rows become the Kh scratch
 
-    tc_scores<T, N, SPLIT>(sAw, LA, Qq, sK, sSig, sE, sS + q * 16 * LD, q, sUnsafe[q] != 0, sRuk, r, w, start, len,
-                           H, h);
+    tc_scores<T, N, SPLIT>(sAw, LA, Qq, sK, sSig, sE, sS + q * 16 * LD, fq, q, sUnsafe[q] != 0, sRuk, r, w, start,
+                           len, H, h);
 #pragma unroll
     for (int n = 0; n < N / 16; ++n)
         rwkv::tc::mma_tile<false, false, SPLIT>(acc[n], sAw, LA, sV + n * 16, LD, 16 * (q + 1));
@@ -558,7 +581,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
     float* sE = sA + L * LA;       // [NB][LD]
     float* sRuk = sE + NB * LD;    // [L]
     float* sU = sRuk + L;          // [N]
-    int* sUnsafe = reinterpret_cast<int*>(sU + N);
+    float* sF = sU + N;            // [NB][LD] per-warp channel factors
+    int* sUnsafe = reinterpret_cast<int*>(sF + NB * LD);
     const int nc = (Tlen + L - 1) / L;
     const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
     const int tid = threadIdx.x, q = tid / 32, lane = tid % 32;
@@ -583,11 +607,11 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
 
     // inter-chunk part: dv_s += G Kt_s for the warp's key block q
     float* Aq = sA + 16 * q * LA;
+    float* fq = sF + q * LD;
+    tc_col_factor<N>(fq, sE, q + 1, NB, -1);   // the decays of the chunk's later blocks
     for (int e = lane; e < 16 * N; e += 32) {
         const int s = e / N, j = e % N, t = 16 * q + s;
-        float g = sSig[t * LD + j];
-        for (int p2 = q + 1; p2 < NB; ++p2) g += sE[p2 * LD + j];
-        Aq[s * LA + j] = sK[t * LD + j] * expf(g);
+        Aq[s * LA + j] = sK[t * LD + j] * sSig[t * LD + j] * fq[j];
     }
     __syncwarp();
     float acc[N / 16][8];
@@ -597,8 +621,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
         rwkv::tc::mma_tile<false, true, SPLIT>(acc[n], Aq, LA, sG + n * 16 * LD, LD, N);
     }
     __syncthreads();   // G and the Kt rows are done with
-    tc_scores<T, N, SPLIT>(Aq, LA, sQ + 16 * q * LD, sK, sSig, sE, sG + q * 16 * LD, q, sUnsafe[q] != 0, sRuk, r, w,
-                           start, len, H, h);
+    tc_scores<T, N, SPLIT>(Aq, LA, sQ + 16 * q * LD, sK, sSig, sE, sG + q * 16 * LD, fq, q, sUnsafe[q] != 0, sRuk,
+                           r, w, start, len, H, h);
     __syncthreads();   // every row of A is written
 #pragma unroll
     for (int n = 0; n < N / 16; ++n)   // (A^T dY) rows of key block q: op(A)[s, t] = A[t, s]
@@ -640,7 +664,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     float* sDyv = sTot3 + NB * LD; // [L] dy_t . v_t
     float* sU = sDyv + L;          // [N]
     float* sGS = sU + N;           // [N] <G, S0>_col
-    int* sUnsafe = reinterpret_cast<int*>(sGS + N);
+    float* sF = sGS + N;           // [NB][LD] per-warp channel factors
+    int* sUnsafe = reinterpret_cast<int*>(sF + NB * LD);
     const int nc = (Tlen + L - 1) / L;
     const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
     const int tid = threadIdx.x, q = tid / 32, lane = tid % 32, g8 = lane / 4;
@@ -700,18 +725,15 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     __syncthreads();
     const bool unsafe = sUnsafe[q] != 0;
     float* scr = X5 + 16 * q * LD;
+    float* fq = sF + q * LD;
 
     // 4. dk' for key block q: exp(sigma_s) * [ (V G)_s exp(E after block q) + sum_{t in later blocks} B[t, s]
     //    r_t exp(alpha_t + E strictly between) + sum_{t in block q} B[t, s] r_t exp(alpha_t - E_q) ]
+    tc_col_factor<N>(fq, sE, q + 1, NB, -1);   // the decays of the chunk's later blocks
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const int j = 16 * n + acc_col(e);
-            float f = 0.f;
-            for (int p2 = q + 1; p2 < NB; ++p2) f += sE[p2 * LD + j];
-            accK[n][e] *= expf(f);
-        }
+        for (int e = 0; e < 8; ++e) accK[n][e] *= fq[16 * n + acc_col(e)];
     float kin[NT][8];   // the inter-chunk part of dk' (before its exp(sigma_s) factor)
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -720,13 +742,12 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     for (int q2 = q + 1; q2 <= NB; ++q2) {
         if (q2 == NB && unsafe) break;
         const int qb = q2 == NB ? q : q2;   // q2 == NB: the diagonal block, last
+        __syncwarp();
+        if (qb == q) tc_col_factor<N>(fq, sE, 0, 0, q);
+        else tc_col_factor<N>(fq, sE, q + 1, qb, -1);
         for (int e = lane; e < 16 * N; e += 32) {
             const int tt = e / N, j = e % N, t = 16 * qb + tt;
-            float gsum = 0.f;
-            if (qb == q) gsum = -sE[q * LD + j];
-            else
-                for (int p2 = q + 1; p2 < qb; ++p2) gsum += sE[p2 * LD + j];
-            scr[tt * LD + j] = X1[t * LD + j] * X4[t * LD + j] * expf(gsum);
+            scr[tt * LD + j] = X1[t * LD + j] * X4[t * LD + j] * fq[j];
         }
         __syncwarp();
 #pragma unroll
@@ -739,13 +760,13 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
             const int s = 16 * q + acc_row(e), j = 16 * n + acc_col(e);
-            const float f = expf(X3[s * LD + j]);
+            const float f = X3[s * LD + j];   // 2^sigma_s
             accK[n][e] *= f;
             kin[n][e] *= f;
             if (unsafe) {   // exact pairwise sum over the block's later tokens
                 float gsum = 0.f, x = 0.f;
                 for (int t = s + 1; t < 16 * q + 16; ++t) {
-                    x += sB[t * LA + s] * X1[t * LD + j] * expf(gsum);
+                    x += sB[t * LA + s] * X1[t * LD + j] * exp2f(gsum);
                     gsum += tc_log_decay<T, N>(w, start, len, H, h, t, j);
                 }
                 accK[n][e] += x;
@@ -753,15 +774,12 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         }
 
     // 5. dr' for query block q: exp(alpha_t) * [ (dY S0)_t exp(E before block q) + sum_{p <= q} B_qp Kh_p ]
+    __syncwarp();
+    tc_col_factor<N>(fq, sE, 0, q, -1);   // the decays of the chunk's earlier blocks
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const int j = 16 * n + acc_col(e);
-            float f = 0.f;
-            for (int p2 = 0; p2 < q; ++p2) f += sE[p2 * LD + j];
-            accR[n][e] *= expf(f);
-        }
+        for (int e = 0; e < 8; ++e) accR[n][e] *= fq[16 * n + acc_col(e)];
     float rin[NT][8];   // the inter-chunk part of dr' (before its exp(alpha_t) factor)
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -769,7 +787,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         for (int e = 0; e < 8; ++e) rin[n][e] = accR[n][e];
     for (int p = 0; p <= q; ++p) {
         if (p == q && unsafe) break;
-        tc_key_scaled<N>(scr, X2, X3, sE, p, q);
+        __syncwarp();
+        tc_pair_keys<N>(scr, fq, X2, X3, sE, p, q);
         __syncwarp();
 #pragma unroll
         for (int n = 0; n < NT; ++n)
@@ -786,7 +805,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
             if (unsafe) {   // exact pairwise sum over the block's earlier tokens
                 float gsum = 0.f, x = 0.f;
                 for (int s = t - 1; s >= 16 * q; --s) {
-                    x += sB[t * LA + s] * X2[s * LD + j] * expf(gsum);
+                    x += sB[t * LA + s] * X2[s * LD + j] * exp2f(gsum);
                     gsum += tc_log_decay<T, N>(w, start, len, H, h, s, j);
                 }
                 accR[n][e] += x;
@@ -808,7 +827,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         // X_t = sum_{t'>t} r_t' prod_{t<s'<t'} d_s' Z_t[t'].  d in X4, Z in X5, X_t into X3.
         for (int j = tid; j < N; j += TC_THREADS) {
             for (int t = 0; t < L; ++t) {
-                X4[t * LD + j] = t < len ? expf(tc_log_decay<T, N>(w, start, len, H, h, t, j)) : 1.f;
+                X4[t * LD + j] = t < len ? exp2f(tc_log_decay<T, N>(w, start, len, H, h, t, j)) : 1.f;
                 X5[t * LD + j] = 0.f;
             }
             for (int t = 0; t < L; ++t) {
@@ -865,11 +884,11 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
                 if (p > q) dlog += sTot[p * LD + j] - sTot3[p * LD + j];
                 if (p < q) dlog += sTot2[p * LD + j];
             }
-            dlog += expf(gs) * sGS[j];
+            dlog += exp2f(gs) * sGS[j];
             if (chunk_unsafe) dlog += X3[t * LD + j];
             const float rt = X1[t * LD + j], kt = X2[t * LD + j];
             const long long o = ((start + t) * H + h) * N + j;
-            dw[o] = rwkv::from_float<T>(dlog * tc_log_decay<T, N>(w, start, len, H, h, t, j));
+            dw[o] = rwkv::from_float<T>(dlog * tc_log_decay<T, N>(w, start, len, H, h, t, j) * TC_LN2);
             dr[o] = rwkv::from_float<T>(accR[n][e] + sU[j] * kt * sDyv[t]);
             dk[o] = rwkv::from_float<T>(accK[n][e] + sU[j] * rt * sDyv[t]);
         }

@@ -95,20 +95,20 @@ NAME_EXPRESSIONS = tuple(_ne(k, c, n) for k in _KERNEL_NAMES for c in _CTYPES.va
 
 def tc_state_smem(N) -> int:
     """Dynamic shared memory (bytes) of wkv6_tc_state: k, log decays and v of one chunk and the 16-token block
-    totals, rows of N + 4 floats."""
-    return 4 * (3 * CHUNK_L + CHUNK_L // 16) * (N + 4)
+    totals and factors, rows of N + 4 floats."""
+    return 4 * (3 * CHUNK_L + 2 * (CHUNK_L // 16)) * (N + 4)
 
 
 def tc_bwd_smem(N) -> int:
     """Dynamic shared memory (bytes) of wkv6_tc_bwd_rkw (and, with room to spare, wkv6_tc_bwd_v)."""
     L, nb = CHUNK_L, CHUNK_L // 16
-    return 4 * (5 * L * (N + 4) + L * (L + 4) + 4 * nb * (N + 4) + L + 2 * N + nb)
+    return 4 * (5 * L * (N + 4) + L * (L + 4) + 5 * nb * (N + 4) + L + 2 * N + nb)
 
 
 def tc_output_smem(N) -> int:
     """Dynamic shared memory (bytes) of wkv6_tc_output (layout in wkv6.cu)."""
     L, nb = CHUNK_L, CHUNK_L // 16
-    return 4 * (5 * L * (N + 4) + nb * 16 * (L + 4) + nb * (N + 4) + L + N + nb)
+    return 4 * (5 * L * (N + 4) + nb * 16 * (L + 4) + 2 * nb * (N + 4) + L + N + nb)
 
 
 # ---------------------------------------------------------------- NumPy reference (the test oracle)
