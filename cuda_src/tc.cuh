@@ -96,6 +96,37 @@ __device__ __forceinline__ void mma_tile(float* acc, const float* A, int lda, co
     }
 }
 
+// A 16 x (16 NT) strip: acc[n] += op(A)[16 x K] op(B)[K x 16n .. 16n+15] for n < NT, each A fragment loaded
+// once per k-step for all NT tiles (B tile n starts at B + 16n, or B + 16n ldb when TB).
+template <bool TA, bool TB, bool SPLIT, int NT>
+__device__ __forceinline__ void mma_strip(float (&acc)[NT][8], const float* A, int lda, const float* B, int ldb, int K) {
+    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    for (int k = 0; k < K; k += 8) {
+        unsigned a[4], alo[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int m = g + 8 * (r % 2), kk = k + c + 4 * (r / 2);
+            split<SPLIT>(TA ? A[kk * lda + m] : A[m * lda + kk], a[r], alo[r]);
+        }
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                unsigned b[2], blo[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int kk = k + c + 4 * r, nn = 16 * n + 8 * half + g;
+                    split<SPLIT>(TB ? B[nn * ldb + kk] : B[kk * ldb + nn], b[r], blo[r]);
+                }
+                if (SPLIT) {
+                    mma_m16n8k8(acc[n] + 4 * half, alo, b);
+                    mma_m16n8k8(acc[n] + 4 * half, a, blo);
+                }
+                mma_m16n8k8(acc[n] + 4 * half, a, b);
+            }
+    }
+}
+
 // Element (row, col) of this lane's r-th accumulator value (r < 8) inside a 16 x 16 tile.
 __device__ __forceinline__ int acc_row(int r) { return (threadIdx.x % 32) / 4 + 8 * ((r % 4) / 2); }
 __device__ __forceinline__ int acc_col(int r) { return 8 * (r / 4) + 2 * (threadIdx.x % 4) + r % 2; }

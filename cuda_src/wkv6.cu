@@ -525,17 +525,13 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     __syncwarp();
     float acc[N / 16][8];
 #pragma unroll
-    for (int n = 0; n < N / 16; ++n) {
-        rwkv::tc::zero(acc[n]);
-        rwkv::tc::mma_tile<false, true, SPLIT>(acc[n], sAw, LA, sS + n * 16 * LD, LD, N);
-    }
+    for (int n = 0; n < N / 16; ++n) rwkv::tc::zero(acc[n]);
+    rwkv::tc::mma_strip<false, true, SPLIT, N / 16>(acc, sAw, LA, sS, LD, N);
     __syncthreads();   // every warp is done with S_in: its rows become the Kh scratch
 
     tc_scores<T, N, SPLIT>(sAw, LA, Qq, sK, sSig, sE, sS + q * 16 * LD, fq, q, sUnsafe[q] != 0, sRuk, r, w, start,
                            len, H, h);
-#pragma unroll
-    for (int n = 0; n < N / 16; ++n)
-        rwkv::tc::mma_tile<false, false, SPLIT>(acc[n], sAw, LA, sV + n * 16, LD, 16 * (q + 1));
+    rwkv::tc::mma_strip<false, false, SPLIT, N / 16>(acc, sAw, LA, sV, LD, 16 * (q + 1));
     __syncwarp();
 #pragma unroll
     for (int n = 0; n < N / 16; ++n) rwkv::tc::store_tile(sAw + n * 16, LA, acc[n]);
@@ -616,17 +612,15 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
     __syncwarp();
     float acc[N / 16][8];
 #pragma unroll
-    for (int n = 0; n < N / 16; ++n) {
-        rwkv::tc::zero(acc[n]);
-        rwkv::tc::mma_tile<false, true, SPLIT>(acc[n], Aq, LA, sG + n * 16 * LD, LD, N);
-    }
+    for (int n = 0; n < N / 16; ++n) rwkv::tc::zero(acc[n]);
+    rwkv::tc::mma_strip<false, true, SPLIT, N / 16>(acc, Aq, LA, sG, LD, N);
     __syncthreads();   // G and the Kt rows are done with
     tc_scores<T, N, SPLIT>(Aq, LA, sQ + 16 * q * LD, sK, sSig, sE, sG + q * 16 * LD, fq, q, sUnsafe[q] != 0, sRuk,
                            r, w, start, len, H, h);
     __syncthreads();   // every row of A is written
-#pragma unroll
-    for (int n = 0; n < N / 16; ++n)   // (A^T dY) rows of key block q: op(A)[s, t] = A[t, s]
-        rwkv::tc::mma_tile<true, false, SPLIT>(acc[n], sA + 16 * q, LA, sDy + n * 16, LD, L);
+    // (A^T dY) rows of key block q: op(A)[s, t] = A[t, s]; rows t < 16q of column block q are zero
+    rwkv::tc::mma_strip<true, false, SPLIT, N / 16>(acc, sA + 16 * q + 16 * q * LA, LA, sDy + 16 * q * LD, LD,
+                                                    L - 16 * q);
     __syncthreads();   // every warp is done reading A
 #pragma unroll
     for (int n = 0; n < N / 16; ++n) rwkv::tc::store_tile(Aq + n * 16, LA, acc[n]);
@@ -692,10 +686,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     }
     float accR[NT][8], accK[NT][8];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-        rwkv::tc::zero(accR[n]);
-        rwkv::tc::mma_tile<false, false, SPLIT>(accR[n], X1 + 16 * q * LD, LD, X3 + n * 16, LD, N);
-    }
+    for (int n = 0; n < NT; ++n) rwkv::tc::zero(accR[n]);
+    rwkv::tc::mma_strip<false, false, SPLIT, NT>(accR, X1 + 16 * q * LD, LD, X3, LD, N);
     __syncthreads();
     // 2. V G (rows of key block q) and <G, S0>_col
     tc_stage_state<N>(X1, LD, gbuf + cb * (N * N));
@@ -706,10 +698,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         sGS[j] = a;
     }
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-        rwkv::tc::zero(accK[n]);
-        rwkv::tc::mma_tile<false, false, SPLIT>(accK[n], X2 + 16 * q * LD, LD, X1 + n * 16, LD, N);
-    }
+    for (int n = 0; n < NT; ++n) rwkv::tc::zero(accK[n]);
+    rwkv::tc::mma_strip<false, false, SPLIT, NT>(accK, X2 + 16 * q * LD, LD, X1, LD, N);
     __syncthreads();
     // 3. r, k, decays; du partial; block scans
     tc_stage<T, N, 3>({X1, X2, X3}, {r, k, w}, 4u, LD, start, len, H, h, vec != 0);
@@ -750,9 +740,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
             scr[tt * LD + j] = X1[t * LD + j] * X4[t * LD + j] * fq[j];
         }
         __syncwarp();
-#pragma unroll
-        for (int n = 0; n < NT; ++n)   // op(A)[s, t] = B[t, s]
-            rwkv::tc::mma_tile<true, false, SPLIT>(accK[n], sB + 16 * qb * LA + 16 * q, LA, scr + n * 16, LD, 16);
+        // op(A)[s, t] = B[t, s]
+        rwkv::tc::mma_strip<true, false, SPLIT, NT>(accK, sB + 16 * qb * LA + 16 * q, LA, scr, LD, 16);
         __syncwarp();
     }
 #pragma unroll
@@ -790,9 +779,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         __syncwarp();
         tc_pair_keys<N>(scr, fq, X2, X3, sE, p, q);
         __syncwarp();
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-            rwkv::tc::mma_tile<false, false, SPLIT>(accR[n], Bq + 16 * p, LA, scr + n * 16, LD, 16);
+        rwkv::tc::mma_strip<false, false, SPLIT, NT>(accR, Bq + 16 * p, LA, scr, LD, 16);
         __syncwarp();
     }
 #pragma unroll
