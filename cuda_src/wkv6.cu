@@ -832,6 +832,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
             }
         }
     }
+    __syncthreads();   // B is done with: its rows take the chunk's log2 decays (for dw), one memory round trip
+    tc_stage<T, N, 1>({sB}, {w}, 1u, LA, start, len, H, h, vec != 0);
     // block-local scans (rows g8 and g8 + 8 of a column live on the 8 lanes with equal lane % 4) and per-block
     // column totals: ri (+ intra r part) exclusive suffix, intra k part inclusive suffix, ki exclusive prefix
     float rsx[NT][8], ksx[NT][8], kpx[NT][8];
@@ -875,7 +877,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
             if (chunk_unsafe) dlog += X3[t * LD + j];
             const float rt = X1[t * LD + j], kt = X2[t * LD + j];
             const long long o = ((start + t) * H + h) * N + j;
-            dw[o] = rwkv::from_float<T>(dlog * tc_log_decay<T, N>(w, start, len, H, h, t, j) * TC_LN2);
+            dw[o] = rwkv::from_float<T>(dlog * sB[t * LA + j] * TC_LN2);
             dr[o] = rwkv::from_float<T>(accR[n][e] + sU[j] * kt * sDyv[t]);
             dk[o] = rwkv::from_float<T>(accK[n][e] + sU[j] * rt * sDyv[t]);
         }
