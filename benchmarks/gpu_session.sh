@@ -6,6 +6,7 @@
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
+# RWKVOPS_COMMIT: pass the commit id literally from the checkout that sent the tree (a device copy's .git can be stale)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site" RWKVOPS_COMMIT="${RWKVOPS_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"
 stages=${*:-compile test memcheck racecheck bench serving demo}
 if ls .whl/*.whl >/dev/null 2>&1; then
