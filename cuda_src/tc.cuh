@@ -65,37 +65,6 @@ __device__ __forceinline__ void zero(float* acc) {
     for (int r = 0; r < 8; ++r) acc[r] = 0.f;
 }
 
-// acc (a 16 x 16 tile, this lane's 8 values) += op(A)[16 x K] op(B)[K x 16], K a multiple of 8.
-//   op(A): TA = false: A row-major, element (m, k) at A[m*lda + k]; TA = true: element (m, k) at A[k*lda + m].
-//   op(B): TB = false: B row-major, element (k, n) at B[k*ldb + n]; TB = true: element (k, n) at B[n*ldb + k].
-// A and B point at the tile's first row / column.
-template <bool TA, bool TB, bool SPLIT>
-__device__ __forceinline__ void mma_tile(float* acc, const float* A, int lda, const float* B, int ldb, int K) {
-    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-    for (int k = 0; k < K; k += 8) {
-        unsigned a[4], alo[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int m = g + 8 * (r % 2), kk = k + c + 4 * (r / 2);
-            split<SPLIT>(TA ? A[kk * lda + m] : A[m * lda + kk], a[r], alo[r]);
-        }
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            unsigned b[2], blo[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int kk = k + c + 4 * r, n = 8 * half + g;
-                split<SPLIT>(TB ? B[n * ldb + kk] : B[kk * ldb + n], b[r], blo[r]);
-            }
-            if (SPLIT) {
-                mma_m16n8k8(acc + 4 * half, alo, b);
-                mma_m16n8k8(acc + 4 * half, a, blo);
-            }
-            mma_m16n8k8(acc + 4 * half, a, b);
-        }
-    }
-}
-
 // A 16 x (16 NT) strip: acc[n] += op(A)[16 x K] op(B)[K x 16n .. 16n+15] for n < NT, each A fragment loaded
 // once per k-step for all NT tiles (B tile n starts at B + 16n, or B + 16n ldb when TB).
 template <bool TA, bool TB, bool SPLIT, int NT>
@@ -125,6 +94,15 @@ __device__ __forceinline__ void mma_strip(float (&acc)[NT][8], const float* A, i
                 mma_m16n8k8(acc[n] + 4 * half, a, b);
             }
     }
+}
+
+// acc (a 16 x 16 tile, this lane's 8 values) += op(A)[16 x K] op(B)[K x 16], K a multiple of 8: the one-tile
+// strip.  op(A): TA = false: A row-major, element (m, k) at A[m*lda + k]; TA = true: element (m, k) at
+// A[k*lda + m].  op(B): TB = false: B row-major, element (k, n) at B[k*ldb + n]; TB = true: at B[n*ldb + k].
+// A and B point at the tile's first row / column.
+template <bool TA, bool TB, bool SPLIT>
+__device__ __forceinline__ void mma_tile(float* acc, const float* A, int lda, const float* B, int ldb, int K) {
+    mma_strip<TA, TB, SPLIT, 1>(*reinterpret_cast<float(*)[1][8]>(acc), A, lda, B, ldb, K);
 }
 
 // Element (row, col) of this lane's r-th accumulator value (r < 8) inside a 16 x 16 tile.

@@ -411,6 +411,20 @@ __device__ __forceinline__ void col_scan(float& top, float& bot, float& total, b
         else { bot = g > 0 ? nb : edge; top = g > 0 ? nt : 0.f; }
     }
 }
+
+// Write a warp's 16 x N accumulator strip (rows = tokens 16q.. of the chunk) to out [tokens, H, N] through the
+// warp's staging rows (row stride la) so that the global stores are coalesced; rows past len are not written.
+template <typename T, int N>
+__device__ __forceinline__ void tc_write_rows(T* __restrict__ out, const float (&acc)[N / 16][8], float* stage, int la,
+                                              int q, long long start, int len, int H, int h) {
+#pragma unroll
+    for (int n = 0; n < N / 16; ++n) rwkv::tc::store_tile(stage + n * 16, la, acc[n]);
+    __syncwarp();
+    for (int e = threadIdx.x % 32; e < 16 * N; e += 32) {
+        const int s = e / N, i = e % N, t = 16 * q + s;
+        if (t < len) out[((start + t) * H + h) * N + i] = rwkv::from_float<T>(stage[s * la + i]);
+    }
+}
 }  // namespace wkv6
 
 // Chunks of L <= TC_L tokens (the rows past L are zero padding).  vec: k, v, w 16-byte aligned.  Shared memory:
@@ -533,13 +547,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
                            len, H, h);
     rwkv::tc::mma_strip<false, false, SPLIT, N / 16>(acc, sAw, LA, sV, LD, 16 * (q + 1));
     __syncwarp();
-#pragma unroll
-    for (int n = 0; n < N / 16; ++n) rwkv::tc::store_tile(sAw + n * 16, LA, acc[n]);
-    __syncwarp();
-    for (int e = lane; e < 16 * N; e += 32) {
-        const int s = e / N, i = e % N, t = 16 * q + s;
-        if (t < len) y[((start + t) * H + h) * N + i] = rwkv::from_float<T>(sAw[s * LA + i]);
-    }
+    tc_write_rows<T, N>(y, acc, sAw, LA, q, start, len, H, h);
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -622,13 +630,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
     rwkv::tc::mma_strip<true, false, SPLIT, N / 16>(acc, sA + 16 * q + 16 * q * LA, LA, sDy + 16 * q * LD, LD,
                                                     L - 16 * q);
     __syncthreads();   // every warp is done reading A
-#pragma unroll
-    for (int n = 0; n < N / 16; ++n) rwkv::tc::store_tile(Aq + n * 16, LA, acc[n]);
-    __syncwarp();
-    for (int e = lane; e < 16 * N; e += 32) {
-        const int s = e / N, i = e % N, t = 16 * q + s;
-        if (t < len) dv[((start + t) * H + h) * N + i] = rwkv::from_float<T>(Aq[s * LA + i]);
-    }
+    tc_write_rows<T, N>(dv, acc, Aq, LA, q, start, len, H, h);
 }
 
 template <typename T, int N>

@@ -30,3 +30,24 @@ def bf16_bits(a):
 def bf16_values(bits):
     """bf16 bit patterns (uint16) as float64 values."""
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+# mma.sync.m16n8k8 (tf32 in, fp32 accumulate) for one warp, with the fragment layout of cuda_src/tc.cuh: every
+# lane publishes its fragments, the warp meets (__syncwarp, which the including shim defines per warp), and each
+# lane computes its four accumulator values from the whole matrices.  Needs <cstring> and threadIdx.
+MMA_EMU = r"""
+inline float g_mma[32][32][6];
+inline void rwkv_emu_mma_m16n8k8(float* acc, const unsigned* a, const unsigned* b) {
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    std::memcpy(&g_mma[w][l][0], a, 16); std::memcpy(&g_mma[w][l][4], b, 8);
+    __syncwarp();
+    for (int r = 0; r < 4; ++r) {
+        const int row = l / 4 + 8 * (r / 2), col = 2 * (l % 4) + r % 2;
+        float s = 0.f;
+        for (int k = 0; k < 8; ++k)
+            s += g_mma[w][(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)] * g_mma[w][col * 4 + k % 4][4 + k / 4];
+        acc[r] += s;
+    }
+    __syncwarp();
+}
+"""

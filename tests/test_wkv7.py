@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import rwkvops
 from rwkvops.ops import wkv7 as W
 from rwkvops.testing import has_gpu, rel_rms, to_numpy
+import cuda_emulation
 
 NAMES = ("r", "w", "k", "v", "a", "b")
 T_CASES = (1, 15, 16, 17, 63, 65)
@@ -621,21 +622,7 @@ inline int __syncthreads_or(int p) {
     __syncthreads(); if (p) g_or.store(1); __syncthreads(); int r = g_or.load(); __syncthreads();
     if (threadIdx.x == 0) g_or.store(0);   // the next call's stores come after its first barrier
     return r; }
-// mma.sync.m16n8k8 (tf32 in, fp32 accumulate) for one warp, fragment layout of cuda_src/tc.cuh
-float g_mma[32][32][6];
-inline void rwkv_emu_mma_m16n8k8(float* acc, const unsigned* a, const unsigned* b) {
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    memcpy(&g_mma[w][l][0], a, 16); memcpy(&g_mma[w][l][4], b, 8);
-    __syncwarp();
-    for (int r = 0; r < 4; ++r) {
-        const int row = l / 4 + 8 * (r / 2), col = 2 * (l % 4) + r % 2;
-        float s = 0.f;
-        for (int k = 0; k < 8; ++k)
-            s += g_mma[w][(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)] * g_mma[w][col * 4 + k % 4][4 + k / 4];
-        acc[r] += s;
-    }
-    __syncwarp();
-}
+MMA_EMU
 using std::min;
 template <class F> void emu_run(int grid, int block, size_t dyn, F f) {
     std::vector<float> dynbuf(dyn / 4 + 16, NAN);
@@ -653,7 +640,7 @@ template <class F> void emu_run(int grid, int block, size_t dyn, F f) {
         for (auto& x : th) x.join();
     }
 }
-'''
+'''.replace("MMA_EMU", cuda_emulation.MMA_EMU)
 
 _EMU_DRIVER = r'''
 #define P_(i) ((void*)a[i])
