@@ -425,6 +425,52 @@ __device__ __forceinline__ void tc_write_rows(T* __restrict__ out, const float (
         if (t < len) out[((start + t) * H + h) * N + i] = rwkv::from_float<T>(stage[s * la + i]);
     }
 }
+
+// Shared memory of the score kernels (wkv6_tc_output, wkv6_tc_bwd_v; tc_output_smem in wkv6.py), rows of N + 4
+// floats: Q (r, then Qh), K (raw k), Sig (log2 decays, then 2^sigma), X (v or dy), M (an N x N state matrix, then
+// the warps' 16-row scratch), A ([TC_L][TC_L + 4]), E (block totals), Ruk (r_t . (u * k_t)), U (u), F (per-warp
+// channel factors), Unsafe (per-block flags).
+template <int N> struct TcScoreSmem { float *Q, *K, *Sig, *X, *M, *A, *E, *Ruk, *U, *F; int* Unsafe; };
+
+// Carve the shared memory, stage r, k, w, x of the chunk, the matrix mat and u, compute r_t . (u * k_t), and run
+// the block scans (Q becomes Qh, Sig 2^sigma).  Ends with a barrier.
+template <typename T, int N>
+__device__ __forceinline__ TcScoreSmem<N> tc_score_setup(float* smem, const T* __restrict__ r, const T* __restrict__ k,
+                                                         const T* __restrict__ w, const T* __restrict__ x,
+                                                         const T* __restrict__ u, const float* __restrict__ mat,
+                                                         long long start, int len, int H, int h, bool vec) {
+    constexpr int L = TC_L, LD = N + 4, NB = L / 16;
+    TcScoreSmem<N> m;
+    m.Q = smem; m.K = m.Q + L * LD; m.Sig = m.K + L * LD; m.X = m.Sig + L * LD; m.M = m.X + L * LD;
+    m.A = m.M + L * LD; m.E = m.A + L * (L + 4); m.Ruk = m.E + NB * LD; m.U = m.Ruk + L; m.F = m.U + N;
+    m.Unsafe = reinterpret_cast<int*>(m.F + NB * LD);
+    const int tid = threadIdx.x;
+    tc_stage<T, N, 4>({m.Q, m.K, m.Sig, m.X}, {r, k, w, x}, 4u, LD, start, len, H, h, vec);
+    tc_stage_state<N>(m.M, LD, mat);
+    for (int j = tid; j < N; j += TC_THREADS) m.U[j] = rwkv::to_float(u[h * N + j]);
+    if (tid < NB) m.Unsafe[tid] = 0;
+    __syncthreads();
+    {   // r_t . (u * k_t): two threads per token, fixed order
+        const int t = tid / 2, half = tid % 2;
+        float p = 0.f;
+        for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) p += m.Q[t * LD + j] * m.U[j] * m.K[t * LD + j];
+        p += __shfl_xor_sync(0xffffffffu, p, 1);
+        if (half == 0) m.Ruk[t] = p;
+    }
+    __syncthreads();
+    tc_block_scan<N>(m.Sig, LD, m.E, false, m.Q, nullptr, m.Unsafe);
+    __syncthreads();
+    return m;
+}
+
+// The (sequence b, chunk c, head h) of this block (blockIdx.x = (b * nc + c) * H + h) of a dense batch in chunks of
+// L tokens: bc = b * nc + c (the chunk-buffer slot), its first token and its length (the last chunk may be short).
+struct TcChunk { int h, len; long long bc, start; };
+__device__ __forceinline__ TcChunk tc_chunk(int Tlen, int H, int L) {
+    const int nc = (Tlen + L - 1) / L;
+    const long long bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
+    return {(int)(blockIdx.x % H), (int)min((long long)L, (long long)Tlen - c * L), bc, b * Tlen + c * L};
+}
 }  // namespace wkv6
 
 // Chunks of L <= TC_L tokens (the rows past L are zero padding).  vec: k, v, w 16-byte aligned.  Shared memory:
@@ -443,10 +489,9 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
     float* sV = sW + TC_L * LD;     // v
     float* sE = sV + TC_L * LD;     // [NB][LD] block totals
     float* sF = sE + NB * LD;       // [NB][LD] 2^(totals of the later (rev: earlier) blocks)
-    const int nc = (Tlen + L - 1) / L;
-    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
-    const long long start = (long long)b * Tlen + (long long)c * L;
-    const int len = (int)min((long long)L, (long long)Tlen - (long long)c * L);
+    const TcChunk ch = tc_chunk(Tlen, H, L);
+    const int h = ch.h, len = ch.len;
+    const long long bc = ch.bc, start = ch.start;
     if (sizeof(T) * N <= 128) {
         tc_stage<T, N, 3>({sK, sW, sV}, {k, w, v}, 2u, LD, start, len, H, h, vec != 0);
     } else {   // fp32 with N = 128: three round trips rather than too many registers
@@ -495,38 +540,15 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     constexpr bool SPLIT = rwkv::tc::is_f32<T>::value;
     static_assert(N <= L && NB == TC_THREADS / 32, "one warp per 16-token block; state rows fit the scratch");
     extern __shared__ __align__(32) float smem[];
-    float* sQ = smem;              // r, then Qh
-    float* sK = sQ + L * LD;       // k
-    float* sSig = sK + L * LD;     // log decays, then sigma
-    float* sV = sSig + L * LD;     // v
-    float* sS = sV + L * LD;       // S_in (N rows), then the warps' Kh scratch (16 rows each)
-    float* sA = sS + L * LD;       // per warp [16][LA]: the inter-chunk operand, then A, then y
-    float* sE = sA + NB * 16 * LA; // [NB][LD] block totals E_p
-    float* sRuk = sE + NB * LD;    // [L] r_t . (u * k_t)
-    float* sU = sRuk + L;          // [N]
-    float* sF = sU + N;            // [NB][LD] per-warp channel factors
-    int* sUnsafe = reinterpret_cast<int*>(sF + NB * LD);   // [NB]
-    const int nc = (Tlen + L - 1) / L;
-    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
-    const int tid = threadIdx.x, q = tid / 32, lane = tid % 32;
-    const long long start = (long long)b * Tlen + (long long)c * L;
-    const int len = (int)min((long long)L, (long long)Tlen - (long long)c * L);
-
-    tc_stage<T, N, 4>({sQ, sK, sSig, sV}, {r, k, w, v}, 4u, LD, start, len, H, h, vec != 0);
-    tc_stage_state<N>(sS, LD, buf + ((long long)bc * H + h) * (N * N));
-    for (int j = tid; j < N; j += TC_THREADS) sU[j] = rwkv::to_float(u[h * N + j]);
-    if (tid < NB) sUnsafe[tid] = 0;
-    __syncthreads();
-    {   // r_t . (u * k_t): two threads per token, fixed order
-        const int t = tid / 2, half = tid % 2;
-        float p = 0.f;
-        for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) p += sQ[t * LD + j] * sU[j] * sK[t * LD + j];
-        p += __shfl_xor_sync(0xffffffffu, p, 1);
-        if (half == 0) sRuk[t] = p;
-    }
-    __syncthreads();
-    tc_block_scan<N>(sSig, LD, sE, false, sQ, nullptr, sUnsafe);
-    __syncthreads();
+    const TcChunk ch = tc_chunk(Tlen, H, L);
+    const int h = ch.h, len = ch.len, q = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long long bc = ch.bc, start = ch.start;
+    // sX = v, sM = S_in (N rows), then the warps' Kh scratch; sA per warp [16][LA]: the inter-chunk operand, A, y
+    const TcScoreSmem<N> sm = tc_score_setup<T, N>(smem, r, k, w, v, u, buf + ((long long)bc * H + h) * (N * N),
+                                                   start, len, H, h, vec != 0);
+    float *sQ = sm.Q, *sK = sm.K, *sSig = sm.Sig, *sV = sm.X, *sS = sm.M, *sA = sm.A, *sE = sm.E, *sRuk = sm.Ruk,
+          *sF = sm.F;
+    int* sUnsafe = sm.Unsafe;
 
     float* sAw = sA + q * 16 * LA;
     float* fq = sF + q * LD;
@@ -576,38 +598,15 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
     constexpr bool SPLIT = rwkv::tc::is_f32<T>::value;
     static_assert(N <= L && NB == TC_THREADS / 32, "one warp per 16-token block");
     extern __shared__ __align__(32) float smem[];
-    float* sQ = smem;              // r, then Qh
-    float* sK = sQ + L * LD;       // k
-    float* sSig = sK + L * LD;     // log decays, then sigma
-    float* sDy = sSig + L * LD;    // dy
-    float* sG = sDy + L * LD;      // G (N rows), then the warps' Kh scratch
-    float* sA = sG + L * LD;       // [L][LA]: the warps' Kt, then the scores A, then dv
-    float* sE = sA + L * LA;       // [NB][LD]
-    float* sRuk = sE + NB * LD;    // [L]
-    float* sU = sRuk + L;          // [N]
-    float* sF = sU + N;            // [NB][LD] per-warp channel factors
-    int* sUnsafe = reinterpret_cast<int*>(sF + NB * LD);
-    const int nc = (Tlen + L - 1) / L;
-    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
-    const int tid = threadIdx.x, q = tid / 32, lane = tid % 32;
-    const long long start = (long long)b * Tlen + (long long)c * L;
-    const int len = (int)min((long long)L, (long long)Tlen - (long long)c * L);
-
-    tc_stage<T, N, 4>({sQ, sK, sSig, sDy}, {r, k, w, dy}, 4u, LD, start, len, H, h, vec != 0);
-    tc_stage_state<N>(sG, LD, gbuf + ((long long)bc * H + h) * (N * N));
-    for (int j = tid; j < N; j += TC_THREADS) sU[j] = rwkv::to_float(u[h * N + j]);
-    if (tid < NB) sUnsafe[tid] = 0;
-    __syncthreads();
-    {
-        const int t = tid / 2, half = tid % 2;
-        float p = 0.f;
-        for (int j = half * (N / 2); j < (half + 1) * (N / 2); ++j) p += sQ[t * LD + j] * sU[j] * sK[t * LD + j];
-        p += __shfl_xor_sync(0xffffffffu, p, 1);
-        if (half == 0) sRuk[t] = p;
-    }
-    __syncthreads();
-    tc_block_scan<N>(sSig, LD, sE, false, sQ, nullptr, sUnsafe);
-    __syncthreads();
+    const TcChunk ch = tc_chunk(Tlen, H, L);
+    const int h = ch.h, len = ch.len, q = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long long bc = ch.bc, start = ch.start;
+    // sX = dy, sM = G (N rows), then the warps' Kh scratch; sA [L][LA]: the warps' Kt, then the scores A, then dv
+    const TcScoreSmem<N> sm = tc_score_setup<T, N>(smem, r, k, w, dy, u, gbuf + ((long long)bc * H + h) * (N * N),
+                                                   start, len, H, h, vec != 0);
+    float *sQ = sm.Q, *sK = sm.K, *sSig = sm.Sig, *sDy = sm.X, *sG = sm.M, *sA = sm.A, *sE = sm.E, *sRuk = sm.Ruk,
+          *sF = sm.F;
+    int* sUnsafe = sm.Unsafe;
 
     // inter-chunk part: dv_s += G Kt_s for the warp's key block q
     float* Aq = sA + 16 * q * LA;
@@ -662,11 +661,9 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     float* sGS = sU + N;           // [N] <G, S0>_col
     float* sF = sGS + N;           // [NB][LD] per-warp channel factors
     int* sUnsafe = reinterpret_cast<int*>(sF + NB * LD);
-    const int nc = (Tlen + L - 1) / L;
-    const int h = blockIdx.x % H, bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
-    const int tid = threadIdx.x, q = tid / 32, lane = tid % 32, g8 = lane / 4;
-    const long long start = (long long)b * Tlen + (long long)c * L;
-    const int len = (int)min((long long)L, (long long)Tlen - (long long)c * L);
+    const TcChunk ch = tc_chunk(Tlen, H, L);
+    const int h = ch.h, len = ch.len, tid = threadIdx.x, q = tid / 32, lane = tid % 32, g8 = lane / 4;
+    const long long bc = ch.bc, start = ch.start;
     const long long cb = (long long)bc * H + h;
 
     // 1. B (rows of query block q) and dY S0
