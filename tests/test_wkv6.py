@@ -911,3 +911,13 @@ def test_emulated_chunked_backward_none_grads_and_determinism(emu, monkeypatch):
     g2 = W.gpu_backward(call, x, s, saved, dy, ds)
     for n in (*NAMES, "state"):
         np.testing.assert_array_equal(g1[n], g2[n])
+
+
+@pytest.mark.slow
+def test_chunked_forward_chunk_length_is_fixed(emu, monkeypatch):
+    """The tensor-core chunk kernels have a fixed chunk length: changing CHUNK_L is refused, not miscomputed."""
+    from rwkvops.ops import wkv6 as W
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "CHUNK_L", 32)
+    with pytest.raises(ValueError, match="CHUNK_L"):
+        _emu_case("float32", 32, T=40, bwd=False)

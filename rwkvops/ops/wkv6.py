@@ -68,7 +68,8 @@ _KERNEL_NAMES = ("wkv6_forward", "wkv6_forward_stream", "wkv6_tc_state", "wkv6_c
 
 # Forward path selection: "auto" (below), or force "recurrent" / "chunked" (for comparisons and tests).
 FORWARD_PATH = "auto"
-CHUNK_L = 64               # tokens per chunk of the chunked forward (TC_L in wkv6.cu; fixed)
+_TC_L = 64                 # TC_L in wkv6.cu
+CHUNK_L = _TC_L            # tokens per chunk of the chunked forward (fixed by the kernels)
 TC_OUTPUT_MAX_N = 64       # wkv6_tc_output and the tensor-core backward serve N <= 64 (shared memory); N = 128
                            # uses wkv6_chunk_output and the recurrent per-chunk backward passes
 _TC_N_LIMITED = ("wkv6_tc_output", "wkv6_tc_bwd_v", "wkv6_tc_bwd_rkw")
@@ -207,6 +208,9 @@ def _forward_chunked(call, x, state_in, state_out, y):
     seqs = call.seqs
     B, T, H, N = seqs.num, seqs.T, call.dims["H"], call.dims["N"]
     L = CHUNK_L
+    if L != _TC_L:
+        raise ValueError(f"wkv6.CHUNK_L is fixed at {_TC_L} by the tensor-core chunk kernels (TC_L in wkv6.cu), "
+                         f"got {L}")
     nc = -(-T // L)
     buf = _chunk_states(call, x["k"], x["v"], x["w"], state_in, state_out, seqs.state_idx, seqs.pool_size, L, False)
     rkvwu = (ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(buf), ptr(y))
