@@ -78,6 +78,31 @@ __device__ __forceinline__ float step_row(float (&s)[N], const float* rr, const 
     return (y0 + y1) + (y2 + y3);
 }
 
+// Row dots of a thread's RT state rows with a broadcast vector a (float4 chunks p + P*m): out[rr] = S[row rr, :] . a,
+// two accumulators per row, then a full butterfly over the P lanes of the row (bit-identical on every lane).
+template <int RT, int MC, int P>
+__device__ __forceinline__ void row_dots(const float4 (&s)[RT][MC], const float4* a4, int p, float (&out)[RT]) {
+    float sb[RT];
+#pragma unroll
+    for (int rr = 0; rr < RT; ++rr) { out[rr] = 0.f; sb[rr] = 0.f; }
+#pragma unroll
+    for (int m = 0; m < MC; ++m) {
+        const float4 aa = a4[p + P * m];
+#pragma unroll
+        for (int rr = 0; rr < RT; ++rr) {
+            out[rr] = fmaf(s[rr][m].x, aa.x, out[rr]); sb[rr] = fmaf(s[rr][m].y, aa.y, sb[rr]);
+            out[rr] = fmaf(s[rr][m].z, aa.z, out[rr]); sb[rr] = fmaf(s[rr][m].w, aa.w, sb[rr]);
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < RT; ++rr) out[rr] += sb[rr];
+#pragma unroll
+    for (int off = P / 2; off > 0; off >>= 1) {
+#pragma unroll
+        for (int rr = 0; rr < RT; ++rr) out[rr] += __shfl_xor_sync(0xffffffffu, out[rr], off, P);
+    }
+}
+
 }  // namespace wkv7
 
 // ------------------------------------------------------------------------------------------------ forward
@@ -271,26 +296,8 @@ __global__ void __launch_bounds__(FwdCfg<N, RT_>::NT) wkv7_forward(
             } else {
                 vr[0] = sm[buf][3][tt][i0];
             }
-            // sa[rr] = S[i0+rr, :] . a  (two accumulators per row, then a full butterfly over the P lanes)
-            float sa[RT], sb[RT];
-#pragma unroll
-            for (int rr = 0; rr < RT; ++rr) { sa[rr] = 0.f; sb[rr] = 0.f; }
-#pragma unroll
-            for (int m = 0; m < MC; ++m) {
-                const float4 aa = a4[p + P * m];
-#pragma unroll
-                for (int rr = 0; rr < RT; ++rr) {
-                    sa[rr] = fmaf(s[rr][m].x, aa.x, sa[rr]); sb[rr] = fmaf(s[rr][m].y, aa.y, sb[rr]);
-                    sa[rr] = fmaf(s[rr][m].z, aa.z, sa[rr]); sb[rr] = fmaf(s[rr][m].w, aa.w, sb[rr]);
-                }
-            }
-#pragma unroll
-            for (int rr = 0; rr < RT; ++rr) sa[rr] += sb[rr];
-#pragma unroll
-            for (int off = P / 2; off > 0; off >>= 1) {
-#pragma unroll
-                for (int rr = 0; rr < RT; ++rr) sa[rr] += __shfl_xor_sync(0xffffffffu, sa[rr], off, P);
-            }
+            float sa[RT], sb[RT];   // sa: S[i0+rr, :] . a; sb: the second accumulator of y below
+            wkv7::row_dots<RT, MC, P>(s, a4, p, sa);
             float yp[RT];
 #pragma unroll
             for (int rr = 0; rr < RT; ++rr) { yp[rr] = 0.f; sb[rr] = 0.f; }
@@ -831,25 +838,8 @@ __global__ void __launch_bounds__(BwdRowCfg<N>::NT, 1) wkv7_backward(
                 const float4* k4 = reinterpret_cast<const float4*>(S_in + (2 * CK + tt) * N);
                 const float4 v4 = *reinterpret_cast<const float4*>(S_in + (3 * CK + tt) * N + i0);
                 const float vr[RT] = {v4.x, v4.y, v4.z, v4.w};
-                float sa[RT], sb[RT];
-#pragma unroll
-                for (int rr = 0; rr < RT; ++rr) { sa[rr] = 0.f; sb[rr] = 0.f; }
-#pragma unroll
-                for (int m = 0; m < MC; ++m) {
-                    const float4 aa = a4[p + P * m];
-#pragma unroll
-                    for (int rr = 0; rr < RT; ++rr) {
-                        sa[rr] = fmaf(st[rr][m].x, aa.x, sa[rr]); sb[rr] = fmaf(st[rr][m].y, aa.y, sb[rr]);
-                        sa[rr] = fmaf(st[rr][m].z, aa.z, sa[rr]); sb[rr] = fmaf(st[rr][m].w, aa.w, sb[rr]);
-                    }
-                }
-#pragma unroll
-                for (int rr = 0; rr < RT; ++rr) sa[rr] += sb[rr];
-#pragma unroll
-                for (int off = P / 2; off > 0; off >>= 1) {
-#pragma unroll
-                    for (int rr = 0; rr < RT; ++rr) sa[rr] += __shfl_xor_sync(0xffffffffu, sa[rr], off, P);
-                }
+                float sa[RT];
+                wkv7::row_dots<RT, MC, P>(st, a4, p, sa);
                 if (keep && p == 0)
                     *reinterpret_cast<float4*>(S_sa + tt * N + i0) = make_float4(sa[0], sa[1], sa[2], sa[3]);
 #pragma unroll
