@@ -1,6 +1,9 @@
 """Pieces shared by the tests that compile the real CUDA sources with a host C++ compiler (one OS thread per
 CUDA thread) to check kernel logic without a GPU: stand-in fp16/bf16 headers and bf16 bit conversions."""
+import shutil
+
 import numpy as np
+import pytest
 
 FP16_H = r"""
 #pragma once
@@ -51,3 +54,29 @@ inline void rwkv_emu_mma_m16n8k8(float* acc, const unsigned* a, const unsigned* 
     __syncwarp();
 }
 """
+
+
+# Launch-by-name registry of an emulation build: reg()["kernel<T, ...>"] calls the kernel with arguments passed as
+# uint64 words (pointers and integers), wrap(&kernel<T>) builds the entry.
+KERNEL_REGISTRY = r"""
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <utility>
+template <class A> A conv(uint64_t x) { if constexpr (std::is_pointer_v<A>) return reinterpret_cast<A>(x); else return (A)(int64_t)x; }
+template <class... A, size_t... I> void call_impl(void (*f)(A...), const uint64_t* a, std::index_sequence<I...>) { f(conv<A>(a[I])...); }
+template <class... A> std::function<void(const uint64_t*)> wrap(void (*f)(A...)) {
+    return [f](const uint64_t* a) { call_impl(f, a, std::index_sequence_for<A...>{}); }; }
+static std::map<std::string, std::function<void(const uint64_t*)>>& reg() {
+    static std::map<std::string, std::function<void(const uint64_t*)>> m; return m; }
+"""
+
+
+def cxx_or_skip() -> str:
+    """The host C++ compiler for the kernel emulations (the emulation tests skip without one)."""
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the kernel emulation")
+    return cxx

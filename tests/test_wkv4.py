@@ -782,12 +782,7 @@ _EMU_MAIN = r"""
 #include <type_traits>
 #include <utility>
 #include <vector>
-template <class A> A conv(uint64_t x) { if constexpr (std::is_pointer_v<A>) return reinterpret_cast<A>(x); else return (A)(int64_t)x; }
-template <class... A, size_t... I> void call_impl(void (*f)(A...), const uint64_t* a, std::index_sequence<I...>) { f(conv<A>(a[I])...); }
-template <class... A> std::function<void(const uint64_t*)> wrap(void (*f)(A...)) {
-    return [f](const uint64_t* a) { call_impl(f, a, std::index_sequence_for<A...>{}); }; }
-static std::map<std::string, std::function<void(const uint64_t*)>>& reg() {
-    static std::map<std::string, std::function<void(const uint64_t*)>> m; return m; }
+KERNEL_REGISTRY
 #define R1(K, T, TS) reg()[#K "<" TS ">"] = wrap(&K<T>);
 #define RK(K) R1(K, float, "float") R1(K, __half, "__half") R1(K, __nv_bfloat16, "__nv_bfloat16")
 static int init() { KERNELS return 0; }
@@ -818,18 +813,15 @@ extern "C" __attribute__((visibility("default"))) int wkv4_emu_launch(const char
                 }
     return 0;
 }
-"""
+""".replace("KERNEL_REGISTRY", cuda_emulation.KERNEL_REGISTRY)
 
 
 @pytest.fixture(scope="module")
 def emu4_lib(tmp_path_factory):
     import ctypes
-    import shutil
     import subprocess
     from rwkvops._compile import CUDA_SRC
-    cxx = shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the kernel emulation")
+    cxx = cuda_emulation.cxx_or_skip()
     d = tmp_path_factory.mktemp("wkv4_emu")
     (d / "inc").mkdir()
     (d / "shim.h").write_text(_EMU_SHIM)

@@ -619,12 +619,7 @@ _BF16 = cuda_emulation.BF16_H
 _MAIN = r"""
 #include "shim.h"
 #include "wkv6_emu.cu"
-template <class A> A conv(uint64_t x) { if constexpr (std::is_pointer_v<A>) return reinterpret_cast<A>(x); else return (A)(int64_t)x; }
-template <class... A, size_t... I> void call_impl(void (*f)(A...), const uint64_t* a, std::index_sequence<I...>) { f(conv<A>(a[I])...); }
-template <class... A> std::function<void(const uint64_t*)> wrap(void (*f)(A...)) {
-    return [f](const uint64_t* a) { call_impl(f, a, std::index_sequence_for<A...>{}); }; }
-static std::map<std::string, std::function<void(const uint64_t*)>>& reg() {
-    static std::map<std::string, std::function<void(const uint64_t*)>> m; return m; }
+KERNEL_REGISTRY
 #define R1(K, T, TS, N) reg()[#K "<" TS ", " #N ">"] = wrap(&K<T, N>);
 #define RN(K, T, TS) R1(K, T, TS, 32) R1(K, T, TS, 64)
 #define RK(K) RN(K, float, "float") RN(K, __nv_bfloat16, "__nv_bfloat16")
@@ -650,19 +645,16 @@ extern "C" int wkv6_emu_launch(const char* name, int grid, int block, long smem,
     }
     return 0;
 }
-"""
+""".replace("KERNEL_REGISTRY", cuda_emulation.KERNEL_REGISTRY)
 
 
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
     import ctypes
-    import shutil
     import subprocess
     from rwkvops._compile import CUDA_SRC
     from rwkvops.ops import wkv6 as W
-    cxx = shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the kernel emulation")
+    cxx = cuda_emulation.cxx_or_skip()
     d = tmp_path_factory.mktemp("wkv6_emu")
     (d / "inc").mkdir()
     (d / "shim.h").write_text(_SHIM)

@@ -695,12 +695,9 @@ extern "C" void emu(int kind, int dt, int N, const uint64_t* a, int grid, int bl
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
     import ctypes
-    import shutil
     import subprocess
     from rwkvops._compile import read_source
-    cxx = shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the kernel emulation")
+    cxx = cuda_emulation.cxx_or_skip()
     d = tmp_path_factory.mktemp("wkv7_emu")
     src = read_source(W.SOURCE)   # common.cuh inlined
     src = "\n".join(l for l in src.splitlines() if not l.strip().startswith("#include <cuda_"))
