@@ -1,6 +1,8 @@
 """Turn benchmarks/results/<gpu>.json into <gpu>.md (table with ratios to peers and to the floor) and <gpu>.png.
 
     python benchmarks/report.py [results/<gpu>.json ...]     (default: every results/*.json with records)
+    python benchmarks/report.py --merge OUT.json IN.json ...   (one table from several runs of one commit on one
+                                                               GPU, e.g. a benchmark split over device calls)
 """
 import glob
 import json
@@ -104,6 +106,25 @@ def plot(data, path):
     return True
 
 
+def merge(out, paths):
+    """Concatenate the records of runs that share GPU and commit; a later run's record of the same case wins."""
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs.append(json.load(f))
+    for key in ("gpu", "commit"):
+        seen = {r.get(key) for r in runs}
+        if len(seen) > 1:
+            raise SystemExit(f"--merge: runs differ in {key}: {sorted(map(str, seen))}")
+    cases = {}
+    for r in runs:
+        for rec in r["records"]:
+            cases[tuple(rec.get(k) for k in ("op", "mode", "B", "T", "dtype", "impl"))] = rec
+    with open(out, "w") as f:
+        json.dump({**runs[-1], "records": list(cases.values())}, f, indent=1)
+    return out
+
+
 def main(paths):
     paths = paths or sorted(glob.glob(os.path.join(HERE, "results", "*.json")))
     for p in paths:
@@ -119,4 +140,10 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if args[:1] == ["--merge"]:
+        if len(args) < 3:
+            raise SystemExit("usage: report.py --merge OUT.json IN.json [IN.json ...]")
+        main([merge(args[1], args[2:])])
+    else:
+        main(args)
