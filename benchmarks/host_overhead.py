@@ -8,13 +8,22 @@ device int32 cu_seqlens, every length 1, each on a slot of a pool [2B, ...] give
 ``host`` is the CPU time per call without syncing (what the Python call costs); ``wall`` adds the device time
 (calls back to back, one sync at the end): at B = 1 the device is idle most of the time unless host < kernel.
 With ``--profile`` a cProfile of 300 B = 1 calls of each case is printed (sorted by own time).
+
+``--fake`` runs without a GPU: CPU tensors play CUDA tensors and :func:`fake_device` stands in for everything that
+touches the device (kernel lookup and launch, memsets, the current device and stream, the error word), so the host
+path up to the launch can be profiled anywhere (the launch itself, ~2-4 us of cuLaunchKernel, is not counted).
+``--wkv4-zero`` routes wkv4's scratch zeroing through ``rwkvops._gpu.zero`` (which launch plans replay) to show
+what that change to rwkvops/ops/wkv4.py would give.
 """
 import argparse
+import contextlib
 import cProfile
+import ctypes
 import json
 import pstats
 import time
 
+import numpy as np
 import torch
 
 import rwkvops
@@ -22,9 +31,119 @@ import rwkvops
 H, N, C = 32, 64, 2048
 
 
-def inputs(op_name, B, mode):
+def _u64(a):
+    """A launch argument as the 8 bytes of its kernel parameter slot (low bytes the value, the rest zero)."""
+    if isinstance(a, (bool, np.bool_)):
+        a = np.bool_(a)
+    elif isinstance(a, int):
+        a = np.int64(a)
+    elif isinstance(a, float):
+        a = np.float64(a)
+    return int.from_bytes(a.tobytes().ljust(8, b"\0"), "little")
+
+
+@contextlib.contextmanager
+def fake_device(log_launches=True):
+    """CPU torch tensors run rwkvops' torch-CUDA host path on a pretend device 0; yields the list of launches
+    [(kernel name, grid, block, [parameter slots as uint64]) or ("memset", ptr, nbytes)] made meanwhile, both
+    through CuPy (general path) and cuLaunchKernel (launch plans), so tests can check the pointers a replay used.
+    ``log_launches=False`` (profiling): launches cost nothing.  Large CPU allocations are kept off mmap so that
+    torch.empty costs about what the CUDA caching allocator does."""
+    from unittest import mock
+
+    import cupy
+
+    from rwkvops import _arrays, _gpu
+    from rwkvops.registry import _REGISTRY
+
+    log = []
+    fns = {}
+
+    class Function:
+        max_dynamic_shared_size_bytes = 0
+
+        def __init__(self, name):
+            self.name, self.nargs = name, 0
+            self.ptr = id(self)
+            fns[self.ptr] = self
+
+        def __call__(self, grid, block, args, shared_mem=0, stream=None):
+            self.nargs = len(args)
+            if log_launches:
+                log.append((self.name, tuple(grid), tuple(block), [_u64(a) for a in args]))
+
+    def launch_kernel(f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        if not log_launches:
+            return
+        fn = fns[f]
+        slots = (ctypes.c_void_p * fn.nargs).from_address(params)
+        log.append((fn.name, (gx, gy, gz)[:3], (bx, by, bz),
+                    [ctypes.c_uint64.from_address(slots[i]).value for i in range(fn.nargs)]))
+
+    def memset(p, value, n, stream):
+        log.append(("memset", int(p), int(n)))
+
+    err_host = np.zeros(1, np.int32)
+
+    class Mem:
+        ptr = err_host.ctypes.data
+
+    class Stream:
+        ptr = 0
+
+    class Runtime:
+        getDevice = staticmethod(lambda: 0)
+        memsetAsync = staticmethod(memset)
+
+    class Cuda:
+        runtime = Runtime
+        get_current_stream = staticmethod(lambda: Stream)
+
+    class Cupy:
+        cuda = Cuda
+
+    describe, device_of, new_bridge = _arrays.describe, _arrays.device_of, _arrays._new_bridge
+
+    def fake_describe(x):
+        d = describe(x)
+        return (d[0], ("cuda", 0), *d[2:]) if d[0] == "torch" else d
+
+    def fake_device_of(x):
+        return ("cuda", 0) if _arrays.is_torch(x) else device_of(x)
+
+    def fake_bridge(kind, device):
+        b = new_bridge(kind, device)
+        if isinstance(b, _arrays.TorchCudaBridge):
+            b.tdevice, b._raw_stream = torch.device("cpu"), (lambda: 0)
+        return b
+
+    def clear_plans():
+        for op in list(_REGISTRY.values()):
+            op.__dict__.pop("_plans", None)
+
+    try:   # glibc: no mmap/munmap per large torch.empty on the CPU (M_TRIM_THRESHOLD, M_MMAP_THRESHOLD)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)
+        libc.mallopt(-3, 1 << 30)
+    except (OSError, AttributeError):
+        pass
+    with contextlib.ExitStack() as st:
+        for target, name, value in (
+                (_arrays, "describe", fake_describe), (_arrays, "device_of", fake_device_of),
+                (_arrays, "_new_bridge", fake_bridge), (_arrays, "_BRIDGES", {}),
+                (_arrays.TorchCudaBridge, "stream", lambda self: contextlib.nullcontext()),
+                (_gpu, "_CUPY", Cupy), (_gpu, "get_function", lambda op, src, ne, nes: Function(ne)),
+                (_gpu, "_FUNCTIONS", {}), (_gpu, "_ERR_PTRS", {}), (_gpu, "_error_word", lambda dev: (Mem, err_host)),
+                (_gpu, "_KERNEL_LAUNCH", launch_kernel),
+                (cupy.cuda.runtime, "memsetAsync", memset), (cupy.cuda, "get_current_stream", lambda: Stream)):
+            st.enter_context(mock.patch.object(target, name, value))
+        clear_plans()
+        st.callback(clear_plans)     # plans made here hold fake kernels
+        yield log
+
+
+def inputs(op_name, B, mode, dev="cuda"):
     """(positional inputs, keyword arguments) of one decode call."""
-    dev = "cuda"
     T, nb = (B, 1) if mode == "pool" else (1, B)
     if op_name == "wkv4":
         x = [(torch.randn(C, device=dev) * 0.1 - 1).bfloat16(), torch.randn(C, device=dev).bfloat16(),
@@ -46,18 +165,23 @@ def inputs(op_name, B, mode):
     return x, {"state": pool, "cu_seqlens": cu, "state_indices": idx}
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def measure(op, x, kw, n=300):
     with torch.no_grad():
         for _ in range(20):
             op(*x, **kw)
-        torch.cuda.synchronize()
+        _sync()
         times = []
         t_all = time.perf_counter()
         for _ in range(n):
             t0 = time.perf_counter()
             op(*x, **kw)
             times.append(time.perf_counter() - t0)
-        torch.cuda.synchronize()
+        _sync()
         wall = (time.perf_counter() - t_all) / n * 1e3
     times.sort()
     return times[len(times) // 2] * 1e3, sum(times) / n * 1e3, wall
@@ -68,19 +192,35 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--ops", default="wkv7,wkv6,wkv4")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--fake", action="store_true", help="no GPU: CPU tensors on a fake device (host path only)")
+    ap.add_argument("--wkv4-zero", action="store_true", help="wkv4 zeroes its scratch with rwkvops._gpu.zero")
+    ap.add_argument("--sizes", default="1,64,256")
     args = ap.parse_args()
+    with contextlib.ExitStack() as st:
+        if args.fake:
+            st.enter_context(fake_device(log_launches=False))
+        if args.wkv4_zero:
+            from unittest import mock
+
+            from rwkvops import _gpu
+            from rwkvops.ops import wkv4
+            st.enter_context(mock.patch.object(wkv4, "_zero", _gpu.zero))
+        run(args, "cpu" if args.fake else "cuda")
+
+
+def run(args, dev):
     out = []
     for name in args.ops.split(","):
         op = rwkvops.get_op(name)
         for mode in ("dense", "pool"):
-            for B in (1, 64, 256):
-                x, kw = inputs(name, B, mode)
+            for B in map(int, args.sizes.split(",")):
+                x, kw = inputs(name, B, mode, dev)
                 med, mean, wall = measure(op, x, kw)
                 out.append(dict(op=name, mode=mode, B=B, host_median_ms=med, host_mean_ms=mean, wall_ms=wall))
                 print(f"HOST {name} {mode:5s} B={B:3d}: host median {med:.4f} ms/call (mean {mean:.4f}), "
                       f"host+device {wall:.4f} ms/call", flush=True)
             if args.profile:
-                x, kw = inputs(name, 1, mode)
+                x, kw = inputs(name, 1, mode, dev)
                 pr = cProfile.Profile()
                 with torch.no_grad():
                     for _ in range(20):
@@ -89,12 +229,12 @@ def main():
                     for _ in range(300):
                         op(*x, **kw)
                     pr.disable()
-                torch.cuda.synchronize()
+                _sync()
                 print(f"--- profile: {name} {mode} B=1, 300 calls")
                 pstats.Stats(pr).sort_stats("tottime").print_stats(22)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            json.dump({"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "fake", "torch": torch.__version__,
                        "commit": __import__("os").environ.get("RWKVOPS_COMMIT"), "records": out}, f, indent=1)
 
 

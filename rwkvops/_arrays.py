@@ -109,10 +109,16 @@ class DeviceView:
     ``__cuda_array_interface__`` lets ``cupy.asarray(view)`` wrap it without a copy.
     """
 
-    __slots__ = ("ptr", "shape", "dtype", "owner", "device", "_cp")
+    __slots__ = ("ptr", "shape", "dtype", "owner", "device", "_cp", "_rec")
 
     def __init__(self, ptr, shape, dtype, owner, device):
         self.ptr, self.shape, self.dtype, self.owner, self.device, self._cp = ptr, shape, dtype, owner, device, None
+        self._rec = None     # the launch-plan recorder watching this view (rwkvops._gpu.Recorder), if any
+
+    def _touched(self, what):
+        # a launcher reached for the memory some other way than ptr(): device work a launch plan would not replay
+        if self._rec is not None:
+            self._rec.refuse(f"a launcher used {what} of a launch view")
 
     @property
     def data(self):
@@ -131,15 +137,18 @@ class DeviceView:
 
     @property
     def nbytes(self):
+        self._touched("nbytes")
         return self.size * self.dtype.itemsize
 
     @property
     def __cuda_array_interface__(self):
+        self._touched("__cuda_array_interface__")
         return {"shape": tuple(self.shape), "typestr": self.dtype.str, "data": (self.ptr, False), "strides": None,
                 "version": 3}
 
     def cupy(self):
         """A CuPy ndarray over the same memory (kept alive by the owner)."""
+        self._touched("the CuPy fallback")
         if self._cp is None:
             cp = require_cupy()
             if self.size == 0:
@@ -287,6 +296,20 @@ class TorchCudaBridge(Bridge):
         torch = self.torch
         t = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=self.tdevice)
         return self._view(t)
+
+    def empty_tensors(self, specs):
+        """Uninitialized tensors of ``specs`` ((shape, dtype name) pairs) from torch's allocator on its current
+        stream: the outputs of a launch-plan replay."""
+        torch, dev = self.torch, self.tdevice
+        return [torch.empty(shape, dtype=getattr(torch, d), device=dev) for shape, d in specs]
+
+    def empty_bytes(self, n):
+        """An uninitialized uint8 tensor of ``n`` bytes (the scratch block of a launch-plan replay)."""
+        return self.torch.empty(n, dtype=self.torch.uint8, device=self.tdevice)
+
+    def raw_stream(self):
+        """torch's current stream on this bridge's device, as a raw ``cudaStream_t``."""
+        return self._raw_stream()
 
     def empty_view(self, shape, dtype):
         """An uninitialized tensor from torch's allocator (on its current stream), as a :class:`DeviceView`."""

@@ -79,8 +79,42 @@ def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs
                                  "pass the initial states as a batch [num_seqs, ...] instead")
             from ._torch import apply
             return apply(op, plan, bridge, x, state, cu_seqlens, state_indices)
+        lp = plan.launch
+        if lp and LAUNCH_PLANS:
+            out = _replay(plan, lp, bridge, x, state, cu_seqlens, state_indices)
+            if out is not None:
+                return out
     y, s, _ = _forward(op, plan, bridge, x, state, cu_seqlens, state_indices, save=False)
     return y, s
+
+
+def _replay(plan, lp, bridge, x, state, cu_seqlens, state_indices):
+    """A torch inference call through its launch plan (see rwkvops._gpu): ``(y, state_out)``, or None when this
+    call must take the general path (an array off a 16-byte boundary, another current device, changed launcher
+    settings: the plan is then dropped and recorded again)."""
+    arrays = list(x.values())
+    for a in (state, cu_seqlens, state_indices):   # the recorder's source order
+        if a is not None:
+            arrays.append(a)
+    ptrs = [a.data_ptr() for a in arrays]
+    m = 0
+    for p in ptrs:
+        m |= p
+    if m & 15 or _gpu.current_device() != lp.device:
+        return None
+    if not lp.current():
+        plan.launch, plan.launch_tries = None, 0
+        return None
+    if lp.err[0]:
+        _gpu.raise_pending_error(lp.device)
+    outs = bridge.empty_tensors(lp.outputs)
+    ptrs += [t.data_ptr() for t in outs]
+    if lp.temp_bytes:
+        scratch = bridge.empty_bytes(lp.temp_bytes)   # freed after the launches: stream-ordered, like call.empty
+        base = scratch.data_ptr()
+        ptrs += [base + o for o in lp.temps]
+    lp.launch(ptrs, bridge.raw_stream())
+    return tuple(outs[i] if is_out else arrays[i] for is_out, i in lp.results)
 
 
 def forward(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs):
@@ -138,11 +172,13 @@ def _forward(op, plan, bridge, x, state, cu_seqlens, state_indices, save):
     # from the caller's allocator as the same views (the host cost of a decode step is mostly per-array objects).
     light = not save and bridge.light_views
     to = bridge.view if light else bridge.to_compute
+    # the first inference call of a cached plan records its launches: repeats replay them (rwkvops._gpu)
+    rec = _gpu.Recorder() if light and plan.cached and plan.launch is None and LAUNCH_PLANS else None
     with bridge.stream():
         xc = {k: to(v) for k, v in x.items()}
         sc = None if state is None else to(state)
         if plan.gpu:
-            y, s_out, ctx = _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, light)
+            y, s_out, ctx = _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, light, rec)
         else:
             y, s_out, ctx = _cpu_forward(op, plan, bridge, xc, sc, save)
         y = bridge.from_compute(y, plan.dtype)
@@ -250,7 +286,11 @@ def _device_ints(bridge, host, given, light=False):
     return bridge.view(given) if light else bridge.to_compute(given)
 
 
-def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, light=False):
+LAUNCH_PLANS = True  # record and replay launch plans for torch inference calls (False: always the general path)
+_RECORD_TRIES = 3    # recordings of one plan that may fail (e.g. aliased inputs) before it keeps the general path
+
+
+def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, light=False, rec=None):
     Seqs = _gpu.Seqs
     S = plan.num_seqs
     T = plan.dims.get("T", 0)
@@ -260,11 +300,23 @@ def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, ligh
     seqs = Seqs(num=S, T=0 if plan.varlen else T, total=B * T, cu_seqlens=cu, state_idx=idx,
                 pool_size=0 if sc is None else int(sc.shape[0]))
     empty = bridge.empty_view if light else bridge.empty
+    if rec is not None:
+        for v in (*xc.values(), sc, cu, idx):   # the order _replay gathers pointers in
+            if v is not None:
+                rec.source(v)
+        empty = rec.empty(empty)
     if plan.pool:
         s_out = sc
     else:
         s_out = empty(plan.state_shape(op), "float32")
     call = GpuCall(op, plan.dtype, plan.dims, seqs, empty)
-    y, saved = op.gpu_forward(call, xc, sc, s_out, save)
+    if rec is None:
+        y, saved = op.gpu_forward(call, xc, sc, s_out, save)
+    else:
+        with rec:
+            y, saved = op.gpu_forward(call, xc, sc, s_out, save)
+        lp = rec.finish((y, s_out), plan.device[1], _gpu.launcher_guard(op))
+        plan.launch_tries += 1
+        plan.launch = lp if lp is not None else (False if plan.launch_tries >= _RECORD_TRIES else None)
     ctx = Context(op, plan, bridge, xc, sc, seqs, saved) if save else None
     return y, s_out, ctx

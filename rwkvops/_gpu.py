@@ -9,11 +9,27 @@ Kernel ABI shared by every op (so varlen, pools and dense batches are one code p
   slot of ``state_out`` (a pool, in place: they alias); slot ``-1`` starts from zero and writes nothing;
 * ``err`` points at a pinned host word the kernel sets (never clears) when it meets a bad device-side index;
   the next call on that device raises (see :func:`raise_pending_error`).
+
+Launch plans (torch inference calls): the first call of a validation plan (one call signature) runs the op's
+``gpu_forward`` under a :class:`Recorder`, which notes every :func:`launch` and :func:`zero` with the arguments it
+got; :meth:`Recorder.finish` turns that into a :class:`LaunchPlan`: per launch the CUfunction, the geometry and a
+prebuilt parameter buffer whose pointer slots are bound to "source k" (an input, the state, an index array, or an
+array the call allocated).  A repeat call with the same signature then only reads ``data_ptr()``s, allocates its
+outputs, writes the pointers into the buffers and calls ``cuLaunchKernel``.  A launcher keeps the recording exact
+by doing its device work only through :func:`launch` and :func:`zero` on arrays it got (inputs, states,
+``call.empty``), taking pointers with :func:`ptr`, and by choosing kernels from shapes, dtypes, the device, 16-byte
+alignment and module-level settings only (the plan is keyed by the first four and guarded by a snapshot of the op
+module's globals).  What the recorder cannot replay (a pointer of an array it does not know, a derived pointer,
+an array argument, a view's CuPy fallback or ``nbytes``: device work it does not see) leaves the call on the
+general path.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
+import sys
+import threading
 
 import numpy as _np
 
@@ -65,6 +81,8 @@ def ptr(x):
     """Raw device pointer of a CuPy array or launch view (``x.data.ptr``), or 0 (null) for None."""
     if x is None:
         return _NULL
+    if _RECORDING:
+        _note_ptr(x)
     return _u64(x.ptr) if type(x) is DeviceView else _u64(x.data.ptr)
 
 
@@ -125,6 +143,27 @@ def launch(op_name, source, name_expression, name_expressions, grid, block, args
         fn.max_dynamic_shared_size_bytes = shared_mem
         _SMEM[key] = shared_mem
     fn(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem, stream=cupy.cuda.get_current_stream())
+    if _RECORDING:
+        rec = _recorder()
+        if rec is not None:
+            rec.steps.append((fn, tuple(grid), tuple(block), tuple(args), shared_mem))
+
+
+def zero(a):
+    """Set every byte of ``a`` (a launch view or CuPy array; a NumPy array for the CPU emulation) to zero, on the
+    current stream.  Launchers zero scratch through this so that launch plans replay it."""
+    if isinstance(a, _np.ndarray):
+        a.fill(0)
+        return
+    cupy = _CUPY or _cupy()
+    if _RECORDING:
+        rec = _recorder()
+        if rec is not None:
+            rec.steps.append((None, a))
+    p = a.ptr if type(a) is DeviceView else a.data.ptr
+    n = a.size * a.dtype.itemsize
+    if n:
+        cupy.cuda.runtime.memsetAsync(p, 0, n, cupy.cuda.get_current_stream().ptr)
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,3 +202,266 @@ def raise_pending_error(device: int, sync: bool = False) -> None:
         host[0] = 0
         raise ValueError("rwkvops: a previous kernel call reported bad input: " + ERR_MESSAGES.get(code, f"code {code}")
                          + "; its outputs are invalid")
+
+
+# ---------------------------------------------------------------- launch plans (see the module docstring)
+
+_RECORDING = 0               # recordings in progress in any thread: ptr() and launch() look further only then
+_TLS = threading.local()
+_REC_LOCK = threading.Lock()
+
+
+def _recorder():
+    return getattr(_TLS, "rec", None)
+
+
+def _note_ptr(x):
+    rec = _recorder()
+    if rec is not None and rec.index.get(id(x), (None,))[0] is not x:
+        rec.refuse(f"ptr() of an array the call neither got nor allocated ({type(x).__name__})")
+
+
+def current_device() -> int:
+    return (_CUPY or _cupy()).cuda.runtime.getDevice()
+
+
+_KERNEL_LAUNCH = None        # cuLaunchKernel (cupy_backends' driver.launchKernel), looked up on first use
+
+
+def _launch_kernel():
+    global _KERNEL_LAUNCH
+    if _KERNEL_LAUNCH is None:
+        from cupy_backends.cuda.api import driver
+        _KERNEL_LAUNCH = driver.launchKernel
+    return _KERNEL_LAUNCH
+
+
+def _memset(p, nbytes, stream):
+    (_CUPY or _cupy()).cuda.runtime.memsetAsync(p, 0, nbytes, stream)
+
+
+class Recorder:
+    """Notes what one inference forward does on the device, to build its :class:`LaunchPlan`.
+
+    The dispatcher registers the call's arrays as sources in a fixed order (inputs, state, cu_seqlens,
+    state_indices: those not None) and wraps ``call.empty`` with :meth:`empty`; ``with recorder:`` makes it current
+    in this thread while the op's ``gpu_forward`` runs (its launches run for real)."""
+
+    def __init__(self):
+        self.sources = []        # launch views: the caller's arrays, then allocations in allocation order
+        self.index = {}          # id(view) -> (view, source index)
+        self.allocs = []         # (source index, shape, dtype name)
+        self.steps = []          # (fn, grid, block, args, shared_mem) per launch; (None, view) per zero()
+        self.why = None          # first reason the call cannot be replayed
+
+    def refuse(self, why):
+        if self.why is None:
+            self.why = why
+
+    def source(self, view):
+        if type(view) is not DeviceView:
+            self.refuse(f"a {type(view).__name__} among the call's arrays")
+            return
+        view._rec = self         # its nbytes / CuPy fallback now refuse the recording
+        self.index[id(view)] = (view, len(self.sources))
+        self.sources.append(view)
+
+    def empty(self, empty_view):
+        def alloc(shape, dtype):
+            v = empty_view(shape, dtype)
+            self.allocs.append((len(self.sources), tuple(shape), dtype))
+            self.source(v)
+            return v
+        return alloc
+
+    def __enter__(self):
+        global _RECORDING
+        _TLS.rec = self
+        with _REC_LOCK:
+            _RECORDING += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _RECORDING
+        _TLS.rec = None
+        with _REC_LOCK:
+            _RECORDING -= 1
+        return False
+
+    def finish(self, results, device, guard):
+        """The :class:`LaunchPlan` of the recorded call (``results``: the views it returns), or None (``why``)."""
+        try:
+            return self._finish(results, device, guard) if self.why is None else None
+        finally:
+            for v in self.sources:
+                v._rec = None    # no cycle keeping the call's tensors alive
+
+    def _slot(self, v, what):
+        hit = self.index.get(id(v))
+        if hit is None or hit[0] is not v:
+            self.refuse(f"{what} of an array the call neither got nor allocated")
+            return None
+        return hit[1]
+
+    def _finish(self, results, device, guard):
+        srcs = self.sources
+        ptrs = [v.ptr for v in srcs]
+        if any(p % 16 for p in ptrs):
+            self.refuse("an array off a 16-byte boundary (launchers may pick other kernels by alignment)")
+            return None
+        nbytes = [v.size * v.dtype.itemsize for v in srcs]
+        by_ptr = {}
+        for i, p in enumerate(ptrs):
+            if p:
+                by_ptr.setdefault(p, []).append(i)
+        ranges = [(p, p + n) for p, n in zip(ptrs, nbytes) if p]
+        # renumber: the caller's arrays, then outputs (returned: fresh tensors per call), then scratch (one block)
+        alloc_at = {i for i, _, _ in self.allocs}
+        out_srcs = []
+        res = []
+        for r in results:
+            i = self._slot(r, "a result")
+            if i is None:
+                return None
+            if i in alloc_at:
+                if i not in out_srcs:
+                    out_srcs.append(i)
+                res.append((True, out_srcs.index(i)))
+            else:
+                res.append((False, i))
+        ncaller = len(srcs) - len(self.allocs)
+        order = list(range(ncaller)) + out_srcs + [i for i, _, _ in self.allocs if i not in out_srcs]
+        new = {old: k for k, old in enumerate(order)}
+        shapes = {i: (s, d) for i, s, d in self.allocs}
+        outputs = tuple(shapes[i] for i in out_srcs)
+        temps, off = [], 0
+        for i, _, _ in self.allocs:
+            if i not in out_srcs:
+                temps.append(off)
+                off += -(-nbytes[i] // 256) * 256
+        steps = []
+        for st in self.steps:
+            if st[0] is None:
+                i = self._slot(st[1], "zero()")
+                if i is None:
+                    return None
+                steps.append((None, new[i], nbytes[i]))
+                continue
+            fn, grid, block, args, smem = st
+            step = self._launch_step(fn, grid, block, args, smem, by_ptr, ranges, new)
+            if step is None:
+                return None
+            steps.append(step)
+        host = _error_word(device)[1]
+        return LaunchPlan(device, tuple(steps), outputs, tuple(temps), off, tuple(res), guard, host)
+
+    def _launch_step(self, fn, grid, block, args, smem, by_ptr, ranges, new):
+        dims = []
+        for d in (grid, block):
+            d = tuple(int(v) for v in d) + (1,) * (3 - len(d))
+            if len(d) != 3:
+                self.refuse("a grid or block of more than 3 dimensions")
+                return None
+            dims.extend(d)
+        n = max(len(args), 1)
+        vals = (ctypes.c_uint64 * n)()             # one 8-byte slot per kernel parameter
+        base = ctypes.addressof(vals)
+        params = (ctypes.c_void_p * n)(*[base + 8 * k for k in range(n)])
+        binds = []
+        for k, a in enumerate(args):
+            # the conversions CuPy applies to Python scalars
+            if isinstance(a, (bool, _np.bool_)):
+                c = _np.bool_(a)
+            elif isinstance(a, int):
+                c = _np.int64(a)
+            elif isinstance(a, float):
+                c = _np.float64(a)
+            elif isinstance(a, _np.generic) and a.dtype.kind in "iuf" and a.dtype.itemsize <= 8:
+                c = a
+            else:
+                self.refuse(f"launch argument {k} is a {type(a).__name__}, not a scalar or ptr()")
+                return None
+            if c.dtype.kind in "iu":
+                v = int(c)
+                hit = by_ptr.get(v)
+                if hit is not None:
+                    if len(hit) > 1:
+                        self.refuse("two of the call's arrays share a data pointer")
+                        return None
+                    if c.dtype.itemsize != 8:
+                        self.refuse(f"launch argument {k} holds a pointer in {c.dtype}")
+                        return None
+                    binds.append((k, new[hit[0]]))
+                    continue
+                if any(lo < v < hi for lo, hi in ranges):
+                    self.refuse(f"launch argument {k} points inside one of the call's arrays")
+                    return None
+            ctypes.memmove(base + 8 * k, c.tobytes(), c.dtype.itemsize)
+        return (fn.ptr, *dims, int(smem), vals, ctypes.addressof(params), tuple(binds), fn, params)
+
+
+class LaunchPlan:
+    """The launches of one recorded call, replayed on new pointers (see the module docstring).
+
+    ``outputs``: (shape, dtype name) of the arrays a call allocates and returns (fresh per call); ``temps``: byte
+    offsets of its scratch arrays in one block of ``temp_bytes``; ``results``: per returned array, (True, output
+    index) or (False, source index).  Pointer sources at replay: the caller's arrays (the order the recorder got
+    them), the outputs, the scratch arrays.  ``guard``: :func:`globals_guard` of the launcher's module."""
+
+    __slots__ = ("device", "steps", "outputs", "temps", "temp_bytes", "results", "guard", "err", "lock")
+
+    def __init__(self, device, steps, outputs, temps, temp_bytes, results, guard, err):
+        self.device, self.steps, self.outputs, self.temps = device, steps, outputs, temps
+        self.temp_bytes, self.results, self.guard, self.err = temp_bytes, results, guard, err
+        self.lock = threading.Lock()   # the parameter buffers are shared: one replay at a time
+
+    def current(self) -> bool:
+        """Whether the launcher's module settings are still those of the recording."""
+        try:
+            return all(get(d) == snap for d, get, snap in self.guard)
+        except Exception:       # a name gone, or a new value that does not compare to a bool (an array)
+            return False
+
+    def launch(self, ptrs, stream):
+        """Write ``ptrs`` into the parameter buffers and launch every step on ``stream`` (a raw cudaStream_t)."""
+        launch_kernel = _KERNEL_LAUNCH or _launch_kernel()
+        with self.lock:
+            for st in self.steps:
+                f = st[0]
+                if f is None:
+                    if st[2]:
+                        _memset(ptrs[st[1]], st[2], stream)
+                    continue
+                vals = st[8]
+                for k, i in st[10]:
+                    vals[k] = ptrs[i]
+                launch_kernel(f, st[1], st[2], st[3], st[4], st[5], st[6], st[7], stream, st[9], 0)
+
+
+def _snapshot(v):
+    # mutable containers by value (a test may change a setting dict in place), everything else by identity
+    return v.copy() if type(v) in (dict, list, set) else v
+
+
+def globals_guard(*specs):
+    """``(module, names or None)`` pairs -> the guard of a :class:`LaunchPlan`: a snapshot of those module globals
+    (None: all but dunders), compared on every replay."""
+    import operator
+    guard = []
+    for mod, names in specs:
+        d = mod.__dict__
+        names = tuple(sorted(k for k in d if not k.startswith("__"))) if names is None else tuple(names)
+        get = operator.itemgetter(*names)
+        snap = get(d)
+        snap = tuple(map(_snapshot, snap)) if len(names) > 1 else _snapshot(snap)
+        guard.append((d, get, snap))
+    return tuple(guard)
+
+
+def launcher_guard(op):
+    """The guard of a plan recorded for ``op``: its launcher's module and this module's launch entry points."""
+    mod = sys.modules.get(getattr(op.gpu_forward, "__module__", None))
+    specs = [(sys.modules[__name__], ("launch", "ptr", "zero", "error_ptr")), (op, ("gpu_forward",))]
+    if mod is not None:
+        specs.append((mod, None))
+    return globals_guard(*specs)

@@ -24,6 +24,10 @@ class Plan:
     pool: bool                # state_indices given: state is a pool updated in place
     cu_host: object = None    # cu_seqlens as a host int64 array, when it was given on the host
     idx_host: object = None   # state_indices as a host int32 array, when given on the host
+    cached: bool = False      # kept in the op's plan cache (its checks read only array metadata)
+    launch: object = None     # torch inference: the rwkvops._gpu.LaunchPlan recorded for this signature, or
+                              # False once recording gave up (see rwkvops._dispatch._gpu_forward)
+    launch_tries: int = 0
 
     @property
     def gpu(self) -> bool:
@@ -97,8 +101,19 @@ def check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:
     if key is not None and plan.cu_host is None and plan.idx_host is None:
         if len(plans) >= _PLANS_MAX:
             plans.clear()
+        plan.cached = True
         plans[key] = plan
     return plan
+
+
+def _check_device_ints(name, arg, a, device):
+    """A device index array is read by the kernels as flat int32 memory on the inputs' device."""
+    d = _arrays.device_of(a)
+    if d != device:
+        raise ValueError(f"{name}: {arg!r} is on cuda:{d[1]} but the inputs are on cuda:{device[1]}")
+    if not _arrays.is_c_contiguous(a):
+        raise ValueError(f"{name}: {arg!r} must be C-contiguous on the GPU (call .contiguous()); got strides "
+                         f"{a.stride() if _arrays.is_torch(a) else getattr(a, 'strides', None)}")
 
 
 def _check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:
@@ -183,8 +198,7 @@ def _check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:
                                  f"{tuple(cu_seqlens.shape)}")
             if _arrays.dtype_name(cu_seqlens) != "int32":
                 raise TypeError(f"{name}: 'cu_seqlens' on the GPU must be int32, got {_arrays.dtype_name(cu_seqlens)}")
-            if _arrays.device_of(cu_seqlens) != device:
-                raise ValueError(f"{name}: 'cu_seqlens' is on another device than the inputs")
+            _check_device_ints(name, "cu_seqlens", cu_seqlens, device)
             num_seqs = int(cu_seqlens.shape[0]) - 1
         else:
             cu_host = _host_ints("cu_seqlens", op, cu_seqlens)
@@ -228,6 +242,7 @@ def _check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:
             if _arrays.dtype_name(state_indices) != "int32":
                 raise TypeError(f"{name}: 'state_indices' on the GPU must be int32, "
                                 f"got {_arrays.dtype_name(state_indices)}")
+            _check_device_ints(name, "state_indices", state_indices, device)
         else:
             idx_host = _host_ints("state_indices", op, state_indices)
             if idx_host.shape != (num_seqs,):
