@@ -764,7 +764,8 @@ __global__ void __launch_bounds__(BwdRowCfg<N>::NT, 1) wkv7_backward(
     T* __restrict__ da, T* __restrict__ db,
     const int* cu_seqlens, int T_len, long long total,
     const float* state_in, float* state_out, const int* state_idx, int pool_size, int* err,
-    const float* __restrict__ ckpt, float* __restrict__ scratch, int H, int num) {
+    const float* __restrict__ ckpt, float* __restrict__ scratch, int H, int num,
+    const float* __restrict__ dckpt, const int* fix) {
     using C = BwdRowCfg<N>;
     constexpr int CK = WKV7_CK;
     constexpr int P = C::P, RT = C::RT, RB = C::RB, NW = C::NW, NT = C::NT, MC = C::MC, V = C::V, SC = C::SC;
@@ -779,24 +780,33 @@ __global__ void __launch_bounds__(BwdRowCfg<N>::NT, 1) wkv7_backward(
     const int lane = tid & 31, wp = tid >> 5, q = lane >> 3, p = lane & 7;
     const int i0 = wp * RB + q * RT;
     const int yrow = 2 * ((p >> 2) & 1) + ((p >> 1) & 1);   // row (of the 4) whose dv this lane pair writes
-    const int h = blockIdx.x % H;
-    const int sq = blockIdx.x / H;
+    // fix != null (dense only): per-chunk mode, grid-stride over the chunks listed by wkv7_tc_bwd (fix[0] of them,
+    // ids (sequence * chunks + chunk) * H + head at fix[1..]), each from its adjoint checkpoint in dckpt
+    const int nitems = fix != nullptr ? fix[0] : 1;
+    const int nchk_dense = (T_len + CK - 1) / CK;
+    for (int item = fix != nullptr ? (int)blockIdx.x : 0; item < nitems; item += fix != nullptr ? (int)gridDim.x : 1) {
+    const int id = fix != nullptr ? fix[1 + item] : (int)blockIdx.x;
+    const int h = id % H;
+    const int sq = fix != nullptr ? id / (H * nchk_dense) : id / H;
     long long start, end;
     rwkv::seq_bounds(cu_seqlens, T_len, total, sq, start, end, err);
     const int len = (int)(end - start);
     const long long sbase = ((long long)sq * H + h) * N * N + (long long)i0 * N;
+    const int nch = (len + CK - 1) / CK;
+    const int c_hi = fix != nullptr ? (id / H) % nchk_dense : nch - 1;
+    const int c_lo = fix != nullptr ? c_hi : 0;
 
     float4 dS[RT][MC];
+    const float* dsrc = state_in != nullptr ? state_in + sbase : nullptr;
+    if (fix != nullptr) dsrc = dckpt + ((rwkv::chunk_slot(nullptr, T_len, sq, 0, CK, c_hi) * H + h) * N + i0) * (long long)N;
 #pragma unroll
     for (int rr = 0; rr < RT; ++rr)
 #pragma unroll
         for (int m = 0; m < MC; ++m)
-            dS[rr][m] = state_in != nullptr
-                ? *reinterpret_cast<const float4*>(state_in + sbase + rr * N + 4 * (p + P * m))
-                : make_float4(0.f, 0.f, 0.f, 0.f);
+            dS[rr][m] = dsrc != nullptr ? *reinterpret_cast<const float4*>(dsrc + rr * N + 4 * (p + P * m))
+                                        : make_float4(0.f, 0.f, 0.f, 0.f);
 
-    const int nch = (len + CK - 1) / CK;
-    for (int c = nch - 1; c >= 0; --c) {
+    for (int c = c_hi; c >= c_lo; --c) {
         const int t0 = c * CK;
         const int L = min(CK, len - t0);
         __syncthreads();   // the previous chunk is done with the staged inputs and column partials
@@ -962,13 +972,14 @@ __global__ void __launch_bounds__(BwdRowCfg<N>::NT, 1) wkv7_backward(
             }
         }   // sub-chunks
     }
-    if (state_out != nullptr) {
+    if (state_out != nullptr && fix == nullptr) {
 #pragma unroll
         for (int rr = 0; rr < RT; ++rr)
 #pragma unroll
             for (int m = 0; m < MC; ++m)
                 *reinterpret_cast<float4*>(state_out + sbase + rr * N + 4 * (p + P * m)) = dS[rr][m];
     }
+    }   // items
 }
 
 // ------------------------------------------------------------------------------------------------ chunked forward
@@ -1009,7 +1020,7 @@ static_assert(TC_L == WKV7_CK, "the chunk starts are the backward's checkpoints"
 
 template <int N, int MODE> struct TcCfg {
     static constexpr int L = wkv7::TC_L;
-    static constexpr int R = MODE == 1 ? 2 * N : N;     // state rows
+    static constexpr int R = MODE == 1 ? 2 * N : N;     // state rows (MODE 2: the adjoint's rows)
     static constexpr int NW = R / 16 < 4 ? R / 16 : 4;  // warps
     static constexpr int NT = 32 * NW;                  // block size (= wkv7.py _tc_threads)
     static constexpr int RW = R / NW;                   // state rows (and U columns) per warp
@@ -1048,6 +1059,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
     float* sKg = smem + C::O_KG;  float* sS = smem + C::O_S;    float* sU = smem + C::O_U;
     float* sI = smem + C::O_I;    float* sGam = smem + C::O_GAM;
 
+    constexpr bool REV = MODE == 2;   // the reverse-time adjoint pass (nseg == 1)
     const int tid = threadIdx.x, q = tid / 32, lane = tid % 32;
     const int h = blockIdx.x % H;
     const int seg = (blockIdx.x / H) % nseg;
@@ -1060,7 +1072,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
     // ---- initial state (each warp its own rows)
     long long slot = -1;
     const float* src = nullptr;
-    if (MODE == 0) {
+    if (MODE != 1) {
         if (nseg == 1) {
             slot = rwkv::state_slot(state_idx, sq, pool_size, err);
             if (state_in != nullptr && slot >= 0) src = state_in + (slot * H + h) * (long long)(N * N);
@@ -1112,11 +1124,14 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
     };
 
     const int nchunks = (len + L - 1) / L;
-    if (nchunks > 0) load(0);
-    for (int c = 0; c < nchunks; ++c) {
+    if (nchunks > 0) load(REV ? (nchunks - 1) * L : 0);
+    for (int ci = 0; ci < nchunks; ++ci) {
+        const int c = REV ? nchunks - 1 - ci : ci;
         const int t0 = c * L;
         __syncwarp();
-        if (MODE == 0 && ckpt != nullptr) {   // the state before this chunk (own rows) = checkpoint
+        // the state before this chunk (own rows) = checkpoint; MODE 2: the adjoint after the chunk's last token
+        // (w.r.t. the state the chunk ends with, everything later included)
+        if (MODE != 1 && ckpt != nullptr) {
             const long long cs = rwkv::chunk_slot(nullptr, T_len, sq, 0, WKV7_CK, (seg * seg_len + t0) / WKV7_CK);
             float* dst = ckpt + ((cs * H + h) * N) * (long long)N;
             for (int e = lane; e < RW * N / 4; e += 32) {
@@ -1127,7 +1142,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
         }
         __syncthreads();   // (B1) the previous chunk is done with the token matrices
         stage(t0);
-        if (c + 1 < nchunks) load(t0 + L);
+        if (ci + 1 < nchunks) load(REV ? t0 - L : t0 + L);
         __syncthreads();   // (B2) staged
         // ---- decays, per channel j: prefix role (A_g, R_g in place; Bi, Ki; gamma; safety) / suffix role (B_g, K_g)
         int bad = 0;   // a channel of this chunk decays below exp(-TC_SAFE_SPAN) (or is NaN)
@@ -1160,6 +1175,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
         const bool unsafe = __syncthreads_or(bad) != 0;   // (B3)
         // ---- intra-chunk matrices: m = 0 M_ab, 1 M_ak (strictly lower), 2 Q_ab, 3 Q_ak (lower)
         for (int m = q; m < 4; m += C::NW) {
+            if (REV && (m & 1)) continue;   // the adjoint needs M_ab and Q_ab only
             float* Im = sI + m * L * LDI;
             const bool strict = m < 2;
             if (!unsafe) {
@@ -1207,14 +1223,19 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
         const float* Mak = sI + 1 * L * LDI;
         const float* Qab = sI + 2 * L * LDI;
         const float* Qak = sI + 3 * L * LDI;
-        // ---- X = A_g S^T + M_ak V (own columns), into sU
+        // ---- X = A_g S^T + M_ak V (own columns), into sU.  MODE 2 (X: the adjoint, V: dy): B_g X^T + Q_ab^T dY
 #pragma unroll
         for (int rt = 0; rt < RW / 16; ++rt) {
             const int base = q * RW + 16 * rt;
             float acc[8];
             zero(acc);
-            mma_tile<false, true, SPLIT>(acc, sAg, LDA, sS + base * LDA, LDA, N);
-            if (base < N) mma_tile<false, false, SPLIT>(acc, Mak, LDI, sV + base, LDK, L);
+            if (REV) {
+                mma_tile<false, true, SPLIT>(acc, sBg, LDK, sS + base * LDA, LDA, N);
+                mma_tile<true, false, SPLIT>(acc, Qab, LDI, sV + base, LDK, L);
+            } else {
+                mma_tile<false, true, SPLIT>(acc, sAg, LDA, sS + base * LDA, LDA, N);
+                if (base < N) mma_tile<false, false, SPLIT>(acc, Mak, LDI, sV + base, LDK, L);
+            }
             store_tile(sU + base, LDU, acc);
         }
         __syncwarp();
@@ -1223,15 +1244,28 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
             float u[L];
 #pragma unroll
             for (int t = 0; t < L; ++t) u[t] = sU[t * LDU + col];
+            if (REV) {   // Z = (I - M_ab^T)^{-1} X: back substitution
 #pragma unroll
-            for (int t = 1; t < L; ++t) {
-                float s0 = u[t], s1 = 0.f;
+                for (int t = L - 2; t >= 0; --t) {
+                    float s0 = u[t], s1 = 0.f;
 #pragma unroll
-                for (int s = 0; s < t; s += 2) {
-                    s0 = fmaf(Mab[t * LDI + s], u[s], s0);
-                    if (s + 1 < t) s1 = fmaf(Mab[t * LDI + s + 1], u[s + 1], s1);
+                    for (int s = t + 1; s < L; s += 2) {
+                        s0 = fmaf(Mab[s * LDI + t], u[s], s0);
+                        if (s + 1 < L) s1 = fmaf(Mab[(s + 1) * LDI + t], u[s + 1], s1);
+                    }
+                    u[t] = s0 + s1;
                 }
-                u[t] = s0 + s1;
+            } else {
+#pragma unroll
+                for (int t = 1; t < L; ++t) {
+                    float s0 = u[t], s1 = 0.f;
+#pragma unroll
+                    for (int s = 0; s < t; s += 2) {
+                        s0 = fmaf(Mab[t * LDI + s], u[s], s0);
+                        if (s + 1 < t) s1 = fmaf(Mab[t * LDI + s + 1], u[s + 1], s1);
+                    }
+                    u[t] = s0 + s1;
+                }
             }
             __syncwarp();
             if (lane < RW) {
@@ -1250,7 +1284,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
             mma_tile<false, false, SPLIT>(yacc, Qak, LDI, sV + base, LDK, L);
         }
         __syncwarp();
-        // ---- S' = S diag(gamma) + U^T B_g + V^T K_g (own rows)
+        // ---- S' = S diag(gamma) + U^T B_g + V^T K_g (own rows).  MODE 2: X' = X diag(gamma) + Z^T A_g + dY^T R_g
 #pragma unroll
         for (int rt = 0; rt < RW / 16; ++rt) {
             const int base = q * RW + 16 * rt;
@@ -1261,8 +1295,13 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
                 load_tile(acc, st, LDA);
 #pragma unroll
                 for (int rr = 0; rr < 8; ++rr) acc[rr] *= sGam[16 * n + acc_col(rr)];
-                mma_tile<true, false, SPLIT>(acc, sU + base, LDU, sBg + 16 * n, LDK, L);
-                if (base < N) mma_tile<true, false, SPLIT>(acc, sV + base, LDK, sKg + 16 * n, LDK, L);
+                if (REV) {
+                    mma_tile<true, false, SPLIT>(acc, sU + base, LDU, sAg + 16 * n, LDA, L);
+                    mma_tile<true, false, SPLIT>(acc, sV + base, LDK, sRg + 16 * n, LDA, L);
+                } else {
+                    mma_tile<true, false, SPLIT>(acc, sU + base, LDU, sBg + 16 * n, LDK, L);
+                    if (base < N) mma_tile<true, false, SPLIT>(acc, sV + base, LDK, sKg + 16 * n, LDK, L);
+                }
                 store_tile(st, LDA, acc);
             }
         }
@@ -1345,5 +1384,301 @@ __global__ void __launch_bounds__(256) wkv7_tc_scan(
     if (state_out != nullptr && slot >= 0) {
 #pragma unroll
         for (int m = 0; m < PT; ++m) state_out[(slot * H + h) * (long long)(N * N) + rows + tid + 256 * m] = s[m];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ chunked backward
+//
+// Chunked backward on tensor cores (dense batches, N = 32 or 64), from the forward's checkpoints (the state S0 at
+// every chunk start) and the adjoint checkpoints of wkv7_tc_chunk<T, N, 2> (X = dL/dS at every chunk end, all later
+// tokens included).  One block per (sequence, chunk, head), all chunks in parallel.  In a chunk (notation of the
+// chunked forward; G(s, t) = sum of the log decays lw of tokens s+1..t, Gam_t = exp(G(-1, t)), Kd_t =
+// exp(G(t, L-1)), gamma = Gam_{L-1}; A_g[t] = a_t Gam_{t-1}, R_g[t] = r_t Gam_t, Bi = b / Gam, Ki = k / Gam,
+// B_g = b Kd, K_g = k Kd):
+//   U = (I - M_ab)^{-1} (A_g S0^T + M_ak V)                  u_t = S_{t-1} a_t (rows of U: tokens)
+//   Z = (I - M_ab^T)^{-1} (B_g X^T + Q_ab^T dY)              z_t = E_t b_t, E_t = dL/dS_t with dy_t r_t^T included
+//   dV = K_g X^T + Q_ak^T dY + M_ak^T Z
+//   dR = Gam   o (dY S0 + tril(dY U^T) Bi + tril(dY V^T) Ki)
+//   dA = Gam_- o (Z S0 + stril(Z U^T) Bi + stril(Z V^T) Ki)   (Gam_-[t] = Gam_{t-1})
+//   dK = Kd o (V X) + Gam^-1 o (tril(dY V^T)^T R_g + stril(Z V^T)^T A_g)
+//   dB = Kd o (U X) + Gam^-1 o (tril(dY U^T)^T R_g + stril(Z U^T)^T A_g)
+// and the decay gradient from the invariance of the chunk under S_t -> S_t diag(Gam_t)^{-1} (the loss depends on
+// G(-1, t) only through r Gam, a Gam_-, b / Gam, k / Gam and the end state S_{L-1}):
+//   dlw_t = sum_{t' >= t} (r dr - b db - k dk)_{t'} + sum_{t' > t} (a da)_{t'} + diag(X^T S_{L-1}),
+//   diag(X^T S_{L-1}) = gamma o diag(X^T S0) + sum_t Kd_t o (b_t o (U X)_t + k_t o (V X)_t),   dw = dlw * lw.
+// Every factor is an exponent <= 0 or, in Bi / Ki / Gam^-1, <= 16 * BWD_MILD: the block takes its chunk only when
+// every token decays mildly (exp(w) <= mild); a chunk with a stronger decay (where the invariance sum would cancel
+// and the factorization overflow) is appended to the list `fix` ([count, ids]) and done exactly by
+// wkv7_backward's per-chunk mode.  Products on tensor cores (TF32; 3xTF32 for fp32 I/O), the rest in fp32.
+template <int N> struct TcBwdCfg {
+    static constexpr int L = wkv7::TC_L;
+    static constexpr int NW = N == 64 ? 8 : 4;          // warps (16 output tiles per phase for N = 64)
+    static constexpr int NT = 32 * NW;                  // = wkv7.py _tc_bwd_threads
+    static constexpr int LD = N + 4;                    // token arrays [L][LD] and N x N matrices [N][LD]
+    static constexpr int LDI = 20;                      // the 16 x 16 token-pair matrices
+    static constexpr int TA = L * LD;
+    // token arrays: 0 r, 1 lw, 2 k, 3 v, 4 a, 5 b, 6 dy, 7 A_g, 8 R_g, 9 Bi, 10 Ki, 11 B_g (then U X), 12 K_g (then
+    // V X), 13 U, 14 Z, 15 dV; S0 [N][LD], X [N][LD] (then dK, dB, and for N = 64 dR, dA); 8 matrices [L][LDI]
+    // (M_ab, M_ak, Q_ab, Q_ak, then P_yu, P_yv, P_zu, P_zv); diag(X^T S0) [N]
+    static constexpr int O_S = 16 * TA, O_X = O_S + N * LD, O_I = O_X + N * LD, O_C = O_I + 8 * L * LDI,
+                         O_EXTRA = O_C + N;
+    static constexpr bool DR_IN_X = N * LD >= 4 * TA;
+    static constexpr int O_DK = O_X, O_DB = O_X + TA, O_DR = DR_IN_X ? O_X + 2 * TA : O_EXTRA,
+                         O_DA = O_DR + TA;
+    static constexpr int SMEM_FLOATS = DR_IN_X ? O_EXTRA : O_EXTRA + 2 * TA;   // = wkv7.py _tc_bwd_smem
+    static_assert(N == 32 || N == 64, "chunked backward: N = 32 or 64");
+};
+
+template <typename T, int N>
+__global__ void __launch_bounds__(TcBwdCfg<N>::NT) wkv7_tc_bwd(
+    const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
+    T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk, T* __restrict__ dv,
+    T* __restrict__ da, T* __restrict__ db,
+    int T_len, int H, const float* __restrict__ ckpt, const float* __restrict__ dckpt, int* fix, float mild) {
+    using C = TcBwdCfg<N>;
+    using namespace rwkv::tc;
+    constexpr int L = C::L, NW = C::NW, NT = C::NT, LD = C::LD, LDI = C::LDI, TA = C::TA, NB = N / 16;
+    constexpr bool SPLIT = is_f32<T>::value;
+    extern __shared__ __align__(16) float smem[];
+    float* sR = smem;            float* sLW = smem + TA;      float* sK = smem + 2 * TA;  float* sV = smem + 3 * TA;
+    float* sA = smem + 4 * TA;   float* sB = smem + 5 * TA;   float* sY = smem + 6 * TA;
+    float* sAg = smem + 7 * TA;  float* sRg = smem + 8 * TA;  float* sBi = smem + 9 * TA; float* sKi = smem + 10 * TA;
+    float* sBg = smem + 11 * TA; float* sKg = smem + 12 * TA; float* sU = smem + 13 * TA; float* sZ = smem + 14 * TA;
+    float* sdV = smem + 15 * TA;
+    float* sUX = sBg;            float* sVX = sKg;            // after phase 1
+    float* sS = smem + C::O_S;   float* sX = smem + C::O_X;   float* sI = smem + C::O_I;  float* sC = smem + C::O_C;
+    float* sdK = smem + C::O_DK; float* sdB = smem + C::O_DB; float* sdR = smem + C::O_DR; float* sdA = smem + C::O_DA;
+    float* Mab = sI;             float* Mak = sI + L * LDI;   float* Qab = sI + 2 * L * LDI; float* Qak = sI + 3 * L * LDI;
+    float* Pyu = sI + 4 * L * LDI; float* Pyv = sI + 5 * L * LDI; float* Pzu = sI + 6 * L * LDI;
+    float* Pzv = sI + 7 * L * LDI;
+
+    const int tid = threadIdx.x, wq = tid / 32;
+    const int nch = (T_len + L - 1) / L;
+    const int h = blockIdx.x % H;
+    const int c = (blockIdx.x / H) % nch;
+    const int sq = blockIdx.x / (H * nch);
+    const int t0 = c * L;
+    const int len = min(L, T_len - t0);
+    const long long tok0 = (long long)sq * T_len + t0;
+
+    // ---- inputs (padding tokens: zeros, decay 1); is every decay mild?
+    int strong = 0;
+    {
+        const T* const ins[7] = {r, w, k, v, a, b, dy};
+        for (int e = tid; e < L * N; e += NT) {
+            const int t = e / N, j = e % N;
+            const bool in = t < len;
+            const long long o = ((tok0 + t) * H + h) * N + j;
+#pragma unroll
+            for (int arr = 0; arr < 7; ++arr) {
+                float x = in ? rwkv::to_float(ins[arr][o]) : 0.f;
+                if (arr == 1 && in) {
+                    x = -expf(x);
+                    if (!(-x <= mild)) strong = 1;
+                }
+                smem[arr * TA + t * LD + j] = x;
+            }
+        }
+    }
+    if (__syncthreads_or(strong)) {
+        if (tid == 0) {
+            const int pos = atomicAdd(fix, 1);
+            fix[1 + pos] = blockIdx.x;
+        }
+        return;
+    }
+    {   // S0 (forward checkpoint) and X (adjoint checkpoint) of this chunk
+        const long long cs = rwkv::chunk_slot(nullptr, T_len, sq, 0, WKV7_CK, c);
+        const float* s0 = ckpt + ((cs * H + h) * N) * (long long)N;
+        const float* x0 = dckpt + ((cs * H + h) * N) * (long long)N;
+        for (int e = tid; e < N * N / 4; e += NT) {
+            const int i = e / (N / 4), j4 = 4 * (e % (N / 4));
+            *reinterpret_cast<float4*>(sS + i * LD + j4) = *reinterpret_cast<const float4*>(s0 + (long long)i * N + j4);
+            *reinterpret_cast<float4*>(sX + i * LD + j4) = *reinterpret_cast<const float4*>(x0 + (long long)i * N + j4);
+        }
+    }
+    __syncthreads();
+    // ---- decays per channel j (prefix sums over exactly the chunk's tokens); diag(X^T S0)
+    if (tid < N) {
+        const int j = tid;
+        float kd[L];
+        float g = 0.f;
+#pragma unroll
+        for (int t = L - 1; t >= 0; --t) { kd[t] = expf(g); g += sLW[t * LD + j]; }   // Kd_t = exp(G(t, L-1))
+        g = 0.f;
+#pragma unroll
+        for (int t = 0; t < L; ++t) {
+            const float gp = g;
+            g += sLW[t * LD + j];
+            const float inv = expf(-g);
+            sAg[t * LD + j] = sA[t * LD + j] * expf(gp);
+            sRg[t * LD + j] = sR[t * LD + j] * expf(g);
+            sBi[t * LD + j] = sB[t * LD + j] * inv;
+            sKi[t * LD + j] = sK[t * LD + j] * inv;
+            sBg[t * LD + j] = sB[t * LD + j] * kd[t];
+            sKg[t * LD + j] = sK[t * LD + j] * kd[t];
+        }
+        float d0 = 0.f, d1 = 0.f;
+#pragma unroll 8
+        for (int i = 0; i < N; i += 2) {
+            d0 = fmaf(sX[i * LD + j], sS[i * LD + j], d0);
+            d1 = fmaf(sX[(i + 1) * LD + j], sS[(i + 1) * LD + j], d1);
+        }
+        sC[j] = d0 + d1;
+    }
+    __syncthreads();
+    // ---- phase 1: intra-chunk matrices (masked); U <- A_g S0^T, Z <- B_g X^T, dV <- K_g X^T
+    for (int job = wq; job < 4 + 3 * NB; job += NW) {
+        float acc[8];
+        zero(acc);
+        if (job < 4) {
+            const int m = job;
+            mma_tile<false, true, SPLIT>(acc, m < 2 ? sAg : sRg, LD, (m & 1) ? sKi : sBi, LD, N);
+            float* Im = sI + m * L * LDI;
+#pragma unroll
+            for (int rr = 0; rr < 8; ++rr) {
+                const int t = acc_row(rr), s = acc_col(rr);
+                Im[t * LDI + s] = (m < 2 ? s < t : s <= t) ? acc[rr] : 0.f;
+            }
+        } else {
+            const int which = (job - 4) / NB, n = 16 * ((job - 4) % NB);
+            const float* lhs = which == 0 ? sAg : which == 1 ? sBg : sKg;
+            mma_tile<false, true, SPLIT>(acc, lhs, LD, (which == 0 ? sS : sX) + n * LD, LD, N);
+            store_tile((which == 0 ? sU : which == 1 ? sZ : sdV) + n, LD, acc);
+        }
+    }
+    __syncthreads();
+    // ---- phase 2: U += M_ak V, Z += Q_ab^T dY, dV += Q_ak^T dY
+    for (int job = wq; job < 3 * NB; job += NW) {
+        const int which = job / NB, n = 16 * (job % NB);
+        float* out = (which == 0 ? sU : which == 1 ? sZ : sdV) + n;
+        float acc[8];
+        load_tile(acc, out, LD);
+        if (which == 0) mma_tile<false, false, SPLIT>(acc, Mak, LDI, sV + n, LD, L);
+        else mma_tile<true, false, SPLIT>(acc, which == 1 ? Qab : Qak, LDI, sY + n, LD, L);
+        store_tile(out, LD, acc);
+    }
+    __syncthreads();
+    // ---- solves, one column per thread: U by forward substitution, Z by back substitution (fp32)
+    if (tid < 2 * N) {
+        const bool zz = tid >= N;
+        const int col = tid % N;
+        float* M = zz ? sZ : sU;
+        float u[L];
+#pragma unroll
+        for (int t = 0; t < L; ++t) u[t] = M[t * LD + col];
+        if (!zz) {
+#pragma unroll
+            for (int t = 1; t < L; ++t) {
+                float s0 = u[t], s1 = 0.f;
+#pragma unroll
+                for (int s = 0; s < t; s += 2) {
+                    s0 = fmaf(Mab[t * LDI + s], u[s], s0);
+                    if (s + 1 < t) s1 = fmaf(Mab[t * LDI + s + 1], u[s + 1], s1);
+                }
+                u[t] = s0 + s1;
+            }
+        } else {
+#pragma unroll
+            for (int t = L - 2; t >= 0; --t) {
+                float s0 = u[t], s1 = 0.f;
+#pragma unroll
+                for (int s = t + 1; s < L; s += 2) {
+                    s0 = fmaf(Mab[s * LDI + t], u[s], s0);
+                    if (s + 1 < L) s1 = fmaf(Mab[(s + 1) * LDI + t], u[s + 1], s1);
+                }
+                u[t] = s0 + s1;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < L; ++t) M[t * LD + col] = u[t];
+    }
+    __syncthreads();
+    // ---- phase 3: token-pair products P (masked), dV += M_ak^T Z, U X, V X (into the B_g, K_g arrays)
+    for (int job = wq; job < 4 + 3 * NB; job += NW) {
+        float acc[8];
+        if (job < 4) {
+            const int m = job;   // 0 P_yu = dY U^T, 1 P_yv = dY V^T (lower); 2 P_zu = Z U^T, 3 P_zv = Z V^T (strict)
+            zero(acc);
+            mma_tile<false, true, SPLIT>(acc, m < 2 ? sY : sZ, LD, (m & 1) ? sV : sU, LD, N);
+            float* Pm = sI + (4 + m) * L * LDI;
+#pragma unroll
+            for (int rr = 0; rr < 8; ++rr) {
+                const int t = acc_row(rr), s = acc_col(rr);
+                Pm[t * LDI + s] = (m < 2 ? s <= t : s < t) ? acc[rr] : 0.f;
+            }
+        } else {
+            const int which = (job - 4) / NB, n = 16 * ((job - 4) % NB);
+            if (which == 0) {
+                load_tile(acc, sdV + n, LD);
+                mma_tile<true, false, SPLIT>(acc, Mak, LDI, sZ + n, LD, L);
+                store_tile(sdV + n, LD, acc);
+            } else {
+                zero(acc);
+                mma_tile<false, false, SPLIT>(acc, which == 1 ? sU : sV, LD, sX + n, LD, N);
+                store_tile((which == 1 ? sUX : sVX) + n, LD, acc);
+            }
+        }
+    }
+    __syncthreads();
+    // ---- phase 4: dR, dA, dK, dB before their per-channel decay factors (X is dead: dK, dB (dR, dA) over it)
+    for (int job = wq; job < 4 * NB; job += NW) {
+        const int which = job / NB, n = 16 * (job % NB);
+        float acc[8];
+        zero(acc);
+        if (which < 2) {   // dR (P_yu, P_yv; dY S0) / dA (P_zu, P_zv; Z S0)
+            mma_tile<false, false, SPLIT>(acc, which == 0 ? sY : sZ, LD, sS + n, LD, N);
+            mma_tile<false, false, SPLIT>(acc, which == 0 ? Pyu : Pzu, LDI, sBi + n, LD, L);
+            mma_tile<false, false, SPLIT>(acc, which == 0 ? Pyv : Pzv, LDI, sKi + n, LD, L);
+            store_tile((which == 0 ? sdR : sdA) + n, LD, acc);
+        } else {           // dK (P_yv, P_zv) / dB (P_yu, P_zu), transposed
+            mma_tile<true, false, SPLIT>(acc, which == 2 ? Pyv : Pyu, LDI, sRg + n, LD, L);
+            mma_tile<true, false, SPLIT>(acc, which == 2 ? Pzv : Pzu, LDI, sAg + n, LD, L);
+            store_tile((which == 2 ? sdK : sdB) + n, LD, acc);
+        }
+    }
+    __syncthreads();
+    // ---- per channel: decay factors, the decay gradient, outputs
+    if (tid < N) {
+        const int j = tid;
+        float kd[L];
+        float g = 0.f;
+#pragma unroll
+        for (int t = L - 1; t >= 0; --t) { kd[t] = expf(g); g += sLW[t * LD + j]; }
+        const float gamma = expf(g);
+        float cend = gamma * sC[j];
+        g = 0.f;
+#pragma unroll
+        for (int t = 0; t < L; ++t) {
+            const int o = t * LD + j;
+            const float gp = g;
+            g += sLW[o];
+            const float inv = expf(-g);
+            const float vdr = expf(g) * sdR[o];
+            const float vda = expf(gp) * sdA[o];
+            const float vdk = kd[t] * sVX[o] + inv * sdK[o];
+            const float vdb = kd[t] * sUX[o] + inv * sdB[o];
+            cend = fmaf(kd[t], fmaf(sB[o], sUX[o], sK[o] * sVX[o]), cend);
+            sdR[o] = vdr; sdA[o] = vda; sdK[o] = vdk; sdB[o] = vdb;
+        }
+        float acc = cend;
+        for (int t = L - 1; t >= 0; --t) {
+            const int o = t * LD + j;
+            acc += sR[o] * sdR[o] - sB[o] * sdB[o] - sK[o] * sdK[o];
+            const long long go = ((tok0 + t) * H + h) * N + j;
+            if (t < len) {
+                dr[go] = rwkv::from_float<T>(sdR[o]);
+                dk[go] = rwkv::from_float<T>(sdK[o]);
+                db[go] = rwkv::from_float<T>(sdB[o]);
+                da[go] = rwkv::from_float<T>(sdA[o]);
+                dw[go] = rwkv::from_float<T>(acc * sLW[o]);
+            }
+            acc += sA[o] * sdA[o];
+        }
+    }
+    for (int e = tid; e < len * N; e += NT) {
+        const int t = e / N, i = e % N;
+        dv[((tok0 + t) * H + h) * N + i] = rwkv::from_float<T>(sdV[t * LD + i]);
     }
 }

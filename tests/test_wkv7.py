@@ -617,6 +617,7 @@ std::barrier<>* g_wbar[32];   // one per warp: __syncwarp, shuffles and the mma 
 inline void __syncwarp(unsigned = 0xffffffffu) { g_wbar[threadIdx.x / 32]->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int off, int = 32) {   // every lane of the warp calls it together
     int t = threadIdx.x; g_x[t] = v; __syncwarp(); float r = g_x[t ^ off]; __syncwarp(); return r; }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 std::atomic<int> g_or{0};
 inline int __syncthreads_or(int p) {
     __syncthreads(); if (p) g_or.store(1); __syncthreads(); int r = g_or.load(); __syncthreads();
@@ -663,7 +664,7 @@ template <typename T, int N> void bwd_rows(const uint64_t* a, int grid, int blk,
   emu_run(grid, blk, smem, [&]{ wkv7_backward<T, N>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(const T*)P_(6),(T*)P_(7),(T*)P_(8),(T*)P_(9),(T*)P_(10),(T*)P_(11),(T*)P_(12),
      (const int*)P_(13), I_(14), L_(15), (const float*)P_(16), (float*)P_(17), (const int*)P_(18), I_(19), (int*)P_(20),
-     (const float*)P_(21), (float*)P_(22), I_(23), I_(24)); }); }
+     (const float*)P_(21), (float*)P_(22), I_(23), I_(24), (const float*)P_(25), (const int*)P_(26)); }); }
 template <typename T, int N> void bwd(const uint64_t* a, int grid, int blk, size_t smem) {
   emu_run(grid, blk, smem, [&]{ wkv7_backward_l2<T, N>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(const T*)P_(6),(T*)P_(7),(T*)P_(8),(T*)P_(9),(T*)P_(10),(T*)P_(11),(T*)P_(12),
@@ -673,12 +674,19 @@ template <typename T, int N, int M> void tcc(const uint64_t* a, int grid, int bl
   emu_run(grid, blk, smem, [&]{ wkv7_tc_chunk<T, N, M>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(T*)P_(6), I_(7), I_(8), I_(9), I_(10), (const float*)P_(11), (float*)P_(12),
      (const int*)P_(13), I_(14), (int*)P_(15), (float*)P_(16), (float*)P_(17), I_(18)); }); }
+template <typename T, int N> void tcb(const uint64_t* a, int grid, int blk, size_t smem) {
+  float mild; const uint32_t mb = (uint32_t)a[18]; std::memcpy(&mild, &mb, 4);
+  emu_run(grid, blk, smem, [&]{ wkv7_tc_bwd<T, N>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
+     (const T*)P_(4),(const T*)P_(5),(const T*)P_(6),(T*)P_(7),(T*)P_(8),(T*)P_(9),(T*)P_(10),(T*)P_(11),(T*)P_(12),
+     I_(13), I_(14), (const float*)P_(15), (const float*)P_(16), (int*)P_(17), mild); }); }
 template <int N> void tcs(const uint64_t* a, int grid, int blk) {
   emu_run(grid, blk, 0, [&]{ wkv7_tc_scan<N>((float*)P_(0), I_(1), I_(2), (const float*)P_(3), (float*)P_(4),
      (const int*)P_(5), I_(6), (int*)P_(7)); }); }
 #define DISP_TC(T) \
   if (kind == 4) { if (N == 32) tcc<T, 32, 0>(a, grid, blk, smem); else tcc<T, 64, 0>(a, grid, blk, smem); } \
-  else { if (N == 32) tcc<T, 32, 1>(a, grid, blk, smem); else tcc<T, 64, 1>(a, grid, blk, smem); }
+  else if (kind == 5) { if (N == 32) tcc<T, 32, 1>(a, grid, blk, smem); else tcc<T, 64, 1>(a, grid, blk, smem); } \
+  else if (kind == 6) { if (N == 32) tcc<T, 32, 2>(a, grid, blk, smem); else tcc<T, 64, 2>(a, grid, blk, smem); } \
+  else { if (N == 32) tcb<T, 32>(a, grid, blk, smem); else tcb<T, 64>(a, grid, blk, smem); }
 #define DISP(T) \
   if (kind >= 4) { DISP_TC(T) } else \
   if (kind == 0) { if (N == 32) fwd<T, 32>(a, grid, blk); else if (N == 64) fwd<T, 64>(a, grid, blk); else fwd<T, 128>(a, grid, blk); } \
@@ -686,7 +694,7 @@ template <int N> void tcs(const uint64_t* a, int grid, int blk) {
   else if (kind == 2) { if (N == 32) bwd_rows<T, 32>(a, grid, blk, smem); else bwd_rows<T, 64>(a, grid, blk, smem); } \
   else { if (N == 32) bwd<T, 32>(a, grid, blk, smem); else if (N == 64) bwd<T, 64>(a, grid, blk, smem); else bwd<T, 128>(a, grid, blk, smem); }
 extern "C" void emu(int kind, int dt, int N, const uint64_t* a, int grid, int blk, long smem) {
-  if (kind == 6) { if (N == 32) tcs<32>(a, grid, blk); else tcs<64>(a, grid, blk); return; }
+  if (kind == 8) { if (N == 32) tcs<32>(a, grid, blk); else tcs<64>(a, grid, blk); return; }
   if (dt == 0) { DISP(float) } else if (dt == 1) { DISP(__half) } else { DISP(__nv_bfloat16) }
 }
 '''
@@ -764,12 +772,13 @@ def emu(emu_lib, monkeypatch):
     def fake_launch(name, grid, block, args, shared_mem=0):
         import re
         assert name in W.NAME_EXPRESSIONS, name
-        a = np.array([int(v) & 0xFFFFFFFFFFFFFFFF for v in args], dtype=np.uint64)
+        a = np.array([(int(np.float32(v).view(np.uint32)) if isinstance(v, (float, np.floating)) else int(v))
+                      & 0xFFFFFFFFFFFFFFFF for v in args], dtype=np.uint64)
         launches.append(name)
         ms = re.match(r"wkv7_tc_scan<(\d+)>$", name)
         if ms:
             assert int(block[0]) == 256
-            emu_lib.emu(6, 0, int(ms.group(1)), a.ctypes.data, int(grid[0]), int(block[0]), 0)
+            emu_lib.emu(8, 0, int(ms.group(1)), a.ctypes.data, int(grid[0]), int(block[0]), 0)
             return
         m = re.match(r"wkv7_(\w+)<(\w+), (\d+)(?:, (\d+))?>$", name)
         assert m, name
@@ -777,7 +786,11 @@ def emu(emu_lib, monkeypatch):
             assert int(block[0]) == W.FWD_NT[int(m.group(4) or 4)], (name, block)
         if m.group(1) == "tc_chunk":
             assert int(block[0]) == W._tc_threads(int(m.group(3)), int(m.group(4))), (name, block)
+            assert int(shared_mem) == W._tc_smem(int(m.group(3)), int(m.group(4))), (name, shared_mem)
             kind = 4 + int(m.group(4))
+        elif m.group(1) == "tc_bwd":
+            assert int(block[0]) == W._tc_bwd_threads(int(m.group(3))), (name, block)
+            kind = 7
         else:
             kind = {"forward": 0, "decode": 1, "backward": 2, "backward_l2": 3}[m.group(1)]
         dt = {"float": 0, "__half": 1, "__nv_bfloat16": 2}[m.group(2)]
@@ -1227,3 +1240,52 @@ def test_gpu_chunked_pool(nseg, poison, monkeypatch):
     got = tp.cpu().numpy()
     assert rel_rms(y, y_ref) < 1e-5 and rel_rms(got[4], s_ref[0]) < 1e-5 and rel_rms(got[1], s_ref[2]) < 1e-5
     np.testing.assert_array_equal(got[[0, 2, 3]], pool[[0, 2, 3]])
+
+
+# ----------------------------------------------------------------------------- chunked (tensor-core) backward, emulated
+
+@pytest.mark.parametrize("dt,N,T,wr,fwd", [("float32", 64, 50, "model", "chunked"), ("bfloat16", 32, 17, "model", "chunked"),
+                                          ("bfloat16", 64, 48, "mixed", "recurrent"),
+                                          ("float32", 32, 33, "wide", "chunked"),
+                                          ("float16", 32, 40, "model", "recurrent")], ids=str)
+def test_emulated_chunked_backward(emu, monkeypatch, dt, N, T, wr, fwd):
+    """The chunked backward (wkv7_tc_chunk<.., 2> adjoint checkpoints, wkv7_tc_bwd, wkv7_backward's per-chunk mode for
+    the chunks with a strong decay) against the float64 reference gradients: partial last chunks, non-zero initial
+    state and final-state gradient; w "model" ([-5.5, -0.5]: every chunk on tensor cores), "wide" ([-8, 4]: every
+    chunk exact per chunk), "mixed" (one chunk with w up to 4, one with w = -8)."""
+    monkeypatch.setattr(W, "FORWARD_PATH", fwd)
+    monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    rng = np.random.default_rng(3 * N + T)
+    B, H = 2, 1
+    lo, hi = (-5.5, -0.5) if wr != "wide" else (-8.0, 4.0)
+    x = make_inputs(rng, B, T, H, N, wlo=lo, whi=hi)
+    if wr == "mixed":
+        x["w"][:, 16:32] = rng.uniform(-8.0, 4.0, (B, 16, H, N))
+        x["w"][:, 32:] = -8.0
+    x = {n: _dec(_enc(v, dt), dt) for n, v in x.items()}
+    s0 = make_state(rng, B, H, N).astype(np.float32).astype(np.float64)
+    dy = _dec(_enc(rng.standard_normal((B, T, H, N)), dt), dt)
+    ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    fwd_tol, bwd_tol = (1e-5, 1e-4) if dt == "float32" else (3e-3, 6e-3)
+    y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
+    ct = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}[dt]
+    assert emu.launches[-3:] == [f"wkv7_tc_chunk<{ct}, {N}, 2>", f"wkv7_tc_bwd<{ct}, {N}>", f"wkv7_backward<{ct}, {N}>"]
+    _check_grads(g, W.reference_backward(x, s0, dy, ds), bwd_tol, wr)
+    # no final-state gradient, zero initial state
+    y, s, g = emu(x, None, dt, B, T, H, dy=dy)
+    z = np.zeros_like(s0)
+    _check_grads(g, W.reference_backward(x, z, dy, z), bwd_tol, wr + ", no state")
+
+
+def test_emulated_chunked_backward_all_exact(emu, monkeypatch):
+    """BWD_MILD = 0: every chunk goes to the exact per-chunk recurrence (the list of wkv7_tc_bwd); only a final-state
+    gradient (dy None)."""
+    monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "BWD_MILD", 0.0)
+    rng = np.random.default_rng(11)
+    B, T, H, N, dt = 2, 37, 2, 32, "float32"
+    x, s0 = _rounded(rng, B, T, H, N, dt)
+    ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    y, s, g = emu(x, s0, dt, B, T, H, ds=ds)
+    assert emu.launches[-2:] == ["wkv7_tc_bwd<float, 32>", "wkv7_backward<float, 32>"]
+    _check_grads(g, W.reference_backward(x, s0, np.zeros((B, T, H, N)), ds), 1e-4)

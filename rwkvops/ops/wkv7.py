@@ -133,7 +133,15 @@ TC_MIN_T = 256                # auto: chunked from this sequence length on
 TC_SEG_MIN = 256              # shortest time segment (tokens) of the segmented path
 TC_BLOCKS_PER_SM = 2          # segmented path: blocks per SM of both passes (the transition pass fits 2 per SM)
 TC_MIN_NSEG = 3               # ... and only when that gives at least this many segments
-TC_NSEG = None                # force the number of time segments (None: _tc_segments)   # row-layout backward (wkv7_backward, BwdRowCfg<N>::SC in wkv7.cu) for these N
+TC_NSEG = None                # force the number of time segments (None: _tc_segments)
+
+# Chunked backward (wkv7_tc_chunk<T, N, 2> + wkv7_tc_bwd + wkv7_backward's per-chunk mode for the chunks with a
+# strong decay): dense batches, N in TC_HEAD_SIZES where the row backward fits, T >= TC_MIN_T (as the forward).
+# BACKWARD_PATH forces "recurrent" or "chunked" (dense inputs).  BWD_MILD: wkv7_tc_bwd takes a chunk only when
+# every exp(w) <= BWD_MILD (at most 30/16: the chunk's factorization stays below exp(30)); the others go to the
+# exact per-chunk recurrence (0: all of them).
+BACKWARD_PATH = "auto"
+BWD_MILD = 1.0
 
 
 def _names():
@@ -149,6 +157,8 @@ def _names():
             if n in TC_HEAD_SIZES:
                 out.append(f"wkv7_tc_chunk<{ct}, {n}, 0>")   # chunked forward: outputs (+ checkpoints)
                 out.append(f"wkv7_tc_chunk<{ct}, {n}, 1>")   # chunked forward: segment transitions
+                out.append(f"wkv7_tc_chunk<{ct}, {n}, 2>")   # chunked backward: adjoint checkpoints (reverse)
+                out.append(f"wkv7_tc_bwd<{ct}, {n}>")        # chunked backward: gradients, chunk-parallel
     out.extend(f"wkv7_tc_scan<{n}>" for n in TC_HEAD_SIZES)
     return tuple(out)
 
@@ -243,6 +253,73 @@ def _tc_smem(N, mode):
     3 [L][N+8], the state [R][N+4], U [L][R+8], 4 intra-chunk matrices [L][20], the chunk decay [N]."""
     L, R = TC_L, (2 * N if mode == 1 else N)
     return 4 * (7 * L * (N + 4) + 3 * L * (N + 8) + R * (N + 4) + L * (R + 8) + 4 * L * 20 + N)
+
+
+def _tc_bwd_threads(N):
+    """Block size of wkv7_tc_bwd<T, N> (TcBwdCfg::NT)."""
+    return 256 if N == 64 else 128
+
+
+def _tc_bwd_smem(N):
+    """Dynamic shared memory (bytes) of wkv7_tc_bwd<T, N> (TcBwdCfg::SMEM_FLOATS): 16 token arrays [L][N+4],
+    S0 and X [N][N+4], 8 token-pair matrices [L][20], diag(X^T S0) [N]; N = 32 also dR, dA (N = 64: over X)."""
+    L, ld = TC_L, N + 4
+    extra = 0 if N * ld >= 4 * L * ld else 2 * L * ld
+    return 4 * (16 * L * ld + 2 * N * ld + 8 * L * 20 + N + extra)
+
+
+def _use_chunked_bwd(call) -> bool:
+    """The chunked tensor-core backward: dense inputs, N in TC_HEAD_SIZES, the row backward (its per-chunk mode
+    takes the chunks with strong decays) fits the device, T >= TC_MIN_T (or BACKWARD_PATH == "chunked")."""
+    seqs, N = call.seqs, call.dims["N"]
+    if BACKWARD_PATH == "recurrent" or seqs.cu_seqlens is not None or N not in TC_HEAD_SIZES or seqs.T < 1:
+        return False
+    if not _bwd_rows(N):
+        return False
+    return BACKWARD_PATH == "chunked" or seqs.T >= TC_MIN_T
+
+
+def _zero(a):
+    """Zero a buffer on the current stream (NumPy arrays too, for the CPU emulation)."""
+    if isinstance(a, np.ndarray):
+        a.fill(0)
+        return
+    import cupy
+    cupy.cuda.runtime.memsetAsync(a.data.ptr, 0, a.nbytes, cupy.cuda.get_current_stream().ptr)
+
+
+def _backward_chunked(call, x, saved, dy, dstate, g, dstate_in):
+    """Chunked backward of a dense batch: wkv7_tc_chunk<.., 2> per (sequence, head) walks the chunks backwards
+    (adjoint checkpoints X at every chunk end into dck, the initial-state gradient); wkv7_tc_bwd per (sequence,
+    chunk, head) computes the gradients of the chunks whose decays are all mild and lists the others in fix;
+    wkv7_backward's per-chunk mode does those exactly."""
+    from .._gpu import error_ptr, ptr
+    i32 = np.int32
+    seqs = call.seqs
+    B, T, H, N = seqs.num, seqs.T, call.dims["H"], call.dims["N"]
+    ct = CTYPE[call.dtype]
+    nch = -(-T // TC_L)
+    if dy is None:
+        dy = call.empty(tuple(x["r"].shape), call.dtype)
+        _zero(dy)
+    ins = [ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b")]
+    vec = all(int(p) % 16 == 0 for p in ins + [ptr(dy)])
+    dck = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
+    fix = call.empty((1 + B * nch * H,), "int32")
+    _zero(fix[:1])
+    _launch(f"wkv7_tc_chunk<{ct}, {N}, 2>", (B * H,), (_tc_threads(N, 2),),
+            (ins[0], ins[1], ins[2], ptr(dy), ins[4], ins[5], ptr(None), i32(T), i32(H), i32(T), i32(1),
+             ptr(dstate), ptr(dstate_in), ptr(None), i32(0), error_ptr(), ptr(dck), ptr(None), i32(vec)),
+            shared_mem=_tc_smem(N, 2))
+    grads = [ptr(g[n]) for n in ("r", "w", "k", "v", "a", "b")]
+    mild = np.float32(min(float(BWD_MILD), 30.0 / TC_L))
+    _launch(f"wkv7_tc_bwd<{ct}, {N}>", (B * nch * H,), (_tc_bwd_threads(N),),
+            (*ins, ptr(dy), *grads, i32(T), i32(H), ptr(saved["ckpt"]), ptr(dck), ptr(fix), mild),
+            shared_mem=_tc_bwd_smem(N))
+    _launch(f"wkv7_backward<{ct}, {N}>", (max(1, min(B * nch * H, _device_sms())),), (2 * N,),
+            (*ins, ptr(dy), *grads, ptr(None), i32(T), np.int64(seqs.total), ptr(None), ptr(None), ptr(None),
+             i32(0), error_ptr(), ptr(saved["ckpt"]), ptr(None), i32(H), i32(B), ptr(dck), ptr(fix)),
+            shared_mem=_bwd_rows_smem(N))
 
 
 def _use_chunked(call) -> bool:
@@ -343,6 +420,10 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
     shape = tuple(x["r"].shape)
     g = {n: call.empty(shape, call.dtype) for n in ("r", "w", "k", "v", "a", "b")}
     dstate_in = call.empty((seqs.num, H, N, N), "float32")
+    if _use_chunked_bwd(call):
+        _backward_chunked(call, x, saved, dy, dstate, g, dstate_in)
+        g["state"] = dstate_in
+        return g
     items = seqs.num * H
     rows = _bwd_rows(N)
     nblk = items if rows else _bwd_blocks(items, N)
@@ -352,6 +433,8 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
             + [ptr(seqs.cu_seqlens), np.int32(seqs.T), np.int64(seqs.total),
                ptr(dstate), ptr(dstate_in), ptr(None), np.int32(0), error_ptr(),
                ptr(saved["ckpt"]), ptr(scratch), np.int32(H), np.int32(seqs.num)])
+    if rows:
+        args += [ptr(None), ptr(None)]   # dckpt, fix: the whole-sequence mode
     if rows:
         _launch(f"wkv7_backward<{ct}, {N}>", (nblk,), (2 * N,), tuple(args), shared_mem=_bwd_rows_smem(N))
     else:
