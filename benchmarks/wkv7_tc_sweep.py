@@ -4,8 +4,11 @@ Times the forward (no grad) with the recurrent kernel and with the chunked tenso
 count, and forced counts), fwd+bwd of both (the backward reads the forward's checkpoints), and measures relative
 RMS errors of y and the final state against a float64 recurrence run on the GPU (torch).  CUDA-event medians
 (benchmarks/harness.cuda_time).  Prints one ``TC ...`` line per result and writes them to --out (JSON).
+With --bwd: the backward paths instead (recurrent wkv7_backward vs the chunked tensor-core backward): fwd+bwd
+times, the two paths' gradients against each other at B=8 T=4096, and every gradient against a float64 torch
+backward (B=2 T=1024; decays as models make them and over the whole range [-8, 4]).
 
-    python3 benchmarks/wkv7_tc_sweep.py --out tc_sweep.json [--quick]
+    python3 benchmarks/wkv7_tc_sweep.py --out tc_sweep.json [--quick] [--bwd]
 """
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ def main():
     ap.add_argument("--out", default="tc_sweep.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--bwd", action="store_true")
     opt = ap.parse_args()
     res = []
 
@@ -77,6 +81,12 @@ def main():
               flush=True)
 
     dev = torch.cuda.get_device_name(0)
+    if opt.bwd:
+        try:
+            bwd_sweep(emit, opt)
+        finally:
+            _dump(opt.out, dev, res)
+        return
     for B, T in SHAPES:
         x = tuple(harness.random_inputs("wkv7", {"B": B, "T": T, "H": H, "N": N}, device="cuda", seed=0,
                                         dtype=torch.bfloat16).values())
@@ -123,6 +133,103 @@ def main():
         del x, y_ref, s_ref
         torch.cuda.empty_cache()
     _dump(opt.out, dev, res)
+
+
+def reference64_backward(x, s0, gy, gs):
+    """float64 gradients (reverse-time adjoint, as wkv7.reference_backward) on the GPU: dict r..b, state."""
+    import torch
+    r, w, k, v, a, b = (t.double() for t in x)
+    gy = gy.double()
+    T = r.shape[1]
+    d = torch.exp(-torch.exp(w))
+    S = s0.double().clone()
+    states = [S]
+    for t in range(T):
+        sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
+        S = S * d[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        states.append(S)
+    g = {n: torch.zeros_like(r) for n in NAMES}
+    dS = gs.double().clone()
+    for t in range(T - 1, -1, -1):
+        St, Sp = states[t + 1], states[t]
+        dyt = gy[:, t]
+        g["r"][:, t] = torch.einsum("bhij,bhi->bhj", St, dyt)
+        dS = dS + dyt[..., :, None] * r[:, t, :, None, :]
+        g["v"][:, t] = torch.einsum("bhij,bhj->bhi", dS, k[:, t])
+        g["k"][:, t] = torch.einsum("bhij,bhi->bhj", dS, v[:, t])
+        sa = torch.einsum("bhij,bhj->bhi", Sp, a[:, t])
+        dsa = torch.einsum("bhij,bhj->bhi", dS, b[:, t])
+        g["b"][:, t] = torch.einsum("bhij,bhi->bhj", dS, sa)
+        g["a"][:, t] = torch.einsum("bhij,bhi->bhj", Sp, dsa)
+        g["w"][:, t] = torch.einsum("bhij,bhij->bhj", dS, Sp) * d[:, t] * (-torch.exp(w[:, t]))
+        dS = dS * d[:, t, :, None, :] + dsa[..., None] * a[:, t, :, None, :]
+    g["state"] = dS
+    return g
+
+
+def _grads(x, s0, gy, gs):
+    import torch
+    import rwkvops
+    xg = [t.detach().clone().requires_grad_(True) for t in x]
+    sg = s0.detach().clone().requires_grad_(True)
+    y, s = rwkvops.wkv7(*xg, state=sg)
+    torch.autograd.backward([y, s], [gy, gs])
+    out = {n: t.grad for n, t in zip(NAMES, xg)}
+    out["state"] = sg.grad
+    return out
+
+
+def bwd_sweep(emit, opt):
+    import torch
+    from rwkvops.ops import wkv7 as W
+    shapes = ((8, 4096), (1, 4096)) if opt.quick else ((8, 4096), (1, 4096), (16, 4096), (1, 16384), (4, 1024))
+    for B, T in shapes:
+        x = tuple(harness.random_inputs("wkv7", {"B": B, "T": T, "H": H, "N": N}, device="cuda", seed=0,
+                                        dtype=torch.bfloat16).values())
+        xg = tuple(t.detach().clone().requires_grad_(True) for t in x)
+        gy = torch.randn_like(x[0])
+        W.BACKWARD_PATH = "auto"
+        emit(kind="fwd", B=B, T=T, ms=harness.cuda_time(lambda: _fwd(x), reps=7))
+        for bp in ("recurrent", "chunked"):
+            W.BACKWARD_PATH = bp
+            emit(kind="fwd+bwd", B=B, T=T, bwd=bp, ms=harness.cuda_time(lambda: _fwd_bwd(xg, gy), reps=5))
+        del x, xg
+        torch.cuda.empty_cache()
+    # the two backward paths against each other at the benchmark shape (same forward)
+    for dt in (torch.bfloat16, torch.float32):
+        x = tuple(harness.random_inputs("wkv7", {"B": 8, "T": 4096, "H": H, "N": N}, device="cuda", seed=1,
+                                        dtype=dt).values())
+        s0 = torch.randn(8, H, N, N, device="cuda") * 0.5
+        gy = torch.randn_like(x[0])
+        gs = torch.randn_like(s0)
+        gg = {}
+        for bp in ("recurrent", "chunked"):
+            W.BACKWARD_PATH = bp
+            gg[bp] = _grads(x, s0, gy, gs)
+        for n in (*NAMES, "state"):
+            emit(kind="paths", B=8, T=4096, dtype=str(dt).split(".")[-1], grad=n,
+                 diff=rel(gg["chunked"][n], gg["recurrent"][n].double()),
+                 finite=bool(torch.isfinite(gg["chunked"][n]).all()))
+        del gg, x
+        torch.cuda.empty_cache()
+    # every gradient against float64
+    for dt in (torch.bfloat16, torch.float32):
+        for wr in (None, (-8.0, 4.0)):
+            B, T = 2, 1024
+            x = tuple(harness.random_inputs("wkv7", {"B": B, "T": T, "H": H, "N": N}, device="cuda", seed=2,
+                                            dtype=dt, w_range=wr).values())
+            s0 = torch.randn(B, H, N, N, device="cuda") * 0.5
+            gy = torch.randn_like(x[0])
+            gs = torch.randn_like(s0)
+            ref = reference64_backward(x, s0, gy.double(), gs)
+            for bp in ("recurrent", "chunked"):
+                W.BACKWARD_PATH = bp
+                g = _grads(x, s0, gy, gs)
+                emit(kind="acc_bwd", B=B, T=T, dtype=str(dt).split(".")[-1], w=str(wr), bwd=bp,
+                     **{f"d{n}": rel(g[n], ref[n]) for n in (*NAMES, "state")})
+            del ref
+            torch.cuda.empty_cache()
+    W.BACKWARD_PATH = "auto"
 
 
 def _dump(path, dev, res):

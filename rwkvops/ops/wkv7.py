@@ -279,15 +279,6 @@ def _use_chunked_bwd(call) -> bool:
     return BACKWARD_PATH == "chunked" or seqs.T >= TC_MIN_T
 
 
-def _zero(a):
-    """Zero a buffer on the current stream (NumPy arrays too, for the CPU emulation)."""
-    if isinstance(a, np.ndarray):
-        a.fill(0)
-        return
-    import cupy
-    cupy.cuda.runtime.memsetAsync(a.data.ptr, 0, a.nbytes, cupy.cuda.get_current_stream().ptr)
-
-
 def _backward_chunked(call, x, saved, dy, dstate, g, dstate_in):
     """Chunked backward of a dense batch: wkv7_tc_chunk<.., 2> per (sequence, head) walks the chunks backwards
     (adjoint checkpoints X at every chunk end into dck, the initial-state gradient); wkv7_tc_bwd per (sequence,
@@ -301,12 +292,12 @@ def _backward_chunked(call, x, saved, dy, dstate, g, dstate_in):
     nch = -(-T // TC_L)
     if dy is None:
         dy = call.empty(tuple(x["r"].shape), call.dtype)
-        _zero(dy)
+        _gpu.zero(dy)
     ins = [ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b")]
     vec = all(int(p) % 16 == 0 for p in ins + [ptr(dy)])
     dck = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
-    fix = call.empty((1 + B * nch * H,), "int32")
-    _zero(fix[:1])
+    fix = call.empty((1 + B * nch * H,), "int32")   # [count, chunk ids]
+    _gpu.zero(fix)
     _launch(f"wkv7_tc_chunk<{ct}, {N}, 2>", (B * H,), (_tc_threads(N, 2),),
             (ins[0], ins[1], ins[2], ptr(dy), ins[4], ins[5], ptr(None), i32(T), i32(H), i32(T), i32(1),
              ptr(dstate), ptr(dstate_in), ptr(None), i32(0), error_ptr(), ptr(dck), ptr(None), i32(vec)),
