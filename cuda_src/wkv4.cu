@@ -836,3 +836,323 @@ template <typename T>
 __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused64(WKV4_FUSED_ARGS) {
     wkv4::fwd_fused<T, 64>(WKV4_FUSED_PASS);
 }
+
+// =====================================================================================================================
+// Single-pass forward, look-back version 2 (wkv4_fwd_lb): one launch, k and v read once, tiles of NW*S tokens x 64
+// channels, a block of NW warps per tile.  Warp i holds tokens [i*S, (i+1)*S) of the tile's chunk, every lane two
+// adjacent channels (one 32-bit load of k and of v for 16-bit types: each warp reads 128-byte rows), in registers from
+// the one read of k, v to the write of y:
+//  1. every warp: the history of its S tokens from empty, sub_i -> shared memory;
+//  2. warp 0: the tile's own history agg = sub_0 (+) ... (+) sub_{NW-1} -> published as agg[slot]; every other warp i
+//     forms its prefix pre_i = sub_0 (+) ... (+) sub_{i-1} meanwhile;
+//  3. warp 0, each lane for its own two channels: the incoming state X = inc[j] (+) agg[j+1] (+) ... (+) agg[g-1] from
+//     the nearest predecessor j that has published its inclusive state (decoupled look-back), folded IN CHUNK ORDER
+//     (so X is bit for bit the sequential left fold whatever j the timing gave: deterministic); publishes
+//     inc[slot] = X (+) agg (or, for a sequence's last tile, writes the final state);
+//  4. every warp: its incoming state X (+) pre_i (a fixed combine order), y for its tokens, the backward's checkpoints.
+// (+) is `fold` (the state after a chunk from a state and the chunk's own history): exact in the max-exponent form.
+//
+// Publication without flags or fences: the buffer `pub` is zeroed before the launch and a word is published as the
+// complement of the value's bits (`~bits`), so 0 reads as "not yet" and each 32-bit word is written once and read
+// whole; a reader polls the three words of a state until none is 0.  The only value this cannot carry is the NaN
+// with all bits set, stored as the canonical NaN.  Each channel looks back on its own.
+// Forward progress: a block takes its tile from the counter pub[0] in the order blocks start (all channel groups of
+// slot g before slot g + 1), so the predecessors it waits for are resident or done; it waits only for a predecessor's
+// aggregate (local work) and gives up with error code 3 after WKV4_SPIN_LIMIT polls (malformed device cu_seqlens).
+// Needs C even and k, v, y aligned to two elements (the launcher checks; otherwise it takes another path).
+// FAST: e^x (x <= 0 only) as exp2f(x log2 e) and the output quotient by __fdividef: a few ulp where the values
+// matter (a pair's larger term is exactly 1, so a small term's larger relative error stays small in absolute
+// terms), about half the instructions of expf and IEEE division.
+#define WKV4_LB_CH 64
+
+namespace wkv4 {
+
+template <typename T> struct alignas(2 * sizeof(T)) Two { T x, y; };   // two adjacent channels of one token
+
+// Two adjacent channels, loaded as one word and kept packed in a register until used.
+template <typename T> struct TwoIO;
+template <> struct TwoIO<float> {
+    using raw = float2;
+    static __device__ __forceinline__ raw load(const float* p) { return *reinterpret_cast<const float2*>(p); }
+    static __device__ __forceinline__ float lo(raw r) { return r.x; }
+    static __device__ __forceinline__ float hi(raw r) { return r.y; }
+};
+template <> struct TwoIO<__nv_bfloat16> {
+    using raw = unsigned;
+    static __device__ __forceinline__ raw load(const __nv_bfloat16* p) { return *reinterpret_cast<const unsigned*>(p); }
+    static __device__ __forceinline__ float lo(raw r) { return __uint_as_float(r << 16); }
+    static __device__ __forceinline__ float hi(raw r) { return __uint_as_float(r & 0xffff0000u); }
+};
+template <> struct TwoIO<__half> {
+    using raw = unsigned;
+    static __device__ __forceinline__ raw load(const __half* p) { return *reinterpret_cast<const unsigned*>(p); }
+    static __device__ __forceinline__ float lo(raw r) { return __half2float(__ushort_as_half((unsigned short)(r & 0xffffu))); }
+    static __device__ __forceinline__ float hi(raw r) { return __half2float(__ushort_as_half((unsigned short)(r >> 16))); }
+};
+
+template <typename T>
+__device__ __forceinline__ void store_two(T* p, float a, float b) {
+    Two<T> o;
+    o.x = rwkv::from_float<T>(a);
+    o.y = rwkv::from_float<T>(b);
+    *reinterpret_cast<Two<T>*>(p) = o;
+}
+
+template <bool FAST> __device__ __forceinline__ float ex(float x) { return FAST ? exp2f(x * 1.4426950408889634f) : expf(x); }
+template <bool FAST> __device__ __forceinline__ float quot(float a, float b) { return FAST ? __fdividef(a, b) : a / b; }
+
+template <bool FAST>
+__device__ __forceinline__ bool pair_ex(float a, float b, float& ea, float& eb) {   // pair_exp with ex<FAST>
+    const float d = b - a;
+    const float x = ex<FAST>(-fabsf(d));
+    const bool hi = d > 0.f;
+    ea = hi ? x : 1.f;
+    eb = hi ? 1.f : x;
+    return hi;
+}
+
+template <bool FAST>
+__device__ __forceinline__ void step_ex(float& A, float& B, float& P, float wp, float kt, float vt) {
+    const float pw = P + wp;
+    float f1, f2;
+    const bool reset = pair_ex<FAST>(pw, kt, f1, f2);
+    A = f1 * A + f2 * vt;
+    B = f1 * B + f2;
+    P = reset ? kt : pw;
+}
+
+template <bool FAST>
+__device__ __forceinline__ void fold_ex(float& A, float& B, float& P, float a, float b, float p, float Lc, float wp) {
+    const float pw = P + Lc * wp;
+    float f1, f2;
+    const bool hi = pair_ex<FAST>(pw, p, f1, f2);
+    A = f1 * A + f2 * a;
+    B = f1 * B + f2 * b;
+    P = hi ? p : pw;
+}
+
+__device__ __forceinline__ void publish(float* p, float x) {
+    unsigned b = __float_as_uint(x);
+    if (b == 0xffffffffu) b = 0x7fffffffu;
+    *(volatile unsigned*)p = ~b;
+}
+
+// The three words of a published state at p (stride C) into (a, b, q); false (and nothing read for sure) if any
+// is not yet there.
+__device__ __forceinline__ bool take(const float* p, long long C, float& a, float& b, float& q) {
+    const unsigned x = *(volatile const unsigned*)p, y = *(volatile const unsigned*)(p + C),
+                   z = *(volatile const unsigned*)(p + 2 * C);
+    a = __uint_as_float(~x);
+    b = __uint_as_float(~y);
+    q = __uint_as_float(~z);
+    return x != 0u && y != 0u && z != 0u;
+}
+
+}  // namespace wkv4
+
+// pub: zeroed float [1 + 4 (counter, padding) + ns * 6 * C]: per slot agg [3, C] then inc [3, C].
+template <typename T, int NW, int S, bool FAST>
+__global__ void __launch_bounds__(NW * 32, (512 / (NW * 32)) > 0 ? (512 / (NW * 32)) : 1) wkv4_fwd_lb(
+    const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
+    const int* cu_seqlens, int Tlen, long long total, int num, int Lb,
+    float* pub, int ntiles, int ncg,
+    const float* state_in, float* state_out, float* __restrict__ fin, float* __restrict__ sinb,
+    const int* state_idx, int pool_size, T* __restrict__ y, int C, int* err) {
+    using IO = wkv4::TwoIO<T>;
+    constexpr int TL = NW * S;
+    __shared__ int s_tile;
+    __shared__ float s_sub[NW][3][WKV4_LB_CH];
+    __shared__ float s_x[3][WKV4_LB_CH];
+    const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
+    if (threadIdx.x == 0) s_tile = atomicAdd(reinterpret_cast<int*>(pub), 1);
+    __syncthreads();
+    const int tile = s_tile;
+    if (tile >= ntiles) return;
+    const long long g = tile / ncg;
+    const int cgi = tile - (int)(g * ncg);
+    const int c0 = 2 * lane;                       // this lane's channels within the group: c0, c0 + 1
+    const int ch = cgi * WKV4_LB_CH + c0;
+    const bool act = ch < C;                       // C is even: ch + 1 < C too
+    const long long C3 = 3LL * C;
+    float* agg = pub + 4;
+    float* inc = pub + 4 + C3;                     // slot g: agg + g * 2 * C3, inc + g * 2 * C3
+    wkv4::Chunk q;
+    if (!wkv4::find_chunk(cu_seqlens, Tlen, total, TL, num, g, err, q)) {
+        // the first slot of an empty sequence: its state passes through unchanged
+        if (wi == 0 && act && q.s >= 0 && q.c == 0 && q.start == q.end) {
+            const long long slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
+            for (int e = 0; e < 2; ++e) {
+                float A = 0.f, B = 0.f, P = 0.f;
+                if (state_in != nullptr && slot >= 0) {
+                    const float* si = state_in + slot * C3 + ch + e;
+                    A = si[0]; B = si[C]; P = si[2 * C];
+                }
+                if (state_out != nullptr && slot >= 0 && state_out != state_in) {
+                    float* so = state_out + slot * C3 + ch + e;
+                    so[0] = A; so[C] = B; so[2 * C] = P;
+                }
+                if (fin != nullptr) {
+                    float* fo = fin + (long long)q.s * C3 + ch + e;
+                    fo[0] = A; fo[C] = B; fo[2 * C] = P;
+                }
+            }
+        }
+        return;                                    // uniform over the block (g is)
+    }
+    const int n = (int)(q.t1 - q.t0);              // 1 .. TL
+    const bool last = q.t1 == q.end;
+    const int nw = min(S, max(0, n - wi * S));     // this warp's tokens
+    const bool mine = act && nw > 0;
+    float wp[2] = {0.f, 0.f}, uu[2] = {0.f, 0.f};
+    typename IO::raw kr[S], vr[S];
+    const long long i0 = (q.t0 + (long long)wi * S) * C + ch;
+    const T* kp = k + i0;                          // row r of this warp's tokens at kp + r * C (int: r < S)
+    const T* vp = v + i0;
+    if (mine) {
+        for (int e = 0; e < 2; ++e) {
+            wp[e] = wkv4::decay_log(rwkv::to_float(w[ch + e]));
+            uu[e] = rwkv::to_float(u[ch + e]);
+        }
+#pragma unroll
+        for (int r = 0; r < S; ++r) {
+            const int rr = min(r, nw - 1);         // (rows past the end: a valid row again, never used)
+            kr[r] = IO::load(kp + rr * C);
+            vr[r] = IO::load(vp + rr * C);
+        }
+        // 1. this warp's own history
+        float a0 = IO::lo(vr[0]), b0 = 1.f, p0 = IO::lo(kr[0]);
+        float a1 = IO::hi(vr[0]), b1 = 1.f, p1 = IO::hi(kr[0]);
+#pragma unroll
+        for (int r = 1; r < S; ++r) {
+            if (r < nw) {
+                wkv4::step_ex<FAST>(a0, b0, p0, wp[0], IO::lo(kr[r]), IO::lo(vr[r]));
+                wkv4::step_ex<FAST>(a1, b1, p1, wp[1], IO::hi(kr[r]), IO::hi(vr[r]));
+            }
+        }
+        s_sub[wi][0][c0] = a0; s_sub[wi][1][c0] = b0; s_sub[wi][2][c0] = p0;
+        s_sub[wi][0][c0 + 1] = a1; s_sub[wi][1][c0 + 1] = b1; s_sub[wi][2][c0 + 1] = p1;
+    }
+    __syncthreads();
+    // 2. prefixes (warp i > 0) and the tile's aggregate (warp 0)
+    float pre[2][3];
+    if (mine && wi > 0) {
+        for (int e = 0; e < 2; ++e) {
+            pre[e][0] = s_sub[0][0][c0 + e]; pre[e][1] = s_sub[0][1][c0 + e]; pre[e][2] = s_sub[0][2][c0 + e];
+            for (int j = 1; j < wi; ++j)
+                wkv4::fold_ex<FAST>(pre[e][0], pre[e][1], pre[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
+                                    s_sub[j][2][c0 + e], (float)S, wp[e]);
+        }
+    }
+    if (wi == 0 && act) {
+        const int nact = (n + S - 1) / S;
+        float X[2][3], G[2][3];
+        for (int e = 0; e < 2; ++e) {
+            G[e][0] = s_sub[0][0][c0 + e]; G[e][1] = s_sub[0][1][c0 + e]; G[e][2] = s_sub[0][2][c0 + e];
+            for (int j = 1; j < nact; ++j)
+                wkv4::fold_ex<FAST>(G[e][0], G[e][1], G[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
+                                    s_sub[j][2][c0 + e], (float)min(S, n - j * S), wp[e]);
+        }
+        long long slot = -1;
+        if (q.c == 0 || last) slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
+        if (q.c == 0) {
+            for (int e = 0; e < 2; ++e) {
+                X[e][0] = 0.f; X[e][1] = 0.f; X[e][2] = 0.f;
+                if (state_in != nullptr && slot >= 0) {
+                    const float* si = state_in + slot * C3 + ch + e;
+                    X[e][0] = si[0]; X[e][1] = si[C]; X[e][2] = si[2 * C];
+                }
+            }
+        } else {
+            // publish the aggregate, then look back (both channels together: the nearest slot where both
+            // inclusive states are there; past slots where both aggregates are)
+            float* ag = agg + g * 2 * C3 + ch;
+            for (int e = 0; e < 2; ++e) {
+                wkv4::publish(ag + e, G[e][0]); wkv4::publish(ag + e + C, G[e][1]);
+                wkv4::publish(ag + e + 2 * C, G[e][2]);
+            }
+            const long long jmin = g - q.c;        // chunk 0 of this sequence: publishes only its inclusive state
+            long long j = g - 1;
+            int spins = 0;
+            while (true) {
+                const float* ip = inc + j * 2 * C3 + ch;
+                if (wkv4::take(ip, C, X[0][0], X[0][1], X[0][2]) & wkv4::take(ip + 1, C, X[1][0], X[1][1], X[1][2]))
+                    break;
+                float t0, t1, t2;
+                const float* ap = agg + j * 2 * C3 + ch;
+                if (j > jmin && (wkv4::take(ap, C, t0, t1, t2) & wkv4::take(ap + 1, C, t0, t1, t2))) {
+                    --j;
+                    continue;
+                }
+                if (++spins > WKV4_SPIN_LIMIT) {   // never expected: report instead of hanging
+                    if (err) *(volatile int*)err = rwkv::ERR_LOOKBACK_TIMEOUT;
+                    break;
+                }
+                __nanosleep(64);
+            }
+            for (long long m = j + 1; m < g; ++m) {    // the aggregates after j, in chunk order
+                const float* ap = agg + m * 2 * C3 + ch;
+                for (int e = 0; e < 2; ++e) {
+                    float a, b, p;
+                    wkv4::take(ap + e, C, a, b, p);
+                    wkv4::fold_ex<FAST>(X[e][0], X[e][1], X[e][2], a, b, p, (float)TL, wp[e]);
+                }
+            }
+        }
+        for (int e = 0; e < 2; ++e) {
+            float A = X[e][0], B = X[e][1], P = X[e][2];
+            s_x[0][c0 + e] = A; s_x[1][c0 + e] = B; s_x[2][c0 + e] = P;
+            wkv4::fold_ex<FAST>(A, B, P, G[e][0], G[e][1], G[e][2], (float)n, wp[e]);
+            if (!last) {
+                float* ip = inc + g * 2 * C3 + ch + e;
+                wkv4::publish(ip, A); wkv4::publish(ip + C, B); wkv4::publish(ip + 2 * C, P);
+            } else {
+                if (state_out != nullptr && slot >= 0) {
+                    float* so = state_out + slot * C3 + ch + e;
+                    so[0] = A; so[C] = B; so[2 * C] = P;
+                }
+                if (fin != nullptr) {
+                    float* fo = fin + (long long)q.s * C3 + ch + e;
+                    fo[0] = A; fo[C] = B; fo[2 * C] = P;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (!mine) return;
+    // 4. this warp's incoming state, outputs and checkpoints
+    float A0 = s_x[0][c0], B0 = s_x[1][c0], P0 = s_x[2][c0];
+    float A1 = s_x[0][c0 + 1], B1 = s_x[1][c0 + 1], P1 = s_x[2][c0 + 1];
+    if (wi > 0) {
+        wkv4::fold_ex<FAST>(A0, B0, P0, pre[0][0], pre[0][1], pre[0][2], (float)(wi * S), wp[0]);
+        wkv4::fold_ex<FAST>(A1, B1, P1, pre[1][0], pre[1][1], pre[1][2], (float)(wi * S), wp[1]);
+    }
+    // the backward's checkpoints: the state before every token whose offset in the sequence is a multiple of Lb
+    const long long off0 = (long long)q.c * TL + (long long)wi * S;
+    long long nb = -1;
+    int rb = S;                                    // next checkpoint, relative to this warp's first token
+    if (sinb != nullptr) {
+        nb = (off0 + Lb - 1) / Lb;
+        rb = (int)min((long long)S, nb * Lb - off0);
+    }
+#pragma unroll
+    for (int r = 0; r < S; ++r) {
+        if (r < nw) {
+            if (r == rb) {
+                float* o = sinb + rwkv::chunk_slot(cu_seqlens, Tlen, q.s, q.start, Lb, (int)nb) * C3 + ch;
+                o[0] = A0; o[C] = B0; o[2 * C] = P0;
+                o[1] = A1; o[C + 1] = B1; o[2 * C + 1] = P1;
+                ++nb;
+                rb += Lb;
+            }
+            const float k0 = IO::lo(kr[r]), v0 = IO::lo(vr[r]), k1 = IO::hi(kr[r]), v1 = IO::hi(vr[r]);
+            float e1, e2, f1, f2;
+            wkv4::pair_ex<FAST>(P0, uu[0] + k0, e1, e2);
+            wkv4::pair_ex<FAST>(P1, uu[1] + k1, f1, f2);
+            const float y0 = wkv4::quot<FAST>(e1 * A0 + e2 * v0, e1 * B0 + e2);
+            const float y1 = wkv4::quot<FAST>(f1 * A1 + f2 * v1, f1 * B1 + f2);
+            wkv4::store_two(y + i0 + r * C, y0, y1);
+            wkv4::step_ex<FAST>(A0, B0, P0, wp[0], k0, v0);
+            wkv4::step_ex<FAST>(A1, B1, P1, wp[1], k1, v1);
+        }
+    }
+}

@@ -731,6 +731,18 @@ def test_gpu_matches_fla(need_gpu):
 # varlen/pool handling and the launchers' arguments without a GPU, for both kernel versions, and that version 2
 # gives version 1's results bit for bit.
 
+# Device functions the look-back forward uses besides those of the other kernels (both shims).
+_EMU_EXTRA = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+struct alignas(8) float2 { float x, y; };
+inline float2 make_float2(float a, float b) { return float2{a, b}; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline __half __ushort_as_half(unsigned short u) { __half h; std::memcpy(&h, &u, 2); return h; }
+inline float __fdividef(float a, float b) { return a / b; }
+"""
+
 _EMU_SHIM = r"""
 #pragma once
 #include <cstdint>
@@ -770,7 +782,8 @@ inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_S
 inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 inline float __ldcg(const float* p) { return *(const volatile float*)p; }
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
-"""
+EMU_EXTRA
+""".replace("EMU_EXTRA", _EMU_EXTRA)
 _EMU_FP16 = cuda_emulation.FP16_H
 _EMU_BF16 = cuda_emulation.BF16_H
 _EMU_MAIN = r"""
@@ -816,6 +829,115 @@ extern "C" __attribute__((visibility("default"))) int wkv4_emu_launch(const char
 """.replace("KERNEL_REGISTRY", cuda_emulation.KERNEL_REGISTRY)
 
 
+# The look-back forward (wkv4_fwd_lb) synchronizes its threads, so it gets a build of its own: every block runs on one
+# OS thread with its CUDA threads as fibers (ucontext) that __syncthreads switches between (each thread reaches a
+# barrier before any passes it), and `__shared__` is per OS thread, i.e. per block.  Blocks run one after another
+# ("sequential": every look-back finds its predecessor's inclusive state) or all at once, one OS thread each, with a
+# random delay after a block takes its tile ("concurrent": tiles wait for predecessors that have not published, walk
+# back over those that have published only their aggregate, and find tiles in any state).
+_EMU_LB_SHIM = r"""
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <algorithm>
+#include <chrono>
+#include <random>
+#include <thread>
+#include <vector>
+#include <ucontext.h>
+struct uint3_ { unsigned x = 0, y = 0, z = 0; };
+struct dim3_ { unsigned x = 1, y = 1, z = 1; };
+inline thread_local uint3_ threadIdx, blockIdx;
+inline thread_local dim3_ blockDim;
+inline dim3_ gridDim;
+using std::min; using std::max;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __shared__ static thread_local
+struct EmuFiber { ucontext_t ctx; bool done; };
+inline thread_local ucontext_t emu_sched;
+inline thread_local EmuFiber* emu_cur;
+inline thread_local void (*emu_body)(void*);
+inline thread_local void* emu_arg;
+inline thread_local bool emu_jitter = false;
+inline void __syncthreads() { swapcontext(&emu_cur->ctx, &emu_sched); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline int atomicAdd(int* p, int v) {
+    int r = __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+    if (emu_jitter) {
+        thread_local std::minstd_rand rng(std::hash<std::thread::id>{}(std::this_thread::get_id()));
+        std::this_thread::sleep_for(std::chrono::microseconds(rng() % 400));
+    }
+    return r;
+}
+inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+inline float __ldcg(const float* p) { return *(const volatile float*)p; }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+inline void emu_fiber_entry() { emu_body(emu_arg); emu_cur->done = true; }
+inline void emu_run_block(unsigned bx, unsigned bid, void (*body)(void*), void* arg) {
+    constexpr size_t STACK = 1 << 15;
+    blockIdx.x = bid; blockDim.x = bx;
+    emu_body = body; emu_arg = arg;
+    std::vector<EmuFiber> f(bx);
+    std::vector<char> stacks(bx * STACK);
+    for (unsigned t = 0; t < bx; ++t) {
+        getcontext(&f[t].ctx);
+        f[t].ctx.uc_stack.ss_sp = stacks.data() + t * STACK;
+        f[t].ctx.uc_stack.ss_size = STACK;
+        f[t].ctx.uc_link = &emu_sched;
+        f[t].done = false;
+        makecontext(&f[t].ctx, emu_fiber_entry, 0);
+    }
+    for (bool live = true; live;) {   // one round = every live thread up to its next barrier (or its end)
+        live = false;
+        for (unsigned t = 0; t < bx; ++t) {
+            if (f[t].done) continue;
+            threadIdx.x = t; emu_cur = &f[t];
+            swapcontext(&emu_sched, &f[t].ctx);
+            live = true;
+        }
+    }
+}
+EMU_EXTRA
+""".replace("EMU_EXTRA", _EMU_EXTRA)
+_EMU_LB_MAIN = r"""
+#include "shim_lb.h"
+#include "wkv4.cu"
+#include <functional>
+#include <map>
+#include <string>
+KERNEL_REGISTRY
+#define R1(T, TS, NW, S) \
+    reg()["wkv4_fwd_lb<" TS ", " #NW ", " #S ", true>"] = wrap(&wkv4_fwd_lb<T, NW, S, true>); \
+    reg()["wkv4_fwd_lb<" TS ", " #NW ", " #S ", false>"] = wrap(&wkv4_fwd_lb<T, NW, S, false>);
+#define RC(NW, S) R1(float, "float", NW, S) R1(__half, "__half", NW, S) R1(__nv_bfloat16, "__nv_bfloat16", NW, S)
+static int init() { CONFIGS return 0; }
+struct EmuCtx { std::function<void(const uint64_t*)>* fn; const uint64_t* a; };
+static void emu_body_fn(void* p) { auto* c = static_cast<EmuCtx*>(p); (*c->fn)(c->a); }
+extern "C" __attribute__((visibility("default"))) int wkv4lb_launch(const char* name, int gx, int bx,
+                                                                    const uint64_t* args, int concurrent) {
+    static int once = init(); (void)once;
+    auto it = reg().find(name);
+    if (it == reg().end()) return -1;
+    gridDim.x = gx;
+    EmuCtx ctx{&it->second, args};
+    if (!concurrent) {
+        for (int b = 0; b < gx; ++b) emu_run_block(bx, b, emu_body_fn, &ctx);
+        return 0;
+    }
+    std::vector<std::thread> th;
+    for (int b = 0; b < gx; ++b)
+        th.emplace_back([=, &ctx] { emu_jitter = true; emu_run_block(bx, b, emu_body_fn, &ctx); });
+    for (auto& t : th) t.join();
+    return 0;
+}
+""".replace("KERNEL_REGISTRY", cuda_emulation.KERNEL_REGISTRY)
+
+
 @pytest.fixture(scope="module")
 def emu4_lib(tmp_path_factory):
     import ctypes
@@ -843,6 +965,18 @@ def emu4_lib(tmp_path_factory):
         lib.wkv4_emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                         ctypes.POINTER(ctypes.c_uint64)]
         libs[mode] = lib
+    (d / "shim_lb.h").write_text(_EMU_LB_SHIM)
+    (d / "emu_lb.cpp").write_text(_EMU_LB_MAIN.replace("CONFIGS", " ".join(f"RC({nw}, {s})" for nw, s in W._LB_CONFIGS)))
+    so = d / "emu_lb.so"
+    out = subprocess.run([cxx, "-std=c++20", "-O1", "-w", "-fPIC", "-shared", "-ffp-contract=off",
+                          "-fvisibility=hidden", "-fno-gnu-unique", f"-I{d / 'inc'}", f"-I{CUDA_SRC}",
+                          str(d / "emu_lb.cpp"), "-o", str(so), "-lpthread"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise AssertionError("compiling wkv4.cu (look-back build) for the CPU emulation failed:\n" + out.stderr[-4000:])
+    lib = ctypes.CDLL(str(so))
+    lib.wkv4lb_launch.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64),
+                                  ctypes.c_int]
+    libs["lookback"] = lib
     return libs
 
 
@@ -853,6 +987,8 @@ def emu4(emu4_lib, monkeypatch, request):
     'threaded': every block runs at once on its own OS thread, with block size 1 (W._BLOCK = 1)."""
     import ctypes
     lib = emu4_lib[request.param]
+    lb_lib = emu4_lib["lookback"]
+    lb_mode = {"concurrent": 0}
     if request.param == "threaded":
         monkeypatch.setattr(W, "_BLOCK", 1)
     cupy = pytest.importorskip("cupy")
@@ -865,10 +1001,17 @@ def emu4(emu4_lib, monkeypatch, request):
 
     def launch(op_name, source, ne, nes, grid, block, args, shared_mem=0):
         assert op_name == "wkv4" and source == W.SOURCE and ne in nes, ne
-        assert tuple(block) == (W._BLOCK, 1, 1) and shared_mem == 0
         vals = [int(a) if isinstance(a, np.uint64) else int(np.int64(a).view(np.uint64)) for a in args]
         g = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
         launches.append(ne)
+        if ne.startswith("wkv4_fwd_lb<"):
+            nw = int(ne.split(",")[1])
+            assert g[1:] == (1, 1) and tuple(block) == (32 * nw, 1, 1) and shared_mem == 0
+            rc = lb_lib.wkv4lb_launch(ne.encode(), g[0], int(block[0]), (ctypes.c_uint64 * len(vals))(*vals),
+                                      lb_mode["concurrent"])
+            assert rc == 0, f"{ne} not in the emulation build"
+            return
+        assert tuple(block) == (W._BLOCK, 1, 1) and shared_mem == 0
         rc = lib.wkv4_emu_launch(ne.encode(), *g, int(block[0]), (ctypes.c_uint64 * len(vals))(*vals))
         assert rc == 0, f"{ne} not in the emulation build"
 
@@ -877,7 +1020,7 @@ def emu4(emu4_lib, monkeypatch, request):
     monkeypatch.setattr(_gpu, "launch", launch)
     monkeypatch.setattr(cupy, "ascontiguousarray",
                         lambda a, dtype=None: np.ascontiguousarray(a, dtype=dtype))
-    yield {"err": err, "launches": launches}
+    yield {"err": err, "launches": launches, "lb_mode": lb_mode}
     assert err[0] == 0, "a kernel raised the error word"
 
 
@@ -1013,6 +1156,9 @@ def test_auto_path_selection_by_shape(monkeypatch):
     monkeypatch.setattr(W, "_sm_count", lambda: 132)
     monkeypatch.setattr(W, "FORWARD", "auto")
     C = 2048
+    assert W._forward_path(Seqs(num=8, T=4096, total=8 * 4096), C, 64) == ("lookback" if W.AUTO_LOOKBACK else
+                                                                           "chunked")
+    monkeypatch.setattr(W, "AUTO_LOOKBACK", False)
     for B, T, path in ((1, 1024, "fused"), (1, 4096, "fused"), (1, 16384, "chunked"), (2, 4096, "chunked"),
                        (8, 4096, "chunked")):
         assert W._forward_path(Seqs(num=B, T=T, total=B * T), C, 64) == path, (B, T)
@@ -1175,6 +1321,187 @@ def test_emulated_fused_concurrent_lookback(emu4, monkeypatch):
             assert rel_rms(pool[slot], sr[i]) < 1e-5
     for untouched in (2, 3, 5):
         np.testing.assert_array_equal(pool[untouched], before[untouched])
+
+
+# ----------------------------------------------------------------------------- the look-back forward (wkv4_fwd_lb)
+
+def _lb_names(launches):
+    return [n for n in launches if n.startswith("wkv4_fwd_lb<")]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "precise"])
+@pytest.mark.parametrize("cfg", [(2, 4), (8, 16), (4, 32)], ids=lambda c: f"{c[0]}x{c[1]}")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_emulated_lookback_dense(emu4, monkeypatch, dtype, cfg, fast):
+    """Tiles of NW*S tokens: lengths below, at and across tile and sub-chunk (S) boundaries, channel groups of 64 with
+    a partial last one, checkpoints every L tokens for L below, equal to and above the tile, fwd and bwd vs the
+    float64 reference."""
+    monkeypatch.setattr(W, "FORWARD", "lookback")
+    monkeypatch.setattr(W, "LOOKBACK", cfg)
+    monkeypatch.setattr(W, "LOOKBACK_FAST", fast)
+    tl = cfg[0] * cfg[1]
+    cases = [(2, 1, 4, 4), (1, cfg[1] - 1, 2, 12), (2, tl + 1, 130, 64), (1, 3 * tl + cfg[1] + 3, 66, 4),
+             (2, 5 * tl, 4, min(2 * tl, W.MAX_CHUNK)), (1, 2 * tl - 1, 2, 5)]
+    for B, T, C, L in cases:
+        monkeypatch.setattr(W, "_chunk_len", lambda seqs, C, L=L: L)
+        emu4["launches"].clear()
+        x, s0, dy, ds = _emu_inputs(B * 1000 + T + C, B, T, C)
+        got = _emu_run(dtype, x, B=B, T=T, s0=s0, dy=dy, ds=ds)
+        _emu_check(dtype, got, _emu_ref(dtype, x, s0=s0, dy=dy, ds=ds))
+        assert _lb_names(emu4["launches"]) == [W._lb_name(dtype)], emu4["launches"]
+        fwd = [n for n in emu4["launches"] if n.startswith("wkv4_fwd")]
+        assert fwd == [W._lb_name(dtype)]                 # one launch
+
+
+@pytest.mark.parametrize("cfg", [(2, 4), (8, 16)], ids=lambda c: f"{c[0]}x{c[1]}")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_lookback_varlen_pool(emu4, monkeypatch, dtype, cfg):
+    """Packed sequences (zero-length ones pass their state and its gradient through) and a pool updated in place with
+    -1 slots, as the auto path takes them."""
+    monkeypatch.setattr(W, "FORWARD", "auto")
+    monkeypatch.setattr(W, "LOOKBACK", cfg)
+    lens = [70, 0, 1, 129, 16, 0, 5, 8]
+    C = 6
+    x, _, _, _ = _emu_inputs(3, 1, sum(lens), C)
+    rng = np.random.default_rng(4)
+    s0 = make_state(rng, len(lens), C)
+    dy = rng.standard_normal((1, sum(lens), C))
+    ds = rng.standard_normal((len(lens), 3, C))
+    for L in (4, 16, 64):
+        monkeypatch.setattr(W, "_chunk_len", lambda seqs, C, L=L: L)
+        got = _emu_run(dtype, x, lens=lens, s0=s0, dy=dy, ds=ds)
+        _emu_check(dtype, got, _emu_ref(dtype, x, lens=lens, s0=s0, dy=dy, ds=ds))
+        for i in (1, 5):
+            np.testing.assert_array_equal(got[1][i], s0[i].astype(np.float32))
+            np.testing.assert_array_equal(got[2]["state"][i], ds[i].astype(np.float32))
+    assert _lb_names(emu4["launches"])
+    P = 11
+    pool = make_state(rng, P, C).astype(np.float32)
+    before = pool.copy()
+    idx = [7, 2, -1, 0, -1, 5, 9, 10]
+    s_in = np.stack([np.zeros((3, C)) if i < 0 else before[i] for i in idx]).astype(np.float64)
+    yr, sr, _ = _emu_ref("float32", x, lens=lens, s0=s_in)
+    y, _, _ = _emu_run("float32", x, lens=lens, pool_idx=idx, pool=pool, bwd=False)
+    assert rel_rms(y, yr) < 1e-5
+    for i, slot in enumerate(idx):
+        if slot >= 0:
+            assert rel_rms(pool[slot], sr[i]) < 1e-5
+    for untouched in (1, 3, 4, 6, 8):
+        np.testing.assert_array_equal(pool[untouched], before[untouched])
+    np.testing.assert_array_equal(pool[2], before[2])      # zero-length sequence: unchanged
+
+
+def test_emulated_lookback_extreme_k_and_no_state(emu4, monkeypatch):
+    monkeypatch.setattr(W, "FORWARD", "lookback")
+    monkeypatch.setattr(W, "LOOKBACK", (2, 4))
+    rng = np.random.default_rng(12)
+    B, T, C = 2, 300, 4
+    x = make_inputs(rng, B, T, C)
+    x["k"] = rng.uniform(-60, 60, (B, T, C))
+    x["w"][:3] = [4.0, -12.0, 0.0]
+    s0 = make_state(rng, B, C, plo=-60, phi=60)
+    dy = rng.standard_normal((B, T, C))
+    ds = rng.standard_normal((B, 3, C))
+    for fast in (True, False):
+        monkeypatch.setattr(W, "LOOKBACK_FAST", fast)
+        for dtype in ("float32", "bfloat16"):
+            got = _emu_run(dtype, x, B=B, T=T, s0=s0, dy=dy, ds=ds)
+            _emu_check(dtype, got, _emu_ref(dtype, x, s0=s0, dy=dy, ds=ds),
+                       tf=max(TOL[dtype][0], 3e-5), tb=max(TOL[dtype][1], 3e-4))
+    got = _emu_run("float32", x, B=B, T=T)
+    _emu_check("float32", got, _emu_ref("float32", x))
+
+
+def test_emulated_lookback_falls_back(emu4, monkeypatch):
+    """Odd C (channel pairs) or k, v off a two-element boundary: the auto path takes another forward, still right."""
+    monkeypatch.setattr(W, "FORWARD", "auto")
+    x, s0, dy, ds = _emu_inputs(8, 2, 40, 5)
+    got = _emu_run("float32", x, B=2, T=40, s0=s0, dy=dy, ds=ds)
+    _emu_check("float32", got, _emu_ref("float32", x, s0=s0, dy=dy, ds=ds))
+    assert not _lb_names(emu4["launches"])
+    from rwkvops._gpu import Seqs
+    buf = np.zeros(2 * 40 * 4 + 1, np.float32)
+    k_off = buf[1:].reshape(2, 40, 4)
+    assert not W._lookback_ok(Seqs(num=2, T=40, total=80), {"k": k_off, "v": k_off}, 4)
+    assert W._lookback_ok(Seqs(num=2, T=40, total=80), {"k": buf[:-1].reshape(2, 40, 4), "v": k_off[:0] if False
+                                                        else np.zeros((2, 40, 4), np.float32)}, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [(2, 4), (4, 16)], ids=lambda c: f"{c[0]}x{c[1]}")
+def test_emulated_lookback_concurrent(emu4, monkeypatch, cfg):
+    """Every block at once on its own OS thread, each delayed at random after taking its tile: tiles wait for
+    predecessors that have published nothing, walk back over aggregates, and must still give the sequential run's
+    results bit for bit (the combine order is fixed), and the reference's."""
+    monkeypatch.setattr(W, "FORWARD", "lookback")
+    monkeypatch.setattr(W, "LOOKBACK", cfg)
+    monkeypatch.setattr(W, "_chunk_len", lambda seqs, C: 16)
+    tl = cfg[0] * cfg[1]
+    B, T, C = 2, 9 * tl + 3, 130
+    x, s0, dy, ds = _emu_inputs(42, B, T, C, kscale=5.0)
+    seq = _emu_run("bfloat16", x, B=B, T=T, s0=s0, dy=dy, ds=ds)
+    emu4["lb_mode"]["concurrent"] = 1
+    for _ in range(2):
+        got = _emu_run("bfloat16", x, B=B, T=T, s0=s0, dy=dy, ds=ds)
+        np.testing.assert_array_equal(got[0], seq[0])
+        np.testing.assert_array_equal(got[1], seq[1])
+        for n in got[2]:
+            np.testing.assert_array_equal(got[2][n], seq[2][n], err_msg=n)
+    _emu_check("bfloat16", got, _emu_ref("bfloat16", x, s0=s0, dy=dy, ds=ds))
+    lens = [5 * tl + 1, 0, 1, 3 * tl, tl - 1]
+    xv, _, _, _ = _emu_inputs(43, 1, sum(lens), 4)
+    rng = np.random.default_rng(44)
+    pool = make_state(rng, 7, 4).astype(np.float32)
+    before = pool.copy()
+    idx = [4, 1, -1, 0, 6]
+    y, _, _ = _emu_run("float32", xv, lens=lens, pool_idx=idx, pool=pool, bwd=False)
+    s_in = np.stack([np.zeros((3, 4)) if i < 0 else before[i] for i in idx]).astype(np.float64)
+    yr, sr, _ = _emu_ref("float32", xv, lens=lens, s0=s_in)
+    assert rel_rms(y, yr) < 1e-5
+    for i, slot in enumerate(idx):
+        if slot >= 0:
+            assert rel_rms(pool[slot], sr[i]) < 1e-5
+    for untouched in (2, 3, 5):
+        np.testing.assert_array_equal(pool[untouched], before[untouched])
+
+
+@gpu
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "precise"])
+@pytest.mark.parametrize("cfg", [None, (2, 4)], ids=["default", "2x4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("B,T,C", [(1, 20000, 2048), (8, 1000, 300), (3, 17, 2048), (2, 4097, 66)])
+def test_gpu_lookback_forward(need_gpu, monkeypatch, dtype, B, T, C, cfg, fast):
+    """The look-back forward on thousands of tiles: against the float64 reference (fwd and the backward from its
+    checkpoints), bitwise repeatable, and no look-back timed out (error word)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(W, "FORWARD", "lookback")
+    monkeypatch.setattr(W, "LOOKBACK_FAST", fast)
+    if cfg is not None:
+        monkeypatch.setattr(W, "LOOKBACK", cfg)
+    rng = np.random.default_rng(B * 7 + T)
+    x = make_inputs(rng, B, T, C, kscale=3.0)
+    x64 = _rounded(x, dtype)
+    s0 = make_state(rng, B, C).astype(np.float32).astype(np.float64)
+    dy64 = _rounded({"dy": rng.standard_normal((B, T, C))}, dtype)["dy"]
+    ds = rng.standard_normal((B, 3, C))
+    ref_y, ref_s = W.reference_forward(x64, s0)
+    res = []
+    for _ in range(2):
+        xt = {n: _to_torch_cuda(v, dtype, True) for n, v in x64.items()}
+        st_ = torch.tensor(s0, dtype=torch.float32, device="cuda", requires_grad=True)
+        y, s = rwkvops.wkv4(*args(xt), state=st_)
+        ((y.float() * _to_torch_cuda(dy64, "float32")).sum()
+         + (s * torch.tensor(ds, device="cuda", dtype=torch.float32)).sum()).backward()
+        res.append((y.detach(), s.detach(), *(xt[n].grad for n in NAMES), st_.grad))
+    rwkvops.check_errors()
+    for a, b in zip(*res):
+        assert torch.equal(a, b), "look-back forward not deterministic"
+    tf, tb = TOL[dtype]
+    assert rel_rms(res[0][0], ref_y) < tf and rel_rms(res[0][1], ref_s) < tf
+    if B * T <= 20000:
+        ref_g = W.reference_backward(x64, s0, dy64, ds)
+        for n, gr in zip((*NAMES, "state"), res[0][2:]):
+            assert rel_rms(gr, ref_g[n]) < tb, n
 
 
 @gpu

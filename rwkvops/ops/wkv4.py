@@ -131,7 +131,12 @@ _KERNELS = ("wkv4_fwd_chunk", "wkv4_fwd_scan", "wkv4_fwd_out", "wkv4_bwd_chunk",
             "wkv4_fwd_chunk2", "wkv4_fwd_out2", "wkv4_bwd_chunk2", "wkv4_bwd_out2", "wkv4_fwd_fused",
             "wkv4_fwd_fused64")
 _CTYPES = ("float", "__half", "__nv_bfloat16")
-NAME_EXPRESSIONS = tuple(f"{k}<{t}>" for k in _KERNELS for t in _CTYPES)
+# wkv4_fwd_lb<T, NW, S, FAST>: (NW warps x S tokens per tile) shapes swept by benchmarks/wkv4_paths.py; (2, 4) gives
+# many small tiles for the tests.
+_LB_CONFIGS = ((8, 16), (4, 16), (8, 8), (16, 8), (4, 32), (2, 4))
+NAME_EXPRESSIONS = (tuple(f"{k}<{t}>" for k in _KERNELS for t in _CTYPES)
+                    + tuple(f"wkv4_fwd_lb<{t}, {nw}, {s}, {f}>" for t in _CTYPES for nw, s in _LB_CONFIGS
+                            for f in ("true", "false")))
 MAX_CHUNK = 64        # must match WKV4_MAX_CHUNK in wkv4.cu (the backward's checkpoint arrays are sized by it)
 # Which per-chunk kernels the launchers use: 2 (one exp per max-normalized pair, no local-memory arrays in the
 # backward; same results bit for bit) or 1 (the original kernels).  The scans and the reduction are shared.
@@ -141,11 +146,17 @@ KERNEL_VERSION = 2
 # Both give the same checkpoints to the backward (the incoming state of every _chunk_len-token chunk and the final
 # state).  The forcing values stay for benchmarks and tests.
 FORWARD = "auto"
+# The look-back forward (FORWARD "lookback"): tiles of LOOKBACK = (warps, tokens per warp); LOOKBACK_FAST: exp2f-based
+# exps and __fdividef for the output quotient (see wkv4_fwd_lb), else expf and IEEE division.
+LOOKBACK = (8, 16)
+LOOKBACK_FAST = True
 FUSED_L = 16          # must match WKV4_FL in wkv4.cu (wkv4_fwd_fused)
 FUSED_L_LONG = 16     # 64: wkv4_fwd_fused64 (64-token chunks) where the backward's chunks are 64 long; see above
 FUSED_MAX_TILES_PER_SM = 40   # "auto": fused forward up to this many 16-token x 128-channel tiles per SM
+AUTO_LOOKBACK = True  # "auto": the look-back forward wherever it can run (see _forward_path)
 _FILL_THREADS = 132 * 2048   # threads that fill an H100
 _BLOCK = 128
+_LB_CH = 64           # channels per wkv4_fwd_lb tile (WKV4_LB_CH)
 
 
 def _chunk_len(seqs, C: int) -> int:
@@ -189,8 +200,23 @@ def _forward_path(seqs, C: int, L: int) -> str:
     most FUSED_MAX_TILES_PER_SM per SM, e.g. B=1 T<=5000 at C=2048 on an H100; see the module docstring)."""
     if FORWARD != "auto":
         return FORWARD
+    if AUTO_LOOKBACK:
+        return "lookback"
+    return _fused_or_chunked(seqs, C)
+
+
+def _fused_or_chunked(seqs, C: int) -> str:
     tiles = seqs.chunk_slots(FUSED_L) * -(-C // _BLOCK)
     return "fused" if tiles <= FUSED_MAX_TILES_PER_SM * _sm_count() else "chunked"
+
+
+def _lookback_ok(seqs, x, C: int) -> bool:
+    """Whether wkv4_fwd_lb can take the call: C even and k, v aligned to two elements (it loads channel pairs)."""
+    from .._gpu import aligned
+    k = x["k"]
+    nw, s = LOOKBACK
+    return (C % 2 == 0 and aligned(k, x["v"], n=2 * k.dtype.itemsize)
+            and seqs.chunk_slots(nw * s) * -(-C // _LB_CH) < 2**31 - 1)
 
 
 def _kernel_version(seqs, C: int) -> int:
@@ -250,6 +276,38 @@ def _forward_fused(call, x, state_in, state_out, save):
     return y, saved
 
 
+def _lb_name(dtype) -> str:
+    """The wkv4_fwd_lb instantiation of LOOKBACK and LOOKBACK_FAST for ``dtype``."""
+    from .._compile import CTYPES
+    nw, s = LOOKBACK
+    return f"wkv4_fwd_lb<{CTYPES[dtype]}, {nw}, {s}, {'true' if LOOKBACK_FAST else 'false'}>"
+
+
+def _forward_lookback(call, x, state_in, state_out, save):
+    """One launch (after zeroing its publication buffer): see wkv4_fwd_lb in wkv4.cu."""
+    from .._gpu import error_ptr, launch, ptr, zero
+    seqs = call.seqs
+    C = call.dims["C"]
+    k = x["k"]
+    L = _chunk_len(seqs, C)                 # the backward's chunk length (checkpoints every L tokens)
+    nw, s = LOOKBACK
+    ns = seqs.chunk_slots(nw * s)
+    ncg = -(-C // _LB_CH)
+    ntiles = ns * ncg
+    i32 = np.int32
+    pub = call.empty((4 + ns * 6 * C,), "float32")   # tile counter, then per slot: aggregate, inclusive state
+    zero(pub)
+    fin = call.empty((seqs.num, 3, C), "float32") if save else None
+    sinb = call.empty((seqs.chunk_slots(L), 3, C), "float32") if save else None
+    y = call.empty(tuple(k.shape), call.dtype)
+    launch("wkv4", SOURCE, _lb_name(call.dtype), NAME_EXPRESSIONS, (ntiles, 1, 1), (32 * nw, 1, 1),
+           (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(seqs.cu_seqlens), i32(seqs.T), np.int64(seqs.total),
+            i32(seqs.num), i32(L), ptr(pub), i32(ntiles), i32(ncg), ptr(state_in), ptr(state_out), ptr(fin),
+            ptr(sinb), ptr(seqs.state_idx), i32(seqs.pool_size), ptr(y), i32(C), error_ptr()))
+    saved = {"L": L, "sin": sinb, "fin": fin} if save else None
+    return y, saved
+
+
 def _fused_len(L: int) -> int:
     """Chunk length of the fused forward: 64 tokens when the backward's chunks are 64 long (long sequences: a quarter
     of the look-back hops of 16-token chunks), else 16."""
@@ -265,7 +323,12 @@ def gpu_forward(call, x, state_in, state_out, save):
     k = x["k"]
     L = _chunk_len(seqs, C)
     ver = _kernel_version(seqs, C)
-    if (_forward_path(seqs, C, L) == "fused" and L % FUSED_L == 0
+    path = _forward_path(seqs, C, L)
+    if path == "lookback":
+        if _lookback_ok(seqs, x, C):
+            return _forward_lookback(call, x, state_in, state_out, save)
+        path = _fused_or_chunked(seqs, C)
+    if (path == "fused" and L % FUSED_L == 0
             and seqs.chunk_slots(FUSED_L) * -(-C // _BLOCK) < 2**31 - 1):
         return _forward_fused(call, x, state_in, state_out, save)
     nslots = seqs.chunk_slots(L)
