@@ -42,11 +42,18 @@ def _u64(a):
     return int.from_bytes(a.tobytes().ljust(8, b"\0"), "little")
 
 
+class FakeDevice:
+    def __init__(self):
+        self.launches = []
+        self.err = np.zeros(1, np.int32)
+
+
 @contextlib.contextmanager
 def fake_device(log_launches=True):
-    """CPU torch tensors run rwkvops' torch-CUDA host path on a pretend device 0; yields the list of launches
-    [(kernel name, grid, block, [parameter slots as uint64]) or ("memset", ptr, nbytes)] made meanwhile, both
-    through CuPy (general path) and cuLaunchKernel (launch plans), so tests can check the pointers a replay used.
+    """CPU torch tensors run rwkvops' torch-CUDA host path on a pretend device 0.  Yields a :class:`FakeDevice`:
+    ``launches``, the device work made meanwhile as ``(via, kernel name, grid, block, [parameter slots as
+    uint64])`` with via "cupy" (the general path's CuPy launch) or "plan" (a launch-plan replay's cuLaunchKernel),
+    or ``("memset", ptr, nbytes)``, so tests can check the pointers a replay used; ``err``, the kernels' error word.
     ``log_launches=False`` (profiling): launches cost nothing.  Large CPU allocations are kept off mmap so that
     torch.empty costs about what the CUDA caching allocator does."""
     from unittest import mock
@@ -56,7 +63,8 @@ def fake_device(log_launches=True):
     from rwkvops import _arrays, _gpu
     from rwkvops.registry import _REGISTRY
 
-    log = []
+    dev = FakeDevice()
+    log = dev.launches
     fns = {}
 
     class Function:
@@ -70,20 +78,21 @@ def fake_device(log_launches=True):
         def __call__(self, grid, block, args, shared_mem=0, stream=None):
             self.nargs = len(args)
             if log_launches:
-                log.append((self.name, tuple(grid), tuple(block), [_u64(a) for a in args]))
+                log.append(("cupy", self.name, tuple(grid) + (1,) * (3 - len(grid)),
+                            tuple(block) + (1,) * (3 - len(block)), [_u64(a) for a in args]))
 
     def launch_kernel(f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         if not log_launches:
             return
         fn = fns[f]
         slots = (ctypes.c_void_p * fn.nargs).from_address(params)
-        log.append((fn.name, (gx, gy, gz)[:3], (bx, by, bz),
+        log.append(("plan", fn.name, (gx, gy, gz), (bx, by, bz),
                     [ctypes.c_uint64.from_address(slots[i]).value for i in range(fn.nargs)]))
 
     def memset(p, value, n, stream):
         log.append(("memset", int(p), int(n)))
 
-    err_host = np.zeros(1, np.int32)
+    err_host = dev.err
 
     class Mem:
         ptr = err_host.ctypes.data
@@ -139,7 +148,7 @@ def fake_device(log_launches=True):
             st.enter_context(mock.patch.object(target, name, value))
         clear_plans()
         st.callback(clear_plans)     # plans made here hold fake kernels
-        yield log
+        yield dev
 
 
 def inputs(op_name, B, mode, dev="cuda"):

@@ -297,11 +297,25 @@ class TorchCudaBridge(Bridge):
         t = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=self.tdevice)
         return self._view(t)
 
-    def empty_tensors(self, specs):
-        """Uninitialized tensors of ``specs`` ((shape, dtype name) pairs) from torch's allocator on its current
-        stream: the outputs of a launch-plan replay."""
+    def output_specs(self, specs, arrays):
+        """How a launch-plan replay allocates its outputs: per (shape, dtype name) in ``specs``, the index of one of
+        the call's ``arrays`` of that shape and dtype (``empty_like`` of it is the cheapest fresh tensor; a
+        contiguous template gives a contiguous output), else (shape, torch dtype)."""
+        torch = self.torch
+        out = []
+        for shape, d in specs:
+            dt = getattr(torch, d)
+            like = [i for i, a in enumerate(arrays) if a.dtype == dt and tuple(a.shape) == tuple(shape)
+                    and a.is_contiguous() and type(a) is torch.Tensor]
+            out.append(like[0] if like else (tuple(shape), dt))
+        return tuple(out)
+
+    def empty_tensors(self, specs, arrays):
+        """Uninitialized tensors per :meth:`output_specs` from torch's allocator on its current stream: the outputs
+        of a launch-plan replay."""
         torch, dev = self.torch, self.tdevice
-        return [torch.empty(shape, dtype=getattr(torch, d), device=dev) for shape, d in specs]
+        like = torch.empty_like
+        return [like(arrays[h]) if type(h) is int else torch.empty(h[0], dtype=h[1], device=dev) for h in specs]
 
     def empty_bytes(self, n):
         """An uninitialized uint8 tensor of ``n`` bytes (the scratch block of a launch-plan replay)."""

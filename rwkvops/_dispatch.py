@@ -55,7 +55,7 @@ def _bind(op, args, kwargs):
     missing = [n for n in names if n not in x]
     if missing:
         raise TypeError(f"{op.name}() is missing argument(s) {', '.join(map(repr, missing))}")
-    return x
+    return {n: x[n] for n in names}       # the op's argument order (plan signatures and launch plans rely on it)
 
 
 def _prepare(op, args, kwargs, state, cu_seqlens, state_indices):
@@ -67,7 +67,9 @@ def _prepare(op, args, kwargs, state, cu_seqlens, state_indices):
 
 def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs):
     """``op(*inputs, state=None, cu_seqlens=None, state_indices=None) -> (y, state_out)``."""
-    x, plan, bridge = _prepare(op, args, kwargs, state, cu_seqlens, state_indices)
+    names = op.input_names
+    x = dict(zip(names, args)) if not kwargs and len(args) == len(names) else _bind(op, args, kwargs)
+    plan = check_call(op, x, state, cu_seqlens, state_indices)
     if plan.kind == "torch":
         torch = _arrays._torch()
         # autograd only when something needs a gradient: inference (no_grad, or plain tensors) skips the
@@ -78,24 +80,24 @@ def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs
                 raise ValueError(f"{op.name}: gradients through a state pool (state_indices) are not supported; "
                                  "pass the initial states as a batch [num_seqs, ...] instead")
             from ._torch import apply
-            return apply(op, plan, bridge, x, state, cu_seqlens, state_indices)
+            return apply(op, plan, _arrays.make_bridge(plan.kind, plan.device), x, state, cu_seqlens,
+                         state_indices)
         lp = plan.launch
         if lp and LAUNCH_PLANS:
-            out = _replay(plan, lp, bridge, x, state, cu_seqlens, state_indices)
+            arrays = [*x.values(), state, cu_seqlens, state_indices]
+            out = _replay(plan, lp, [a for a in arrays if a is not None])
             if out is not None:
                 return out
+    bridge = _arrays.make_bridge(plan.kind, plan.device)
     y, s, _ = _forward(op, plan, bridge, x, state, cu_seqlens, state_indices, save=False)
     return y, s
 
 
-def _replay(plan, lp, bridge, x, state, cu_seqlens, state_indices):
+def _replay(plan, lp, arrays):
     """A torch inference call through its launch plan (see rwkvops._gpu): ``(y, state_out)``, or None when this
     call must take the general path (an array off a 16-byte boundary, another current device, changed launcher
-    settings: the plan is then dropped and recorded again)."""
-    arrays = list(x.values())
-    for a in (state, cu_seqlens, state_indices):   # the recorder's source order
-        if a is not None:
-            arrays.append(a)
+    settings: the plan is then dropped and recorded again).  ``arrays``: the call's tensors in the recorder's
+    source order (inputs, then state, cu_seqlens, state_indices where given)."""
     ptrs = [a.data_ptr() for a in arrays]
     m = 0
     for p in ptrs:
@@ -107,14 +109,16 @@ def _replay(plan, lp, bridge, x, state, cu_seqlens, state_indices):
         return None
     if lp.err[0]:
         _gpu.raise_pending_error(lp.device)
-    outs = bridge.empty_tensors(lp.outputs)
+    bridge = lp.bridge
+    outs = bridge.empty_tensors(lp.outputs, arrays)
     ptrs += [t.data_ptr() for t in outs]
     if lp.temp_bytes:
         scratch = bridge.empty_bytes(lp.temp_bytes)   # freed after the launches: stream-ordered, like call.empty
         base = scratch.data_ptr()
         ptrs += [base + o for o in lp.temps]
     lp.launch(ptrs, bridge.raw_stream())
-    return tuple(outs[i] if is_out else arrays[i] for is_out, i in lp.results)
+    arrays += outs
+    return arrays[lp.results[0]], arrays[lp.results[1]]
 
 
 def forward(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs):
@@ -316,6 +320,10 @@ def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, ligh
         with rec:
             y, saved = op.gpu_forward(call, xc, sc, s_out, save)
         lp = rec.finish((y, s_out), plan.device[1], _gpu.launcher_guard(op))
+        if lp is not None:
+            caller = [v.owner for v in rec.sources[:len(rec.sources) - len(rec.allocs)]]
+            lp.bridge = bridge
+            lp.outputs = bridge.output_specs(lp.outputs, caller)
         plan.launch_tries += 1
         plan.launch = lp if lp is not None else (False if plan.launch_tries >= _RECORD_TRIES else None)
     ctx = Context(op, plan, bridge, xc, sc, seqs, saved) if save else None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import operator
 import sys
 import threading
 
@@ -319,6 +320,7 @@ class Recorder:
         alloc_at = {i for i, _, _ in self.allocs}
         out_srcs = []
         res = []
+        ncaller = len(srcs) - len(self.allocs)
         for r in results:
             i = self._slot(r, "a result")
             if i is None:
@@ -326,10 +328,9 @@ class Recorder:
             if i in alloc_at:
                 if i not in out_srcs:
                     out_srcs.append(i)
-                res.append((True, out_srcs.index(i)))
+                res.append(ncaller + out_srcs.index(i))
             else:
-                res.append((False, i))
-        ncaller = len(srcs) - len(self.allocs)
+                res.append(i)
         order = list(range(ncaller)) + out_srcs + [i for i, _, _ in self.allocs if i not in out_srcs]
         new = {old: k for k, old in enumerate(order)}
         shapes = {i: (s, d) for i, s, d in self.allocs}
@@ -363,11 +364,8 @@ class Recorder:
                 self.refuse("a grid or block of more than 3 dimensions")
                 return None
             dims.extend(d)
-        n = max(len(args), 1)
-        vals = (ctypes.c_uint64 * n)()             # one 8-byte slot per kernel parameter
-        base = ctypes.addressof(vals)
-        params = (ctypes.c_void_p * n)(*[base + 8 * k for k in range(n)])
-        binds = []
+        # one 8-byte slot per kernel parameter, the pointer parameters' first (one slice assignment per replay)
+        bound, const = [], []
         for k, a in enumerate(args):
             # the conversions CuPy applies to Python scalars
             if isinstance(a, (bool, _np.bool_)):
@@ -391,34 +389,51 @@ class Recorder:
                     if c.dtype.itemsize != 8:
                         self.refuse(f"launch argument {k} holds a pointer in {c.dtype}")
                         return None
-                    binds.append((k, new[hit[0]]))
+                    bound.append((k, new[hit[0]]))
                     continue
                 if any(lo < v < hi for lo, hi in ranges):
                     self.refuse(f"launch argument {k} points inside one of the call's arrays")
                     return None
-            ctypes.memmove(base + 8 * k, c.tobytes(), c.dtype.itemsize)
-        return (fn.ptr, *dims, int(smem), vals, ctypes.addressof(params), tuple(binds), fn, params)
+            const.append((k, c))
+        n = max(len(args), 1)
+        vals = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(vals)
+        slot = [0] * n
+        for j, (k, _) in enumerate(bound):
+            slot[k] = j
+        for j, (k, c) in enumerate(const, len(bound)):
+            slot[k] = j
+            ctypes.memmove(base + 8 * j, c.tobytes(), c.dtype.itemsize)
+        params = (ctypes.c_void_p * n)(*[base + 8 * j for j in slot])
+        srcs = [i for _, i in bound]
+        pick = operator.itemgetter(*srcs) if len(srcs) > 1 else (lambda p, i=srcs[0]: (p[i],)) if srcs else None
+        return (fn.ptr, *dims, int(smem), vals, ctypes.addressof(params), pick, len(srcs), fn, params)
 
 
 class LaunchPlan:
     """The launches of one recorded call, replayed on new pointers (see the module docstring).
 
-    ``outputs``: (shape, dtype name) of the arrays a call allocates and returns (fresh per call); ``temps``: byte
-    offsets of its scratch arrays in one block of ``temp_bytes``; ``results``: per returned array, (True, output
-    index) or (False, source index).  Pointer sources at replay: the caller's arrays (the order the recorder got
-    them), the outputs, the scratch arrays.  ``guard``: :func:`globals_guard` of the launcher's module."""
+    ``outputs``: (shape, dtype name) of the arrays a call allocates and returns (fresh per call; the dispatcher
+    turns them into its bridge's allocation specs); ``temps``: byte offsets of its scratch arrays in one block of
+    ``temp_bytes``; ``results``: per returned array, its index among the call's arrays followed by the outputs.
+    Pointer sources at replay: the caller's arrays (the order the recorder got them), the outputs, the scratch
+    arrays.  ``guard``: :func:`globals_guard` of the launcher's module."""
 
-    __slots__ = ("device", "steps", "outputs", "temps", "temp_bytes", "results", "guard", "err", "lock")
+    __slots__ = ("device", "steps", "outputs", "temps", "temp_bytes", "results", "guard", "err", "lock", "bridge")
 
     def __init__(self, device, steps, outputs, temps, temp_bytes, results, guard, err):
         self.device, self.steps, self.outputs, self.temps = device, steps, outputs, temps
         self.temp_bytes, self.results, self.guard, self.err = temp_bytes, results, guard, err
         self.lock = threading.Lock()   # the parameter buffers are shared: one replay at a time
+        self.bridge = None             # the array bridge that replays it (allocations, stream); set by the dispatcher
 
     def current(self) -> bool:
         """Whether the launcher's module settings are still those of the recording."""
         try:
-            return all(get(d) == snap for d, get, snap in self.guard)
+            for d, get, snap, mget, msnap in self.guard:
+                if (tuple(d.values()) if get is None else get(d)) != snap or (mget is not None and mget(d) != msnap):
+                    return False
+            return True
         except Exception:       # a name gone, or a new value that does not compare to a bool (an array)
             return False
 
@@ -432,29 +447,35 @@ class LaunchPlan:
                     if st[2]:
                         _memset(ptrs[st[1]], st[2], stream)
                     continue
-                vals = st[8]
-                for k, i in st[10]:
-                    vals[k] = ptrs[i]
+                if st[11]:
+                    st[8][:st[11]] = st[10](ptrs)
                 launch_kernel(f, st[1], st[2], st[3], st[4], st[5], st[6], st[7], stream, st[9], 0)
 
 
-def _snapshot(v):
-    # mutable containers by value (a test may change a setting dict in place), everything else by identity
-    return v.copy() if type(v) in (dict, list, set) else v
+def _getter(names):
+    """``d -> tuple of d[name]`` (itemgetter returns a bare value for one name)."""
+    if len(names) == 1:
+        return lambda d, k=names[0]: (d[k],)
+    return operator.itemgetter(*names)
 
 
 def globals_guard(*specs):
-    """``(module, names or None)`` pairs -> the guard of a :class:`LaunchPlan`: a snapshot of those module globals
-    (None: all but dunders), compared on every replay."""
-    import operator
+    """``(namespace object, names or None)`` pairs -> the guard of a :class:`LaunchPlan`, checked on every replay.
+
+    With names: those attributes by identity.  None: every global of a module by identity (one tuple of its
+    dict's values: rebinding any name, e.g. ``monkeypatch.setattr(wkv4, "FORWARD", ...)`` or a replaced helper
+    function, changes it), and settings held in containers (UPPERCASE dicts, lists, sets) also by value, so that
+    ``FWD_R[64] = 2`` counts as a change too."""
     guard = []
-    for mod, names in specs:
-        d = mod.__dict__
-        names = tuple(sorted(k for k in d if not k.startswith("__"))) if names is None else tuple(names)
-        get = operator.itemgetter(*names)
-        snap = get(d)
-        snap = tuple(map(_snapshot, snap)) if len(names) > 1 else _snapshot(snap)
-        guard.append((d, get, snap))
+    for obj, names in specs:
+        d = obj.__dict__
+        if names is None:
+            mut = tuple(k for k, v in d.items() if k.isupper() and type(v) in (dict, list, set))
+            mget = _getter(mut) if mut else None
+            guard.append((d, None, tuple(d.values()), mget, tuple(v.copy() for v in mget(d)) if mut else None))
+        else:
+            get = _getter(tuple(names))
+            guard.append((d, get, get(d), None, None))
     return tuple(guard)
 
 

@@ -65,15 +65,25 @@ def _host_ints(name, op, x):
 _PLANS_MAX = 1024        # plans cached per op (call signature -> Plan), in op.__dict__["_plans"]
 
 
+_TENSOR = None           # torch.Tensor once torch is imported (looked up once: the signature runs on every call)
+
+
 def _call_signature(op, x: dict, state, cu_seqlens, state_indices):
     """What every check below depends on (for device-side index arrays), or None when an object has no cheap
-    metadata (lists, generic DLPack producers)."""
-    torch = _arrays._torch()
-    Tensor = torch.Tensor if torch is not None else ()
-    key = [tuple(x)]
+    metadata (lists, generic DLPack producers).  ``x`` is in the op's argument order.  One flat tuple: a tensor
+    adds (shape, dtype, device index, contiguous), None adds None, any other array its ``_arrays.signature``
+    (a tuple starting with a string, so no two layouts of the flat tuple coincide)."""
+    global _TENSOR
+    Tensor = _TENSOR
+    if Tensor is None:
+        torch = _arrays._torch()
+        Tensor = () if torch is None else torch.Tensor
+        if torch is not None:
+            _TENSOR = Tensor
+    key = []
     for a in (*x.values(), state, cu_seqlens, state_indices):
         if isinstance(a, Tensor):      # the hot case, inlined: _arrays.signature costs a call per array
-            key.append((a.shape, a.dtype, a.get_device(), a.is_contiguous()))
+            key += (a.shape, a.dtype, a.get_device(), a.is_contiguous())
         elif a is None:
             key.append(None)
         else:

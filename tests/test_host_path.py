@@ -1,12 +1,22 @@
-"""The lean host path of inference calls: cached validation plans (CPU) and launch views instead of CuPy arrays for
-torch CUDA tensors (GPU, marked ``gpu``).  Every check must still fire on the call that breaks it."""
+"""The lean host path of inference calls: cached validation plans, launch views instead of CuPy arrays for torch
+CUDA tensors, and launch plans (a signature's first torch inference call recorded, repeats replayed on new
+pointers).  Every check must still fire on the call that breaks it, and a plan must never launch on pointers,
+kernels or settings other than those the general path would use.
+
+The CPU tests run the torch-CUDA host path on CPU tensors with a fake device (benchmarks/host_overhead.py:
+fake_device) that logs every launch's parameter slots: a replay is checked against the general path launch by
+launch, pointer by pointer.  The GPU tests (marked ``gpu``) check replayed results against the reference."""
 from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
 
 import numpy as np
 import pytest
 
 import rwkvops
-from rwkvops import _arrays, _validate
+from rwkvops import _arrays, _dispatch, _gpu, _validate
 from rwkvops.testing import has_gpu, rel_rms, to_numpy
 
 NAMES = ("r", "w", "k", "v", "a", "b")
@@ -153,3 +163,222 @@ def test_gpu_lean_path_still_validates():
     ref, _ = rwkvops.get_op("wkv7").reference_forward({n: to_numpy(v).astype(np.float64) for n, v in x.items()},
                                                        np.zeros((2, 2, 64, 64)))
     assert rel_rms(y, ref) < 1e-5
+
+
+# ------------------------------------------------------------------------------------- launch plans, fake device
+
+def _host_overhead():
+    pytest.importorskip("torch")
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    spec = importlib.util.spec_from_file_location("rwkvops_host_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def fake():
+    """(fake device, inputs(op_name, B, mode, dtype) -> (positional inputs, keywords)) with torch.no_grad."""
+    import torch
+    ho = _host_overhead()
+
+    def inputs(name, B=2, mode="dense", dtype=torch.bfloat16):
+        x, kw = ho.inputs(name, B, mode, "cpu")
+        return [a.to(dtype) for a in x], kw
+
+    with ho.fake_device() as dev, torch.no_grad():
+        yield dev, inputs
+
+
+def _plan(op, x, kw):
+    names = op.input_names
+    return _validate.check_call(op, dict(zip(names, x)), kw.get("state"), kw.get("cu_seqlens"),
+                                kw.get("state_indices"))
+
+
+def _roles(launches, x, kw, y, s):
+    """The launches with every pointer replaced by what it points at (argument k, y, state_out, other memory)."""
+    known = {a.data_ptr(): f"arg{k}" for k, a in enumerate([*x, *(kw.get(n) for n in ("state", "cu_seqlens",
+                                                                                     "state_indices"))])
+             if a is not None}
+    known.setdefault(y.data_ptr(), "y")
+    known.setdefault(s.data_ptr(), "state_out")
+
+    def role(v):
+        return known.get(v, "scratch" if v >= 2 ** 32 else v)
+    out = []
+    for entry in launches:
+        if entry[0] == "memset":
+            out.append(("memset", role(entry[1]), entry[2]))
+        else:
+            out.append((entry[1], entry[2], entry[3], [role(v) for v in entry[4]]))
+    return out
+
+
+def _general(monkeypatch, op, x, kw, dev):
+    """The same call through the general path: its launches (by role) and results."""
+    monkeypatch.setattr(_dispatch, "LAUNCH_PLANS", False)
+    dev.launches.clear()
+    y, s = op(*x, **kw)
+    monkeypatch.setattr(_dispatch, "LAUNCH_PLANS", True)
+    assert dev.launches and all(e[0] in ("cupy", "memset") for e in dev.launches)
+    return _roles(dev.launches, x, kw, y, s)
+
+
+@pytest.mark.parametrize("mode", ("dense", "pool"))
+@pytest.mark.parametrize("name", ("wkv7", "wkv6", "wkv4"))
+def test_replay_launches_what_the_general_path_launches(fake, monkeypatch, name, mode):
+    """Fresh tensors per call: a replay binds each new pointer where the general path puts it, allocates fresh
+    outputs, and keeps every constant (kernel, geometry, scalars)."""
+    dev, inputs = fake
+    op = rwkvops.get_op(name)
+    op(*inputs(name, 2, mode)[0], **inputs(name, 2, mode)[1])     # records
+    x, kw = inputs(name, 2, mode)
+    assert _plan(op, x, kw).launch, "no launch plan was recorded"
+    seen = set()
+    for _ in range(3):
+        x, kw = inputs(name, 2, mode)
+        dev.launches.clear()
+        y, s = op(*x, **kw)
+        assert dev.launches and all(e[0] in ("plan", "memset") for e in dev.launches)
+        replayed = _roles(dev.launches, x, kw, y, s)
+        assert replayed == _general(monkeypatch, op, x, kw, dev)
+        assert all(y is not a for a in x) and y.dtype == x[0].dtype and y.shape == x[0 if name != "wkv4" else 2].shape
+        assert (s is kw["state"]) == (mode == "pool") and s.dtype == kw["state"].dtype
+        seen.add(y.data_ptr())
+        keep = (y, s)  # noqa: F841  (alive: the next call's outputs must be other memory)
+    assert len(seen) == 3
+
+
+def test_plan_cannot_serve_a_changed_call(fake, monkeypatch):
+    import torch
+    dev, inputs = fake
+    op = rwkvops.get_op("wkv7")
+    x, kw = inputs("wkv7", 2)
+    op(*x, **kw)
+    plan = _plan(op, x, kw)
+    assert plan.launch
+    # changed strides / non-contiguous arrays: the validation error, not a replay
+    with pytest.raises(ValueError, match="'state' must be C-contiguous"):
+        op(*x, state=kw["state"].transpose(-1, -2))
+    nc = torch.empty(2, 1, 64, 32, dtype=torch.bfloat16).transpose(-1, -2)
+    with pytest.raises(ValueError, match="'k' must be C-contiguous"):
+        op(*x[:2], nc, *x[3:], **kw)
+    # another dtype: its own plan, its own kernel
+    x16 = [a.to(torch.float16) for a in x]
+    dev.launches.clear()
+    op(*x16, **kw)
+    op(*x16, **kw)
+    assert [e[0] for e in dev.launches] == ["cupy", "plan"]
+    assert all("__half" in e[1] for e in dev.launches)
+    assert _plan(op, x16, kw) is not plan
+    # another shape: its own plan (a grid for 3 sequences)
+    x3, kw3 = inputs("wkv7", 3)
+    dev.launches.clear()
+    op(*x3, **kw3)
+    assert dev.launches[0][0] == "cupy" and dev.launches[0][2][0] == 3 * 32   # (sequences x heads) blocks
+    # an input off a 16-byte boundary (contiguous, same metadata): the general path, which picks by alignment
+    base = torch.empty(2 * 32 * 64 + 8, dtype=torch.bfloat16)
+    r = base[2:2 + 2 * 32 * 64].view(2, 1, 32, 64)
+    assert r.is_contiguous() and r.data_ptr() % 16 == 4
+    dev.launches.clear()
+    y, s = op(r, *x[1:], **kw)
+    assert [e[0] for e in dev.launches] == ["cupy"]
+    dev.launches.clear()
+    y, s = op(*x, **kw)
+    assert [e[0] for e in dev.launches] == ["plan"]      # the plan survives the detour
+
+
+def test_changed_setting_is_recorded_again(fake, monkeypatch):
+    """Launchers choose kernels by module settings: rebinding one (or changing a setting dict in place) must not
+    replay the old choice."""
+    from rwkvops.ops import wkv6 as W6
+    from rwkvops.ops import wkv7 as W7
+    dev, inputs = fake
+    op = rwkvops.get_op("wkv6")
+    x, kw = inputs("wkv6", 2)
+    op(*x, **kw)
+    op(*x, **kw)
+    assert dev.launches[-1][:2] == ("plan", dev.launches[0][1]) and "stream" in dev.launches[0][1]
+    monkeypatch.setattr(W6, "FORWARD_PATH", "recurrent")
+    dev.launches.clear()
+    op(*x, **kw)
+    op(*x, **kw)
+    assert [e[0] for e in dev.launches] == ["cupy", "plan"]
+    assert all("wkv6_forward<" in e[1] for e in dev.launches)
+    op7 = rwkvops.get_op("wkv7")
+    x, kw = inputs("wkv7", 2)
+    op7(*x, **kw)
+    monkeypatch.setitem(W7.CTYPE, "bfloat16", "__nv_bfloat16 /* changed */")
+    dev.launches.clear()
+    op7(*x, **kw)
+    assert dev.launches[0][0] == "cupy" and "changed" in dev.launches[0][1]
+
+
+def test_pending_device_error_raises_on_a_replay(fake):
+    dev, inputs = fake
+    op = rwkvops.get_op("wkv6")
+    x, kw = inputs("wkv6", 2, "pool")
+    op(*x, **kw)
+    op(*x, **kw)
+    dev.err[0] = _gpu.ERR_BAD_STATE_INDEX              # as a kernel would set it
+    with pytest.raises(ValueError, match="state_indices"):
+        op(*x, **kw)
+    assert dev.err[0] == 0
+    op(*x, **kw)
+
+
+def test_device_index_arrays_must_be_contiguous(fake):
+    import torch
+    dev, inputs = fake
+    op = rwkvops.get_op("wkv7")
+    x, kw = inputs("wkv7", 2, "pool")
+    op(*x, **kw)
+    idx = torch.tensor([0, 9, 3, 9], dtype=torch.int32)[::2]
+    with pytest.raises(ValueError, match="'state_indices' must be C-contiguous"):
+        op(*x, **dict(kw, state_indices=idx))
+    cu = torch.tensor([0, 9, 1, 9, 2], dtype=torch.int32)[::2]
+    with pytest.raises(ValueError, match="'cu_seqlens' must be C-contiguous"):
+        op(*x, **dict(kw, cu_seqlens=cu))
+
+
+# a toy op whose GPU launcher breaks one rule of launch plans at a time (see rwkvops._gpu's docstring)
+
+def _toy_forward(rule):
+    def gpu_forward(call, x, state_in, state_out, save):
+        from rwkvops._gpu import error_ptr, launch, ptr
+        y = call.empty(tuple(x["x"].shape), call.dtype)
+        args = [ptr(x["x"]), ptr(x["w"]), ptr(x["g"]), ptr(y), ptr(state_in), ptr(state_out), error_ptr(),
+                np.int32(call.seqs.num), np.float32(0.5)]
+        if rule == "foreign":          # memory the call neither got nor allocated
+            args.append(ptr(_arrays.DeviceView(1 << 40, (4,), np.dtype(np.float32), None, 0)))
+        elif rule == "derived":        # a pointer computed from one of the call's
+            args.append(np.uint64(int(ptr(x["x"])) + 64))
+        elif rule == "nbytes":         # device work on the memory without launch()/zero()
+            args.append(np.int64(x["x"].nbytes))
+        launch("toy", "toy.cu", "toy<float>", ("toy<float>",), (call.seqs.num,), (32,), tuple(args))
+        return y, None
+    return gpu_forward
+
+
+@pytest.mark.parametrize("rule", ("ok", "foreign", "derived", "nbytes", "aliased"))
+def test_recorder_refuses_what_it_cannot_replay(fake, monkeypatch, rule):
+    import torch
+    import toyop
+    from rwkvops.registry import _REGISTRY
+    dev, _ = fake
+    op = dataclasses.replace(toyop.make(f"toy_plan_{rule}"), gpu_forward=_toy_forward(rule))
+    monkeypatch.setitem(_REGISTRY, op.name, op)
+    for i in range(5):
+        x = torch.randn(2, 1, 2, 8)
+        w = x if rule == "aliased" else torch.randn(2, 1, 2, 8)
+        s = torch.randn(2, 2, 8)
+        g = torch.randn(2, 8)
+        dev.launches.clear()
+        y, s1 = op(x, w, g, state=s)
+        assert [e[0] for e in dev.launches] == ["plan" if rule == "ok" and i else "cupy"]
+        want = [x.data_ptr(), w.data_ptr(), g.data_ptr(), y.data_ptr(), s.data_ptr(), s1.data_ptr()]
+        assert dev.launches[0][4][:6] == want
+        assert dev.launches[0][4][7:9] == [2, int(np.float32(0.5).view(np.uint32))]
+    plan = _plan(op, [x, w, g], {"state": s})
+    assert (plan.launch is False) == (rule != "ok") and (bool(plan.launch) == (rule == "ok"))
