@@ -12,8 +12,8 @@ With ``--profile`` a cProfile of 300 B = 1 calls of each case is printed (sorted
 ``--fake`` runs without a GPU: CPU tensors play CUDA tensors and :func:`fake_device` stands in for everything that
 touches the device (kernel lookup and launch, memsets, the current device and stream, the error word), so the host
 path up to the launch can be profiled anywhere (the launch itself, ~2-4 us of cuLaunchKernel, is not counted).
-``--wkv4-zero`` routes wkv4's scratch zeroing through ``rwkvops._gpu.zero`` (which launch plans replay) to show
-what that change to rwkvops/ops/wkv4.py would give.
+``--general`` turns launch plans off (``rwkvops._dispatch.LAUNCH_PLANS``): every call takes the general path, for
+comparison.
 """
 import argparse
 import contextlib
@@ -202,18 +202,17 @@ def main():
     ap.add_argument("--ops", default="wkv7,wkv6,wkv4")
     ap.add_argument("--json", default=None)
     ap.add_argument("--fake", action="store_true", help="no GPU: CPU tensors on a fake device (host path only)")
-    ap.add_argument("--wkv4-zero", action="store_true", help="wkv4 zeroes its scratch with rwkvops._gpu.zero")
+    ap.add_argument("--general", action="store_true", help="no launch plans: the general path on every call")
     ap.add_argument("--sizes", default="1,64,256")
     args = ap.parse_args()
     with contextlib.ExitStack() as st:
         if args.fake:
             st.enter_context(fake_device(log_launches=False))
-        if args.wkv4_zero:
+        if args.general:
             from unittest import mock
 
-            from rwkvops import _gpu
-            from rwkvops.ops import wkv4
-            st.enter_context(mock.patch.object(wkv4, "_zero", _gpu.zero))
+            from rwkvops import _dispatch
+            st.enter_context(mock.patch.object(_dispatch, "LAUNCH_PLANS", False))
         run(args, "cpu" if args.fake else "cuda")
 
 
@@ -225,8 +224,9 @@ def run(args, dev):
             for B in map(int, args.sizes.split(",")):
                 x, kw = inputs(name, B, mode, dev)
                 med, mean, wall = measure(op, x, kw)
-                out.append(dict(op=name, mode=mode, B=B, host_median_ms=med, host_mean_ms=mean, wall_ms=wall))
-                print(f"HOST {name} {mode:5s} B={B:3d}: host median {med:.4f} ms/call (mean {mean:.4f}), "
+                out.append(dict(op=name, mode=mode, B=B, host_median_ms=med, host_mean_ms=mean, wall_ms=wall,
+                                launch_plans=not args.general))
+                print(f"HOST{' general' if args.general else ''} {name} {mode:5s} B={B:3d}: host median {med:.4f} ms/call (mean {mean:.4f}), "
                       f"host+device {wall:.4f} ms/call", flush=True)
             if args.profile:
                 x, kw = inputs(name, 1, mode, dev)

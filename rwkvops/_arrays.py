@@ -299,14 +299,14 @@ class TorchCudaBridge(Bridge):
 
     def output_specs(self, specs, arrays):
         """How a launch-plan replay allocates its outputs: per (shape, dtype name) in ``specs``, the index of one of
-        the call's ``arrays`` of that shape and dtype (``empty_like`` of it is the cheapest fresh tensor; a
+        the call's ``arrays`` (None where not given) of that shape and dtype (``empty_like`` of it is the cheapest fresh tensor; a
         contiguous template gives a contiguous output), else (shape, torch dtype)."""
         torch = self.torch
         out = []
         for shape, d in specs:
             dt = getattr(torch, d)
-            like = [i for i, a in enumerate(arrays) if a.dtype == dt and tuple(a.shape) == tuple(shape)
-                    and a.is_contiguous() and type(a) is torch.Tensor]
+            like = [i for i, a in enumerate(arrays) if a is not None and a.dtype == dt
+                    and tuple(a.shape) == tuple(shape) and a.is_contiguous() and type(a) is torch.Tensor]
             out.append(like[0] if like else (tuple(shape), dt))
         return tuple(out)
 

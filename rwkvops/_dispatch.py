@@ -6,11 +6,13 @@ autograd function are thin layers on it.
 from __future__ import annotations
 
 import dataclasses
+from functools import reduce
+from operator import or_
 
 import numpy as np
 
 from . import _arrays, _gpu
-from ._validate import Plan, check_call
+from ._validate import Plan, cached_plan, check_call
 
 
 @dataclasses.dataclass
@@ -68,27 +70,33 @@ def _prepare(op, args, kwargs, state, cu_seqlens, state_indices):
 def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs):
     """``op(*inputs, state=None, cu_seqlens=None, state_indices=None) -> (y, state_out)``."""
     names = op.input_names
-    x = dict(zip(names, args)) if not kwargs and len(args) == len(names) else _bind(op, args, kwargs)
-    plan = check_call(op, x, state, cu_seqlens, state_indices)
+    if kwargs or len(args) != len(names):
+        args = tuple(_bind(op, args, kwargs).values())
+    arrays = (*args, state, cu_seqlens, state_indices)
+    plan = cached_plan(op, arrays)         # a repeat signature: the checks' result, from metadata alone
+    x = None
+    if plan is None:
+        x = dict(zip(names, args))
+        plan = check_call(op, x, state, cu_seqlens, state_indices)
     if plan.kind == "torch":
         torch = _arrays._torch()
         # autograd only when something needs a gradient: inference (no_grad, or plain tensors) skips the
         # autograd Function and runs the lean launch path below
         if torch.is_grad_enabled() and ((state is not None and state.requires_grad)
-                                        or any(t.requires_grad for t in x.values())):
+                                        or any(t.requires_grad for t in args)):
             if plan.pool:
                 raise ValueError(f"{op.name}: gradients through a state pool (state_indices) are not supported; "
                                  "pass the initial states as a batch [num_seqs, ...] instead")
             from ._torch import apply
-            return apply(op, plan, _arrays.make_bridge(plan.kind, plan.device), x, state, cu_seqlens,
-                         state_indices)
+            return apply(op, plan, _arrays.make_bridge(plan.kind, plan.device), dict(zip(names, args)), state,
+                         cu_seqlens, state_indices)
         lp = plan.launch
         if lp and LAUNCH_PLANS:
-            arrays = [*x.values(), state, cu_seqlens, state_indices]
-            out = _replay(plan, lp, [a for a in arrays if a is not None])
+            out = _replay(plan, lp, arrays)
             if out is not None:
                 return out
     bridge = _arrays.make_bridge(plan.kind, plan.device)
+    x = x or dict(zip(names, args))
     y, s, _ = _forward(op, plan, bridge, x, state, cu_seqlens, state_indices, save=False)
     return y, s
 
@@ -96,13 +104,10 @@ def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs
 def _replay(plan, lp, arrays):
     """A torch inference call through its launch plan (see rwkvops._gpu): ``(y, state_out)``, or None when this
     call must take the general path (an array off a 16-byte boundary, another current device, changed launcher
-    settings: the plan is then dropped and recorded again).  ``arrays``: the call's tensors in the recorder's
-    source order (inputs, then state, cu_seqlens, state_indices where given)."""
-    ptrs = [a.data_ptr() for a in arrays]
-    m = 0
-    for p in ptrs:
-        m |= p
-    if m & 15 or _gpu.current_device() != lp.device:
+    settings: the plan is then dropped and recorded again).  ``arrays``: the call's inputs, state, cu_seqlens,
+    state_indices (None where not given: the same ones as at the recording, by the signature)."""
+    ptrs = [a.data_ptr() for a in arrays if a is not None]     # the recorder's source order
+    if reduce(or_, ptrs) & 15 or _gpu.current_device() != lp.device:
         return None
     if not lp.current():
         plan.launch, plan.launch_tries = None, 0
@@ -117,8 +122,8 @@ def _replay(plan, lp, arrays):
         base = scratch.data_ptr()
         ptrs += [base + o for o in lp.temps]
     lp.launch(ptrs, bridge.raw_stream())
-    arrays += outs
-    return arrays[lp.results[0]], arrays[lp.results[1]]
+    objs = (*arrays, *outs)
+    return objs[lp.results[0]], objs[lp.results[1]]
 
 
 def forward(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs):
@@ -321,9 +326,12 @@ def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, ligh
             y, saved = op.gpu_forward(call, xc, sc, s_out, save)
         lp = rec.finish((y, s_out), plan.device[1], _gpu.launcher_guard(op))
         if lp is not None:
-            caller = [v.owner for v in rec.sources[:len(rec.sources) - len(rec.allocs)]]
+            # results and output templates by position among (*inputs, state, cu_seqlens, state_indices, *outputs)
+            given = (*xc.values(), sc, cu, idx)
+            pos = [i for i, v in enumerate(given) if v is not None]
+            lp.results = tuple(pos[r] if r < len(pos) else len(given) + r - len(pos) for r in lp.results)
+            lp.outputs = bridge.output_specs(lp.outputs, [None if v is None else v.owner for v in given])
             lp.bridge = bridge
-            lp.outputs = bridge.output_specs(lp.outputs, caller)
         plan.launch_tries += 1
         plan.launch = lp if lp is not None else (False if plan.launch_tries >= _RECORD_TRIES else None)
     ctx = Context(op, plan, bridge, xc, sc, seqs, saved) if save else None

@@ -69,10 +69,15 @@ _TENSOR = None           # torch.Tensor once torch is imported (looked up once: 
 
 
 def _call_signature(op, x: dict, state, cu_seqlens, state_indices):
+    return signature((*x.values(), state, cu_seqlens, state_indices))
+
+
+def signature(arrays):
     """What every check below depends on (for device-side index arrays), or None when an object has no cheap
-    metadata (lists, generic DLPack producers).  ``x`` is in the op's argument order.  One flat tuple: a tensor
-    adds (shape, dtype, device index, contiguous), None adds None, any other array its ``_arrays.signature``
-    (a tuple starting with a string, so no two layouts of the flat tuple coincide)."""
+    metadata (lists, generic DLPack producers).  ``arrays``: the inputs in the op's argument order, then state,
+    cu_seqlens, state_indices.  One flat tuple: a tensor adds (shape, dtype, device index, contiguous), None adds
+    None, any other array its ``_arrays.signature`` (a tuple starting with a string, so no two layouts of the flat
+    tuple coincide)."""
     global _TENSOR
     Tensor = _TENSOR
     if Tensor is None:
@@ -81,7 +86,7 @@ def _call_signature(op, x: dict, state, cu_seqlens, state_indices):
         if torch is not None:
             _TENSOR = Tensor
     key = []
-    for a in (*x.values(), state, cu_seqlens, state_indices):
+    for a in arrays:
         if isinstance(a, Tensor):      # the hot case, inlined: _arrays.signature costs a call per array
             key += (a.shape, a.dtype, a.get_device(), a.is_contiguous())
         elif a is None:
@@ -92,6 +97,16 @@ def _call_signature(op, x: dict, state, cu_seqlens, state_indices):
                 return None
             key.append(k)
     return tuple(key)   # host-side index arrays get a key too, but their plans (cu_host/idx_host) are never cached
+
+
+def cached_plan(op, arrays):
+    """The cached :class:`Plan` of a call whose ``arrays`` (as :func:`signature` takes them) have these metadata,
+    or None (first call of a signature, or no cheap metadata): then :func:`check_call`."""
+    plans = op.__dict__.get("_plans")
+    if plans is None:
+        return None
+    key = signature(arrays)
+    return None if key is None else plans.get(key)
 
 
 def check_call(op, x: dict, state, cu_seqlens, state_indices) -> Plan:

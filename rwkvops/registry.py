@@ -106,8 +106,17 @@ class Op:
         raise KeyError(name)
 
     def __call__(self, *args, **kwargs):
-        from ._dispatch import call_op
-        return call_op(self, *args, **kwargs)
+        return (_CALL_OP or _call_op())(self, *args, **kwargs)
+
+
+_CALL_OP = None   # rwkvops._dispatch.call_op, imported on first call (an import statement per call costs ~1 us)
+
+
+def _call_op():
+    global _CALL_OP
+    from ._dispatch import call_op
+    _CALL_OP = call_op
+    return call_op
 
 
 _REGISTRY: dict = {}

@@ -382,3 +382,124 @@ def test_recorder_refuses_what_it_cannot_replay(fake, monkeypatch, rule):
         assert dev.launches[0][4][7:9] == [2, int(np.float32(0.5).view(np.uint32))]
     plan = _plan(op, [x, w, g], {"state": s})
     assert (plan.launch is False) == (rule != "ok") and (bool(plan.launch) == (rule == "ok"))
+
+
+# ------------------------------------------------------------------------------------- launch plans, GPU
+
+def _decode_case(op, mode, dtype, seed, B=3):
+    """A decode step on the GPU (torch tensors of ``dtype``) and the same step for the float64 CPU path:
+    ((inputs, keywords) on the GPU, (inputs, keywords) in NumPy).  dense: [B, 1, ...] and a state [B, ...];
+    pool: [1, B, ...] packed, device int32 cu_seqlens / state_indices into a pool of 2B slots."""
+    torch = _torch()
+    rng = np.random.default_rng(seed)
+    dims = rwkvops.testing.default_dims(op, B=B if mode == "dense" else 1, T=1 if mode == "dense" else B, H=2,
+                                        N=64, C=256)
+    x64 = rwkvops.testing.sample_inputs(op, dims, rng)
+    tdt = getattr(torch, dtype)
+    x = [torch.tensor(x64[a.name], device="cuda").to(tdt) for a in op.inputs]
+    xr = [to_numpy(t.float()).astype(np.float64) for t in x]
+    num = B if mode == "dense" else 2 * B
+    st = rwkvops.testing.sample_state(op, dims, num, rng)
+    kw = {"state": torch.tensor(st, device="cuda", dtype=torch.float32)}
+    kr = {"state": st.astype(np.float32).astype(np.float64)}
+    if mode == "pool":
+        idx = rng.permutation(2 * B)[:B].astype(np.int32)
+        idx[1] = -1
+        kw.update(cu_seqlens=torch.arange(B + 1, device="cuda", dtype=torch.int32),
+                  state_indices=torch.tensor(idx, device="cuda"))
+        kr.update(cu_seqlens=np.arange(B + 1), state_indices=idx)
+    return (x, kw), (xr, kr)
+
+
+def _count_general(monkeypatch):
+    calls = []
+    real = _dispatch._forward
+    monkeypatch.setattr(_dispatch, "_forward", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    return calls
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ("bfloat16", "float32"))
+@pytest.mark.parametrize("mode", ("dense", "pool"))
+@pytest.mark.parametrize("name", ("wkv7", "wkv6", "wkv4"))
+def test_gpu_replays_match_general_path_and_reference(name, mode, dtype, monkeypatch):
+    torch = _torch()
+    op = rwkvops.get_op(name)
+    tol = 3e-3 if dtype == "bfloat16" else 1e-5
+    with torch.no_grad():
+        (x, kw), _ = _decode_case(op, mode, dtype, seed=0)
+        op(*x, **kw)                                                   # records
+        assert _plan(op, x, kw).launch
+        general = _count_general(monkeypatch)
+        for seed in (1, 2, 3):
+            (x, kw), (xr, kr) = _decode_case(op, mode, dtype, seed)
+            kw2 = dict(kw, state=kw["state"].clone())
+            y, s = op(*x, **kw)                                        # replay on new pointers
+            assert general == []
+            monkeypatch.setattr(_dispatch, "LAUNCH_PLANS", False)
+            y2, s2 = op(*x, **kw2)
+            monkeypatch.setattr(_dispatch, "LAUNCH_PLANS", True)
+            general.clear()
+            assert torch.equal(y, y2) and torch.equal(s, s2)
+            ry, rs = op(*xr, **kr)
+            assert rel_rms(y, ry) < tol and rel_rms(s, rs) < max(tol, 1e-4)
+            assert (s is kw["state"]) == (mode == "pool")
+
+
+@gpu
+@needs_gpu
+def test_gpu_replay_refuses_what_it_cannot_serve(monkeypatch):
+    torch = _torch()
+    op = rwkvops.get_op("wkv7")
+    with torch.no_grad():
+        (x, kw), (xr, kr) = _decode_case(op, "dense", "bfloat16", seed=0)
+        op(*x, **kw)
+        general = _count_general(monkeypatch)
+        # an input off a 16-byte boundary, same metadata: the general path (its kernels pick by alignment)
+        base = torch.empty(x[0].numel() + 8, device="cuda", dtype=torch.bfloat16)
+        r = base[2:2 + x[0].numel()].view(x[0].shape)
+        r.copy_(x[0])
+        y, s = op(r, *x[1:], **kw)
+        assert general == [1]
+        ry, rs = op(*xr, **kr)
+        assert rel_rms(y, ry) < 3e-3 and rel_rms(s, rs) < 1e-4
+        # changed strides: the validation error
+        with pytest.raises(ValueError, match="C-contiguous"):
+            op(*x, state=kw["state"].transpose(-1, -2))
+        # another dtype: its own plan, right answers
+        x16 = [a.half() for a in x]
+        for _ in range(2):
+            y, s = op(*x16, **kw)
+        ry, rs = op(*[to_numpy(a.float()).astype(np.float64) for a in x16], **kr)
+        assert y.dtype == torch.float16 and rel_rms(y, ry) < 3e-3 and rel_rms(s, rs) < 1e-4
+        # another device: CPU tensors of the same metadata take the CPU path
+        y, s = op(*[a.cpu() for a in x], state=kw["state"].cpu())
+        assert y.device.type == "cpu" and s.device.type == "cpu"
+        # a replayed call's outputs are fresh tensors
+        y1, s1 = op(*x, **kw)
+        y2, s2 = op(*x, **kw)
+        assert y1.data_ptr() != y2.data_ptr() and s1.data_ptr() != s2.data_ptr() and torch.equal(y1, y2)
+
+
+@gpu
+@needs_gpu
+def test_gpu_replay_is_captured_by_a_cuda_graph():
+    """A replay inside torch.cuda.graph capture launches on the capture stream with graph-pool outputs."""
+    torch = _torch()
+    op = rwkvops.get_op("wkv7")
+    with torch.no_grad():
+        (x, kw), _ = _decode_case(op, "dense", "bfloat16", seed=0)
+        op(*x, **kw)
+        op(*x, **kw)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y, s = op(*x, **kw)
+        (x2, kw2), (xr, kr) = _decode_case(op, "dense", "bfloat16", seed=5)
+        for a, b in zip(x, x2):
+            a.copy_(b)
+        kw["state"].copy_(kw2["state"])
+        graph.replay()
+        torch.cuda.synchronize()
+        ry, rs = op(*xr, **kr)
+        assert rel_rms(y, ry) < 3e-3 and rel_rms(s, rs) < 1e-4
