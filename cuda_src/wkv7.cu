@@ -1410,6 +1410,21 @@ __global__ void __launch_bounds__(256) wkv7_tc_scan(
 // every token decays mildly (exp(w) <= mild); a chunk with a stronger decay (where the invariance sum would cancel
 // and the factorization overflow) is appended to the list `fix` ([count, ids]) and done exactly by
 // wkv7_backward's per-chunk mode.  Products on tensor cores (TF32; 3xTF32 for fp32 I/O), the rest in fp32.
+namespace wkv7 {
+// Sums of the log decays lw (column p[s * LD], s < L) before token t (G(-1, t-1) -> gp) and after it (G(t, L-1)
+// -> gs), each over exactly its tokens in token order.
+template <int L, int LD>
+__device__ __forceinline__ void chunk_sums(const float* p, int t, float& gp, float& gs) {
+    gp = 0.f; gs = 0.f;
+#pragma unroll
+    for (int s = 0; s < L; ++s) {
+        const float x = p[s * LD];
+        if (s < t) gp += x;
+        else if (s > t) gs += x;
+    }
+}
+}  // namespace wkv7
+
 template <int N> struct TcBwdCfg {
     static constexpr int L = wkv7::TC_L;
     static constexpr int NW = N == 64 ? 8 : 4;          // warps (16 output tiles per phase for N = 64)
@@ -1435,7 +1450,7 @@ __global__ void __launch_bounds__(TcBwdCfg<N>::NT) wkv7_tc_bwd(
     const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
     T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk, T* __restrict__ dv,
     T* __restrict__ da, T* __restrict__ db,
-    int T_len, int H, const float* __restrict__ ckpt, const float* __restrict__ dckpt, int* fix, float mild) {
+    int T_len, int H, const float* __restrict__ ckpt, const float* __restrict__ dckpt, int* fix, float mild, int vec) {
     using C = TcBwdCfg<N>;
     using namespace rwkv::tc;
     constexpr int L = C::L, NW = C::NW, NT = C::NT, LD = C::LD, LDI = C::LDI, TA = C::TA, NB = N / 16;
@@ -1462,22 +1477,35 @@ __global__ void __launch_bounds__(TcBwdCfg<N>::NT) wkv7_tc_bwd(
     const int len = min(L, T_len - t0);
     const long long tok0 = (long long)sq * T_len + t0;
 
-    // ---- inputs (padding tokens: zeros, decay 1); is every decay mild?
+    // ---- inputs (padding tokens: zeros, decay 1), 16-byte loads when aligned (vec); is every decay mild?
     int strong = 0;
     {
+        constexpr int N8 = N / 8;
         const T* const ins[7] = {r, w, k, v, a, b, dy};
-        for (int e = tid; e < L * N; e += NT) {
-            const int t = e / N, j = e % N;
+        for (int e = tid; e < L * N8; e += NT) {
+            const int t = e / N8, col = 8 * (e % N8);
             const bool in = t < len;
-            const long long o = ((tok0 + t) * H + h) * N + j;
+            wkv7::Chunk8<T> ch[7];
+            if (in) {
+                const long long o = ((tok0 + t) * H + h) * N + col;
+#pragma unroll
+                for (int arr = 0; arr < 7; ++arr) ch[arr].load(ins[arr] + o, vec != 0);
+            }
 #pragma unroll
             for (int arr = 0; arr < 7; ++arr) {
-                float x = in ? rwkv::to_float(ins[arr][o]) : 0.f;
-                if (arr == 1 && in) {
-                    x = -expf(x);
-                    if (!(-x <= mild)) strong = 1;
+                float f[8];
+                if (in) ch[arr].get(f);
+#pragma unroll
+                for (int z = 0; z < 8; ++z) {
+                    if (!in) f[z] = 0.f;
+                    else if (arr == 1) {
+                        f[z] = -expf(f[z]);
+                        if (!(-f[z] <= mild)) strong = 1;
+                    }
                 }
-                smem[arr * TA + t * LD + j] = x;
+                float* d = smem + arr * TA + t * LD + col;
+                *reinterpret_cast<float4*>(d) = make_float4(f[0], f[1], f[2], f[3]);
+                *reinterpret_cast<float4*>(d + 4) = make_float4(f[4], f[5], f[6], f[7]);
             }
         }
     }
@@ -1492,42 +1520,48 @@ __global__ void __launch_bounds__(TcBwdCfg<N>::NT) wkv7_tc_bwd(
         const long long cs = rwkv::chunk_slot(nullptr, T_len, sq, 0, WKV7_CK, c);
         const float* s0 = ckpt + ((cs * H + h) * N) * (long long)N;
         const float* x0 = dckpt + ((cs * H + h) * N) * (long long)N;
+#pragma unroll 4
         for (int e = tid; e < N * N / 4; e += NT) {
             const int i = e / (N / 4), j4 = 4 * (e % (N / 4));
-            *reinterpret_cast<float4*>(sS + i * LD + j4) = *reinterpret_cast<const float4*>(s0 + (long long)i * N + j4);
-            *reinterpret_cast<float4*>(sX + i * LD + j4) = *reinterpret_cast<const float4*>(x0 + (long long)i * N + j4);
+            const float4 sv = *reinterpret_cast<const float4*>(s0 + (long long)i * N + j4);
+            const float4 xv = *reinterpret_cast<const float4*>(x0 + (long long)i * N + j4);
+            *reinterpret_cast<float4*>(sS + i * LD + j4) = sv;
+            *reinterpret_cast<float4*>(sX + i * LD + j4) = xv;
         }
     }
-    __syncthreads();
-    // ---- decays per channel j (prefix sums over exactly the chunk's tokens); diag(X^T S0)
-    if (tid < N) {
-        const int j = tid;
-        float kd[L];
-        float g = 0.f;
-#pragma unroll
-        for (int t = L - 1; t >= 0; --t) { kd[t] = expf(g); g += sLW[t * LD + j]; }   // Kd_t = exp(G(t, L-1))
-        g = 0.f;
-#pragma unroll
-        for (int t = 0; t < L; ++t) {
-            const float gp = g;
-            g += sLW[t * LD + j];
-            const float inv = expf(-g);
-            sAg[t * LD + j] = sA[t * LD + j] * expf(gp);
-            sRg[t * LD + j] = sR[t * LD + j] * expf(g);
-            sBi[t * LD + j] = sB[t * LD + j] * inv;
-            sKi[t * LD + j] = sK[t * LD + j] * inv;
-            sBg[t * LD + j] = sB[t * LD + j] * kd[t];
-            sKg[t * LD + j] = sK[t * LD + j] * kd[t];
-        }
+    // ---- decay factors per (token, channel), each from sums over exactly its tokens: A_g, R_g, Bi, Ki, B_g, K_g
+    for (int e = tid; e < L * N; e += NT) {
+        const int t = e / N, j = e % N, o = t * LD + j;
+        float gp, gs;
+        wkv7::chunk_sums<L, LD>(sLW + j, t, gp, gs);
+        const float g = gp + sLW[o];
+        const float inv = expf(-g), kd = expf(gs);
+        sAg[o] = sA[o] * expf(gp);
+        sRg[o] = sR[o] * expf(g);
+        sBi[o] = sB[o] * inv;
+        sKi[o] = sK[o] * inv;
+        sBg[o] = sB[o] * kd;
+        sKg[o] = sK[o] * kd;
+    }
+    __syncthreads();   // S0, X staged
+    {   // diag(X^T S0): NT / N partial sums per channel over row quarters, into the P area (free until phase 3)
+        constexpr int PARTS = NT / N, RPP = N / PARTS;
+        const int j = tid % N, part = tid / N;
         float d0 = 0.f, d1 = 0.f;
-#pragma unroll 8
-        for (int i = 0; i < N; i += 2) {
+#pragma unroll
+        for (int i = part * RPP; i < (part + 1) * RPP; i += 2) {
             d0 = fmaf(sX[i * LD + j], sS[i * LD + j], d0);
             d1 = fmaf(sX[(i + 1) * LD + j], sS[(i + 1) * LD + j], d1);
         }
-        sC[j] = d0 + d1;
+        Pyu[part * N + j] = d0 + d1;
     }
     __syncthreads();
+    if (tid < N) {
+        float d = 0.f;
+#pragma unroll
+        for (int part = 0; part < NT / N; ++part) d += Pyu[part * N + tid];
+        sC[tid] = d;
+    }
     // ---- phase 1: intra-chunk matrices (masked); U <- A_g S0^T, Z <- B_g X^T, dV <- K_g X^T
     for (int job = wq; job < 4 + 3 * NB; job += NW) {
         float acc[8];
@@ -1639,46 +1673,49 @@ __global__ void __launch_bounds__(TcBwdCfg<N>::NT) wkv7_tc_bwd(
         }
     }
     __syncthreads();
-    // ---- per channel: decay factors, the decay gradient, outputs
+    // ---- per (token, channel): the decay factors of dR, dA, dK, dB (in place); the decay gradient's terms:
+    // sU <- r dr - b db - k dk, sV <- a da, sBi <- Kd (b (U X) + k (V X))   (U, V, Bi are dead after phase 4)
+    for (int e = tid; e < L * N; e += NT) {
+        const int t = e / N, j = e % N, o = t * LD + j;
+        float gp, gs;
+        wkv7::chunk_sums<L, LD>(sLW + j, t, gp, gs);
+        const float g = gp + sLW[o];
+        const float inv = expf(-g), kd = expf(gs);
+        const float vdr = expf(g) * sdR[o];
+        const float vda = expf(gp) * sdA[o];
+        const float vdk = fmaf(kd, sVX[o], inv * sdK[o]);
+        const float vdb = fmaf(kd, sUX[o], inv * sdB[o]);
+        sdR[o] = vdr; sdA[o] = vda; sdK[o] = vdk; sdB[o] = vdb;
+        sU[o] = sR[o] * vdr - sB[o] * vdb - sK[o] * vdk;
+        sV[o] = sA[o] * vda;
+        sBi[o] = kd * fmaf(sB[o], sUX[o], sK[o] * sVX[o]);
+    }
+    __syncthreads();
+    // ---- per channel: dlw_t = sum_{t' >= t} sU + sum_{t' > t} sV + diag(X^T S_{L-1}), over sU
     if (tid < N) {
         const int j = tid;
-        float kd[L];
-        float g = 0.f;
+        float g = 0.f, ce = 0.f;
 #pragma unroll
-        for (int t = L - 1; t >= 0; --t) { kd[t] = expf(g); g += sLW[t * LD + j]; }
-        const float gamma = expf(g);
-        float cend = gamma * sC[j];
-        g = 0.f;
+        for (int t = 0; t < L; ++t) { g += sLW[t * LD + j]; ce += sBi[t * LD + j]; }
+        float acc = fmaf(expf(g), sC[j], ce);
 #pragma unroll
-        for (int t = 0; t < L; ++t) {
-            const int o = t * LD + j;
-            const float gp = g;
-            g += sLW[o];
-            const float inv = expf(-g);
-            const float vdr = expf(g) * sdR[o];
-            const float vda = expf(gp) * sdA[o];
-            const float vdk = kd[t] * sVX[o] + inv * sdK[o];
-            const float vdb = kd[t] * sUX[o] + inv * sdB[o];
-            cend = fmaf(kd[t], fmaf(sB[o], sUX[o], sK[o] * sVX[o]), cend);
-            sdR[o] = vdr; sdA[o] = vda; sdK[o] = vdk; sdB[o] = vdb;
-        }
-        float acc = cend;
         for (int t = L - 1; t >= 0; --t) {
             const int o = t * LD + j;
-            acc += sR[o] * sdR[o] - sB[o] * sdB[o] - sK[o] * sdK[o];
-            const long long go = ((tok0 + t) * H + h) * N + j;
-            if (t < len) {
-                dr[go] = rwkv::from_float<T>(sdR[o]);
-                dk[go] = rwkv::from_float<T>(sdK[o]);
-                db[go] = rwkv::from_float<T>(sdB[o]);
-                da[go] = rwkv::from_float<T>(sdA[o]);
-                dw[go] = rwkv::from_float<T>(acc * sLW[o]);
-            }
-            acc += sA[o] * sdA[o];
+            acc += sU[o];
+            sU[o] = acc;
+            acc += sV[o];
         }
     }
+    __syncthreads();
+    // ---- outputs (dw = dlw * lw), coalesced over channels
     for (int e = tid; e < len * N; e += NT) {
-        const int t = e / N, i = e % N;
-        dv[((tok0 + t) * H + h) * N + i] = rwkv::from_float<T>(sdV[t * LD + i]);
+        const int t = e / N, j = e % N, o = t * LD + j;
+        const long long go = ((tok0 + t) * H + h) * N + j;
+        dr[go] = rwkv::from_float<T>(sdR[o]);
+        dk[go] = rwkv::from_float<T>(sdK[o]);
+        db[go] = rwkv::from_float<T>(sdB[o]);
+        da[go] = rwkv::from_float<T>(sdA[o]);
+        dw[go] = rwkv::from_float<T>(sU[o] * sLW[o]);
+        dv[go] = rwkv::from_float<T>(sdV[o]);
     }
 }

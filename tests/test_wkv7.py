@@ -678,7 +678,7 @@ template <typename T, int N> void tcb(const uint64_t* a, int grid, int blk, size
   float mild; const uint32_t mb = (uint32_t)a[18]; std::memcpy(&mild, &mb, 4);
   emu_run(grid, blk, smem, [&]{ wkv7_tc_bwd<T, N>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(const T*)P_(6),(T*)P_(7),(T*)P_(8),(T*)P_(9),(T*)P_(10),(T*)P_(11),(T*)P_(12),
-     I_(13), I_(14), (const float*)P_(15), (const float*)P_(16), (int*)P_(17), mild); }); }
+     I_(13), I_(14), (const float*)P_(15), (const float*)P_(16), (int*)P_(17), mild, I_(19)); }); }
 template <int N> void tcs(const uint64_t* a, int grid, int blk) {
   emu_run(grid, blk, 0, [&]{ wkv7_tc_scan<N>((float*)P_(0), I_(1), I_(2), (const float*)P_(3), (float*)P_(4),
      (const int*)P_(5), I_(6), (int*)P_(7)); }); }
@@ -1289,3 +1289,25 @@ def test_emulated_chunked_backward_all_exact(emu, monkeypatch):
     y, s, g = emu(x, s0, dt, B, T, H, ds=ds)
     assert emu.launches[-2:] == ["wkv7_tc_bwd<float, 32>", "wkv7_backward<float, 32>"]
     _check_grads(g, W.reference_backward(x, s0, np.zeros((B, T, H, N)), ds), 1e-4)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("fwd,mild", [("recurrent", None), ("chunked", 0.0)], ids=("recurrent-fwd", "all-exact"))
+def test_gpu_chunked_backward_variants(fwd, mild, poison, monkeypatch):
+    """The chunked backward after the recurrent forward (same checkpoints), and with every chunk sent to the exact
+    per-chunk recurrence (BWD_MILD = 0); bf16, T = 300 (a partial last chunk), decays as models make them."""
+    monkeypatch.setattr(W, "FORWARD_PATH", fwd)
+    monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    if mild is not None:
+        monkeypatch.setattr(W, "BWD_MILD", mild)
+    launches = _spy_launches(monkeypatch)
+    rng = np.random.default_rng(1200)
+    B, T, H, N, dtype = 2, 300, 2, 64, "bfloat16"
+    x = {n: _round(v, dtype) for n, v in make_inputs(rng, B, T, H, N, wlo=-5.5, whi=-0.5).items()}
+    s0 = make_state(rng, B, H, N).astype(np.float32).astype(np.float64)
+    gy = _round(rng.standard_normal((B, T, H, N)), dtype)
+    gs = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    y, s, g = _torch_fwd_bwd(x, s0, gy, gs, dtype)
+    _check_grads(g, W.reference_backward(x, s0, gy, gs), TOL[dtype][1], fwd)
+    assert any(n.startswith("wkv7_tc_bwd") for n in launches)

@@ -305,7 +305,7 @@ def _backward_chunked(call, x, saved, dy, dstate, g, dstate_in):
     grads = [ptr(g[n]) for n in ("r", "w", "k", "v", "a", "b")]
     mild = np.float32(min(float(BWD_MILD), 30.0 / TC_L))
     _launch(f"wkv7_tc_bwd<{ct}, {N}>", (B * nch * H,), (_tc_bwd_threads(N),),
-            (*ins, ptr(dy), *grads, i32(T), i32(H), ptr(saved["ckpt"]), ptr(dck), ptr(fix), mild),
+            (*ins, ptr(dy), *grads, i32(T), i32(H), ptr(saved["ckpt"]), ptr(dck), ptr(fix), mild, i32(vec)),
             shared_mem=_tc_bwd_smem(N))
     _launch(f"wkv7_backward<{ct}, {N}>", (max(1, min(B * nch * H, _device_sms())),), (2 * N,),
             (*ins, ptr(dy), *grads, ptr(None), i32(T), np.int64(seqs.total), ptr(None), ptr(None), ptr(None),
