@@ -9,6 +9,7 @@ times, the two paths' gradients against each other at B=8 T=4096, and every grad
 backward (B=2 T=1024; decays as models make them and over the whole range [-8, 4]).
 
     python3 benchmarks/wkv7_tc_sweep.py --out tc_sweep.json [--quick] [--bwd]
+    compute-sanitizer --tool racecheck python3 benchmarks/wkv7_tc_sweep.py --sanitize   (the chunked paths, small)
 """
 from __future__ import annotations
 
@@ -72,7 +73,11 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--bwd", action="store_true")
+    ap.add_argument("--sanitize", action="store_true")
     opt = ap.parse_args()
+    if opt.sanitize:
+        sanitize_chunked()
+        return
     res = []
 
     def emit(**kw):
@@ -230,6 +235,29 @@ def bwd_sweep(emit, opt):
             del ref
             torch.cuda.empty_cache()
     W.BACKWARD_PATH = "auto"
+
+
+def sanitize_chunked():
+    """Chunked forward and backward at small shapes (partial chunk, both decay regimes: tensor-core chunks and the
+    exact per-chunk recurrence), N = 32 and 64, bf16 and fp32, for compute-sanitizer."""
+    import torch
+    import rwkvops
+    from rwkvops.ops import wkv7 as W
+    W.FORWARD_PATH, W.BACKWARD_PATH = "chunked", "chunked"
+    for n in (32, 64):
+        for dt in (torch.bfloat16, torch.float32):
+            for wr in (None, (-8.0, 4.0)):
+                x = tuple(harness.random_inputs("wkv7", {"B": 2, "T": 40, "H": 2, "N": n}, device="cuda", seed=3,
+                                                dtype=dt, w_range=wr).values())
+                xg = [t.detach().clone().requires_grad_(True) for t in x]
+                s0 = torch.randn(2, 2, n, n, device="cuda", requires_grad=True)
+                y, s = rwkvops.wkv7(*xg, state=s0)
+                torch.autograd.backward([y, s], [torch.randn_like(y), torch.randn_like(s)])
+                torch.cuda.synchronize()
+                rwkvops.check_errors()
+                ok = all(bool(torch.isfinite(t.grad).all()) for t in (*xg, s0))
+                print(f"sanitize N={n} {dt} w={wr}: finite={ok}", flush=True)
+    W.FORWARD_PATH, W.BACKWARD_PATH = "auto", "auto"
 
 
 def _dump(path, dev, res):
