@@ -1,10 +1,12 @@
-"""wkv4 path sweep (issue #5): every forcing combination of ops/wkv4.py's switches against "auto", by shape.
+"""wkv4 path sweep (issue #5): forcing combinations of ops/wkv4.py's switches against "auto", by shape, and fla's
+``fused_recurrent_rwkv4`` in the same process.
 
-    python benchmarks/wkv4_paths.py [--out PATH.json]
+    python benchmarks/wkv4_paths.py [--out PATH.json] [--quick]
 
-bf16, C = 2048, CUDA-event medians (harness.cuda_time).  Variants: FORWARD in (fused with 16-token chunks, fused with
-64-token chunks where the backward's chunks are 64 long, chunked) x KERNEL_VERSION in (1, 2), and auto.  The data
-behind the "auto" rule in the module docstring.
+bf16, C = 2048, CUDA-event medians (harness.cuda_time).  Forward variants: the look-back forward (wkv4_fwd_lb) per tile
+shape (warps x tokens per warp) with FAST or precise math, the 16-token fused forward and the three-launch chunked
+forward with kernel versions 2 and 3; fwd+bwd for the variants marked so (the backward's kernel version is the
+variant's).  The data behind the "auto" rule in the module docstring.
 """
 import argparse
 import json
@@ -19,38 +21,75 @@ import rwkvops  # noqa: E402
 from rwkvops.ops import wkv4 as W  # noqa: E402
 
 C = 2048
-SHAPES = [(1, 4096), (1, 16384), (2, 4096), (4, 4096), (8, 4096), (16, 4096)]
-VARIANTS = {   # name: (FORWARD, FUSED_L_LONG, KERNEL_VERSION)
-    "auto": ("auto", 64, "auto"),
-    "fused16_v2": ("fused", 16, 2), "fused64_v2": ("fused", 64, 2), "chunked_v2": ("chunked", 64, 2),
-    "fused16_v1": ("fused", 16, 1), "fused64_v1": ("fused", 64, 1), "chunked_v1": ("chunked", 64, 1),
+SHAPES = [(1, 4096), (1, 16384), (2, 4096), (8, 4096), (16, 4096)]
+
+
+def _lb(nw, s, fast=True, ver=2, fb=False):
+    return dict(FORWARD="lookback", LOOKBACK=(nw, s), LOOKBACK_FAST=fast, KERNEL_VERSION=ver), fb
+
+
+VARIANTS = {   # name: (module settings, whether to time fwd+bwd too)
+    "auto": ({}, True),
+    "lb8x16_fast": _lb(8, 16), "lb8x16_precise": _lb(8, 16, False), "lb4x16_fast": _lb(4, 16),
+    "lb8x8_fast": _lb(8, 8), "lb16x8_fast": _lb(16, 8), "lb4x32_fast": _lb(4, 32),
+    "lb8x16_fast_v3": _lb(8, 16, True, 3, True),
+    "fused16_v2": (dict(FORWARD="fused", FUSED_L_LONG=16, KERNEL_VERSION=2), False),
+    "chunked_v2": (dict(FORWARD="chunked", KERNEL_VERSION=2), True),
+    "chunked_v3": (dict(FORWARD="chunked", KERNEL_VERSION=3), True),
 }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = ap.parse_args()
+    reps = 5 if args.quick else 10
     recs = []
-    saved = (W.FORWARD, W.FUSED_L_LONG, W.KERNEL_VERSION)
+    names = ("FORWARD", "LOOKBACK", "LOOKBACK_FAST", "KERNEL_VERSION", "FUSED_L_LONG")
+    saved = {n: getattr(W, n) for n in names}
+    try:
+        from peers import wkv4 as peers
+        import fla.ops.rwkv4.fused_recurrent  # noqa: F401
+        have_fla = True
+    except Exception as e:      # no fla: our variants only
+        print("no fla:", e, flush=True)
+        have_fla = False
     for B, T in SHAPES:
         x = harness.random_inputs("wkv4", dict(B=B, T=T, C=C), device="cuda", seed=0, dtype=torch.float32)
         x = {k: v.bfloat16().contiguous() for k, v in x.items()}
         xg = {k: v.clone().requires_grad_(True) for k, v in x.items()}
         gy = torch.randn(B, T, C, device="cuda").bfloat16()
-        for name, (fwd, fl, ver) in VARIANTS.items():
-            W.FORWARD, W.FUSED_L_LONG, W.KERNEL_VERSION = fwd, fl, ver
+        for name, (settings, fb) in VARIANTS.items():
+            for n, val in saved.items():
+                setattr(W, n, val)
+            for n, val in settings.items():
+                setattr(W, n, val)
             with torch.no_grad():
-                f_ms = harness.cuda_time(lambda: rwkvops.wkv4(*x.values()), warmup=2, reps=10)
-
-            def fb():
-                y, s = rwkvops.wkv4(*xg.values())
-                torch.autograd.backward([y], [gy])
-            fb_ms = harness.cuda_time(fb, warmup=2, reps=8)
-            rec = dict(B=B, T=T, C=C, variant=name, fwd_ms=f_ms, fwdbwd_ms=fb_ms)
+                f_ms = harness.cuda_time(lambda: rwkvops.wkv4(*x.values()), warmup=2, reps=reps)
+            rec = dict(B=B, T=T, C=C, variant=name, fwd_ms=f_ms)
+            if fb:
+                def step():
+                    y, s = rwkvops.wkv4(*xg.values())
+                    torch.autograd.backward([y], [gy])
+                rec["fwdbwd_ms"] = harness.cuda_time(step, warmup=2, reps=reps)
             recs.append(rec)
             print("WKV4", json.dumps(rec), flush=True)
-        W.FORWARD, W.FUSED_L_LONG, W.KERNEL_VERSION = saved
+        for n, val in saved.items():
+            setattr(W, n, val)
+        if have_fla:
+            with torch.no_grad():
+                run = peers.fla(x, None, False)
+                f_ms = harness.cuda_time(run, warmup=2, reps=reps)
+            runb = peers.fla(x, None, True)
+
+            def fstep():
+                y, s = runb()
+                torch.autograd.backward([y], [gy])
+            rec = dict(B=B, T=T, C=C, variant="fla", fwd_ms=f_ms, fwdbwd_ms=harness.cuda_time(fstep, warmup=2,
+                                                                                              reps=reps))
+            recs.append(rec)
+            print("WKV4", json.dumps(rec), flush=True)
         del x, xg, gy
         torch.cuda.empty_cache()
     if args.out:

@@ -10,8 +10,9 @@
 //             bwd_scan   (seq, channel):   reverse scan: adjoint at each chunk's end -> loc[slot]; dstate
 //             bwd_out    (chunk, channel): dk, dv, per-chunk partial dw, du -> part[slot]
 //             bwd_reduce (channel):        dw, du = sum of partials in a fixed order (deterministic)
-//   (version 2 of fwd_chunk, fwd_out, bwd_chunk, bwd_out: same results with fewer exps and no local memory, and a
-//    one-launch forward fwd_fused with a decoupled look-back; see the end of this file.  The launchers pick them.)
+//   (version 2 of fwd_chunk, fwd_out, bwd_chunk, bwd_out: same results with fewer exps and no local memory; version 3:
+//    version 2 with FAST exps and quotients (wkv4::ex, wkv4::quot); one-launch forwards fwd_fused and fwd_lb with a
+//    decoupled look-back; see the end of this file.  The launchers pick them.)
 // Scaled adjoints: ah = dL/dnum * e^{pp}, bh = dL/dden * e^{pp}, relative to the pp of the same state.
 // Slots: chunk c of sequence s lives at rwkv::chunk_slot(..., c); grids over slots map back by binary search.
 #include "common.cuh"
@@ -399,10 +400,18 @@ __global__ void __launch_bounds__(128) wkv4_bwd_reduce(
 
 namespace wkv4 {
 
+// e^x for x <= 0.  FAST (version 3 kernels, the look-back forward's default): exp2f(x log2 e), a few ulp, about a
+// third of expf's instructions; every exp here is a max-normalized pair's smaller term (the larger one is exactly 1)
+// or a rescaling by at most 1, so a small term's larger relative error stays small in absolute terms.
+template <bool FAST> __device__ __forceinline__ float ex(float x) { return FAST ? exp2f(x * 1.4426950408889634f) : expf(x); }
+// a / b; FAST: __fdividef (2 ulp for |b| < 2^126; the quotients here have b >= 1, or b = a denominator bb + e >= e).
+template <bool FAST> __device__ __forceinline__ float quot(float a, float b) { return FAST ? __fdividef(a, b) : a / b; }
+
 // (e^{a-m}, e^{b-m}) for m = max(a, b), with one exp; returns whether b > a (m = b).
+template <bool FAST = false>
 __device__ __forceinline__ bool pair_exp(float a, float b, float& ea, float& eb) {
     const float d = b - a;
-    const float x = expf(-fabsf(d));
+    const float x = ex<FAST>(-fabsf(d));
     const bool hi = d > 0.f;
     ea = hi ? x : 1.f;
     eb = hi ? 1.f : x;
@@ -411,10 +420,11 @@ __device__ __forceinline__ bool pair_exp(float a, float b, float& ea, float& eb)
 
 // One token into the history: pp' = max(pp + w', k); f1 = e^{pp + w' - pp'}, f2 = e^{k - pp'}.
 // Returns whether pp was carried (pp' = pp + w', i.e. pp + w' >= k).
+template <bool FAST = false>
 __device__ __forceinline__ bool step(float& A, float& B, float& P, float wp, float kt, float vt, float& f1,
                                      float& f2) {
     const float pw = P + wp;
-    const bool reset = pair_exp(pw, kt, f1, f2);
+    const bool reset = pair_exp<FAST>(pw, kt, f1, f2);
     A = f1 * A + f2 * vt;
     B = f1 * B + f2;
     P = reset ? kt : pw;
@@ -423,7 +433,7 @@ __device__ __forceinline__ bool step(float& A, float& B, float& P, float wp, flo
 
 }  // namespace wkv4
 
-template <typename T>
+template <typename T, bool FAST = false>
 __global__ void __launch_bounds__(128) wkv4_fwd_chunk2(
     const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
     const int* cu_seqlens, int Tlen, long long total, int L, int num,
@@ -443,7 +453,7 @@ __global__ void __launch_bounds__(128) wkv4_fwd_chunk2(
         i += C;
         const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
         float f1, f2;
-        wkv4::step(A, B, P, wp, kt, vt, f1, f2);
+        wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2);
     }
     float* o = agg + g * 3 * C + ch;
     o[0] = A;
@@ -451,7 +461,7 @@ __global__ void __launch_bounds__(128) wkv4_fwd_chunk2(
     o[2 * C] = P;
 }
 
-template <typename T>
+template <typename T, bool FAST = false>
 __global__ void __launch_bounds__(128) wkv4_fwd_out2(
     const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
     const int* cu_seqlens, int Tlen, long long total, int L, int num,
@@ -470,14 +480,14 @@ __global__ void __launch_bounds__(128) wkv4_fwd_out2(
     for (long long t = q.t0; t < q.t1; ++t, i += C) {
         const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
         float e1, e2;
-        wkv4::pair_exp(P, uu + kt, e1, e2);
-        y[i] = rwkv::from_float<T>((e1 * A + e2 * vt) / (e1 * B + e2));
+        wkv4::pair_exp<FAST>(P, uu + kt, e1, e2);
+        y[i] = rwkv::from_float<T>(wkv4::quot<FAST>(e1 * A + e2 * vt, e1 * B + e2));
         float f1, f2;
-        wkv4::step(A, B, P, wp, kt, vt, f1, f2);
+        wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2);
     }
 }
 
-template <typename T>
+template <typename T, bool FAST = false>
 __global__ void __launch_bounds__(128) wkv4_bwd_chunk2(
     const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ dy,
@@ -502,15 +512,15 @@ __global__ void __launch_bounds__(128) wkv4_bwd_chunk2(
         if (dy != nullptr) {
             const float gy = rwkv::to_float(dy[i]);
             float e1, e2;
-            wkv4::pair_exp(P, uu + kt, e1, e2);
-            const float rden = 1.f / (e1 * B + e2);
+            wkv4::pair_exp<FAST>(P, uu + kt, e1, e2);
+            const float rden = wkv4::quot<FAST>(1.f, e1 * B + e2);
             const float yt = (e1 * A + e2 * vt) * rden;
-            const float sc = expf(off + Pin - P) * gy * e1 * rden;
+            const float sc = wkv4::ex<FAST>(off + Pin - P) * gy * e1 * rden;
             la += sc;
             lb -= sc * yt;
         }
         float f1, f2;
-        carried = wkv4::step(A, B, P, wp, kt, vt, f1, f2) && carried;
+        carried = wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2) && carried;
         off += wp;
     }
     float* o = loc + g * 3 * C + ch;
@@ -520,7 +530,7 @@ __global__ void __launch_bounds__(128) wkv4_bwd_chunk2(
 }
 
 // Needs blockDim.x == WKV4_BLOCK (the shared checkpoints are indexed by threadIdx.x).
-template <typename T>
+template <typename T, bool FAST = false>
 __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_bwd_out2(
     const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ dy,
@@ -550,12 +560,12 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_bwd_out2(
         }
         const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
         float f1, f2;
-        wkv4::step(A, B, P, wp, kt, vt, f1, f2);
+        wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2);
     }
     // (each thread reads back only its own column of ck: no barrier needed)
     const float Pn = (q.t1 == q.end) ? fin[(long long)q.s * 3 * C + 2 * C + ch] : sin[(g + 1) * 3 * C + 2 * C + ch];
     const float* lo = loc + g * 3 * C + ch;
-    const float rs = expf(P - Pn);
+    const float rs = wkv4::ex<FAST>(P - Pn);
     float ah = lo[0] * rs, bh = lo[C] * rs, route = lo[2 * C];
     float dw = 0.f, du = 0.f;
     for (int sc = (n - 1) / WKV4_SUB; sc >= 0; --sc) {
@@ -571,7 +581,7 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_bwd_out2(
                 sA[r] = A; sB[r] = B; sP[r] = P;
                 sK[r] = rwkv::to_float(k[ib + (long long)r * C]);
                 sV[r] = rwkv::to_float(v[ib + (long long)r * C]);
-                sC[r] = wkv4::step(A, B, P, wp, sK[r], sV[r], sF1[r], sF2[r]);
+                sC[r] = wkv4::step<FAST>(A, B, P, wp, sK[r], sV[r], sF1[r], sF2[r]);
             }
         }
 #pragma unroll
@@ -581,8 +591,8 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_bwd_out2(
                 const float aj = sA[r], bj = sB[r], pj = sP[r], kt = sK[r], vt = sV[r];
                 const float gy = dy != nullptr ? rwkv::to_float(dy[it]) : 0.f;
                 float e1, e2;
-                wkv4::pair_exp(pj, uu + kt, e1, e2);
-                const float rden = 1.f / (e1 * bj + e2);
+                wkv4::pair_exp<FAST>(pj, uu + kt, e1, e2);
+                const float rden = wkv4::quot<FAST>(1.f, e1 * bj + e2);
                 const float yt = (e1 * aj + e2 * vt) * rden;
                 const float ek = sF2[r];
                 const float dku = gy * e2 * (vt - yt) * rden;
@@ -860,9 +870,7 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused64(WKV4_FUSED_ARGS) 
 // slot g before slot g + 1), so the predecessors it waits for are resident or done; it waits only for a predecessor's
 // aggregate (local work) and gives up with error code 3 after WKV4_SPIN_LIMIT polls (malformed device cu_seqlens).
 // Needs C even and k, v, y aligned to two elements (the launcher checks; otherwise it takes another path).
-// FAST: e^x (x <= 0 only) as exp2f(x log2 e) and the output quotient by __fdividef: a few ulp where the values
-// matter (a pair's larger term is exactly 1, so a small term's larger relative error stays small in absolute
-// terms), about half the instructions of expf and IEEE division.
+// FAST: wkv4::ex and wkv4::quot in their fast form (see there).
 #define WKV4_LB_CH 64
 
 namespace wkv4 {
@@ -898,34 +906,17 @@ __device__ __forceinline__ void store_two(T* p, float a, float b) {
     *reinterpret_cast<Two<T>*>(p) = o;
 }
 
-template <bool FAST> __device__ __forceinline__ float ex(float x) { return FAST ? exp2f(x * 1.4426950408889634f) : expf(x); }
-template <bool FAST> __device__ __forceinline__ float quot(float a, float b) { return FAST ? __fdividef(a, b) : a / b; }
-
-template <bool FAST>
-__device__ __forceinline__ bool pair_ex(float a, float b, float& ea, float& eb) {   // pair_exp with ex<FAST>
-    const float d = b - a;
-    const float x = ex<FAST>(-fabsf(d));
-    const bool hi = d > 0.f;
-    ea = hi ? x : 1.f;
-    eb = hi ? 1.f : x;
-    return hi;
-}
-
 template <bool FAST>
 __device__ __forceinline__ void step_ex(float& A, float& B, float& P, float wp, float kt, float vt) {
-    const float pw = P + wp;
     float f1, f2;
-    const bool reset = pair_ex<FAST>(pw, kt, f1, f2);
-    A = f1 * A + f2 * vt;
-    B = f1 * B + f2;
-    P = reset ? kt : pw;
+    step<FAST>(A, B, P, wp, kt, vt, f1, f2);
 }
 
 template <bool FAST>
 __device__ __forceinline__ void fold_ex(float& A, float& B, float& P, float a, float b, float p, float Lc, float wp) {
     const float pw = P + Lc * wp;
     float f1, f2;
-    const bool hi = pair_ex<FAST>(pw, p, f1, f2);
+    const bool hi = pair_exp<FAST>(pw, p, f1, f2);
     A = f1 * A + f2 * a;
     B = f1 * B + f2 * b;
     P = hi ? p : pw;
@@ -1146,8 +1137,8 @@ __global__ void __launch_bounds__(NW * 32, (512 / (NW * 32)) > 0 ? (512 / (NW * 
             }
             const float k0 = IO::lo(kr[r]), v0 = IO::lo(vr[r]), k1 = IO::hi(kr[r]), v1 = IO::hi(vr[r]);
             float e1, e2, f1, f2;
-            wkv4::pair_ex<FAST>(P0, uu[0] + k0, e1, e2);
-            wkv4::pair_ex<FAST>(P1, uu[1] + k1, f1, f2);
+            wkv4::pair_exp<FAST>(P0, uu[0] + k0, e1, e2);
+            wkv4::pair_exp<FAST>(P1, uu[1] + k1, f1, f2);
             const float y0 = wkv4::quot<FAST>(e1 * A0 + e2 * v0, e1 * B0 + e2);
             const float y1 = wkv4::quot<FAST>(f1 * A1 + f2 * v1, f1 * B1 + f2);
             wkv4::store_two(y + i0 + r * C, y0, y1);

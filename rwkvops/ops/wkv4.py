@@ -134,12 +134,15 @@ _CTYPES = ("float", "__half", "__nv_bfloat16")
 # wkv4_fwd_lb<T, NW, S, FAST>: (NW warps x S tokens per tile) shapes swept by benchmarks/wkv4_paths.py; (2, 4) gives
 # many small tiles for the tests.
 _LB_CONFIGS = ((8, 16), (4, 16), (8, 8), (16, 8), (4, 32), (2, 4))
+_V2 = ("wkv4_fwd_chunk", "wkv4_fwd_out", "wkv4_bwd_chunk", "wkv4_bwd_out")
 NAME_EXPRESSIONS = (tuple(f"{k}<{t}>" for k in _KERNELS for t in _CTYPES)
+                    + tuple(f"{k}2<{t}, true>" for k in _V2 for t in _CTYPES)     # version 3
                     + tuple(f"wkv4_fwd_lb<{t}, {nw}, {s}, {f}>" for t in _CTYPES for nw, s in _LB_CONFIGS
                             for f in ("true", "false")))
 MAX_CHUNK = 64        # must match WKV4_MAX_CHUNK in wkv4.cu (the backward's checkpoint arrays are sized by it)
 # Which per-chunk kernels the launchers use: 2 (one exp per max-normalized pair, no local-memory arrays in the
-# backward; same results bit for bit) or 1 (the original kernels).  The scans and the reduction are shared.
+# backward; same results bit for bit) or 1 (the original kernels), or 3 (version 2 with FAST exps and quotients:
+# wkv4::ex, wkv4::quot in wkv4.cu).  The scans and the reduction are shared.
 KERNEL_VERSION = 2
 # Forward: "fused" (one launch, decoupled look-back over FUSED_L-token chunks: k, v read once), "chunked" (three
 # launches: chunk aggregates, scan over chunks, outputs; k, v read twice) or "auto" (by shape: _forward_path).
@@ -224,9 +227,6 @@ def _kernel_version(seqs, C: int) -> int:
     return KERNEL_VERSION
 
 
-_V2 = ("wkv4_fwd_chunk", "wkv4_fwd_out", "wkv4_bwd_chunk", "wkv4_bwd_out")
-
-
 def _name(kernel, dtype):
     from .._compile import CTYPES
     return f"{kernel}<{CTYPES[dtype]}>"
@@ -234,9 +234,12 @@ def _name(kernel, dtype):
 
 def _launch(kernel, dtype, grid, args, version=2):
     from .._gpu import launch
-    if version == 2 and kernel in _V2:
-        kernel += "2"
-    launch("wkv4", SOURCE, _name(kernel, dtype), NAME_EXPRESSIONS, grid, (_BLOCK, 1, 1), args)
+    name = _name(kernel, dtype)
+    if version >= 2 and kernel in _V2:
+        name = _name(kernel + "2", dtype)
+        if version == 3:
+            name = name[:-1] + ", true>"
+    launch("wkv4", SOURCE, name, NAME_EXPRESSIONS, grid, (_BLOCK, 1, 1), args)
 
 
 def _zero(a):
