@@ -110,7 +110,7 @@ def _replay(plan, lp, arrays):
     if reduce(or_, ptrs) & 15 or _gpu.current_device() != lp.device:
         return None
     if not lp.current():
-        plan.launch, plan.launch_tries = None, 0
+        plan.launch = None          # recorded again by this call (counted: see _MAX_RECORDINGS)
         return None
     if lp.err[0]:
         _gpu.raise_pending_error(lp.device)
@@ -296,7 +296,8 @@ def _device_ints(bridge, host, given, light=False):
 
 
 LAUNCH_PLANS = True  # record and replay launch plans for torch inference calls (False: always the general path)
-_RECORD_TRIES = 3    # recordings of one plan that may fail (e.g. aliased inputs) before it keeps the general path
+_RECORD_TRIES = 3    # recordings of a signature that may fail (e.g. aliased inputs) before it keeps the general path
+_MAX_RECORDINGS = 16  # recordings of a signature in all (launcher settings that keep changing): then the general path
 
 
 def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, light=False, rec=None):
@@ -333,6 +334,9 @@ def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, ligh
             lp.outputs = bridge.output_specs(lp.outputs, [None if v is None else v.owner for v in given])
             lp.bridge = bridge
         plan.launch_tries += 1
-        plan.launch = lp if lp is not None else (False if plan.launch_tries >= _RECORD_TRIES else None)
+        if lp is not None and plan.launch_tries <= _MAX_RECORDINGS:
+            plan.launch = lp
+        elif plan.launch_tries >= _RECORD_TRIES:
+            plan.launch = False
     ctx = Context(op, plan, bridge, xc, sc, seqs, saved) if save else None
     return y, s_out, ctx

@@ -315,6 +315,19 @@ def test_changed_setting_is_recorded_again(fake, monkeypatch):
     assert dev.launches[0][0] == "cupy" and "changed" in dev.launches[0][1]
 
 
+def test_a_setting_that_keeps_changing_ends_on_the_general_path(fake, monkeypatch):
+    from rwkvops.ops import wkv6 as W6
+    dev, inputs = fake
+    op = rwkvops.get_op("wkv6")
+    x, kw = inputs("wkv6", 2)
+    for i in range(2 * _dispatch._MAX_RECORDINGS + 2):
+        monkeypatch.setattr(W6, "FORWARD_PATH", ("auto", "recurrent")[i % 2])
+        dev.launches.clear()
+        op(*x, **kw)
+        assert [e[0] for e in dev.launches] == ["cupy"]
+    assert _plan(op, x, kw).launch is False
+
+
 def test_pending_device_error_raises_on_a_replay(fake):
     dev, inputs = fake
     op = rwkvops.get_op("wkv6")
