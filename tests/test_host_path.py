@@ -439,7 +439,7 @@ def _count_general(monkeypatch):
 def test_gpu_replays_match_general_path_and_reference(name, mode, dtype, monkeypatch):
     torch = _torch()
     op = rwkvops.get_op(name)
-    tol = 3e-3 if dtype == "bfloat16" else 1e-5
+    tol = 3e-3 if dtype == "bfloat16" else 5e-5     # bf16 outputs; fp32 as tests/test_pool.py's GPU_TOL
     with torch.no_grad():
         (x, kw), _ = _decode_case(op, mode, dtype, seed=0)
         op(*x, **kw)                                                   # records
@@ -456,7 +456,7 @@ def test_gpu_replays_match_general_path_and_reference(name, mode, dtype, monkeyp
             general.clear()
             assert torch.equal(y, y2) and torch.equal(s, s2)
             ry, rs = op(*xr, **kr)
-            assert rel_rms(y, ry) < tol and rel_rms(s, rs) < max(tol, 1e-4)
+            assert rel_rms(y, ry) < tol and rel_rms(s, rs) < max(tol, 5e-5)
             assert (s is kw["state"]) == (mode == "pool")
 
 
