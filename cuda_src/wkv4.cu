@@ -18,6 +18,7 @@
 #include "common.cuh"
 
 #define WKV4_MAX_CHUNK 64
+#define WKV4_SCAN_GROUP 8   // chunks whose loads the backward scan issues together
 
 namespace wkv4 {
 
@@ -259,22 +260,36 @@ __global__ void __launch_bounds__(128) wkv4_bwd_scan(
     float route = gp - ga * fi[0] - gb * fi[C];
     float Pn = fi[2 * C];
     const int nc = (int)((len + L - 1) / L);
-    float a0 = 0.f, b0 = 0.f;
-    for (int c = nc - 1; c >= 0; --c) {
-        const long long cs = rwkv::chunk_slot(cu_seqlens, Tlen, s, start, L, c);
-        float* lo = loc + cs * 3 * C + ch;
-        const float la = lo[0], lb = lo[C], carried = lo[2 * C];
-        const float* si = sin + cs * 3 * C + ch;
-        const float Pin = si[2 * C];
-        lo[0] = ah; lo[C] = bh; lo[2 * C] = route;
-        const long long Lc = min((long long)L, len - (long long)c * L);
-        const float F = expf(((float)Lc * wp + Pin) - Pn);
-        ah = F * ah + la;
-        bh = F * bh + lb;
-        route = carried != 0.f ? route : 0.f;
-        Pn = Pin;
-        if (c == 0) { a0 = si[0]; b0 = si[C]; }
+    // WKV4_SCAN_GROUP chunks at a time: their loads issued together, then the serial updates (each chunk's entry
+    // is read before it is overwritten, by this thread only)
+    for (int c1 = nc - 1; c1 >= 0; c1 -= WKV4_SCAN_GROUP) {
+        float la[WKV4_SCAN_GROUP], lb[WKV4_SCAN_GROUP], cr[WKV4_SCAN_GROUP], pin[WKV4_SCAN_GROUP];
+#pragma unroll
+        for (int r = 0; r < WKV4_SCAN_GROUP; ++r) {
+            if (c1 - r >= 0) {
+                const long long cs = rwkv::chunk_slot(cu_seqlens, Tlen, s, start, L, c1 - r);
+                const float* lo = loc + cs * 3 * C + ch;
+                la[r] = lo[0]; lb[r] = lo[C]; cr[r] = lo[2 * C];
+                pin[r] = sin[cs * 3 * C + 2 * C + ch];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < WKV4_SCAN_GROUP; ++r) {
+            const int c = c1 - r;
+            if (c >= 0) {
+                float* lo = loc + rwkv::chunk_slot(cu_seqlens, Tlen, s, start, L, c) * 3 * C + ch;
+                lo[0] = ah; lo[C] = bh; lo[2 * C] = route;
+                const long long Lc = min((long long)L, len - (long long)c * L);
+                const float F = expf(((float)Lc * wp + pin[r]) - Pn);
+                ah = F * ah + la[r];
+                bh = F * bh + lb[r];
+                route = cr[r] != 0.f ? route : 0.f;
+                Pn = pin[r];
+            }
+        }
     }
+    const float* s0 = sin + rwkv::chunk_slot(cu_seqlens, Tlen, s, start, L, 0) * 3 * C + ch;
+    const float a0 = s0[0], b0 = s0[C];
     dso[0] = ah;
     dso[C] = bh;
     dso[2 * C] = ah * a0 + bh * b0 + route;
@@ -505,23 +520,42 @@ __global__ void __launch_bounds__(128) wkv4_bwd_chunk2(
     const float Pin = P;
     float la = 0.f, lb = 0.f, off = 0.f;
     bool carried = true;
-    long long i = q.t0 * C + ch;
-#pragma unroll 4
-    for (long long t = q.t0; t < q.t1; ++t, i += C) {
-        const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
-        if (dy != nullptr) {
-            const float gy = rwkv::to_float(dy[i]);
-            float e1, e2;
-            wkv4::pair_exp<FAST>(P, uu + kt, e1, e2);
-            const float rden = wkv4::quot<FAST>(1.f, e1 * B + e2);
-            const float yt = (e1 * A + e2 * vt) * rden;
-            const float sc = wkv4::ex<FAST>(off + Pin - P) * gy * e1 * rden;
-            la += sc;
-            lb -= sc * yt;
+    const int n = (int)(q.t1 - q.t0);
+    const T* kp = k + q.t0 * C + ch;
+    const T* vp = v + q.t0 * C + ch;
+    const T* gp = dy != nullptr ? dy + q.t0 * C + ch : nullptr;
+    // WKV4_SUB tokens at a time: their loads issued together, then the serial steps (a load per step in the loop
+    // would make every step wait for memory)
+    for (int j0 = 0; j0 < n; j0 += WKV4_SUB) {
+        const int m = min(WKV4_SUB, n - j0);
+        float sk[WKV4_SUB], sv[WKV4_SUB], sg[WKV4_SUB];
+#pragma unroll
+        for (int r = 0; r < WKV4_SUB; ++r) {
+            if (r < m) {
+                sk[r] = rwkv::to_float(kp[(j0 + r) * C]);
+                sv[r] = rwkv::to_float(vp[(j0 + r) * C]);
+                sg[r] = gp != nullptr ? rwkv::to_float(gp[(j0 + r) * C]) : 0.f;
+            }
         }
-        float f1, f2;
-        carried = wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2) && carried;
-        off += wp;
+#pragma unroll
+        for (int r = 0; r < WKV4_SUB; ++r) {
+            if (r < m) {
+                const float kt = sk[r], vt = sv[r];
+                if (gp != nullptr) {
+                    const float gy = sg[r];
+                    float e1, e2;
+                    wkv4::pair_exp<FAST>(P, uu + kt, e1, e2);
+                    const float rden = wkv4::quot<FAST>(1.f, e1 * B + e2);
+                    const float yt = (e1 * A + e2 * vt) * rden;
+                    const float sc = wkv4::ex<FAST>(off + Pin - P) * gy * e1 * rden;
+                    la += sc;
+                    lb -= sc * yt;
+                }
+                float f1, f2;
+                carried = wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2) && carried;
+                off += wp;
+            }
+        }
     }
     float* o = loc + g * 3 * C + ch;
     o[0] = la;
@@ -553,14 +587,26 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_bwd_out2(
     const float* si = sin + g * 3 * C + ch;
     float A = si[0], B = si[C], P = si[2 * C];
     const int n = (int)(q.t1 - q.t0);    // 1 .. L <= WKV4_MAX_CHUNK
-    long long i = q.t0 * C + ch;
-    for (int j = 0; j < n; ++j, i += C) {
-        if (j % WKV4_SUB == 0) {
-            ck[0][j / WKV4_SUB][tx] = A; ck[1][j / WKV4_SUB][tx] = B; ck[2][j / WKV4_SUB][tx] = P;
+    const T* kp = k + q.t0 * C + ch;
+    const T* vp = v + q.t0 * C + ch;
+    for (int j0 = 0; j0 < n; j0 += WKV4_SUB) {   // a sub-chunk's loads together, then its steps
+        ck[0][j0 / WKV4_SUB][tx] = A; ck[1][j0 / WKV4_SUB][tx] = B; ck[2][j0 / WKV4_SUB][tx] = P;
+        const int m = min(WKV4_SUB, n - j0);
+        float sk[WKV4_SUB], sv[WKV4_SUB];
+#pragma unroll
+        for (int r = 0; r < WKV4_SUB; ++r) {
+            if (r < m) {
+                sk[r] = rwkv::to_float(kp[(j0 + r) * C]);
+                sv[r] = rwkv::to_float(vp[(j0 + r) * C]);
+            }
         }
-        const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
-        float f1, f2;
-        wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2);
+#pragma unroll
+        for (int r = 0; r < WKV4_SUB; ++r) {
+            if (r < m) {
+                float f1, f2;
+                wkv4::step<FAST>(A, B, P, wp, sk[r], sv[r], f1, f2);
+            }
+        }
     }
     // (each thread reads back only its own column of ck: no barrier needed)
     const float Pn = (q.t1 == q.end) ? fin[(long long)q.s * 3 * C + 2 * C + ch] : sin[(g + 1) * 3 * C + 2 * C + ch];
@@ -642,12 +688,18 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_bwd_out2(
 namespace wkv4 {
 
 // The state after a chunk of Lc tokens with own history (a, b, p), from the incoming state (A, B, P).
+// Evaluated with explicitly rounded operations: the look-back forwards evaluate the same fold at different call
+// sites (publishing a state, folding a predecessor's), and their results must agree bit for bit, which a contraction
+// into FMAs chosen per site would break.
+template <bool FAST = false>
 __device__ __forceinline__ void fold(float& A, float& B, float& P, float a, float b, float p, float Lc, float wp) {
-    const float pw = P + Lc * wp;
-    float f1, f2;
-    const bool hi = pair_exp(pw, p, f1, f2);
-    A = f1 * A + f2 * a;
-    B = f1 * B + f2 * b;
+    const float pw = __fmaf_rn(Lc, wp, P);
+    const float d = __fsub_rn(p, pw);
+    const float x = FAST ? exp2f(__fmul_rn(-fabsf(d), 1.4426950408889634f)) : expf(-fabsf(d));
+    const bool hi = d > 0.f;
+    const float f1 = hi ? x : 1.f, f2 = hi ? 1.f : x;
+    A = __fmaf_rn(f1, A, __fmul_rn(f2, a));
+    B = __fmaf_rn(f1, B, __fmul_rn(f2, b));
     P = hi ? p : pw;
 }
 
@@ -912,16 +964,6 @@ __device__ __forceinline__ void step_ex(float& A, float& B, float& P, float wp, 
     step<FAST>(A, B, P, wp, kt, vt, f1, f2);
 }
 
-template <bool FAST>
-__device__ __forceinline__ void fold_ex(float& A, float& B, float& P, float a, float b, float p, float Lc, float wp) {
-    const float pw = P + Lc * wp;
-    float f1, f2;
-    const bool hi = pair_exp<FAST>(pw, p, f1, f2);
-    A = f1 * A + f2 * a;
-    B = f1 * B + f2 * b;
-    P = hi ? p : pw;
-}
-
 __device__ __forceinline__ void publish(float* p, float x) {
     unsigned b = __float_as_uint(x);
     if (b == 0xffffffffu) b = 0x7fffffffu;
@@ -1030,7 +1072,7 @@ __global__ void __launch_bounds__(NW * 32, (512 / (NW * 32)) > 0 ? (512 / (NW * 
         for (int e = 0; e < 2; ++e) {
             pre[e][0] = s_sub[0][0][c0 + e]; pre[e][1] = s_sub[0][1][c0 + e]; pre[e][2] = s_sub[0][2][c0 + e];
             for (int j = 1; j < wi; ++j)
-                wkv4::fold_ex<FAST>(pre[e][0], pre[e][1], pre[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
+                wkv4::fold<FAST>(pre[e][0], pre[e][1], pre[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
                                     s_sub[j][2][c0 + e], (float)S, wp[e]);
         }
     }
@@ -1040,7 +1082,7 @@ __global__ void __launch_bounds__(NW * 32, (512 / (NW * 32)) > 0 ? (512 / (NW * 
         for (int e = 0; e < 2; ++e) {
             G[e][0] = s_sub[0][0][c0 + e]; G[e][1] = s_sub[0][1][c0 + e]; G[e][2] = s_sub[0][2][c0 + e];
             for (int j = 1; j < nact; ++j)
-                wkv4::fold_ex<FAST>(G[e][0], G[e][1], G[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
+                wkv4::fold<FAST>(G[e][0], G[e][1], G[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
                                     s_sub[j][2][c0 + e], (float)min(S, n - j * S), wp[e]);
         }
         long long slot = -1;
@@ -1085,14 +1127,14 @@ __global__ void __launch_bounds__(NW * 32, (512 / (NW * 32)) > 0 ? (512 / (NW * 
                 for (int e = 0; e < 2; ++e) {
                     float a, b, p;
                     wkv4::take(ap + e, C, a, b, p);
-                    wkv4::fold_ex<FAST>(X[e][0], X[e][1], X[e][2], a, b, p, (float)TL, wp[e]);
+                    wkv4::fold<FAST>(X[e][0], X[e][1], X[e][2], a, b, p, (float)TL, wp[e]);
                 }
             }
         }
         for (int e = 0; e < 2; ++e) {
             float A = X[e][0], B = X[e][1], P = X[e][2];
             s_x[0][c0 + e] = A; s_x[1][c0 + e] = B; s_x[2][c0 + e] = P;
-            wkv4::fold_ex<FAST>(A, B, P, G[e][0], G[e][1], G[e][2], (float)n, wp[e]);
+            wkv4::fold<FAST>(A, B, P, G[e][0], G[e][1], G[e][2], (float)n, wp[e]);
             if (!last) {
                 float* ip = inc + g * 2 * C3 + ch + e;
                 wkv4::publish(ip, A); wkv4::publish(ip + C, B); wkv4::publish(ip + 2 * C, P);
@@ -1114,8 +1156,8 @@ __global__ void __launch_bounds__(NW * 32, (512 / (NW * 32)) > 0 ? (512 / (NW * 
     float A0 = s_x[0][c0], B0 = s_x[1][c0], P0 = s_x[2][c0];
     float A1 = s_x[0][c0 + 1], B1 = s_x[1][c0 + 1], P1 = s_x[2][c0 + 1];
     if (wi > 0) {
-        wkv4::fold_ex<FAST>(A0, B0, P0, pre[0][0], pre[0][1], pre[0][2], (float)(wi * S), wp[0]);
-        wkv4::fold_ex<FAST>(A1, B1, P1, pre[1][0], pre[1][1], pre[1][2], (float)(wi * S), wp[1]);
+        wkv4::fold<FAST>(A0, B0, P0, pre[0][0], pre[0][1], pre[0][2], (float)(wi * S), wp[0]);
+        wkv4::fold<FAST>(A1, B1, P1, pre[1][0], pre[1][1], pre[1][2], (float)(wi * S), wp[1]);
     }
     // the backward's checkpoints: the state before every token whose offset in the sequence is a multiple of Lb
     const long long off0 = (long long)q.c * TL + (long long)wi * S;
