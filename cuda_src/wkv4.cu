@@ -924,6 +924,7 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_fwd_fused64(WKV4_FUSED_ARGS) 
 // Needs C even and k, v, y aligned to two elements (the launcher checks; otherwise it takes another path).
 // FAST: wkv4::ex and wkv4::quot in their fast form (see there).
 #define WKV4_LB_CH 64
+#define WKV4_LB_LOOK 4   // predecessors the look-back checks per round trip
 
 namespace wkv4 {
 
@@ -1103,32 +1104,64 @@ __global__ void __launch_bounds__(NW * 32, (512 / (NW * 32)) > 0 ? (512 / (NW * 
                 wkv4::publish(ag + e, G[e][0]); wkv4::publish(ag + e + C, G[e][1]);
                 wkv4::publish(ag + e + 2 * C, G[e][2]);
             }
-            const long long jmin = g - q.c;        // chunk 0 of this sequence: publishes only its inclusive state
-            long long j = g - 1;
+            // Walk back WKV4_LB_LOOK predecessors per round trip (all their words loaded at once): the nearest one
+            // with its inclusive state ends the walk if every one after it has its aggregate; a missing aggregate
+            // (with no inclusive state) is waited for.  Chunk 0 publishes only its inclusive state, so the walk
+            // never passes it (jmin).
+            const long long jmin = g - q.c;
+            long long j = g - 1;                   // the nearest predecessor not yet known to have its aggregate
             int spins = 0;
             while (true) {
-                const float* ip = inc + j * 2 * C3 + ch;
-                if (wkv4::take(ip, C, X[0][0], X[0][1], X[0][2]) & wkv4::take(ip + 1, C, X[1][0], X[1][1], X[1][2]))
+                unsigned inc_ok = 0u, agg_ok = 0u;
+#pragma unroll
+                for (int r = 0; r < WKV4_LB_LOOK; ++r) {
+                    const long long m = j - r;
+                    if (m >= jmin) {
+                        float t0, t1, t2;
+                        const float* ip = inc + m * 2 * C3 + ch;
+                        const float* ap = agg + m * 2 * C3 + ch;
+                        if (wkv4::take(ip, C, t0, t1, t2) & wkv4::take(ip + 1, C, t0, t1, t2)) inc_ok |= 1u << r;
+                        if (m > jmin && (wkv4::take(ap, C, t0, t1, t2) & wkv4::take(ap + 1, C, t0, t1, t2)))
+                            agg_ok |= 1u << r;
+                    }
+                }
+                const int ri = inc_ok != 0u ? __ffs((int)inc_ok) - 1 : WKV4_LB_LOOK;   // nearest inclusive state
+                const int ra = __ffs((int)~agg_ok) - 1;                              // nearest missing aggregate
+                if (ri < WKV4_LB_LOOK && ri <= ra) {
+                    j -= ri;
                     break;
-                float t0, t1, t2;
-                const float* ap = agg + j * 2 * C3 + ch;
-                if (j > jmin && (wkv4::take(ap, C, t0, t1, t2) & wkv4::take(ap + 1, C, t0, t1, t2))) {
-                    --j;
+                }
+                if (ra >= WKV4_LB_LOOK) {          // all aggregates, no inclusive state: further back
+                    j -= WKV4_LB_LOOK;
                     continue;
                 }
+                j -= ra;                           // wait for the missing one
                 if (++spins > WKV4_SPIN_LIMIT) {   // never expected: report instead of hanging
                     if (err) *(volatile int*)err = rwkv::ERR_LOOKBACK_TIMEOUT;
                     break;
                 }
                 __nanosleep(64);
             }
-            for (long long m = j + 1; m < g; ++m) {    // the aggregates after j, in chunk order
-                const float* ap = agg + m * 2 * C3 + ch;
-                for (int e = 0; e < 2; ++e) {
-                    float a, b, p;
-                    wkv4::take(ap + e, C, a, b, p);
-                    wkv4::fold<FAST>(X[e][0], X[e][1], X[e][2], a, b, p, (float)TL, wp[e]);
-                }
+            {
+                const float* ip = inc + j * 2 * C3 + ch;
+                wkv4::take(ip, C, X[0][0], X[0][1], X[0][2]);
+                wkv4::take(ip + 1, C, X[1][0], X[1][1], X[1][2]);
+            }
+            for (long long m0 = j + 1; m0 < g; m0 += 4) {   // the aggregates after j, in chunk order, 4 loads at once
+                float ag[4][2][3];
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                    if (m0 + r < g) {
+                        const float* ap = agg + (m0 + r) * 2 * C3 + ch;
+                        wkv4::take(ap, C, ag[r][0][0], ag[r][0][1], ag[r][0][2]);
+                        wkv4::take(ap + 1, C, ag[r][1][0], ag[r][1][1], ag[r][1][2]);
+                    }
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                    if (m0 + r < g)
+                        for (int e = 0; e < 2; ++e)
+                            wkv4::fold<FAST>(X[e][0], X[e][1], X[e][2], ag[r][e][0], ag[r][e][1], ag[r][e][2],
+                                             (float)TL, wp[e]);
             }
         }
         for (int e = 0; e < 2; ++e) {
