@@ -264,11 +264,12 @@ __device__ __forceinline__ void tc_stage_state(float* dst, int ld, const float* 
 
 // Per 16-token block p and channel j of a staged chunk, from the log2 decays lg[t][j] (row stride ld):
 // alpha (sum over the block's tokens before t), sigma (after t) and the block total E_p = sE[p][j] (log2 units).
-// lg is overwritten by 2^sigma (keep_alpha: by 2^alpha), factors <= 1; if given, qscale[t][j] *= 2^alpha_t,
+// lg is overwritten by 2^sigma (keep_alpha: by 2^alpha), factors <= 1, unless kscale is given: then
+// kscale[t][j] *= 2^sigma_t instead (lg is left as it is); if given, qscale[t][j] *= 2^alpha_t,
 // expa[t][j] = 2^alpha_t, and unsafe[p] = 1 where E_p < -TC_SAFE_SPAN in some channel.  Threads take (p, j).
 template <int N>
 __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool keep_alpha, float* qscale,
-                                              float* expa, int* unsafe) {
+                                              float* expa, int* unsafe, float* kscale = nullptr) {
     for (int idx = threadIdx.x; idx < (TC_L / 16) * N; idx += TC_THREADS) {
         const int p = idx / N, j = idx % N, o = 16 * p * ld + j;
         float l[16], alpha[16], a = 0.f;
@@ -278,7 +279,12 @@ __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool
         for (int s = 0; s < 16; ++s) { alpha[s] = a; a += l[s]; }
         float sg = 0.f;
 #pragma unroll
-        for (int s = 15; s >= 0; --s) { lg[o + s * ld] = exp2f(keep_alpha ? alpha[s] : sg); sg += l[s]; }
+        for (int s = 15; s >= 0; --s) {
+            const float x = exp2f(keep_alpha ? alpha[s] : sg);
+            if (kscale != nullptr) kscale[o + s * ld] *= x;
+            else lg[o + s * ld] = x;
+            sg += l[s];
+        }
         sE[p * ld + j] = a;
         if (unsafe != nullptr && a < -TC_SAFE_SPAN) unsafe[p] = 1;
         if (qscale != nullptr) {
@@ -289,6 +295,46 @@ __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool
 #pragma unroll
             for (int s = 0; s < 16; ++s) expa[o + s * ld] = exp2f(alpha[s]);
         }
+    }
+}
+
+// rwkv::tc::mma_strip with the operands scaled as their fragments load (no scaled copy in shared memory, no
+// extra barrier): op(A) element (m, k) times fa[k] (fa null: 1), and B's element stored at row x, column y
+// (B[x * ldb + y]: TB ? (n, k) : (k, n)) times fb[y] (null: 1) and, when B2 is given, times B2[x * ldb + y].
+// A and B may be in shared or global memory.
+template <bool TA, bool TB, bool SPLIT, int NT>
+__device__ __forceinline__ void strip_scaled(float (&acc)[NT][8], const float* A, int lda, const float* fa,
+                                             const float* B, const float* B2, int ldb, const float* fb, int K) {
+    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    for (int k = 0; k < K; k += 8) {
+        unsigned a[4], alo[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int m = g + 8 * (r % 2), kk = k + c + 4 * (r / 2);
+            float x = TA ? A[kk * lda + m] : A[m * lda + kk];
+            if (fa != nullptr) x *= fa[kk];
+            rwkv::tc::split<SPLIT>(x, a[r], alo[r]);
+        }
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                unsigned b[2], blo[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int kk = k + c + 4 * r, nn = 16 * n + 8 * half + g;
+                    const int o = TB ? nn * ldb + kk : kk * ldb + nn;
+                    float x = B[o];
+                    if (B2 != nullptr) x *= B2[o];
+                    if (fb != nullptr) x *= fb[TB ? kk : nn];
+                    rwkv::tc::split<SPLIT>(x, b[r], blo[r]);
+                }
+                if (SPLIT) {
+                    rwkv::tc::mma_m16n8k8(acc[n] + 4 * half, alo, b);
+                    rwkv::tc::mma_m16n8k8(acc[n] + 4 * half, a, blo);
+                }
+                rwkv::tc::mma_m16n8k8(acc[n] + 4 * half, a, b);
+            }
     }
 }
 
@@ -304,25 +350,14 @@ __device__ __forceinline__ void tc_col_factor(float* f, const float* sE, int lo,
     __syncwarp();
 }
 
-// Kh (16 x N, row stride N + 4) = k of key block p scaled for query block q >= p: k_s 2^sigma_s f[j], f from
-// tc_col_factor: the block totals strictly between p and q (Kh <= |k|), or for p == q, -E_q (the diagonal block
-// when it is safe to factorize: <= |k| e^30).  One warp.
+// Column factor of the pair (query block q, key block p <= q), this warp's row f: the key of block p scaled for
+// query block q is Kh_s = k_s 2^sigma_s f[j] with f = 2^(block totals strictly between p and q) (Kh <= |k|), or
+// for p == q, 2^-E_q (the diagonal block when it is safe to factorize: <= |k| e^30).  The products apply f as
+// their fragments load (strip_scaled).  Every lane must be done reading f's previous values.  One warp.
 template <int N>
-__device__ __forceinline__ void tc_key_scaled(float* Kh, const float* sK, const float* sExpSig, const float* f, int p) {
-    constexpr int LD = N + 4;
-    for (int e = threadIdx.x % 32; e < 16 * N; e += 32) {
-        const int s = e / N, j = e % N, t = 16 * p + s;
-        Kh[s * LD + j] = sK[t * LD + j] * sExpSig[t * LD + j] * f[j];
-    }
-}
-
-// Column factor and scaled keys of the pair (query block q, key block p <= q); f: this warp's factor row.
-template <int N>
-__device__ __forceinline__ void tc_pair_keys(float* Kh, float* f, const float* sK, const float* sExpSig,
-                                             const float* sE, int p, int q) {
+__device__ __forceinline__ void tc_pair_factor(float* f, const float* sE, int p, int q) {
     if (p == q) tc_col_factor<N>(f, sE, 0, 0, q);
     else tc_col_factor<N>(f, sE, p + 1, q, -1);
-    tc_key_scaled<N>(Kh, sK, sExpSig, f, p);
 }
 
 // Log2 decay -exp(w) log2(e) of token t of the chunk (0 past its end), read again from global memory: only the
@@ -333,36 +368,54 @@ __device__ __forceinline__ float tc_log_decay(const T* __restrict__ w, long long
     return t < len ? -expf(rwkv::to_float(w[((start + t) * H + h) * N + j])) * TC_LOG2E : 0.f;
 }
 
+// The exact pairwise sum of a strongly decayed 16-token block for channel j (wkv6_tc_bwd_rkw):
+//   sum over u = u0, u0 + du, ... (cnt terms) of coef[u * cstride] x[u][j] 2^(log2 decays of the tokens strictly
+//   between u0 - du and u), x with rows of N + 4.
+// Rare, so out of line: inlined into the unrolled accumulator loops it made up most of the kernel's code.
+template <typename T, int N>
+__device__ __noinline__ float tc_pair_exact(const float* coef, int cstride, const float* x, int u0, int du, int cnt,
+                                            int j, const T* __restrict__ w, long long start, int len, int H, int h) {
+    constexpr int LD = N + 4;
+    float gsum = 0.f, acc = 0.f;
+    for (int i = 0, u = u0; i < cnt; ++i, u += du) {
+        acc += coef[u * cstride] * x[u * LD + j] * exp2f(gsum);
+        gsum += tc_log_decay<T, N>(w, start, len, H, h, u, j);
+    }
+    return acc;
+}
+
 // Rows of query block q of the intra-chunk score matrix (row stride la, columns = key tokens of the chunk):
 //   A[t, s] = sum_j r_t[j] k_s[j] prod_{s < s' < t} d_s'[j] for s < t,  ruk[t] for s == t,  0 for s > t.
-// Qq: Qh of block q (r_t 2^alpha_t); sK: raw k; sSig: 2^sigma; scratch: this warp's 16 x (N + 4) floats, f its
-// factor row; unsafe: block q's decays
-// are too strong to factorize, its diagonal entries are summed pairwise from the decays (r, w re-read).  One warp.
+// Qq: Qh of block q (r_t 2^alpha_t); sKs: k_s 2^sigma_s; f: this warp's factor row; unsafe: block q's decays
+// are too strong to factorize, its diagonal entries are summed pairwise from the decays (r, k, w re-read from
+// global memory).  One warp.
 template <typename T, int N, bool SPLIT>
-__device__ __forceinline__ void tc_scores(float* Aq, int la, const float* Qq, const float* sK, const float* sSig,
-                                          const float* sE, float* scratch, float* f, int q, bool unsafe,
-                                          const float* sRuk,
-                                          const T* __restrict__ r, const T* __restrict__ w, long long start, int len,
-                                          int H, int h) {
+__device__ __forceinline__ void tc_scores(float* Aq, int la, const float* Qq, const float* sKs, const float* sE,
+                                          float* f, int q, bool unsafe, const float* sRuk,
+                                          const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ w,
+                                          long long start, int len, int H, int h) {
     constexpr int LD = N + 4;
     const int lane = threadIdx.x % 32;
     for (int p = 0; p <= q; ++p) {
         if (p == q && unsafe) break;
-        tc_pair_keys<N>(scratch, f, sK, sSig, sE, p, q);
-        __syncwarp();
-        float sc[8];
-        rwkv::tc::zero(sc);
-        rwkv::tc::mma_tile<false, true, SPLIT>(sc, Qq, LD, scratch, LD, N);
-        rwkv::tc::store_tile(Aq + 16 * p, la, sc);
-        __syncwarp();
+        __syncwarp();   // every lane is done with f
+        tc_pair_factor<N>(f, sE, p, q);
+        float sc[1][8];
+        rwkv::tc::zero(sc[0]);
+        strip_scaled<false, true, SPLIT, 1>(sc, Qq, LD, nullptr, sKs + 16 * p * LD, nullptr, LD, f, N);
+        rwkv::tc::store_tile(Aq + 16 * p, la, sc[0]);
     }
     if (unsafe) {
         // lane owns channels j = lane + 32m; for each s the running sum g of log decays over (s, t) grows one
         // token at a time (exactly the product's range)
         for (int s = 0; s < 15; ++s) {
-            float g[N / 32];
+            const int sq = 16 * q + s;
+            float g[N / 32], ks[N / 32];
 #pragma unroll
-            for (int m = 0; m < N / 32; ++m) g[m] = 0.f;
+            for (int m = 0; m < N / 32; ++m) {
+                g[m] = 0.f;
+                ks[m] = sq < len ? rwkv::to_float(k[((start + sq) * H + h) * N + lane + 32 * m]) : 0.f;
+            }
             for (int t = s + 1; t < 16; ++t) {
                 float part = 0.f;
 #pragma unroll
@@ -370,15 +423,15 @@ __device__ __forceinline__ void tc_scores(float* Aq, int la, const float* Qq, co
                     const int j = lane + 32 * m, tq = 16 * q + t;
                     if (t > s + 1) g[m] += tc_log_decay<T, N>(w, start, len, H, h, tq - 1, j);
                     const float rt = tq < len ? rwkv::to_float(r[((start + tq) * H + h) * N + j]) : 0.f;
-                    part += rt * sK[(16 * q + s) * LD + j] * exp2f(g[m]);
+                    part += rt * ks[m] * exp2f(g[m]);
                 }
 #pragma unroll
                 for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
                 if (lane == 0) Aq[t * la + 16 * q + s] = part;
             }
         }
-        __syncwarp();
     }
+    __syncwarp();
     for (int e = lane; e < 16 * (TC_L - 16 * q); e += 32) {   // the diagonal block's u term, zeros above it
         const int t = e / (TC_L - 16 * q), s = 16 * q + e % (TC_L - 16 * q);
         if (s > 16 * q + t) Aq[t * la + s] = 0.f;
@@ -413,40 +466,58 @@ __device__ __forceinline__ void col_scan(float& top, float& bot, float& total, b
 }
 
 // Write a warp's 16 x N accumulator strip (rows = tokens 16q.. of the chunk) to out [tokens, H, N] through the
-// warp's staging rows (row stride la) so that the global stores are coalesced; rows past len are not written.
+// warp's staging rows (row stride la) so that the global stores are coalesced, 8 elements per lane and store (16-byte
+// stores when vec: out 16-byte aligned); rows past len are not written.
 template <typename T, int N>
 __device__ __forceinline__ void tc_write_rows(T* __restrict__ out, const float (&acc)[N / 16][8], float* stage, int la,
-                                              int q, long long start, int len, int H, int h) {
+                                              int q, long long start, int len, int H, int h, bool vec) {
 #pragma unroll
     for (int n = 0; n < N / 16; ++n) rwkv::tc::store_tile(stage + n * 16, la, acc[n]);
     __syncwarp();
-    for (int e = threadIdx.x % 32; e < 16 * N; e += 32) {
+    for (int e = 8 * (threadIdx.x % 32); e < 16 * N; e += 8 * 32) {
         const int s = e / N, i = e % N, t = 16 * q + s;
-        if (t < len) out[((start + t) * H + h) * N + i] = rwkv::from_float<T>(stage[s * la + i]);
+        if (t >= len) continue;
+        Raw8<T> raw;
+        T* x = reinterpret_cast<T*>(raw.q);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) x[m] = rwkv::from_float<T>(stage[s * la + i + m]);
+        T* o = out + ((start + t) * H + h) * N + i;
+        if (vec) {
+#pragma unroll
+            for (int m = 0; m < (int)(sizeof(T) / 2); ++m) reinterpret_cast<uint4*>(o)[m] = raw.q[m];
+        } else {
+#pragma unroll
+            for (int m = 0; m < 8; ++m) o[m] = x[m];
+        }
     }
 }
 
 // Shared memory of the score kernels (wkv6_tc_output, wkv6_tc_bwd_v; tc_output_smem in wkv6.py), rows of N + 4
-// floats: Q (r, then Qh), K (raw k), Sig (log2 decays, then 2^sigma), X (v or dy), M (an N x N state matrix, then
-// the warps' 16-row scratch), A ([TC_L][TC_L + 4]), E (block totals), Ruk (r_t . (u * k_t)), U (u), F (per-warp
-// channel factors), Unsafe (per-block flags).
-template <int N> struct TcScoreSmem { float *Q, *K, *Sig, *X, *M, *A, *E, *Ruk, *U, *F; int* Unsafe; };
+// floats: Q (r, then Qh = r 2^alpha), K (k, then Ks = k 2^sigma), X (v or dy), A ([TC_L][TC_L + 4]: the log2
+// decays, then an N x N state matrix (rows of N + 4), then the scores), E (block totals), Ruk (r_t . (u * k_t)),
+// U (u), F (per-warp channel factors), Unsafe (per-block flags).  Three chunk arrays and A (72 KB for N = 64):
+// three blocks per SM.
+template <int N> struct TcScoreSmem { float *Q, *K, *X, *A, *E, *Ruk, *U, *F; int* Unsafe; };
 
-// Carve the shared memory, stage r, k, w, x of the chunk, the matrix mat and u, compute r_t . (u * k_t), and run
-// the block scans (Q becomes Qh, Sig 2^sigma).  Ends with a barrier.
+// Carve the shared memory, stage r, k, w, x of the chunk and u, compute r_t . (u * k_t), run the block scans (Q
+// becomes Qh, K Ks), then put the N x N matrix mat into A (its loads issued with the chunk's).  Ends with a
+// barrier; A's state rows are read by every warp, so a barrier must separate their last use from the scores.
 template <typename T, int N>
 __device__ __forceinline__ TcScoreSmem<N> tc_score_setup(float* smem, const T* __restrict__ r, const T* __restrict__ k,
                                                          const T* __restrict__ w, const T* __restrict__ x,
                                                          const T* __restrict__ u, const float* __restrict__ mat,
                                                          long long start, int len, int H, int h, bool vec) {
-    constexpr int L = TC_L, LD = N + 4, NB = L / 16;
+    constexpr int L = TC_L, LD = N + 4, NB = L / 16, IT = N * N / 4 / TC_THREADS;
+    static_assert(N * LD <= L * (L + 4) && L * LD <= L * (L + 4), "the state and the log decays fit A");
     TcScoreSmem<N> m;
-    m.Q = smem; m.K = m.Q + L * LD; m.Sig = m.K + L * LD; m.X = m.Sig + L * LD; m.M = m.X + L * LD;
-    m.A = m.M + L * LD; m.E = m.A + L * (L + 4); m.Ruk = m.E + NB * LD; m.U = m.Ruk + L; m.F = m.U + N;
+    m.Q = smem; m.K = m.Q + L * LD; m.X = m.K + L * LD; m.A = m.X + L * LD;
+    m.E = m.A + L * (L + 4); m.Ruk = m.E + NB * LD; m.U = m.Ruk + L; m.F = m.U + N;
     m.Unsafe = reinterpret_cast<int*>(m.F + NB * LD);
     const int tid = threadIdx.x;
-    tc_stage<T, N, 4>({m.Q, m.K, m.Sig, m.X}, {r, k, w, x}, 4u, LD, start, len, H, h, vec);
-    tc_stage_state<N>(m.M, LD, mat);
+    float4 st[IT];   // mat, held in registers until A is free
+#pragma unroll
+    for (int it = 0; it < IT; ++it) st[it] = reinterpret_cast<const float4*>(mat)[it * TC_THREADS + tid];
+    tc_stage<T, N, 4>({m.Q, m.K, m.A, m.X}, {r, k, w, x}, 4u, LD, start, len, H, h, vec);
     for (int j = tid; j < N; j += TC_THREADS) m.U[j] = rwkv::to_float(u[h * N + j]);
     if (tid < NB) m.Unsafe[tid] = 0;
     __syncthreads();
@@ -458,7 +529,13 @@ __device__ __forceinline__ TcScoreSmem<N> tc_score_setup(float* smem, const T* _
         if (half == 0) m.Ruk[t] = p;
     }
     __syncthreads();
-    tc_block_scan<N>(m.Sig, LD, m.E, false, m.Q, nullptr, m.Unsafe);
+    tc_block_scan<N>(m.A, LD, m.E, false, m.Q, nullptr, m.Unsafe, m.K);
+    __syncthreads();
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+        const int e = 4 * (it * TC_THREADS + tid);
+        *reinterpret_cast<float4*>(m.A + (e / N) * LD + e % N) = st[it];
+    }
     __syncthreads();
     return m;
 }
@@ -511,14 +588,28 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
         else dec[cb * N + j] = exp2f(g);
     }
     __syncthreads();
-    // Kt = k * (decays after t in the chunk) (rev: before t), never above |k|
-    for (int e = threadIdx.x; e < TC_L * N; e += TC_THREADS) {
-        const int t = e / N, j = e % N;
-        sK[t * LD + j] *= sW[t * LD + j] * sF[(t / 16) * LD + j];
+    // A_c = V^T Kt, Kt = k * (decays after t in the chunk) (rev: before t), never above |k|: per 16-token block p
+    // Kt[t, j] = k_t[j] 2^sigma_t[j] sF[p][j], scaled as the fragments load.  Warp q owns the value rows of the
+    // 16-row tiles q, q + 4, ...; each result pair of adjacent columns is one 8-byte store.
+    constexpr int NT = N / 16;
+    constexpr bool SPLIT = rwkv::tc::is_f32<T>::value;
+    float* out = buf + cb * (N * N);
+    for (int mt = threadIdx.x / 32; mt < NT; mt += TC_THREADS / 32) {
+        float acc[NT][8];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) rwkv::tc::zero(acc[n]);
+#pragma unroll
+        for (int p = 0; p < NB; ++p)
+            strip_scaled<true, false, SPLIT, NT>(acc, sV + 16 * p * LD + 16 * mt, LD, nullptr, sK + 16 * p * LD,
+                                                 sW + 16 * p * LD, LD, sF + p * LD, 16);
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int r = 0; r < 8; r += 2) {
+                const int i = 16 * mt + rwkv::tc::acc_row(r), j = 16 * n + rwkv::tc::acc_col(r);
+                *reinterpret_cast<float2*>(out + i * N + j) = make_float2(acc[n][r], acc[n][r + 1]);
+            }
     }
-    __syncthreads();
-    rwkv::tc::matmul<true, false, false, rwkv::tc::is_f32<T>::value>(
-        buf + cb * (N * N), N, sV, LD, sK, LD, N, N, TC_L, threadIdx.x / 32, TC_THREADS / 32);
 }
 
 // Chunk output on tensor cores.  Warp q owns the 16 query tokens of block q (t = 16q .. 16q+15) of the chunk:
@@ -529,7 +620,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
 // Kh_s = k_s exp(sigma_s + sum_{p<p'<q} E_p') (<= |k|), A_qp = Qh Kh^T; for the diagonal block, when its total
 // E_q >= -TC_SAFE_SPAN in every channel, Kh_s = k_s exp(sigma_s - E_q) (<= |k| e^30; the masked entries s >= t
 // stay finite), else the entries are summed pairwise from the decays themselves (exact for any decay).
-// vec: r, k, v, w 16-byte aligned.  Shared memory: tc_output_smem(N) in wkv6.py.
+// vec: r, k, v, w, y 16-byte aligned.  Shared memory: tc_output_smem(N) in wkv6.py.
 template <typename T, int N>
 __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     int Tlen, int H, const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v,
@@ -543,33 +634,23 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     const TcChunk ch = tc_chunk(Tlen, H, L);
     const int h = ch.h, len = ch.len, q = threadIdx.x / 32, lane = threadIdx.x % 32;
     const long long bc = ch.bc, start = ch.start;
-    // sX = v, sM = S_in (N rows), then the warps' Kh scratch; sA per warp [16][LA]: the inter-chunk operand, A, y
+    // sX = v, sA = S_in (N rows), then per warp [16][LA]: the scores, then y
     const TcScoreSmem<N> sm = tc_score_setup<T, N>(smem, r, k, w, v, u, buf + ((long long)bc * H + h) * (N * N),
                                                    start, len, H, h, vec != 0);
-    float *sQ = sm.Q, *sK = sm.K, *sSig = sm.Sig, *sV = sm.X, *sS = sm.M, *sA = sm.A, *sE = sm.E, *sRuk = sm.Ruk,
-          *sF = sm.F;
-    int* sUnsafe = sm.Unsafe;
-
-    float* sAw = sA + q * 16 * LA;
-    float* fq = sF + q * LD;
-    const float* Qq = sQ + 16 * q * LD;
-    tc_col_factor<N>(fq, sE, 0, q, -1);   // the decays of the chunk's earlier blocks
-    for (int e = lane; e < 16 * N; e += 32) {
-        const int s = e / N, j = e % N;
-        sAw[s * LA + j] = Qq[s * LD + j] * fq[j];
-    }
-    __syncwarp();
+    float* sAw = sm.A + q * 16 * LA;
+    float* fq = sm.F + q * LD;
+    const float* Qq = sm.Q + 16 * q * LD;
+    tc_col_factor<N>(fq, sm.E, 0, q, -1);   // the decays of the chunk's earlier blocks
     float acc[N / 16][8];
 #pragma unroll
     for (int n = 0; n < N / 16; ++n) rwkv::tc::zero(acc[n]);
-    rwkv::tc::mma_strip<false, true, SPLIT, N / 16>(acc, sAw, LA, sS, LD, N);
-    __syncthreads();   // every warp is done with S_in: its rows become the Kh scratch
+    strip_scaled<false, true, SPLIT, N / 16>(acc, Qq, LD, fq, sm.A, nullptr, LD, nullptr, N);   // (Qh f) S_in^T
+    __syncthreads();   // every warp is done with S_in: A takes the scores
 
-    tc_scores<T, N, SPLIT>(sAw, LA, Qq, sK, sSig, sE, sS + q * 16 * LD, fq, q, sUnsafe[q] != 0, sRuk, r, w, start,
-                           len, H, h);
-    rwkv::tc::mma_strip<false, false, SPLIT, N / 16>(acc, sAw, LA, sV, LD, 16 * (q + 1));
+    tc_scores<T, N, SPLIT>(sAw, LA, Qq, sm.K, sm.E, fq, q, sm.Unsafe[q] != 0, sm.Ruk, r, k, w, start, len, H, h);
+    rwkv::tc::mma_strip<false, false, SPLIT, N / 16>(acc, sAw, LA, sm.X, LD, 16 * (q + 1));
     __syncwarp();
-    tc_write_rows<T, N>(y, acc, sAw, LA, q, start, len, H, h);
+    tc_write_rows<T, N>(y, acc, sAw, LA, q, start, len, H, h, vec != 0);
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -585,9 +666,10 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
 //          e_t = r_t dr'_t - k_t dk'_t (dr', dk' without the u terms)
 // (every log decay of a chunk scales the terms whose range covers it: + on the query side, - on the key side,
 // + for the chunk's end state).  Decay products use the same block-local sums as the forward.
-// wkv6_tc_bwd_v computes dv; wkv6_tc_bwd_rkw dr, dk, dw and the du partials.  vec: inputs 16-byte aligned.
+// wkv6_tc_bwd_v computes dv; wkv6_tc_bwd_rkw dr, dk, dw and the du partials.  vec: inputs and gradients 16-byte
+// aligned.
 
-// Shared memory: tc_bwd_smem(N) in wkv6.py (the same for both kernels).
+// Shared memory: tc_output_smem(N) in wkv6.py (the layout of wkv6_tc_output).
 template <typename T, int N>
 __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
     int Tlen, int H, const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ w,
@@ -601,35 +683,27 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
     const TcChunk ch = tc_chunk(Tlen, H, L);
     const int h = ch.h, len = ch.len, q = threadIdx.x / 32, lane = threadIdx.x % 32;
     const long long bc = ch.bc, start = ch.start;
-    // sX = dy, sM = G (N rows), then the warps' Kh scratch; sA [L][LA]: the warps' Kt, then the scores A, then dv
+    // sX = dy; sA = G (N rows), then the scores A, then dv
     const TcScoreSmem<N> sm = tc_score_setup<T, N>(smem, r, k, w, dy, u, gbuf + ((long long)bc * H + h) * (N * N),
                                                    start, len, H, h, vec != 0);
-    float *sQ = sm.Q, *sK = sm.K, *sSig = sm.Sig, *sDy = sm.X, *sG = sm.M, *sA = sm.A, *sE = sm.E, *sRuk = sm.Ruk,
-          *sF = sm.F;
-    int* sUnsafe = sm.Unsafe;
-
-    // inter-chunk part: dv_s += G Kt_s for the warp's key block q
+    float* sA = sm.A;
+    // inter-chunk part: dv_s += G Kt_s for the warp's key block q, Kt_s = Ks_s f (f: the chunk's later blocks)
     float* Aq = sA + 16 * q * LA;
-    float* fq = sF + q * LD;
-    tc_col_factor<N>(fq, sE, q + 1, NB, -1);   // the decays of the chunk's later blocks
-    for (int e = lane; e < 16 * N; e += 32) {
-        const int s = e / N, j = e % N, t = 16 * q + s;
-        Aq[s * LA + j] = sK[t * LD + j] * sSig[t * LD + j] * fq[j];
-    }
-    __syncwarp();
+    float* fq = sm.F + q * LD;
+    tc_col_factor<N>(fq, sm.E, q + 1, NB, -1);
     float acc[N / 16][8];
 #pragma unroll
     for (int n = 0; n < N / 16; ++n) rwkv::tc::zero(acc[n]);
-    rwkv::tc::mma_strip<false, true, SPLIT, N / 16>(acc, Aq, LA, sG, LD, N);
-    __syncthreads();   // G and the Kt rows are done with
-    tc_scores<T, N, SPLIT>(Aq, LA, sQ + 16 * q * LD, sK, sSig, sE, sG + q * 16 * LD, fq, q, sUnsafe[q] != 0, sRuk,
-                           r, w, start, len, H, h);
+    strip_scaled<false, true, SPLIT, N / 16>(acc, sm.K + 16 * q * LD, LD, fq, sA, nullptr, LD, nullptr, N);
+    __syncthreads();   // every warp is done with G: A takes the scores
+    tc_scores<T, N, SPLIT>(Aq, LA, sm.Q + 16 * q * LD, sm.K, sm.E, fq, q, sm.Unsafe[q] != 0, sm.Ruk, r, k, w, start,
+                           len, H, h);
     __syncthreads();   // every row of A is written
     // (A^T dY) rows of key block q: op(A)[s, t] = A[t, s]; rows t < 16q of column block q are zero
-    rwkv::tc::mma_strip<true, false, SPLIT, N / 16>(acc, sA + 16 * q + 16 * q * LA, LA, sDy + 16 * q * LD, LD,
+    rwkv::tc::mma_strip<true, false, SPLIT, N / 16>(acc, sA + 16 * q + 16 * q * LA, LA, sm.X + 16 * q * LD, LD,
                                                     L - 16 * q);
     __syncthreads();   // every warp is done reading A
-    tc_write_rows<T, N>(dv, acc, Aq, LA, q, start, len, H, h);
+    tc_write_rows<T, N>(dv, acc, Aq, LA, q, start, len, H, h, vec != 0);
 }
 
 template <typename T, int N>
@@ -650,7 +724,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     float* X2 = X1 + L * LD;       // v, then k
     float* X3 = X2 + L * LD;       // S0, then log decays -> sigma
     float* X4 = X3 + L * LD;       // exp(alpha)
-    float* X5 = X4 + L * LD;       // the warps' scratch (16 rows each)
+    float* X5 = X4 + L * LD;       // Z of the exact dw recurrence (chunks with unsafe blocks)
     float* sB = X5 + L * LD;       // [L][LA] B[t, s] = dy_t . v_s for s < t, else 0
     float* sE = sB + L * LA;       // [NB][LD] block totals
     float* sTot = sE + NB * LD;    // [NB][LD] per-block column sums of e
@@ -691,10 +765,13 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     // 2. V G (rows of key block q) and <G, S0>_col
     tc_stage_state<N>(X1, LD, gbuf + cb * (N * N));
     __syncthreads();
-    for (int j = tid; j < N; j += TC_THREADS) {
+    {   // <G, S0>_col: two threads per column (adjacent lanes), fixed order
+        const int j = tid / 2, half = tid % 2;
         float a = 0.f;
-        for (int i = 0; i < N; ++i) a += X1[i * LD + j] * X3[i * LD + j];
-        sGS[j] = a;
+        if (j < N)
+            for (int i = half * (N / 2); i < (half + 1) * (N / 2); ++i) a += X1[i * LD + j] * X3[i * LD + j];
+        a += __shfl_xor_sync(0xffffffffu, a, 1);
+        if (half == 0 && j < N) sGS[j] = a;
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n) rwkv::tc::zero(accK[n]);
@@ -705,15 +782,18 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     for (int j = tid; j < N; j += TC_THREADS) sU[j] = rwkv::to_float(u[h * N + j]);
     if (tid < NB) sUnsafe[tid] = 0;
     __syncthreads();
-    for (int j = tid; j < N; j += TC_THREADS) {
+    {   // du partial: two threads per channel (adjacent lanes), fixed order
+        const int j = tid / 2, half = tid % 2;
         float a = 0.f;
-        for (int t = 0; t < L; ++t) a += X1[t * LD + j] * X2[t * LD + j] * sDyv[t];
-        du_part[cb * N + j] = a;
+        if (j < N)
+            for (int t = half * (L / 2); t < (half + 1) * (L / 2); ++t)
+                a += X1[t * LD + j] * X2[t * LD + j] * sDyv[t];
+        a += __shfl_xor_sync(0xffffffffu, a, 1);
+        if (half == 0 && j < N) du_part[cb * N + j] = a;
     }
     tc_block_scan<N>(X3, LD, sE, false, nullptr, X4, sUnsafe);
     __syncthreads();
     const bool unsafe = sUnsafe[q] != 0;
-    float* scr = X5 + 16 * q * LD;
     float* fq = sF + q * LD;
 
     // 4. dk' for key block q: exp(sigma_s) * [ (V G)_s exp(E after block q) + sum_{t in later blocks} B[t, s]
@@ -731,17 +811,12 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     for (int q2 = q + 1; q2 <= NB; ++q2) {
         if (q2 == NB && unsafe) break;
         const int qb = q2 == NB ? q : q2;   // q2 == NB: the diagonal block, last
-        __syncwarp();
+        __syncwarp();   // every lane is done with fq
         if (qb == q) tc_col_factor<N>(fq, sE, 0, 0, q);
         else tc_col_factor<N>(fq, sE, q + 1, qb, -1);
-        for (int e = lane; e < 16 * N; e += 32) {
-            const int tt = e / N, j = e % N, t = 16 * qb + tt;
-            scr[tt * LD + j] = X1[t * LD + j] * X4[t * LD + j] * fq[j];
-        }
-        __syncwarp();
-        // op(A)[s, t] = B[t, s]
-        rwkv::tc::mma_strip<true, false, SPLIT, NT>(accK, sB + 16 * qb * LA + 16 * q, LA, scr, LD, 16);
-        __syncwarp();
+        // op(A)[s, t] = B[t, s]; the query operand r_t 2^alpha_t f[j] scaled as it loads
+        strip_scaled<true, false, SPLIT, NT>(accK, sB + 16 * qb * LA + 16 * q, LA, nullptr, X1 + 16 * qb * LD,
+                                             X4 + 16 * qb * LD, LD, fq, 16);
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -751,14 +826,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
             const float f = X3[s * LD + j];   // 2^sigma_s
             accK[n][e] *= f;
             kin[n][e] *= f;
-            if (unsafe) {   // exact pairwise sum over the block's later tokens
-                float gsum = 0.f, x = 0.f;
-                for (int t = s + 1; t < 16 * q + 16; ++t) {
-                    x += sB[t * LA + s] * X1[t * LD + j] * exp2f(gsum);
-                    gsum += tc_log_decay<T, N>(w, start, len, H, h, t, j);
-                }
-                accK[n][e] += x;
-            }
+            if (unsafe)   // exact pairwise sum over the block's later tokens
+                accK[n][e] += tc_pair_exact<T, N>(sB + s, LA, X1, s + 1, 1, 16 * q + 15 - s, j, w, start, len, H, h);
         }
 
     // 5. dr' for query block q: exp(alpha_t) * [ (dY S0)_t exp(E before block q) + sum_{p <= q} B_qp Kh_p ]
@@ -775,11 +844,11 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         for (int e = 0; e < 8; ++e) rin[n][e] = accR[n][e];
     for (int p = 0; p <= q; ++p) {
         if (p == q && unsafe) break;
-        __syncwarp();
-        tc_pair_keys<N>(scr, fq, X2, X3, sE, p, q);
-        __syncwarp();
-        rwkv::tc::mma_strip<false, false, SPLIT, NT>(accR, Bq + 16 * p, LA, scr, LD, 16);
-        __syncwarp();
+        __syncwarp();   // every lane is done with fq
+        tc_pair_factor<N>(fq, sE, p, q);
+        // the key operand k_s 2^sigma_s f[j] scaled as it loads
+        strip_scaled<false, false, SPLIT, NT>(accR, Bq + 16 * p, LA, nullptr, X2 + 16 * p * LD, X3 + 16 * p * LD, LD,
+                                              fq, 16);
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -788,14 +857,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
             const int t = 16 * q + acc_row(e), j = 16 * n + acc_col(e);
             accR[n][e] *= X4[t * LD + j];
             rin[n][e] *= X4[t * LD + j];
-            if (unsafe) {   // exact pairwise sum over the block's earlier tokens
-                float gsum = 0.f, x = 0.f;
-                for (int s = t - 1; s >= 16 * q; --s) {
-                    x += sB[t * LA + s] * X2[s * LD + j] * exp2f(gsum);
-                    gsum += tc_log_decay<T, N>(w, start, len, H, h, s, j);
-                }
-                accR[n][e] += x;
-            }
+            if (unsafe)   // exact pairwise sum over the block's earlier tokens
+                accR[n][e] += tc_pair_exact<T, N>(sB + t * LA, 1, X2, t - 1, -1, t - 16 * q, j, w, start, len, H, h);
         }
 
     // 6. dw.  With ki_s = k_s dk'inter_s, ri_t = r_t dr'inter_t and the pair terms of the intra-chunk part,
@@ -860,26 +923,38 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
             kpx[n][e] = it; kpx[n][e + 2] = ib;
         }
     __syncthreads();
+    // the part of dlogd shared by the tokens of block qq in channel j (the other blocks' totals and the chunk's
+    // end-state term), once per (block, channel), into sF (the warps' factor rows are done with)
+    for (int idx = tid; idx < NB * N; idx += TC_THREADS) {
+        const int qq = idx / N, j = idx % N;
+        float gs = 0.f, o = 0.f;
+        for (int p = 0; p < NB; ++p) {
+            gs += sE[p * LD + j];
+            if (p > qq) o += sTot[p * LD + j] - sTot3[p * LD + j];
+            if (p < qq) o += sTot2[p * LD + j];
+        }
+        sF[qq * LD + j] = o + exp2f(gs) * sGS[j];
+    }
+    __syncthreads();
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
             const int t = 16 * q + acc_row(e), j = 16 * n + acc_col(e);
-            if (t >= len) continue;
-            float gs = 0.f, dlog = rsx[n][e] - ksx[n][e] + kpx[n][e];
-            for (int p = 0; p < NB; ++p) {
-                gs += sE[p * LD + j];
-                if (p > q) dlog += sTot[p * LD + j] - sTot3[p * LD + j];
-                if (p < q) dlog += sTot2[p * LD + j];
-            }
-            dlog += exp2f(gs) * sGS[j];
+            float dlog = rsx[n][e] - ksx[n][e] + kpx[n][e] + sF[q * LD + j];
             if (chunk_unsafe) dlog += X3[t * LD + j];
             const float rt = X1[t * LD + j], kt = X2[t * LD + j];
-            const long long o = ((start + t) * H + h) * N + j;
-            dw[o] = rwkv::from_float<T>(dlog * sB[t * LA + j] * TC_LN2);
-            dr[o] = rwkv::from_float<T>(accR[n][e] + sU[j] * kt * sDyv[t]);
-            dk[o] = rwkv::from_float<T>(accK[n][e] + sU[j] * rt * sDyv[t]);
+            rsx[n][e] = dlog * sB[t * LA + j] * TC_LN2;   // dw (padding rows: never written)
+            accR[n][e] += sU[j] * kt * sDyv[t];
+            accK[n][e] += sU[j] * rt * sDyv[t];
         }
+    // coalesced stores through the warp's 16 rows of X5 (free: the exact recurrence is done with Z)
+    float* stage = X5 + 16 * q * LD;
+    tc_write_rows<T, N>(dr, accR, stage, LD, q, start, len, H, h, vec != 0);
+    __syncwarp();
+    tc_write_rows<T, N>(dk, accK, stage, LD, q, start, len, H, h, vec != 0);
+    __syncwarp();
+    tc_write_rows<T, N>(dw, rsx, stage, LD, q, start, len, H, h, vec != 0);
 }
 
 template <typename T, int N>
@@ -901,16 +976,30 @@ __global__ void __launch_bounds__(256) wkv6_chunk_scan(
     float4* a = reinterpret_cast<float4*>(buf + (cb0 + c0 * H) * (N * N)) + e;
     const float* pd = dec + (cb0 + c0 * H) * N + 4 * cq;
     const long long astep = (rev ? -1 : 1) * (long long)H * (N * N / 4), dstep = (rev ? -1 : 1) * (long long)H * N;
-    float4 A = *a, P = wkv6::ld4(pd);
-    for (int c = 0; c < nc; ++c) {
-        float4 An = A, Pn = P;
-        if (c + 1 < nc) { An = a[astep]; Pn = wkv6::ld4(pd + dstep); }   // prefetch the next chunk
-        *a = S;
-        S.x = fmaf(S.x, P.x, A.x);
-        S.y = fmaf(S.y, P.y, A.y);
-        S.z = fmaf(S.z, P.z, A.z);
-        S.w = fmaf(S.w, P.w, A.w);
-        A = An; P = Pn; a += astep; pd += dstep;
+    // the loads run D chunks ahead of the (serial) scan, so the loop waits on memory once per D chunks rather than
+    // once per chunk: few (sequence, head) pairs with many chunks (batch-1 prefill) are latency bound
+    constexpr int D = 4;
+    float4 A[D], P[D];
+    const float4* ra = a;    // read cursors, D chunks ahead of a
+    const float* rp = pd;
+#pragma unroll
+    for (int i = 0; i < D; ++i, ra += astep, rp += dstep)
+        if (i < nc) { A[i] = *ra; P[i] = wkv6::ld4(rp); }
+    for (int cb = 0; cb < nc; cb += D) {
+#pragma unroll
+        for (int i = 0; i < D; ++i) {
+            if (cb + i < nc) {
+                const float4 Ac = A[i], Pc = P[i];
+                if (cb + i + D < nc) { A[i] = *ra; P[i] = wkv6::ld4(rp); }
+                ra += astep; rp += dstep;
+                *a = S;
+                a += astep;
+                S.x = fmaf(S.x, Pc.x, Ac.x);
+                S.y = fmaf(S.y, Pc.y, Ac.y);
+                S.z = fmaf(S.z, Pc.z, Ac.z);
+                S.w = fmaf(S.w, Pc.w, Ac.w);
+            }
+        }
     }
     if (state_out != nullptr && slot >= 0)
         *reinterpret_cast<float4*>(state_out + (slot * H + h) * (long long)(N * N) + 4 * e) = S;

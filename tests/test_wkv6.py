@@ -578,8 +578,10 @@ _SHIM = r"""
 struct uint3_ { unsigned x = 0, y = 0, z = 0; };
 inline thread_local uint3_ threadIdx, blockIdx;
 struct float4 { float x, y, z, w; };
+struct float2 { float x, y; };
 struct uint4 { unsigned x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
 using std::min; using std::max;
 inline std::barrier<>* g_bar = nullptr;
 inline float g_x[1024];
@@ -609,6 +611,7 @@ MMA_EMU
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __shared__ static
@@ -629,9 +632,14 @@ extern "C" int wkv6_emu_launch(const char* name, int grid, int block, long smem,
     auto it = reg().find(name);
     if (it == reg().end()) return -1;
     auto fn = it->second;
-    std::vector<float> dyn(smem / 4 + 8);
+    // dynamic shared memory: NaN at every block's start (a read before a write shows in the results), then a
+    // guard zone that must stay untouched (a layout larger than the launcher's byte count fails the launch)
+    const long nd = smem / 4, guard = 1024;
+    std::vector<float> dyn(nd + guard);
     g_dyn = dyn.data();
+    std::fill(dyn.begin() + nd, dyn.end(), 12345.f);
     for (int b = 0; b < grid; ++b) {
+        std::fill(dyn.begin(), dyn.begin() + nd, std::nanf(""));
         std::barrier<> bar(block);
         g_bar = &bar;
         std::vector<std::unique_ptr<std::barrier<>>> wbars;
@@ -642,6 +650,8 @@ extern "C" int wkv6_emu_launch(const char* name, int grid, int block, long smem,
         std::vector<std::thread> th;
         for (int t = 0; t < block; ++t) th.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = b; fn(args); });
         for (auto& x : th) x.join();
+        for (long i = nd; i < nd + guard; ++i)
+            if (dyn[i] != 12345.f) return -2;
     }
     return 0;
 }
@@ -692,6 +702,7 @@ def emu(emu_lib, monkeypatch):
         vals = [int(a) if isinstance(a, np.uint64) else int(np.int64(a).view(np.uint64)) for a in args]
         rc = emu_lib.wkv6_emu_launch(ne.encode(), int(np.prod(grid)), int(np.prod(block)), int(shared_mem),
                                      (ctypes.c_uint64 * len(vals))(*vals))
+        assert rc != -2, f"{ne} wrote past its {shared_mem} bytes of dynamic shared memory"
         assert rc == 0, f"{ne} not in the emulation build"
 
     monkeypatch.setattr(_gpu, "ptr", ptr)

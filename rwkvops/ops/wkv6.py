@@ -101,15 +101,17 @@ def tc_state_smem(N) -> int:
 
 
 def tc_bwd_smem(N) -> int:
-    """Dynamic shared memory (bytes) of wkv6_tc_bwd_rkw (and, with room to spare, wkv6_tc_bwd_v)."""
+    """Dynamic shared memory (bytes) of wkv6_tc_bwd_rkw."""
     L, nb = CHUNK_L, CHUNK_L // 16
     return 4 * (5 * L * (N + 4) + L * (L + 4) + 5 * nb * (N + 4) + L + 2 * N + nb)
 
 
 def tc_output_smem(N) -> int:
-    """Dynamic shared memory (bytes) of wkv6_tc_output (layout in wkv6.cu)."""
+    """Dynamic shared memory (bytes) of wkv6_tc_output and wkv6_tc_bwd_v (TcScoreSmem in wkv6.cu): three chunk
+    arrays of rows of N + 4 floats, the [L, L + 4] score matrix, block totals and per-warp factors (rows of N + 4),
+    r.(u*k), u and the block flags.  72 KB for N = 64: three blocks per SM."""
     L, nb = CHUNK_L, CHUNK_L // 16
-    return 4 * (5 * L * (N + 4) + nb * 16 * (L + 4) + 2 * nb * (N + 4) + L + N + nb)
+    return 4 * (3 * L * (N + 4) + L * (L + 4) + 2 * nb * (N + 4) + L + N + nb)
 
 
 # ---------------------------------------------------------------- NumPy reference (the test oracle)
@@ -215,7 +217,7 @@ def _forward_chunked(call, x, state_in, state_out, y):
     buf = _chunk_states(call, x["k"], x["v"], x["w"], state_in, state_out, seqs.state_idx, seqs.pool_size, L, False)
     rkvwu = (ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(buf), ptr(y))
     if N <= TC_OUTPUT_MAX_N:
-        vec = i32(_gpu.aligned(x["r"], x["k"], x["v"], x["w"]))
+        vec = i32(_gpu.aligned(x["r"], x["k"], x["v"], x["w"], y))
         _launch("wkv6_tc_output", call, (B * nc * H,), (128,), (i32(T), i32(H)) + rkvwu + (vec,), tc_output_smem(N))
     else:
         _launch("wkv6_chunk_output", call, (B * nc * H,), (N,), (i32(T), i32(H), i32(L)) + rkvwu)
@@ -318,11 +320,11 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
         gbuf = _chunk_states(call, x["r"], dy, x["w"], dstate, dstate_in, None, 0, L, True)
         du_part = call.empty((units, H, N), "float32")
         if L == CHUNK_L and N <= TC_OUTPUT_MAX_N:   # tensor-core chunk backward
-            vec = i32(_gpu.aligned(x["r"], x["k"], x["v"], x["w"], dy))
+            vec = i32(_gpu.aligned(x["r"], x["k"], x["v"], x["w"], dy, *grads.values()))
             grid, smem = (units * H,), tc_bwd_smem(N)
             _launch("wkv6_tc_bwd_v", call, grid, (128,),
                     (i32(T), i32(H), ptr(x["r"]), ptr(x["k"]), ptr(x["w"]), ptr(x["u"]), ptr(dy), ptr(gbuf),
-                     ptr(grads["v"]), vec), smem)
+                     ptr(grads["v"]), vec), tc_output_smem(N))
             _launch("wkv6_tc_bwd_rkw", call, grid, (128,),
                     (i32(T), i32(H), ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(dy),
                      ptr(sbuf), ptr(gbuf), ptr(grads["r"]), ptr(grads["k"]), ptr(grads["w"]), ptr(du_part), vec),
