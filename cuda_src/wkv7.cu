@@ -21,8 +21,13 @@
 //                       P = N/32 threads holding row x AND column x of dS, so every gradient is a short in-thread
 //                       dot product plus a P-lane shuffle reduction.
 //                       No division by the decay anywhere (exact for decays down to exp(-exp(4)) and below).
+//                       With fix != null: per-chunk mode for the chunked backward (the chunks wkv7_tc_bwd listed,
+//                       each from its adjoint checkpoint).
 //  wkv7_tc_chunk<T, N, MODE>, wkv7_tc_scan<N>  (N = 32, 64; dense batches) the chunked forward on tensor cores, in
 //                       16-token chunks whose starts are the checkpoints above; see "chunked forward" below.
+//                       MODE 2: the backward's reverse-time adjoint pass (dL/dS at every chunk end).
+//  wkv7_tc_bwd<T, N>    (N = 32, 64; dense batches) the chunked backward's gradients, one block per (sequence,
+//                       chunk, head) from the two checkpoints; see "chunked backward" below.
 #include "common.cuh"
 #include "tc.cuh"
 
@@ -785,200 +790,201 @@ __global__ void __launch_bounds__(BwdRowCfg<N>::NT, 1) wkv7_backward(
     const int nitems = fix != nullptr ? fix[0] : 1;
     const int nchk_dense = (T_len + CK - 1) / CK;
     for (int item = fix != nullptr ? (int)blockIdx.x : 0; item < nitems; item += fix != nullptr ? (int)gridDim.x : 1) {
-    const int id = fix != nullptr ? fix[1 + item] : (int)blockIdx.x;
-    const int h = id % H;
-    const int sq = fix != nullptr ? id / (H * nchk_dense) : id / H;
-    long long start, end;
-    rwkv::seq_bounds(cu_seqlens, T_len, total, sq, start, end, err);
-    const int len = (int)(end - start);
-    const long long sbase = ((long long)sq * H + h) * N * N + (long long)i0 * N;
-    const int nch = (len + CK - 1) / CK;
-    const int c_hi = fix != nullptr ? (id / H) % nchk_dense : nch - 1;
-    const int c_lo = fix != nullptr ? c_hi : 0;
+        const int id = fix != nullptr ? fix[1 + item] : (int)blockIdx.x;
+        const int h = id % H;
+        const int sq = fix != nullptr ? id / (H * nchk_dense) : id / H;
+        long long start, end;
+        rwkv::seq_bounds(cu_seqlens, T_len, total, sq, start, end, err);
+        const int len = (int)(end - start);
+        const long long sbase = ((long long)sq * H + h) * N * N + (long long)i0 * N;
+        const int nch = (len + CK - 1) / CK;
+        const int c_hi = fix != nullptr ? (id / H) % nchk_dense : nch - 1;
+        const int c_lo = fix != nullptr ? c_hi : 0;
 
-    float4 dS[RT][MC];
-    const float* dsrc = state_in != nullptr ? state_in + sbase : nullptr;
-    if (fix != nullptr) dsrc = dckpt + ((rwkv::chunk_slot(nullptr, T_len, sq, 0, CK, c_hi) * H + h) * N + i0) * (long long)N;
-#pragma unroll
-    for (int rr = 0; rr < RT; ++rr)
-#pragma unroll
-        for (int m = 0; m < MC; ++m)
-            dS[rr][m] = dsrc != nullptr ? *reinterpret_cast<const float4*>(dsrc + rr * N + 4 * (p + P * m))
-                                        : make_float4(0.f, 0.f, 0.f, 0.f);
-
-    for (int c = c_hi; c >= c_lo; --c) {
-        const int t0 = c * CK;
-        const int L = min(CK, len - t0);
-        __syncthreads();   // the previous chunk is done with the staged inputs and column partials
-        for (int e = tid; e < L * N; e += NT) {
-            const int tt = e / N, col = e % N;
-            const long long o = ((start + t0 + tt) * H + h) * N + col;
-            S_in[(0 * CK + tt) * N + col] = rwkv::to_float(r[o]);
-            S_in[(1 * CK + tt) * N + col] = wkv7::decay_of(rwkv::to_float(w[o]));
-            S_in[(2 * CK + tt) * N + col] = rwkv::to_float(k[o]);
-            S_in[(3 * CK + tt) * N + col] = rwkv::to_float(v[o]);
-            S_in[(4 * CK + tt) * N + col] = rwkv::to_float(a[o]);
-            S_in[(5 * CK + tt) * N + col] = rwkv::to_float(b[o]);
-            S_in[(6 * CK + tt) * N + col] = dy != nullptr ? rwkv::to_float(dy[o]) : 0.f;
-        }
-        __syncthreads();
-        const long long cs = rwkv::chunk_slot(cu_seqlens, T_len, sq, start, CK, c);
-        const float* ck = ckpt + ((cs * H + h) * N + i0) * (long long)N;
-        const int nsub = (L + SC - 1) / SC;
-        for (int sub = nsub - 1; sub >= 0; --sub) {
-            const int u0 = sub * SC;
-            const int Ls = min(SC, L - u0);
-            // ---- (A) recompute from the checkpoint up to the sub-chunk's end
-            float4 st[RT][MC];
-#pragma unroll
-            for (int rr = 0; rr < RT; ++rr)
-#pragma unroll
-                for (int m = 0; m < MC; ++m) st[rr][m] = *reinterpret_cast<const float4*>(ck + rr * N + 4 * (p + P * m));
-            for (int tt = 0; tt < u0 + Ls; ++tt) {
-                const bool keep = tt >= u0;
-                if (keep) {
-#pragma unroll
-                    for (int rr = 0; rr < RT; ++rr)
-#pragma unroll
-                        for (int m = 0; m < MC; ++m) S_st[(((tt - u0) * RT + rr) * MC + m) * NT + tid] = st[rr][m];
-                }
-                const float4* a4 = reinterpret_cast<const float4*>(S_in + (4 * CK + tt) * N);
-                const float4* b4 = reinterpret_cast<const float4*>(S_in + (5 * CK + tt) * N);
-                const float4* d4 = reinterpret_cast<const float4*>(S_in + (1 * CK + tt) * N);
-                const float4* k4 = reinterpret_cast<const float4*>(S_in + (2 * CK + tt) * N);
-                const float4 v4 = *reinterpret_cast<const float4*>(S_in + (3 * CK + tt) * N + i0);
-                const float vr[RT] = {v4.x, v4.y, v4.z, v4.w};
-                float sa[RT];
-                wkv7::row_dots<RT, MC, P>(st, a4, p, sa);
-                if (keep && p == 0)
-                    *reinterpret_cast<float4*>(S_sa + tt * N + i0) = make_float4(sa[0], sa[1], sa[2], sa[3]);
-#pragma unroll
-                for (int m = 0; m < MC; ++m) {
-                    const int cc = p + P * m;
-                    const float4 dd = d4[cc], bb = b4[cc], kk = k4[cc];
-#pragma unroll
-                    for (int rr = 0; rr < RT; ++rr) {
-                        float4& x = st[rr][m];
-                        x.x = fmaf(x.x, dd.x, fmaf(sa[rr], bb.x, vr[rr] * kk.x));
-                        x.y = fmaf(x.y, dd.y, fmaf(sa[rr], bb.y, vr[rr] * kk.y));
-                        x.z = fmaf(x.z, dd.z, fmaf(sa[rr], bb.z, vr[rr] * kk.z));
-                        x.w = fmaf(x.w, dd.w, fmaf(sa[rr], bb.w, vr[rr] * kk.w));
-                    }
-                }
-            }
-            __syncthreads();   // S_sa visible; the previous sub-chunk's (C) is done with S_cp
-            // ---- (B) adjoint over the sub-chunk, backwards; st = S_t (the state after token tt)
-            for (int tt = u0 + Ls - 1; tt >= u0; --tt) {
-                const int lt = tt - u0;
-                float4 sp[RT][MC];   // S_{t-1}
-#pragma unroll
-                for (int rr = 0; rr < RT; ++rr)
-#pragma unroll
-                    for (int m = 0; m < MC; ++m) sp[rr][m] = S_st[((lt * RT + rr) * MC + m) * NT + tid];
-                const float4* r4 = reinterpret_cast<const float4*>(S_in + (0 * CK + tt) * N);
-                const float4* d4 = reinterpret_cast<const float4*>(S_in + (1 * CK + tt) * N);
-                const float4* k4 = reinterpret_cast<const float4*>(S_in + (2 * CK + tt) * N);
-                const float4* a4 = reinterpret_cast<const float4*>(S_in + (4 * CK + tt) * N);
-                const float4* b4 = reinterpret_cast<const float4*>(S_in + (5 * CK + tt) * N);
-                const float4 v4 = *reinterpret_cast<const float4*>(S_in + (3 * CK + tt) * N + i0);
-                const float4 y4 = *reinterpret_cast<const float4*>(S_in + (6 * CK + tt) * N + i0);
-                const float4 s4 = *reinterpret_cast<const float4*>(S_sa + tt * N + i0);
-                const float vr[RT] = {v4.x, v4.y, v4.z, v4.w};
-                const float yr[RT] = {y4.x, y4.y, y4.z, y4.w};
-                const float sar[RT] = {s4.x, s4.y, s4.z, s4.w};
-                float cp[5][V];   // column partials over this thread's rows: dr, dk, db, da, dw (before * f)
-#pragma unroll
-                for (int z = 0; z < 5; ++z)
-#pragma unroll
-                    for (int j = 0; j < V; ++j) cp[z][j] = 0.f;
-                float pb[RT], pk[RT];
-#pragma unroll
-                for (int rr = 0; rr < RT; ++rr) { pb[rr] = 0.f; pk[rr] = 0.f; }
-#pragma unroll
-                for (int m = 0; m < MC; ++m) {
-                    const int cc = p + P * m;
-                    const float4 rv = r4[cc], bv = b4[cc], kv = k4[cc];
-#pragma unroll
-                    for (int rr = 0; rr < RT; ++rr) {
-                        wkv7::acc4(&cp[0][4 * m], st[rr][m], yr[rr]);          // dr_t = S_t^T dy_t
-                        float4& g = dS[rr][m];
-                        g.x = fmaf(yr[rr], rv.x, g.x); g.y = fmaf(yr[rr], rv.y, g.y);   // dS += dy r^T
-                        g.z = fmaf(yr[rr], rv.z, g.z); g.w = fmaf(yr[rr], rv.w, g.w);
-                        pb[rr] = dot4(g, bv, pb[rr]);
-                        pk[rr] = dot4(g, kv, pk[rr]);
-                        wkv7::acc4(&cp[1][4 * m], g, vr[rr]);                  // dk = dS^T v
-                        wkv7::acc4(&cp[2][4 * m], g, sar[rr]);                 // db = dS^T (S_{t-1} a)
-                        wkv7::acc4v(&cp[4][4 * m], g, sp[rr][m]);              // sum_i dS * S_{t-1}
-                    }
-                }
-#pragma unroll
-                for (int off = P / 2; off > 0; off >>= 1) {
-#pragma unroll
-                    for (int rr = 0; rr < RT; ++rr) pb[rr] += __shfl_xor_sync(0xffffffffu, pb[rr], off, P);
-                }
-                {   // dv: reduce-scatter of pk over the 8 lanes (as y in the forward)
-                    const bool b2 = (p & 4) != 0, b1 = (p & 2) != 0;
-                    float k0 = b2 ? pk[2] : pk[0], k1 = b2 ? pk[3] : pk[1];
-                    k0 += __shfl_xor_sync(0xffffffffu, b2 ? pk[0] : pk[2], 4, P);
-                    k1 += __shfl_xor_sync(0xffffffffu, b2 ? pk[1] : pk[3], 4, P);
-                    float vv = b1 ? k1 : k0;
-                    vv += __shfl_xor_sync(0xffffffffu, b1 ? k0 : k1, 2, P);
-                    vv += __shfl_xor_sync(0xffffffffu, vv, 1, P);
-                    if ((p & 1) == 0) dv[((start + t0 + tt) * H + h) * N + i0 + yrow] = rwkv::from_float<T>(vv);
-                }
-#pragma unroll
-                for (int m = 0; m < MC; ++m) {
-                    const int cc = p + P * m;
-                    const float4 dd = d4[cc], av = a4[cc];
-#pragma unroll
-                    for (int rr = 0; rr < RT; ++rr) {
-                        wkv7::acc4(&cp[3][4 * m], sp[rr][m], pb[rr]);          // da = S_{t-1}^T dsa
-                        float4& g = dS[rr][m];                                 // dS_{t-1} = dS diag(d) + dsa a^T
-                        g.x = fmaf(g.x, dd.x, pb[rr] * av.x); g.y = fmaf(g.y, dd.y, pb[rr] * av.y);
-                        g.z = fmaf(g.z, dd.z, pb[rr] * av.z); g.w = fmaf(g.w, dd.w, pb[rr] * av.w);
-                        st[rr][m] = sp[rr][m];
-                    }
-                }
-                // column partials: over the warp's 4 row quads (shuffles), then to shared memory per warp
-#pragma unroll
-                for (int z = 0; z < 5; ++z) {
-                    float part[V / 4];
-                    wkv7::quad_scatter<V>(cp[z], part, q);
-                    const int base = ((q & 2) ? V / 2 : 0) + ((q & 1) ? V / 4 : 0);
-#pragma unroll
-                    for (int j = 0; j < V / 4; ++j) {
-                        const int lc = base + j;                       // local column: chunk lc/4, component lc%4
-                        const int col = 4 * (p + P * (lc / 4)) + (lc % 4);
-                        S_cp[((lt * 5 + z) * NW + wp) * N + col] = part[j];
-                    }
-                }
-            }
-            __syncthreads();   // column partials of the sub-chunk visible
-            // ---- (C) sum the warps' partials in a fixed order, write the column gradients
-            for (int e = tid; e < Ls * 5 * N; e += NT) {
-                const int lt = e / (5 * N), z = (e / N) % 5, col = e % N;
-                float acc = 0.f;
-#pragma unroll
-                for (int q2 = 0; q2 < NW; ++q2) acc += S_cp[((lt * 5 + z) * NW + q2) * N + col];
-                const long long o = ((start + t0 + u0 + lt) * H + h) * N + col;
-                if (z == 0) dr[o] = rwkv::from_float<T>(acc);
-                else if (z == 1) dk[o] = rwkv::from_float<T>(acc);
-                else if (z == 2) db[o] = rwkv::from_float<T>(acc);
-                else if (z == 3) da[o] = rwkv::from_float<T>(acc);
-                else {
-                    const float wv = rwkv::to_float(w[o]);
-                    dw[o] = rwkv::from_float<T>(acc * (-expf(wv) * wkv7::decay_of(wv)));
-                }
-            }
-        }   // sub-chunks
-    }
-    if (state_out != nullptr && fix == nullptr) {
+        float4 dS[RT][MC];
+        const float* dsrc = state_in != nullptr ? state_in + sbase : nullptr;
+        if (fix != nullptr)
+            dsrc = dckpt + ((rwkv::chunk_slot(nullptr, T_len, sq, 0, CK, c_hi) * H + h) * N + i0) * (long long)N;
 #pragma unroll
         for (int rr = 0; rr < RT; ++rr)
 #pragma unroll
             for (int m = 0; m < MC; ++m)
-                *reinterpret_cast<float4*>(state_out + sbase + rr * N + 4 * (p + P * m)) = dS[rr][m];
-    }
+                dS[rr][m] = dsrc != nullptr ? *reinterpret_cast<const float4*>(dsrc + rr * N + 4 * (p + P * m))
+                                            : make_float4(0.f, 0.f, 0.f, 0.f);
+
+        for (int c = c_hi; c >= c_lo; --c) {
+            const int t0 = c * CK;
+            const int L = min(CK, len - t0);
+            __syncthreads();   // the previous chunk is done with the staged inputs and column partials
+            for (int e = tid; e < L * N; e += NT) {
+                const int tt = e / N, col = e % N;
+                const long long o = ((start + t0 + tt) * H + h) * N + col;
+                S_in[(0 * CK + tt) * N + col] = rwkv::to_float(r[o]);
+                S_in[(1 * CK + tt) * N + col] = wkv7::decay_of(rwkv::to_float(w[o]));
+                S_in[(2 * CK + tt) * N + col] = rwkv::to_float(k[o]);
+                S_in[(3 * CK + tt) * N + col] = rwkv::to_float(v[o]);
+                S_in[(4 * CK + tt) * N + col] = rwkv::to_float(a[o]);
+                S_in[(5 * CK + tt) * N + col] = rwkv::to_float(b[o]);
+                S_in[(6 * CK + tt) * N + col] = dy != nullptr ? rwkv::to_float(dy[o]) : 0.f;
+            }
+            __syncthreads();
+            const long long cs = rwkv::chunk_slot(cu_seqlens, T_len, sq, start, CK, c);
+            const float* ck = ckpt + ((cs * H + h) * N + i0) * (long long)N;
+            const int nsub = (L + SC - 1) / SC;
+            for (int sub = nsub - 1; sub >= 0; --sub) {
+                const int u0 = sub * SC;
+                const int Ls = min(SC, L - u0);
+                // ---- (A) recompute from the checkpoint up to the sub-chunk's end
+                float4 st[RT][MC];
+#pragma unroll
+                for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+                    for (int m = 0; m < MC; ++m) st[rr][m] = *reinterpret_cast<const float4*>(ck + rr * N + 4 * (p + P * m));
+                for (int tt = 0; tt < u0 + Ls; ++tt) {
+                    const bool keep = tt >= u0;
+                    if (keep) {
+#pragma unroll
+                        for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+                            for (int m = 0; m < MC; ++m) S_st[(((tt - u0) * RT + rr) * MC + m) * NT + tid] = st[rr][m];
+                    }
+                    const float4* a4 = reinterpret_cast<const float4*>(S_in + (4 * CK + tt) * N);
+                    const float4* b4 = reinterpret_cast<const float4*>(S_in + (5 * CK + tt) * N);
+                    const float4* d4 = reinterpret_cast<const float4*>(S_in + (1 * CK + tt) * N);
+                    const float4* k4 = reinterpret_cast<const float4*>(S_in + (2 * CK + tt) * N);
+                    const float4 v4 = *reinterpret_cast<const float4*>(S_in + (3 * CK + tt) * N + i0);
+                    const float vr[RT] = {v4.x, v4.y, v4.z, v4.w};
+                    float sa[RT];
+                    wkv7::row_dots<RT, MC, P>(st, a4, p, sa);
+                    if (keep && p == 0)
+                        *reinterpret_cast<float4*>(S_sa + tt * N + i0) = make_float4(sa[0], sa[1], sa[2], sa[3]);
+#pragma unroll
+                    for (int m = 0; m < MC; ++m) {
+                        const int cc = p + P * m;
+                        const float4 dd = d4[cc], bb = b4[cc], kk = k4[cc];
+#pragma unroll
+                        for (int rr = 0; rr < RT; ++rr) {
+                            float4& x = st[rr][m];
+                            x.x = fmaf(x.x, dd.x, fmaf(sa[rr], bb.x, vr[rr] * kk.x));
+                            x.y = fmaf(x.y, dd.y, fmaf(sa[rr], bb.y, vr[rr] * kk.y));
+                            x.z = fmaf(x.z, dd.z, fmaf(sa[rr], bb.z, vr[rr] * kk.z));
+                            x.w = fmaf(x.w, dd.w, fmaf(sa[rr], bb.w, vr[rr] * kk.w));
+                        }
+                    }
+                }
+                __syncthreads();   // S_sa visible; the previous sub-chunk's (C) is done with S_cp
+                // ---- (B) adjoint over the sub-chunk, backwards; st = S_t (the state after token tt)
+                for (int tt = u0 + Ls - 1; tt >= u0; --tt) {
+                    const int lt = tt - u0;
+                    float4 sp[RT][MC];   // S_{t-1}
+#pragma unroll
+                    for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+                        for (int m = 0; m < MC; ++m) sp[rr][m] = S_st[((lt * RT + rr) * MC + m) * NT + tid];
+                    const float4* r4 = reinterpret_cast<const float4*>(S_in + (0 * CK + tt) * N);
+                    const float4* d4 = reinterpret_cast<const float4*>(S_in + (1 * CK + tt) * N);
+                    const float4* k4 = reinterpret_cast<const float4*>(S_in + (2 * CK + tt) * N);
+                    const float4* a4 = reinterpret_cast<const float4*>(S_in + (4 * CK + tt) * N);
+                    const float4* b4 = reinterpret_cast<const float4*>(S_in + (5 * CK + tt) * N);
+                    const float4 v4 = *reinterpret_cast<const float4*>(S_in + (3 * CK + tt) * N + i0);
+                    const float4 y4 = *reinterpret_cast<const float4*>(S_in + (6 * CK + tt) * N + i0);
+                    const float4 s4 = *reinterpret_cast<const float4*>(S_sa + tt * N + i0);
+                    const float vr[RT] = {v4.x, v4.y, v4.z, v4.w};
+                    const float yr[RT] = {y4.x, y4.y, y4.z, y4.w};
+                    const float sar[RT] = {s4.x, s4.y, s4.z, s4.w};
+                    float cp[5][V];   // column partials over this thread's rows: dr, dk, db, da, dw (before * f)
+#pragma unroll
+                    for (int z = 0; z < 5; ++z)
+#pragma unroll
+                        for (int j = 0; j < V; ++j) cp[z][j] = 0.f;
+                    float pb[RT], pk[RT];
+#pragma unroll
+                    for (int rr = 0; rr < RT; ++rr) { pb[rr] = 0.f; pk[rr] = 0.f; }
+#pragma unroll
+                    for (int m = 0; m < MC; ++m) {
+                        const int cc = p + P * m;
+                        const float4 rv = r4[cc], bv = b4[cc], kv = k4[cc];
+#pragma unroll
+                        for (int rr = 0; rr < RT; ++rr) {
+                            wkv7::acc4(&cp[0][4 * m], st[rr][m], yr[rr]);          // dr_t = S_t^T dy_t
+                            float4& g = dS[rr][m];
+                            g.x = fmaf(yr[rr], rv.x, g.x); g.y = fmaf(yr[rr], rv.y, g.y);   // dS += dy r^T
+                            g.z = fmaf(yr[rr], rv.z, g.z); g.w = fmaf(yr[rr], rv.w, g.w);
+                            pb[rr] = dot4(g, bv, pb[rr]);
+                            pk[rr] = dot4(g, kv, pk[rr]);
+                            wkv7::acc4(&cp[1][4 * m], g, vr[rr]);                  // dk = dS^T v
+                            wkv7::acc4(&cp[2][4 * m], g, sar[rr]);                 // db = dS^T (S_{t-1} a)
+                            wkv7::acc4v(&cp[4][4 * m], g, sp[rr][m]);              // sum_i dS * S_{t-1}
+                        }
+                    }
+#pragma unroll
+                    for (int off = P / 2; off > 0; off >>= 1) {
+#pragma unroll
+                        for (int rr = 0; rr < RT; ++rr) pb[rr] += __shfl_xor_sync(0xffffffffu, pb[rr], off, P);
+                    }
+                    {   // dv: reduce-scatter of pk over the 8 lanes (as y in the forward)
+                        const bool b2 = (p & 4) != 0, b1 = (p & 2) != 0;
+                        float k0 = b2 ? pk[2] : pk[0], k1 = b2 ? pk[3] : pk[1];
+                        k0 += __shfl_xor_sync(0xffffffffu, b2 ? pk[0] : pk[2], 4, P);
+                        k1 += __shfl_xor_sync(0xffffffffu, b2 ? pk[1] : pk[3], 4, P);
+                        float vv = b1 ? k1 : k0;
+                        vv += __shfl_xor_sync(0xffffffffu, b1 ? k0 : k1, 2, P);
+                        vv += __shfl_xor_sync(0xffffffffu, vv, 1, P);
+                        if ((p & 1) == 0) dv[((start + t0 + tt) * H + h) * N + i0 + yrow] = rwkv::from_float<T>(vv);
+                    }
+#pragma unroll
+                    for (int m = 0; m < MC; ++m) {
+                        const int cc = p + P * m;
+                        const float4 dd = d4[cc], av = a4[cc];
+#pragma unroll
+                        for (int rr = 0; rr < RT; ++rr) {
+                            wkv7::acc4(&cp[3][4 * m], sp[rr][m], pb[rr]);          // da = S_{t-1}^T dsa
+                            float4& g = dS[rr][m];                                 // dS_{t-1} = dS diag(d) + dsa a^T
+                            g.x = fmaf(g.x, dd.x, pb[rr] * av.x); g.y = fmaf(g.y, dd.y, pb[rr] * av.y);
+                            g.z = fmaf(g.z, dd.z, pb[rr] * av.z); g.w = fmaf(g.w, dd.w, pb[rr] * av.w);
+                            st[rr][m] = sp[rr][m];
+                        }
+                    }
+                    // column partials: over the warp's 4 row quads (shuffles), then to shared memory per warp
+#pragma unroll
+                    for (int z = 0; z < 5; ++z) {
+                        float part[V / 4];
+                        wkv7::quad_scatter<V>(cp[z], part, q);
+                        const int base = ((q & 2) ? V / 2 : 0) + ((q & 1) ? V / 4 : 0);
+#pragma unroll
+                        for (int j = 0; j < V / 4; ++j) {
+                            const int lc = base + j;                       // local column: chunk lc/4, component lc%4
+                            const int col = 4 * (p + P * (lc / 4)) + (lc % 4);
+                            S_cp[((lt * 5 + z) * NW + wp) * N + col] = part[j];
+                        }
+                    }
+                }
+                __syncthreads();   // column partials of the sub-chunk visible
+                // ---- (C) sum the warps' partials in a fixed order, write the column gradients
+                for (int e = tid; e < Ls * 5 * N; e += NT) {
+                    const int lt = e / (5 * N), z = (e / N) % 5, col = e % N;
+                    float acc = 0.f;
+#pragma unroll
+                    for (int q2 = 0; q2 < NW; ++q2) acc += S_cp[((lt * 5 + z) * NW + q2) * N + col];
+                    const long long o = ((start + t0 + u0 + lt) * H + h) * N + col;
+                    if (z == 0) dr[o] = rwkv::from_float<T>(acc);
+                    else if (z == 1) dk[o] = rwkv::from_float<T>(acc);
+                    else if (z == 2) db[o] = rwkv::from_float<T>(acc);
+                    else if (z == 3) da[o] = rwkv::from_float<T>(acc);
+                    else {
+                        const float wv = rwkv::to_float(w[o]);
+                        dw[o] = rwkv::from_float<T>(acc * (-expf(wv) * wkv7::decay_of(wv)));
+                    }
+                }
+            }   // sub-chunks
+        }
+        if (state_out != nullptr && fix == nullptr) {
+#pragma unroll
+            for (int rr = 0; rr < RT; ++rr)
+#pragma unroll
+                for (int m = 0; m < MC; ++m)
+                    *reinterpret_cast<float4*>(state_out + sbase + rr * N + 4 * (p + P * m)) = dS[rr][m];
+        }
     }   // items
 }
 
@@ -1004,6 +1010,11 @@ __global__ void __launch_bounds__(BwdRowCfg<N>::NT, 1) wkv7_backward(
 //                          state (nseg == 1: state_in (pool slot) / zeros, final state to state_out; nseg > 1: the
 //                          segment's start state from segbuf); writes y and, with ckpt, the state at every chunk
 //                          start (rwkv::chunk_slot(.., WKV7_CK, c)).
+//  wkv7_tc_chunk<T, N, 2>  block per (sequence, head), nseg == 1: the adjoint X = dL/dS walked backwards over the
+//                          chunks, the same form transposed (rows of X evolve independently; V = dY, no outputs):
+//                            Z = (I - M_ab^T)^{-1} (B_g X^T + Q_ab^T dY),  X' = X diag(exp(G(-1, 15))) + Z^T A_g + dY^T R_g
+//                          (z_t = E_t b_t, E_t = dL/dS_t); X before each chunk (= at its end) to ckpt, the last X
+//                          (dL/d initial state) to state_out; state_in = dL/d final state or null.
 //  wkv7_tc_chunk<T, N, 1>  block per (sequence, segment, head): the segment's transition S_end = S_start M + A as a
 //                          2N-row "state": rows 0..N-1 start at 0 with the real v (-> A), rows N..2N-1 start at the
 //                          identity with v = 0 (-> M, rows of the homogeneous map); written to segbuf [A; M].

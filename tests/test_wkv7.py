@@ -1176,6 +1176,13 @@ def test_chunked_path_selection(monkeypatch):
     assert W._tc_segments(8, 32, 4096) == 1 and W._tc_segments(4, 32, 1024) == 1
     assert W._tc_segments(1, 32, 16384) == 8 and W._tc_segments(1, 32, 1024) == 4
     assert W._tc_segments(1, 4, 16384) == 64   # capped by TC_SEG_MIN tokens per segment
+    # the chunked backward: where the forward is chunked and the row backward (its per-chunk mode) fits
+    monkeypatch.setattr(W, "_smem_optin", lambda: 227 * 1024)
+    assert W._use_chunked_bwd(call(8, 4096, 64)) and W._use_chunked_bwd(call(1, W.TC_MIN_T, 32))
+    assert not W._use_chunked_bwd(call(8, W.TC_MIN_T - 1, 64)) and not W._use_chunked_bwd(call(8, 4096, 128))
+    assert not W._use_chunked_bwd(call(1, 4096, 64, cu=np.array([0, 4096], np.int32)))
+    monkeypatch.setattr(W, "_smem_optin", lambda: 163 * 1024)   # A100: the row backward does not fit
+    assert not W._use_chunked_bwd(call(8, 4096, 64))
 
 
 def _spy_launches(monkeypatch):

@@ -7,7 +7,10 @@ Pieces, side by side:
   the decode kernel (one token per sequence, no backward), the chunked tensor-core kernels (dense batches with
   T >= TC_MIN_T, N = 32/64: 16-token chunks, one block per (sequence, head), or time segments + a scan over their
   transitions when few (sequence, head) pairs would underfill the GPU; writes the backward's checkpoints too), or
-  the recurrent kernel (varlen, short T, N = 128); one backward from the fp32 checkpoints every CK tokens;
+  the recurrent kernel (varlen, short T, N = 128); the backward from the fp32 checkpoints every CK tokens: for dense
+  batches with T >= TC_MIN_T the chunked tensor-core backward (a reverse pass writing the adjoint at every chunk
+  end, then all chunks' gradients in parallel; chunks with strong decays exactly by the recurrent kernel's
+  per-chunk mode), else the recurrent kernel (one block per sequence and head);
 * :func:`to_fla` / :func:`from_fla`: converters to and from flash-linear-attention's convention;
 * :func:`wkv7`: the public function (NumPy, CuPy, torch; torch autograd).
 """
