@@ -24,15 +24,16 @@ C = 2048
 SHAPES = [(1, 4096), (1, 16384), (2, 4096), (8, 4096), (16, 4096)]
 
 
-def _lb(nw, s, fast=True, ver=2, fb=False):
-    return dict(FORWARD="lookback", LOOKBACK=(nw, s), LOOKBACK_FAST=fast, KERNEL_VERSION=ver), fb
+def _lb(nw, s, mb, fast=True, ver=2, fb=False):
+    return dict(FORWARD="lookback", LOOKBACK=(nw, s, mb), LOOKBACK_FAST=fast, KERNEL_VERSION=ver), fb
 
 
 VARIANTS = {   # name: (module settings, whether to time fwd+bwd too)
     "auto": ({}, True),
-    "lb8x16_fast": _lb(8, 16), "lb8x16_precise": _lb(8, 16, False), "lb4x16_fast": _lb(4, 16),
-    "lb8x8_fast": _lb(8, 8), "lb16x8_fast": _lb(16, 8), "lb4x32_fast": _lb(4, 32),
-    "lb8x16_fast_v3": _lb(8, 16, True, 3, True),
+    "lb8x16x2_fast": _lb(8, 16, 2), "lb8x16x2_precise": _lb(8, 16, 2, False), "lb8x16x3_fast": _lb(8, 16, 3),
+    "lb4x16x4_fast": _lb(4, 16, 4), "lb8x8x2_fast": _lb(8, 8, 2), "lb8x8x4_fast": _lb(8, 8, 4),
+    "lb16x8x1_fast": _lb(16, 8, 1),
+    "lb8x16x2_fast_v3": _lb(8, 16, 2, True, 3, True),
     "fused16_v2": (dict(FORWARD="fused", FUSED_L_LONG=16, KERNEL_VERSION=2), False),
     "chunked_v2": (dict(FORWARD="chunked", KERNEL_VERSION=2), True),
     "chunked_v3": (dict(FORWARD="chunked", KERNEL_VERSION=3), True),
@@ -43,8 +44,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--plans", action="store_true", help="keep launch plans for no-grad calls (host path)")
     args = ap.parse_args()
     reps = 5 if args.quick else 10
+    if not args.plans:      # the kernels compared, on the general host path (the same for every variant)
+        import rwkvops._dispatch
+        rwkvops._dispatch.LAUNCH_PLANS = False
     recs = []
     names = ("FORWARD", "LOOKBACK", "LOOKBACK_FAST", "KERNEL_VERSION", "FUSED_L_LONG")
     saved = {n: getattr(W, n) for n in names}

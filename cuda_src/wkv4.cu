@@ -985,8 +985,10 @@ __device__ __forceinline__ bool take(const float* p, long long C, float& a, floa
 }  // namespace wkv4
 
 // pub: zeroed float [1 + 4 (counter, padding) + ns * 6 * C]: per slot agg [3, C] then inc [3, C].
-template <typename T, int NW, int S, bool FAST>
-__global__ void __launch_bounds__(NW * 32, (512 / (NW * 32)) > 0 ? (512 / (NW * 32)) : 1) wkv4_fwd_lb(
+// MINB: blocks per SM the registers must allow (__launch_bounds__): the tile shapes trade registers (k, v of S tokens
+// per lane) against resident tiles.
+template <typename T, int NW, int S, bool FAST, int MINB>
+__global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lb(
     const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
     const int* cu_seqlens, int Tlen, long long total, int num, int Lb,
     float* pub, int ntiles, int ncg,
@@ -1120,7 +1122,14 @@ __global__ void __launch_bounds__(NW * 32, (512 / (NW * 32)) > 0 ? (512 / (NW * 
                         float t0, t1, t2;
                         const float* ip = inc + m * 2 * C3 + ch;
                         const float* ap = agg + m * 2 * C3 + ch;
-                        if (wkv4::take(ip, C, t0, t1, t2) & wkv4::take(ip + 1, C, t0, t1, t2)) inc_ok |= 1u << r;
+                        float x0, x1, x2;
+                        if (wkv4::take(ip, C, t0, t1, t2) & wkv4::take(ip + 1, C, x0, x1, x2)) {
+                            if (inc_ok == 0u) {        // the nearest inclusive state: kept, no second read
+                                X[0][0] = t0; X[0][1] = t1; X[0][2] = t2;
+                                X[1][0] = x0; X[1][1] = x1; X[1][2] = x2;
+                            }
+                            inc_ok |= 1u << r;
+                        }
                         if (m > jmin && (wkv4::take(ap, C, t0, t1, t2) & wkv4::take(ap + 1, C, t0, t1, t2)))
                             agg_ok |= 1u << r;
                     }
@@ -1141,11 +1150,6 @@ __global__ void __launch_bounds__(NW * 32, (512 / (NW * 32)) > 0 ? (512 / (NW * 
                     break;
                 }
                 __nanosleep(64);
-            }
-            {
-                const float* ip = inc + j * 2 * C3 + ch;
-                wkv4::take(ip, C, X[0][0], X[0][1], X[0][2]);
-                wkv4::take(ip + 1, C, X[1][0], X[1][1], X[1][2]);
             }
             for (long long m0 = j + 1; m0 < g; m0 += 4) {   // the aggregates after j, in chunk order, 4 loads at once
                 float ag[4][2][3];

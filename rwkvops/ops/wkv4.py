@@ -131,13 +131,13 @@ _KERNELS = ("wkv4_fwd_chunk", "wkv4_fwd_scan", "wkv4_fwd_out", "wkv4_bwd_chunk",
             "wkv4_fwd_chunk2", "wkv4_fwd_out2", "wkv4_bwd_chunk2", "wkv4_bwd_out2", "wkv4_fwd_fused",
             "wkv4_fwd_fused64")
 _CTYPES = ("float", "__half", "__nv_bfloat16")
-# wkv4_fwd_lb<T, NW, S, FAST>: (NW warps x S tokens per tile) shapes swept by benchmarks/wkv4_paths.py; (2, 4) gives
-# many small tiles for the tests.
-_LB_CONFIGS = ((8, 16), (4, 16), (8, 8), (16, 8), (4, 32), (2, 4))
+# wkv4_fwd_lb<T, NW, S, FAST, MINB>: (NW warps x S tokens per tile, MINB resident blocks per SM) shapes swept by
+# benchmarks/wkv4_paths.py; (2, 4, 8) gives many small tiles for the tests.
+_LB_CONFIGS = ((8, 16, 2), (8, 16, 3), (4, 16, 4), (8, 8, 2), (8, 8, 4), (16, 8, 1), (2, 4, 8))
 _V2 = ("wkv4_fwd_chunk", "wkv4_fwd_out", "wkv4_bwd_chunk", "wkv4_bwd_out")
 NAME_EXPRESSIONS = (tuple(f"{k}<{t}>" for k in _KERNELS for t in _CTYPES)
                     + tuple(f"{k}2<{t}, true>" for k in _V2 for t in _CTYPES)     # version 3
-                    + tuple(f"wkv4_fwd_lb<{t}, {nw}, {s}, {f}>" for t in _CTYPES for nw, s in _LB_CONFIGS
+                    + tuple(f"wkv4_fwd_lb<{t}, {nw}, {s}, {f}, {mb}>" for t in _CTYPES for nw, s, mb in _LB_CONFIGS
                             for f in ("true", "false")))
 MAX_CHUNK = 64        # must match WKV4_MAX_CHUNK in wkv4.cu (the backward's checkpoint arrays are sized by it)
 # Which per-chunk kernels the launchers use: 2 (one exp per max-normalized pair, no local-memory arrays in the
@@ -149,9 +149,10 @@ KERNEL_VERSION = 2
 # Both give the same checkpoints to the backward (the incoming state of every _chunk_len-token chunk and the final
 # state).  The forcing values stay for benchmarks and tests.
 FORWARD = "auto"
-# The look-back forward (FORWARD "lookback"): tiles of LOOKBACK = (warps, tokens per warp); LOOKBACK_FAST: exp2f-based
+# The look-back forward (FORWARD "lookback"): tiles of LOOKBACK = (warps, tokens per warp, resident blocks per SM the
+# registers must allow; one of _LB_CONFIGS); LOOKBACK_FAST: exp2f-based
 # exps and __fdividef for the output quotient (see wkv4_fwd_lb), else expf and IEEE division.
-LOOKBACK = (8, 16)
+LOOKBACK = (8, 16, 2)
 LOOKBACK_FAST = True
 FUSED_L = 16          # must match WKV4_FL in wkv4.cu (wkv4_fwd_fused)
 FUSED_L_LONG = 16     # 64: wkv4_fwd_fused64 (64-token chunks) where the backward's chunks are 64 long; see above
@@ -217,7 +218,7 @@ def _lookback_ok(seqs, x, C: int) -> bool:
     """Whether wkv4_fwd_lb can take the call: C even and k, v aligned to two elements (it loads channel pairs)."""
     from .._gpu import aligned
     k = x["k"]
-    nw, s = LOOKBACK
+    nw, s, _ = LOOKBACK
     return (C % 2 == 0 and aligned(k, x["v"], n=2 * k.dtype.itemsize)
             and seqs.chunk_slots(nw * s) * -(-C // _LB_CH) < 2**31 - 1)
 
@@ -282,8 +283,8 @@ def _forward_fused(call, x, state_in, state_out, save):
 def _lb_name(dtype) -> str:
     """The wkv4_fwd_lb instantiation of LOOKBACK and LOOKBACK_FAST for ``dtype``."""
     from .._compile import CTYPES
-    nw, s = LOOKBACK
-    return f"wkv4_fwd_lb<{CTYPES[dtype]}, {nw}, {s}, {'true' if LOOKBACK_FAST else 'false'}>"
+    nw, s, mb = LOOKBACK
+    return f"wkv4_fwd_lb<{CTYPES[dtype]}, {nw}, {s}, {'true' if LOOKBACK_FAST else 'false'}, {mb}>"
 
 
 def _forward_lookback(call, x, state_in, state_out, save):
@@ -293,7 +294,7 @@ def _forward_lookback(call, x, state_in, state_out, save):
     C = call.dims["C"]
     k = x["k"]
     L = _chunk_len(seqs, C)                 # the backward's chunk length (checkpoints every L tokens)
-    nw, s = LOOKBACK
+    nw, s, _ = LOOKBACK
     ns = seqs.chunk_slots(nw * s)
     ncg = -(-C // _LB_CH)
     ntiles = ns * ncg
