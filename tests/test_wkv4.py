@@ -541,10 +541,12 @@ def need_gpu():
 
 
 @gpu
+@pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 63, 65, 1000])
-def test_gpu_torch_fwd_bwd(need_gpu, dtype, T):
+def test_gpu_torch_fwd_bwd(need_gpu, monkeypatch, dtype, T, version):
     torch = pytest.importorskip("torch")
+    monkeypatch.setattr(W, "KERNEL_VERSION", version)
     rng = np.random.default_rng(100 + T)
     B, C = 2, 40
     x = make_inputs(rng, B, T, C, kscale=3.0)
