@@ -67,13 +67,17 @@ def fake_device(log_launches=True):
     log = dev.launches
     fns = {}
 
-    class Function:
+    class Function:          # as cupy.cuda.function.Function: .ptr is the CUfunction handle
+        def __init__(self, raw):
+            self.raw, self.ptr = raw, id(self)
+            fns[self.ptr] = self
+
+    class RawKernel:         # what RawModule.get_function returns: no .ptr; .kernel is the Function
         max_dynamic_shared_size_bytes = 0
 
         def __init__(self, name):
             self.name, self.nargs = name, 0
-            self.ptr = id(self)
-            fns[self.ptr] = self
+            self.kernel = Function(self)
 
         def __call__(self, grid, block, args, shared_mem=0, stream=None):
             self.nargs = len(args)
@@ -84,7 +88,7 @@ def fake_device(log_launches=True):
     def launch_kernel(f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         if not log_launches:
             return
-        fn = fns[f]
+        fn = fns[f].raw
         slots = (ctypes.c_void_p * fn.nargs).from_address(params)
         log.append(("plan", fn.name, (gx, gy, gz), (bx, by, bz),
                     [ctypes.c_uint64.from_address(slots[i]).value for i in range(fn.nargs)]))
@@ -141,7 +145,7 @@ def fake_device(log_launches=True):
                 (_arrays, "describe", fake_describe), (_arrays, "device_of", fake_device_of),
                 (_arrays, "_new_bridge", fake_bridge), (_arrays, "_BRIDGES", {}),
                 (_arrays.TorchCudaBridge, "stream", lambda self: contextlib.nullcontext()),
-                (_gpu, "_CUPY", Cupy), (_gpu, "get_function", lambda op, src, ne, nes: Function(ne)),
+                (_gpu, "_CUPY", Cupy), (_gpu, "get_function", lambda op, src, ne, nes: RawKernel(ne)),
                 (_gpu, "_FUNCTIONS", {}), (_gpu, "_ERR_PTRS", {}), (_gpu, "_error_word", lambda dev: (Mem, err_host)),
                 (_gpu, "_KERNEL_LAUNCH", launch_kernel),
                 (cupy.cuda.runtime, "memsetAsync", memset), (cupy.cuda, "get_current_stream", lambda: Stream)):

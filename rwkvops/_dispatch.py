@@ -334,6 +334,7 @@ def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, ligh
             lp.outputs = bridge.output_specs(lp.outputs, [None if v is None else v.owner for v in given])
             lp.bridge = bridge
         plan.launch_tries += 1
+        plan.launch_why = rec.why
         if lp is not None and plan.launch_tries <= _MAX_RECORDINGS:
             plan.launch = lp
         elif plan.launch_tries >= _RECORD_TRIES:

@@ -290,9 +290,13 @@ class Recorder:
         return False
 
     def finish(self, results, device, guard):
-        """The :class:`LaunchPlan` of the recorded call (``results``: the views it returns), or None (``why``)."""
+        """The :class:`LaunchPlan` of the recorded call (``results``: the views it returns), or None (``why``).
+        Never raises: the recorded call has run already, and a plan is only a shortcut for its repeats."""
         try:
             return self._finish(results, device, guard) if self.why is None else None
+        except Exception as exc:
+            self.refuse(f"building the plan failed: {exc!r}")
+            return None
         finally:
             for v in self.sources:
                 v._rec = None    # no cycle keeping the call's tensors alive
@@ -407,7 +411,14 @@ class Recorder:
         params = (ctypes.c_void_p * n)(*[base + 8 * j for j in slot])
         srcs = [i for _, i in bound]
         pick = operator.itemgetter(*srcs) if len(srcs) > 1 else (lambda p, i=srcs[0]: (p[i],)) if srcs else None
-        return (fn.ptr, *dims, int(smem), vals, ctypes.addressof(params), pick, len(srcs), fn, params)
+        # RawModule.get_function gives a RawKernel: its .kernel is the cupy.cuda.Function loaded on the current device
+        # (the recording's, still current here), whose .ptr is the CUfunction
+        func = getattr(fn, "kernel", fn)
+        fptr = getattr(func, "ptr", None)
+        if not fptr:
+            self.refuse(f"no CUfunction handle on {type(fn).__name__}")
+            return None
+        return (int(fptr), *dims, int(smem), vals, ctypes.addressof(params), pick, len(srcs), func, params)
 
 
 class LaunchPlan:

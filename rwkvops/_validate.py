@@ -28,6 +28,7 @@ class Plan:
     launch: object = None     # torch inference: the rwkvops._gpu.LaunchPlan recorded for this signature, or
                               # False once recording gave up (see rwkvops._dispatch._gpu_forward)
     launch_tries: int = 0
+    launch_why: str = None    # why the last recording made no plan (rwkvops._gpu.Recorder.why)
 
     @property
     def gpu(self) -> bool:
