@@ -46,6 +46,7 @@ class FakeDevice:
     def __init__(self):
         self.launches = []
         self.err = np.zeros(1, np.int32)
+        self.fail_plan_launches = 0     # make this many cuLaunchKernel calls fail (as a CUDA error would)
 
 
 @contextlib.contextmanager
@@ -86,6 +87,9 @@ def fake_device(log_launches=True):
                             tuple(block) + (1,) * (3 - len(block)), [_u64(a) for a in args]))
 
     def launch_kernel(f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        if dev.fail_plan_launches:
+            dev.fail_plan_launches -= 1
+            raise RuntimeError("fake cuLaunchKernel failure")
         if not log_launches:
             return
         fn = fns[f].raw

@@ -121,7 +121,9 @@ def _replay(plan, lp, arrays):
         scratch = bridge.empty_bytes(lp.temp_bytes)   # freed after the launches: stream-ordered, like call.empty
         base = scratch.data_ptr()
         ptrs += [base + o for o in lp.temps]
-    lp.launch(ptrs, bridge.raw_stream())
+    if not lp.launch(ptrs, bridge.raw_stream()):
+        plan.launch, plan.launch_why = False, "a replayed launch failed"   # the general path from now on
+        return None
     objs = (*arrays, *outs)
     return objs[lp.results[0]], objs[lp.results[1]]
 

@@ -350,7 +350,7 @@ class Recorder:
                 i = self._slot(st[1], "zero()")
                 if i is None:
                     return None
-                steps.append((None, new[i], nbytes[i]))
+                steps.append((None, new[i], nbytes[i], i < ncaller))
                 continue
             fn, grid, block, args, smem = st
             step = self._launch_step(fn, grid, block, args, smem, by_ptr, ranges, new)
@@ -449,18 +449,29 @@ class LaunchPlan:
             return False
 
     def launch(self, ptrs, stream):
-        """Write ``ptrs`` into the parameter buffers and launch every step on ``stream`` (a raw cudaStream_t)."""
+        """Write ``ptrs`` into the parameter buffers and launch every step on ``stream`` (a raw cudaStream_t).
+        Returns False, having run no kernel, when the first kernel launch fails (the caller then takes the general
+        path, which reports a real device error itself); a failure after a kernel ran raises."""
         launch_kernel = _KERNEL_LAUNCH or _launch_kernel()
+        ran = False
         with self.lock:
             for st in self.steps:
                 f = st[0]
                 if f is None:
                     if st[2]:
                         _memset(ptrs[st[1]], st[2], stream)
+                        ran = ran or st[3]      # zeroing the caller's memory counts as work done
                     continue
                 if st[11]:
                     st[8][:st[11]] = st[10](ptrs)
-                launch_kernel(f, st[1], st[2], st[3], st[4], st[5], st[6], st[7], stream, st[9], 0)
+                try:
+                    launch_kernel(f, st[1], st[2], st[3], st[4], st[5], st[6], st[7], stream, st[9], 0)
+                except Exception:
+                    if ran:
+                        raise
+                    return False
+                ran = True
+        return True
 
 
 def _getter(names):

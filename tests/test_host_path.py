@@ -328,6 +328,19 @@ def test_a_setting_that_keeps_changing_ends_on_the_general_path(fake, monkeypatc
     assert _plan(op, x, kw).launch is False
 
 
+def test_a_replay_whose_launch_fails_falls_back_to_the_general_path(fake):
+    dev, inputs = fake
+    op = rwkvops.get_op("wkv4")
+    x, kw = inputs("wkv4", 2, "pool")
+    op(*x, **kw)
+    dev.fail_plan_launches = 1
+    dev.launches.clear()
+    op(*x, **kw)
+    assert [e[0] for e in dev.launches if e[0] != "memset"] == ["cupy"]
+    plan = _plan(op, x, kw)
+    assert plan.launch is False and "failed" in plan.launch_why
+
+
 def test_pending_device_error_raises_on_a_replay(fake):
     dev, inputs = fake
     op = rwkvops.get_op("wkv6")
