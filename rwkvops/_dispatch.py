@@ -2,6 +2,11 @@
 
 The Chainer-style pair :func:`forward` / :func:`backward` is the whole engine; ``op(...)`` and the torch
 autograd function are thin layers on it.
+
+Inference on torch CUDA tensors (a decode loop) has a shortcut: the first call of a signature (shapes, dtypes,
+devices, contiguity: the key of the cached validation plan) records its launches into a launch plan
+(:mod:`rwkvops._gpu`); a repeat call looks its validation plan up from the arrays' metadata and replays that plan
+on the new data pointers (:func:`_replay`): no launch views, no launcher code, one cuLaunchKernel per kernel.
 """
 from __future__ import annotations
 
@@ -110,7 +115,9 @@ def _replay(plan, lp, arrays):
     if reduce(or_, ptrs) & 15 or _gpu.current_device() != lp.device:
         return None
     if not lp.current():
-        plan.launch = None          # recorded again by this call (counted: see _MAX_RECORDINGS)
+        plan.launch = None          # recorded again by this call (see _MAX_RECORDINGS)
+        if lp.used:
+            plan.launch_tries = 0
         return None
     if lp.err[0]:
         _gpu.raise_pending_error(lp.device)
@@ -124,6 +131,7 @@ def _replay(plan, lp, arrays):
     if not lp.launch(ptrs, bridge.raw_stream()):
         plan.launch, plan.launch_why = False, "a replayed launch failed"   # the general path from now on
         return None
+    lp.used = True
     objs = (*arrays, *outs)
     return objs[lp.results[0]], objs[lp.results[1]]
 
@@ -299,7 +307,8 @@ def _device_ints(bridge, host, given, light=False):
 
 LAUNCH_PLANS = True  # record and replay launch plans for torch inference calls (False: always the general path)
 _RECORD_TRIES = 3    # recordings of a signature that may fail (e.g. aliased inputs) before it keeps the general path
-_MAX_RECORDINGS = 16  # recordings of a signature in all (launcher settings that keep changing): then the general path
+_MAX_RECORDINGS = 16  # recordings of a signature with no replay in between (a launcher setting that changes on
+                      # every call): then the general path
 
 
 def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, light=False, rec=None):

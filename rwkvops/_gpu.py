@@ -430,13 +430,15 @@ class LaunchPlan:
     Pointer sources at replay: the caller's arrays (the order the recorder got them), the outputs, the scratch
     arrays.  ``guard``: :func:`globals_guard` of the launcher's module."""
 
-    __slots__ = ("device", "steps", "outputs", "temps", "temp_bytes", "results", "guard", "err", "lock", "bridge")
+    __slots__ = ("device", "steps", "outputs", "temps", "temp_bytes", "results", "guard", "err", "lock", "bridge",
+                 "used")
 
     def __init__(self, device, steps, outputs, temps, temp_bytes, results, guard, err):
         self.device, self.steps, self.outputs, self.temps = device, steps, outputs, temps
         self.temp_bytes, self.results, self.guard, self.err = temp_bytes, results, guard, err
         self.lock = threading.Lock()   # the parameter buffers are shared: one replay at a time
         self.bridge = None             # the array bridge that replays it (allocations, stream); set by the dispatcher
+        self.used = False              # replayed at least once
 
     def current(self) -> bool:
         """Whether the launcher's module settings are still those of the recording."""

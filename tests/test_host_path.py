@@ -326,6 +326,14 @@ def test_a_setting_that_keeps_changing_ends_on_the_general_path(fake, monkeypatc
         op(*x, **kw)
         assert [e[0] for e in dev.launches] == ["cupy"]
     assert _plan(op, x, kw).launch is False
+    # a sweep over settings (each one used for a while) keeps its plans however many settings it visits
+    x, kw = inputs("wkv6", 3)
+    for i in range(2 * _dispatch._MAX_RECORDINGS + 2):
+        monkeypatch.setattr(W6, "FORWARD_PATH", ("auto", "recurrent")[i % 2])
+        dev.launches.clear()
+        op(*x, **kw)
+        op(*x, **kw)
+        assert [e[0] for e in dev.launches] == ["cupy", "plan"]
 
 
 def test_a_replay_whose_launch_fails_falls_back_to_the_general_path(fake):
