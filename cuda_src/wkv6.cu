@@ -265,11 +265,12 @@ __device__ __forceinline__ void tc_stage_state(float* dst, int ld, const float* 
 // Per 16-token block p and channel j of a staged chunk, from the log2 decays lg[t][j] (row stride ld):
 // alpha (sum over the block's tokens before t), sigma (after t) and the block total E_p = sE[p][j] (log2 units).
 // lg is overwritten by 2^sigma (keep_alpha: by 2^alpha), factors <= 1, unless kscale is given: then
-// kscale[t][j] *= 2^sigma_t instead (lg is left as it is); if given, qscale[t][j] *= 2^alpha_t,
+// kscale[t][j] *= 2^sigma_t instead, or fout: fout[t][j] = 2^sigma_t (lg is left as it is); if given, qscale[t][j] *= 2^alpha_t,
 // expa[t][j] = 2^alpha_t, and unsafe[p] = 1 where E_p < -TC_SAFE_SPAN in some channel.  Threads take (p, j).
 template <int N>
 __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool keep_alpha, float* qscale,
-                                              float* expa, int* unsafe, float* kscale = nullptr) {
+                                              float* expa, int* unsafe, float* kscale = nullptr,
+                                              float* fout = nullptr) {
     for (int idx = threadIdx.x; idx < (TC_L / 16) * N; idx += TC_THREADS) {
         const int p = idx / N, j = idx % N, o = 16 * p * ld + j;
         float l[16], alpha[16], a = 0.f;
@@ -282,7 +283,7 @@ __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool
         for (int s = 15; s >= 0; --s) {
             const float x = exp2f(keep_alpha ? alpha[s] : sg);
             if (kscale != nullptr) kscale[o + s * ld] *= x;
-            else lg[o + s * ld] = x;
+            else (fout != nullptr ? fout : lg)[o + s * ld] = x;
             sg += l[s];
         }
         sE[p * ld + j] = a;
@@ -612,7 +613,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
     }
 }
 
-// Chunk output on tensor cores.  Warp q owns the 16 query tokens of block q (t = 16q .. 16q+15) of the chunk:
+// Chunk output on tensor cores.  Warp q owns the outputs of the 16 query tokens of block q (t = 16q .. 16q+15) of
+// the chunk (and computes the score rows of block NB - 1 - q, for balance):
 //   y_t = S_in (r_t * gamma_{t-1}) + sum_{s < t} A[t, s] v_s + (r_t . (u * k_t)) v_t,
 //   A[t, s] = sum_j r_t[j] k_s[j] prod_{s < s' < t} d_s'[j],   gamma_{t-1} = prod_{s' < t} d_s' (inside the chunk).
 // With alpha_t = log-decay sum of block q's tokens before t, sigma_s = sum over s's block after s, E_p = block p's
@@ -629,7 +631,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     using namespace wkv6;
     constexpr int L = TC_L, LD = N + 4, LA = L + 4, NB = L / 16;
     constexpr bool SPLIT = rwkv::tc::is_f32<T>::value;
-    static_assert(N <= L && NB == TC_THREADS / 32, "one warp per 16-token block; state rows fit the scratch");
+    static_assert(N <= L && NB == TC_THREADS / 32, "one warp per 16-token block");
     extern __shared__ __align__(32) float smem[];
     const TcChunk ch = tc_chunk(Tlen, H, L);
     const int h = ch.h, len = ch.len, q = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -647,7 +649,12 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     strip_scaled<false, true, SPLIT, N / 16>(acc, Qq, LD, fq, sm.A, nullptr, LD, nullptr, N);   // (Qh f) S_in^T
     __syncthreads();   // every warp is done with S_in: A takes the scores
 
-    tc_scores<T, N, SPLIT>(sAw, LA, Qq, sm.K, sm.E, fq, q, sm.Unsafe[q] != 0, sm.Ruk, r, k, w, start, len, H, h);
+    // warp q computes the score rows of block qs = NB - 1 - q (qs + 1 tiles) and then y of block q (a product over
+    // q + 1 key blocks): NB + 1 tile products per warp instead of 2 (q + 1)
+    const int qs = NB - 1 - q;
+    tc_scores<T, N, SPLIT>(sm.A + qs * 16 * LA, LA, sm.Q + 16 * qs * LD, sm.K, sm.E, fq, qs, sm.Unsafe[qs] != 0,
+                           sm.Ruk, r, k, w, start, len, H, h);
+    __syncthreads();   // the rows of block q are written
     rwkv::tc::mma_strip<false, false, SPLIT, N / 16>(acc, sAw, LA, sm.X, LD, 16 * (q + 1));
     __syncwarp();
     tc_write_rows<T, N>(y, acc, sAw, LA, q, start, len, H, h, vec != 0);
@@ -722,9 +729,9 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     extern __shared__ __align__(32) float smem[];
     float* X1 = smem;              // dy, then G, then r
     float* X2 = X1 + L * LD;       // v, then k
-    float* X3 = X2 + L * LD;       // S0, then log decays -> sigma
-    float* X4 = X3 + L * LD;       // exp(alpha)
-    float* X5 = X4 + L * LD;       // Z of the exact dw recurrence (chunks with unsafe blocks)
+    float* X3 = X2 + L * LD;       // S0, then the log2 decays
+    float* X4 = X3 + L * LD;       // 2^alpha, then X_t of the exact dw recurrence (chunks with unsafe blocks)
+    float* X5 = X4 + L * LD;       // 2^sigma, then its Z, then the output staging
     float* sB = X5 + L * LD;       // [L][LA] B[t, s] = dy_t . v_s for s < t, else 0
     float* sE = sB + L * LA;       // [NB][LD] block totals
     float* sTot = sE + NB * LD;    // [NB][LD] per-block column sums of e
@@ -745,17 +752,30 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     tc_stage_state<N>(X3, LD, sbuf + cb * (N * N));
     __syncthreads();
     float* Bq = sB + 16 * q * LA;
-    for (int p = 0; p <= q; ++p) {
+    // the NB (NB + 1) / 2 tiles (query block qq, key block p <= qq) dealt to the warps in turn (by query block,
+    // warp NB - 1 would compute NB tiles and warp 0 one); a diagonal tile's warp masks it (s >= t) and keeps
+    // dy_t . v_t; the tiles above the diagonal are zero
+    for (int tile = q; tile < NB * (NB + 1) / 2; tile += TC_THREADS / 32) {
+        int qq = 0;
+        while ((qq + 1) * (qq + 2) / 2 <= tile) ++qq;
+        const int p = tile - qq * (qq + 1) / 2;
         float sc[8];
         rwkv::tc::zero(sc);
-        rwkv::tc::mma_tile<false, true, SPLIT>(sc, X1 + 16 * q * LD, LD, X2 + 16 * p * LD, LD, N);
-        rwkv::tc::store_tile(Bq + 16 * p, LA, sc);
+        rwkv::tc::mma_tile<false, true, SPLIT>(sc, X1 + 16 * qq * LD, LD, X2 + 16 * p * LD, LD, N);
+        float* Bt = sB + 16 * qq * LA + 16 * p;
+        rwkv::tc::store_tile(Bt, LA, sc);
+        if (p == qq) {
+            __syncwarp();
+            for (int e = lane; e < 256; e += 32) {
+                const int t = e / 16, s = e % 16;
+                if (s == t) sDyv[16 * qq + t] = Bt[t * LA + s];
+                if (s >= t) Bt[t * LA + s] = 0.f;
+            }
+        }
     }
-    __syncwarp();
-    for (int e = lane; e < 16 * (L - 16 * q); e += 32) {
-        const int t = e / (L - 16 * q), s = 16 * q + e % (L - 16 * q);
-        if (s == 16 * q + t) sDyv[s] = Bq[t * LA + s];
-        if (s >= 16 * q + t) Bq[t * LA + s] = 0.f;
+    for (int e = tid; e < L * (L / 4); e += TC_THREADS) {
+        const int t = e / (L / 4), s = 4 * (e % (L / 4));
+        if (s >= 16 * (t / 16 + 1)) *reinterpret_cast<float4*>(sB + t * LA + s) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
     float accR[NT][8], accK[NT][8];
 #pragma unroll
@@ -791,7 +811,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         a += __shfl_xor_sync(0xffffffffu, a, 1);
         if (half == 0 && j < N) du_part[cb * N + j] = a;
     }
-    tc_block_scan<N>(X3, LD, sE, false, nullptr, X4, sUnsafe);
+    tc_block_scan<N>(X3, LD, sE, false, nullptr, X4, sUnsafe, nullptr, X5);
     __syncthreads();
     const bool unsafe = sUnsafe[q] != 0;
     float* fq = sF + q * LD;
@@ -823,7 +843,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
             const int s = 16 * q + acc_row(e), j = 16 * n + acc_col(e);
-            const float f = X3[s * LD + j];   // 2^sigma_s
+            const float f = X5[s * LD + j];   // 2^sigma_s
             accK[n][e] *= f;
             kin[n][e] *= f;
             if (unsafe)   // exact pairwise sum over the block's later tokens
@@ -847,7 +867,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         __syncwarp();   // every lane is done with fq
         tc_pair_factor<N>(fq, sE, p, q);
         // the key operand k_s 2^sigma_s f[j] scaled as it loads
-        strip_scaled<false, false, SPLIT, NT>(accR, Bq + 16 * p, LA, nullptr, X2 + 16 * p * LD, X3 + 16 * p * LD, LD,
+        strip_scaled<false, false, SPLIT, NT>(accR, Bq + 16 * p, LA, nullptr, X2 + 16 * p * LD, X5 + 16 * p * LD, LD,
                                               fq, 16);
     }
 #pragma unroll
@@ -868,34 +888,29 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
     //    decayed tokens keep their small gradients.  Where every block is safe, X_t = sum_{t'>t} r_t' dr'intra_t'
     //    - sum_{s>=t} k_s dk'intra_s (pairs not covering t cancel, their size bounded by the safe span); else X_t
     //    comes from an exact per-channel recurrence over the chunk (below), with no subtraction at all.
-    __syncthreads();   // X3 (sigma), X4 (exp alpha) and the scratch are free
+    __syncthreads();   // X4 (2^alpha) and X5 (2^sigma) are free
     bool chunk_unsafe = false;
     for (int p = 0; p < NB; ++p) chunk_unsafe |= sUnsafe[p] != 0;
     if (chunk_unsafe) {
         // per channel j: Z_t[t'] = sum_{s<t} B[t', s] k_s prod_{s<s'<=t} d_s' (t' > t), Z_{t+1} = d_{t+1} (Z_t + B[:, t] k_t);
-        // X_t = sum_{t'>t} r_t' prod_{t<s'<t'} d_s' Z_t[t'].  d in X4, Z in X5, X_t into X3.
+        // X_t = sum_{t'>t} r_t' prod_{t<s'<t'} d_s' Z_t[t'].  d = 2^(X3), Z in X5, X_t into X4.
         for (int j = tid; j < N; j += TC_THREADS) {
-            for (int t = 0; t < L; ++t) {
-                X4[t * LD + j] = t < len ? exp2f(tc_log_decay<T, N>(w, start, len, H, h, t, j)) : 1.f;
-                X5[t * LD + j] = 0.f;
-            }
+            for (int t = 0; t < L; ++t) X5[t * LD + j] = 0.f;
             for (int t = 0; t < L; ++t) {
                 float pr = 1.f, x = 0.f;
                 for (int t2 = t + 1; t2 < L; ++t2) {
                     x += X1[t2 * LD + j] * pr * X5[t2 * LD + j];
-                    pr *= X4[t2 * LD + j];
+                    pr *= exp2f(X3[t2 * LD + j]);
                 }
-                X3[t * LD + j] = x;
+                X4[t * LD + j] = x;
                 if (t + 1 < L) {
-                    const float dn = X4[(t + 1) * LD + j], kt = X2[t * LD + j];
+                    const float dn = exp2f(X3[(t + 1) * LD + j]), kt = X2[t * LD + j];
                     for (int t2 = t + 2; t2 < L; ++t2)
                         X5[t2 * LD + j] = dn * (X5[t2 * LD + j] + sB[t2 * LA + t] * kt);
                 }
             }
         }
     }
-    __syncthreads();   // B is done with: its rows take the chunk's log2 decays (for dw), one memory round trip
-    tc_stage<T, N, 1>({sB}, {w}, 1u, LA, start, len, H, h, vec != 0);
     // block-local scans (rows g8 and g8 + 8 of a column live on the 8 lanes with equal lane % 4) and per-block
     // column totals: ri (+ intra r part) exclusive suffix, intra k part inclusive suffix, ki exclusive prefix
     float rsx[NT][8], ksx[NT][8], kpx[NT][8];
@@ -942,13 +957,13 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         for (int e = 0; e < 8; ++e) {
             const int t = 16 * q + acc_row(e), j = 16 * n + acc_col(e);
             float dlog = rsx[n][e] - ksx[n][e] + kpx[n][e] + sF[q * LD + j];
-            if (chunk_unsafe) dlog += X3[t * LD + j];
+            if (chunk_unsafe) dlog += X4[t * LD + j];
             const float rt = X1[t * LD + j], kt = X2[t * LD + j];
-            rsx[n][e] = dlog * sB[t * LA + j] * TC_LN2;   // dw (padding rows: never written)
+            rsx[n][e] = dlog * X3[t * LD + j] * TC_LN2;   // dw (padding rows: never written)
             accR[n][e] += sU[j] * kt * sDyv[t];
             accK[n][e] += sU[j] * rt * sDyv[t];
         }
-    // coalesced stores through the warp's 16 rows of X5 (free: the exact recurrence is done with Z)
+    // coalesced stores through the warp's 16 rows of X5 (free: the exact recurrence is done with Z; barrier above)
     float* stage = X5 + 16 * q * LD;
     tc_write_rows<T, N>(dr, accR, stage, LD, q, start, len, H, h, vec != 0);
     __syncwarp();

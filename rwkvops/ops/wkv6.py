@@ -19,7 +19,9 @@ Files: this module (declaration, NumPy reference forward/backward, GPU launchers
   the inter-chunk term (r*gamma) S^T plus the intra-chunk scores A = Qh Kh^T in 16-token blocks).  Decay
   products are exp of sums of log decays over exactly their tokens (never a ratio of cumulative products), and a
   16-token block whose decays multiply below e^-30 gets its diagonal scores pairwise from the decays, so any w in
-  [-8, 4] is exact.  ``FORWARD_PATH`` forces "recurrent" or "chunked" for comparisons;
+  [-8, 4] is exact.  Decay factors multiply the mma operands as their fragments load (no scaled copies in
+  shared memory), so the score kernels (wkv6_tc_output, wkv6_tc_bwd_v) fit three blocks per SM at N = 64.
+  ``FORWARD_PATH`` forces "recurrent" or "chunked" for comparisons;
 * forward, one-token decode (T == 1, or varlen with one token per sequence on average): 256 threads per
   (sequence, head), each owning float4 quads of the state (coalesced 16-byte state traffic), row sums by
   warp shuffles;
