@@ -520,42 +520,23 @@ __global__ void __launch_bounds__(128) wkv4_bwd_chunk2(
     const float Pin = P;
     float la = 0.f, lb = 0.f, off = 0.f;
     bool carried = true;
-    const int n = (int)(q.t1 - q.t0);
-    const T* kp = k + q.t0 * C + ch;
-    const T* vp = v + q.t0 * C + ch;
-    const T* gp = dy != nullptr ? dy + q.t0 * C + ch : nullptr;
-    // WKV4_SUB tokens at a time: their loads issued together, then the serial steps (a load per step in the loop
-    // would make every step wait for memory)
-    for (int j0 = 0; j0 < n; j0 += WKV4_SUB) {
-        const int m = min(WKV4_SUB, n - j0);
-        float sk[WKV4_SUB], sv[WKV4_SUB], sg[WKV4_SUB];
-#pragma unroll
-        for (int r = 0; r < WKV4_SUB; ++r) {
-            if (r < m) {
-                sk[r] = rwkv::to_float(kp[(j0 + r) * C]);
-                sv[r] = rwkv::to_float(vp[(j0 + r) * C]);
-                sg[r] = gp != nullptr ? rwkv::to_float(gp[(j0 + r) * C]) : 0.f;
-            }
+    long long i = q.t0 * C + ch;
+#pragma unroll 4
+    for (long long t = q.t0; t < q.t1; ++t, i += C) {
+        const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
+        if (dy != nullptr) {
+            const float gy = rwkv::to_float(dy[i]);
+            float e1, e2;
+            wkv4::pair_exp<FAST>(P, uu + kt, e1, e2);
+            const float rden = wkv4::quot<FAST>(1.f, e1 * B + e2);
+            const float yt = (e1 * A + e2 * vt) * rden;
+            const float sc = wkv4::ex<FAST>(off + Pin - P) * gy * e1 * rden;
+            la += sc;
+            lb -= sc * yt;
         }
-#pragma unroll
-        for (int r = 0; r < WKV4_SUB; ++r) {
-            if (r < m) {
-                const float kt = sk[r], vt = sv[r];
-                if (gp != nullptr) {
-                    const float gy = sg[r];
-                    float e1, e2;
-                    wkv4::pair_exp<FAST>(P, uu + kt, e1, e2);
-                    const float rden = wkv4::quot<FAST>(1.f, e1 * B + e2);
-                    const float yt = (e1 * A + e2 * vt) * rden;
-                    const float sc = wkv4::ex<FAST>(off + Pin - P) * gy * e1 * rden;
-                    la += sc;
-                    lb -= sc * yt;
-                }
-                float f1, f2;
-                carried = wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2) && carried;
-                off += wp;
-            }
-        }
+        float f1, f2;
+        carried = wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2) && carried;
+        off += wp;
     }
     float* o = loc + g * 3 * C + ch;
     o[0] = la;
@@ -587,26 +568,14 @@ __global__ void __launch_bounds__(WKV4_BLOCK) wkv4_bwd_out2(
     const float* si = sin + g * 3 * C + ch;
     float A = si[0], B = si[C], P = si[2 * C];
     const int n = (int)(q.t1 - q.t0);    // 1 .. L <= WKV4_MAX_CHUNK
-    const T* kp = k + q.t0 * C + ch;
-    const T* vp = v + q.t0 * C + ch;
-    for (int j0 = 0; j0 < n; j0 += WKV4_SUB) {   // a sub-chunk's loads together, then its steps
-        ck[0][j0 / WKV4_SUB][tx] = A; ck[1][j0 / WKV4_SUB][tx] = B; ck[2][j0 / WKV4_SUB][tx] = P;
-        const int m = min(WKV4_SUB, n - j0);
-        float sk[WKV4_SUB], sv[WKV4_SUB];
-#pragma unroll
-        for (int r = 0; r < WKV4_SUB; ++r) {
-            if (r < m) {
-                sk[r] = rwkv::to_float(kp[(j0 + r) * C]);
-                sv[r] = rwkv::to_float(vp[(j0 + r) * C]);
-            }
+    long long i = q.t0 * C + ch;
+    for (int j = 0; j < n; ++j, i += C) {
+        if (j % WKV4_SUB == 0) {
+            ck[0][j / WKV4_SUB][tx] = A; ck[1][j / WKV4_SUB][tx] = B; ck[2][j / WKV4_SUB][tx] = P;
         }
-#pragma unroll
-        for (int r = 0; r < WKV4_SUB; ++r) {
-            if (r < m) {
-                float f1, f2;
-                wkv4::step<FAST>(A, B, P, wp, sk[r], sv[r], f1, f2);
-            }
-        }
+        const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
+        float f1, f2;
+        wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2);
     }
     // (each thread reads back only its own column of ck: no barrier needed)
     const float Pn = (q.t1 == q.end) ? fin[(long long)q.s * 3 * C + 2 * C + ch] : sin[(g + 1) * 3 * C + 2 * C + ch];

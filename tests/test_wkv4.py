@@ -1173,26 +1173,33 @@ def test_emulated_kernels_dense(emu4, monkeypatch, dtype, L, version, forward):
 
 
 def test_auto_path_selection_by_shape(monkeypatch):
-    """FORWARD "auto": the fused forward while its 16-token x 128-channel tiles are at most FUSED_MAX_TILES_PER_SM per
-    SM (H100, C=2048: B=1 T=4096 yes; B=1 T=16384 and B>=2 T=4096 no), the three-launch one beyond; forcing wins."""
+    """FORWARD "auto": the look-back forward while its tiles (128 tokens x 64 channels) are at most LB_MAX_TILES_PER_SM
+    per SM (H100, C=2048: B*T up to ~25K tokens), the three-launch one beyond; where the look-back forward cannot run
+    (odd C), the 16-token fused forward for short single sequences, else the three-launch one; forcing wins."""
     from rwkvops._gpu import Seqs
     monkeypatch.setattr(W, "_sm_count", lambda: 132)
     monkeypatch.setattr(W, "FORWARD", "auto")
     C = 2048
-    assert W._forward_path(Seqs(num=8, T=4096, total=8 * 4096), C, 64) == ("lookback" if W.AUTO_LOOKBACK else
-                                                                           "chunked")
-    monkeypatch.setattr(W, "AUTO_LOOKBACK", False)
-    for B, T, path in ((1, 1024, "fused"), (1, 4096, "fused"), (1, 16384, "chunked"), (2, 4096, "chunked"),
-                       (8, 4096, "chunked")):
+    for B, T, path in ((1, 1024, "lookback"), (1, 16384, "lookback"), (2, 4096, "lookback"), (4, 4096, "lookback"),
+                       (8, 4096, "chunked"), (1, 32768, "chunked")):
         assert W._forward_path(Seqs(num=B, T=T, total=B * T), C, 64) == path, (B, T)
     packed = Seqs(num=8, T=0, total=8 * 4096, cu_seqlens=np.zeros(9, np.int32))
     assert W._forward_path(packed, C, 64) == "chunked"
-    assert W._forward_path(Seqs(num=3, T=0, total=30, cu_seqlens=np.zeros(4, np.int32)), C, 16) == "fused"
+    assert W._forward_path(Seqs(num=3, T=0, total=30, cu_seqlens=np.zeros(4, np.int32)), C, 16) == "lookback"
+    for B, T, path in ((1, 1024, "fused"), (1, 4096, "fused"), (1, 16384, "chunked"), (2, 4096, "chunked")):
+        assert W._fused_or_chunked(Seqs(num=B, T=T, total=B * T), C) == path, (B, T)
     monkeypatch.setattr(W, "FORWARD", "fused")
     assert W._forward_path(Seqs(num=8, T=4096, total=8 * 4096), C, 64) == "fused"
     assert W._fused_len(64) == 16                         # 64-token fused chunks only when asked for
     monkeypatch.setattr(W, "FUSED_L_LONG", 64)
     assert W._fused_len(64) == 64 and W._fused_len(32) == 16
+
+
+def test_auto_kernel_versions():
+    """KERNEL_VERSION "auto": version 3 (FAST) for the forward chunk kernels and the backward's chunk kernel,
+    version 2 for the backward's output kernel (each the faster on the H100)."""
+    assert W.KERNEL_VERSION == "auto"
+    assert W._AUTO_VERSION == {"wkv4_fwd_chunk": 3, "wkv4_fwd_out": 3, "wkv4_bwd_chunk": 3, "wkv4_bwd_out": 2}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -143,7 +143,7 @@ MAX_CHUNK = 64        # must match WKV4_MAX_CHUNK in wkv4.cu (the backward's che
 # Which per-chunk kernels the launchers use: 2 (one exp per max-normalized pair, no local-memory arrays in the
 # backward; same results bit for bit) or 1 (the original kernels), or 3 (version 2 with FAST exps and quotients:
 # wkv4::ex, wkv4::quot in wkv4.cu).  The scans and the reduction are shared.
-KERNEL_VERSION = 2
+KERNEL_VERSION = "auto"
 # Forward: "fused" (one launch, decoupled look-back over FUSED_L-token chunks: k, v read once), "chunked" (three
 # launches: chunk aggregates, scan over chunks, outputs; k, v read twice) or "auto" (by shape: _forward_path).
 # Both give the same checkpoints to the backward (the incoming state of every _chunk_len-token chunk and the final
@@ -157,7 +157,7 @@ LOOKBACK_FAST = True
 FUSED_L = 16          # must match WKV4_FL in wkv4.cu (wkv4_fwd_fused)
 FUSED_L_LONG = 16     # 64: wkv4_fwd_fused64 (64-token chunks) where the backward's chunks are 64 long; see above
 FUSED_MAX_TILES_PER_SM = 40   # "auto": fused forward up to this many 16-token x 128-channel tiles per SM
-AUTO_LOOKBACK = True  # "auto": the look-back forward wherever it can run (see _forward_path)
+LB_MAX_TILES_PER_SM = 48   # "auto": the look-back forward up to this many of its tiles per SM (see _forward_path)
 _FILL_THREADS = 132 * 2048   # threads that fill an H100
 _BLOCK = 128
 _LB_CH = 64           # channels per wkv4_fwd_lb tile (WKV4_LB_CH)
@@ -200,16 +200,20 @@ def _sm_count_of(device: int) -> int:
 
 
 def _forward_path(seqs, C: int, L: int) -> str:
-    """'fused' or 'chunked' for this call (FORWARD, or by shape when it is "auto": fused while its tiles number at
-    most FUSED_MAX_TILES_PER_SM per SM, e.g. B=1 T<=5000 at C=2048 on an H100; see the module docstring)."""
+    """'lookback', 'fused' or 'chunked' for this call: FORWARD, or by shape when it is "auto": the look-back forward
+    while its tiles number at most LB_MAX_TILES_PER_SM per SM (C=2048 on an H100: B*T up to ~25K tokens, e.g. B=1
+    T=16384, B=4 T=4096), else the three-launch forward (see the module docstring).  Where the look-back forward
+    cannot run (odd C, k or v off a two-element boundary), gpu_forward takes _fused_or_chunked instead."""
     if FORWARD != "auto":
         return FORWARD
-    if AUTO_LOOKBACK:
-        return "lookback"
-    return _fused_or_chunked(seqs, C)
+    nw, s, _ = LOOKBACK
+    tiles = seqs.chunk_slots(nw * s) * -(-C // _LB_CH)
+    return "lookback" if tiles <= LB_MAX_TILES_PER_SM * _sm_count() else "chunked"
 
 
 def _fused_or_chunked(seqs, C: int) -> str:
+    """The one-launch 16-token fused forward for short single sequences (at most FUSED_MAX_TILES_PER_SM of its tiles
+    per SM), else the three-launch forward."""
     tiles = seqs.chunk_slots(FUSED_L) * -(-C // _BLOCK)
     return "fused" if tiles <= FUSED_MAX_TILES_PER_SM * _sm_count() else "chunked"
 
@@ -223,9 +227,14 @@ def _lookback_ok(seqs, x, C: int) -> bool:
             and seqs.chunk_slots(nw * s) * -(-C // _LB_CH) < 2**31 - 1)
 
 
-def _kernel_version(seqs, C: int) -> int:
-    """1 or 2: KERNEL_VERSION (2 was faster at every measured shape; 1 is kept selectable)."""
+def _kernel_version(seqs, C: int):
+    """KERNEL_VERSION: 1, 2, 3 or "auto" (per kernel: _AUTO_VERSION)."""
     return KERNEL_VERSION
+
+
+# "auto": the faster version of each per-chunk kernel on the H100 (bf16, C=2048, B=8 T=4096: fwd_chunk + fwd_out
+# 0.42 ms wall with version 3 vs 0.52 with 2; bwd_chunk 0.19 vs 0.27 ms; bwd_out 0.88 (2) vs 0.94 (3)).
+_AUTO_VERSION = {"wkv4_fwd_chunk": 3, "wkv4_fwd_out": 3, "wkv4_bwd_chunk": 3, "wkv4_bwd_out": 2}
 
 
 def _name(kernel, dtype):
@@ -235,6 +244,8 @@ def _name(kernel, dtype):
 
 def _launch(kernel, dtype, grid, args, version=2):
     from .._gpu import launch
+    if version == "auto":
+        version = _AUTO_VERSION.get(kernel, 2)
     name = _name(kernel, dtype)
     if version >= 2 and kernel in _V2:
         name = _name(kernel + "2", dtype)
