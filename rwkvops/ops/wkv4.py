@@ -23,17 +23,21 @@ forms ``pp_out`` (the max's derivative goes to its largest term, like ``torch.ma
 from a continuation call (TBPTT), these compose into the exact gradient of the whole sequence.
 
 GPU paths, chosen by shape (``FORWARD = "auto"``; the switches below force one, as benchmarks do), from the sweep
-``benchmarks/wkv4_paths.py`` on an H100 (bf16, C = 2048, results in ``benchmarks/results/wkv4_paths_h100.json``):
+``benchmarks/wkv4_paths.py`` on an H100 (bf16, C = 2048, at b2af1c0; wall ms incl. the general host path):
 
-* forward: the one-launch fused forward (decoupled look-back over 16-token chunks, k and v read once) only while its
-  tiles (16-token chunks x 128-channel blocks) are at most ``FUSED_MAX_TILES_PER_SM`` per SM: then the look-back
-  chains are short and the GPU holds most tiles at once (B=1 T=4096: 0.21 ms vs 0.26 chunked).  Beyond that the
-  serial look-back hops dominate and the three-launch forward (chunk aggregates, scan over chunks, outputs) wins
-  although it reads k, v twice (B=1 T=16384: 0.39 vs 0.62 ms; B=2 T=4096: 0.23 vs 0.42; B=8: 0.53 vs 0.86);
-* per-chunk kernels: version 2 (fewer exps, no local-memory arrays) at every measured shape for fwd+bwd
-  (B=8 T=4096: 2.63 ms vs 2.83 with version 1); version 1 stays selectable;
-* 64-token fused chunks (``FUSED_L_LONG = 64``) cut the look-back hops 4x but were slower everywhere measured
-  (B=1 T=16384: 1.00 vs 0.62 ms: fewer, longer tiles), so they are off by default and kept for experiments.
+* forward: the look-back forward ``wkv4_fwd_lb`` (one launch after a memset; tiles of 8 warps x 16 tokens x 64
+  channels; k and v read once, from registers to y; decoupled look-back over tiles, deterministic) while its tiles
+  are at most ``LB_MAX_TILES_PER_SM`` per SM (B=1 T=16384: 0.26 ms vs 0.32 chunked; B=1 T=4096: 0.19 vs 0.21;
+  kernel alone at B=1 T=16384: 0.164 ms, was 0.26 in three kernels).  Beyond that the three-launch forward (chunk
+  aggregates, scan over chunks, outputs) with version-3 kernels wins although it reads k, v twice (B=8 T=4096: 0.42
+  vs 0.46; B=16: 0.67 vs 0.76): at large B the look-back forward is bound by its serial phases, not by memory.
+  Odd C (the look-back forward loads channel pairs): the 16-token fused forward for short single sequences (at most
+  ``FUSED_MAX_TILES_PER_SM`` tiles per SM), else the three-launch one;
+* per-chunk kernels (``KERNEL_VERSION = "auto"``): version 3 (FAST exps and quotients, see ``wkv4::ex``) for the
+  forward's chunk kernels and the backward's chunk-local adjoints (B=8: 0.19 vs 0.27 ms), version 2 for the
+  backward's output kernel (0.88 vs 0.94 ms); versions 1, 2, 3 stay selectable;
+* 64-token fused chunks (``FUSED_L_LONG = 64``) and other look-back tile shapes (``_LB_CONFIGS``) were slower, kept
+  for experiments.
 """
 from __future__ import annotations
 
