@@ -74,6 +74,7 @@ def main():
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--bwd", action="store_true")
     ap.add_argument("--sanitize", action="store_true")
+    ap.add_argument("--fla", action="store_true", help="--bwd: fla's fwd+bwd time and peak memory alongside")
     opt = ap.parse_args()
     if opt.sanitize:
         sanitize_chunked()
@@ -188,6 +189,7 @@ def bwd_sweep(emit, opt):
     import torch
     from rwkvops.ops import wkv7 as W
     shapes = ((8, 4096), (1, 4096)) if opt.quick else ((8, 4096), (1, 4096), (16, 4096), (1, 16384), (4, 1024))
+    defaults = (W.TC_BWD_WARPS[N], W.TC_BWD_SEGMENTS)
     for B, T in shapes:
         x = tuple(harness.random_inputs("wkv7", {"B": B, "T": T, "H": H, "N": N}, device="cuda", seed=0,
                                         dtype=torch.bfloat16).values())
@@ -195,16 +197,52 @@ def bwd_sweep(emit, opt):
         gy = torch.randn_like(x[0])
         W.BACKWARD_PATH = "auto"
         emit(kind="fwd", B=B, T=T, ms=harness.cuda_time(lambda: _fwd(x), reps=7))
-        for bp in ("recurrent", "chunked"):
+        # chunked variants: wkv7_tc_bwd warps (TC_BWD_WARPS[64]) x adjoint pass in time segments or not
+        variants = [("recurrent", None, None)] + [("chunked", nw, seg) for nw in W.TC_BWD_WARP_OPTIONS[N]
+                                                  for seg in (False, True)]
+        for bp, nw, seg in variants:
             W.BACKWARD_PATH = bp
-            emit(kind="fwd+bwd", B=B, T=T, bwd=bp, ms=harness.cuda_time(lambda: _fwd_bwd(xg, gy), reps=5))
+            if nw is not None:
+                W.TC_BWD_WARPS[N] = nw
+                W.TC_BWD_SEGMENTS = seg
+            emit(kind="fwd+bwd", B=B, T=T, bwd=bp, warps=nw, adj_segments=seg,
+                 ms=harness.cuda_time(lambda: _fwd_bwd(xg, gy), reps=5),
+                 peak_mem_mb=harness.peak_mem_mb(lambda: _fwd_bwd(xg, gy)))
+        W.TC_BWD_WARPS[N], W.TC_BWD_SEGMENTS = defaults
         del x, xg
         torch.cuda.empty_cache()
+        if opt.fla:   # fla's chunk_rwkv7 fwd+bwd in the same process (peak memory as bench_ops records it)
+            try:
+                import bench_ops
+                xf = bench_ops.make_inputs("wkv7", B, T, "bfloat16")
+                for t in xf.values():
+                    t.requires_grad_(True)
+                fwd = bench_ops._peer("wkv7", "fla")(xf, None, True)
+                yf, sf = fwd()
+                gyf, gsf = torch.randn_like(yf), torch.randn_like(sf)
+
+                def fla_fb():
+                    yy, ss = fwd()
+                    torch.autograd.backward([yy, ss], [gyf, gsf])
+                emit(kind="fwd+bwd", B=B, T=T, bwd="fla", ms=harness.cuda_time(fla_fb, reps=5),
+                     peak_mem_mb=harness.peak_mem_mb(fla_fb))
+                # ours with the same inputs / gradients (bench_ops' setting: state gradient too)
+                fo = bench_ops._ours("wkv7", xf, None, True)
+
+                def ours_fb():
+                    yy, ss = fo()
+                    torch.autograd.backward([yy, ss], [gyf, gsf])
+                emit(kind="fwd+bwd", B=B, T=T, bwd="ours(bench_ops)", ms=harness.cuda_time(ours_fb, reps=5),
+                     peak_mem_mb=harness.peak_mem_mb(ours_fb))
+                del xf, yf, sf
+            except Exception as exc:
+                emit(kind="fla", B=B, T=T, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            torch.cuda.empty_cache()
     # the two backward paths against each other at the benchmark shape (same forward)
-    for dt in (torch.bfloat16, torch.float32):
-        x = tuple(harness.random_inputs("wkv7", {"B": 8, "T": 4096, "H": H, "N": N}, device="cuda", seed=1,
+    for dt, B in ((torch.bfloat16, 8), (torch.float32, 8), (torch.bfloat16, 1)):   # B = 1: adjoint in segments
+        x = tuple(harness.random_inputs("wkv7", {"B": B, "T": 4096, "H": H, "N": N}, device="cuda", seed=1,
                                         dtype=dt).values())
-        s0 = torch.randn(8, H, N, N, device="cuda") * 0.5
+        s0 = torch.randn(B, H, N, N, device="cuda") * 0.5
         gy = torch.randn_like(x[0])
         gs = torch.randn_like(s0)
         gg = {}
@@ -212,7 +250,7 @@ def bwd_sweep(emit, opt):
             W.BACKWARD_PATH = bp
             gg[bp] = _grads(x, s0, gy, gs)
         for n in (*NAMES, "state"):
-            emit(kind="paths", B=8, T=4096, dtype=str(dt).split(".")[-1], grad=n,
+            emit(kind="paths", B=B, T=4096, dtype=str(dt).split(".")[-1], grad=n,
                  diff=rel(gg["chunked"][n], gg["recurrent"][n].double()),
                  finite=bool(torch.isfinite(gg["chunked"][n]).all()))
         del gg, x
@@ -247,6 +285,9 @@ def sanitize_chunked():
     for n in (32, 64):
         for dt in (torch.bfloat16, torch.float32):
             for wr in (None, (-8.0, 4.0)):
+                # every compiled wkv7_tc_bwd warp count; the adjoint pass in 2 time segments (T = 40: 3 chunks)
+                nw = W.TC_BWD_WARP_OPTIONS[n][int(wr is None)]
+                W.TC_BWD_WARPS[n], W.TC_BWD_NSEG, W.TC_NSEG = nw, (2 if dt == torch.bfloat16 else None), 2
                 x = tuple(harness.random_inputs("wkv7", {"B": 2, "T": 40, "H": 2, "N": n}, device="cuda", seed=3,
                                                 dtype=dt, w_range=wr).values())
                 xg = [t.detach().clone().requires_grad_(True) for t in x]
@@ -256,8 +297,10 @@ def sanitize_chunked():
                 torch.cuda.synchronize()
                 rwkvops.check_errors()
                 ok = all(bool(torch.isfinite(t.grad).all()) for t in (*xg, s0))
-                print(f"sanitize N={n} {dt} w={wr}: finite={ok}", flush=True)
+                print(f"sanitize N={n} {dt} w={wr} tc_bwd warps={nw} adjoint segments={W.TC_BWD_NSEG}: finite={ok}",
+                      flush=True)
     W.FORWARD_PATH, W.BACKWARD_PATH = "auto", "auto"
+    W.TC_BWD_NSEG = W.TC_NSEG = None
 
 
 def _dump(path, dev, res):

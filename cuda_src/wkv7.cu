@@ -1010,11 +1010,15 @@ __global__ void __launch_bounds__(BwdRowCfg<N>::NT, 1) wkv7_backward(
 //                          state (nseg == 1: state_in (pool slot) / zeros, final state to state_out; nseg > 1: the
 //                          segment's start state from segbuf); writes y and, with ckpt, the state at every chunk
 //                          start (rwkv::chunk_slot(.., WKV7_CK, c)).
-//  wkv7_tc_chunk<T, N, 2>  block per (sequence, head), nseg == 1: the adjoint X = dL/dS walked backwards over the
-//                          chunks, the same form transposed (rows of X evolve independently; V = dY, no outputs):
+//  wkv7_tc_chunk<T, N, 2>  block per (sequence, segment, head): the adjoint X = dL/dS walked backwards over the
+//                          segment's chunks, the same form transposed (rows of X evolve independently; V = dY, no
+//                          outputs; nseg > 1: the adjoint at the segment's end from segbuf):
 //                            Z = (I - M_ab^T)^{-1} (B_g X^T + Q_ab^T dY),  X' = X diag(exp(G(-1, 15))) + Z^T A_g + dY^T R_g
 //                          (z_t = E_t b_t, E_t = dL/dS_t); X before each chunk (= at its end) to ckpt, the last X
-//                          (dL/d initial state) to state_out; state_in = dL/d final state or null.
+//                          (dL/d initial state) to state_out; state_in = dL/d final state or null (nseg == 1).
+//  wkv7_tc_chunk<T, N, 3>  block per (sequence, segment, head): the adjoint's segment transition X_start = X_end M'
+//                          + A' (rows 0..N-1 from 0 with the real dY, rows N..2N-1 from the identity without), the
+//                          reverse counterpart of mode 1; wkv7_tc_scan with rev = 1 then runs the segments backwards.
 //  wkv7_tc_chunk<T, N, 1>  block per (sequence, segment, head): the segment's transition S_end = S_start M + A as a
 //                          2N-row "state": rows 0..N-1 start at 0 with the real v (-> A), rows N..2N-1 start at the
 //                          identity with v = 0 (-> M, rows of the homogeneous map); written to segbuf [A; M].
@@ -1031,7 +1035,8 @@ static_assert(TC_L == WKV7_CK, "the chunk starts are the backward's checkpoints"
 
 template <int N, int MODE> struct TcCfg {
     static constexpr int L = wkv7::TC_L;
-    static constexpr int R = MODE == 1 ? 2 * N : N;     // state rows (MODE 2: the adjoint's rows)
+    static constexpr bool TRANS = MODE == 1 || MODE == 3;   // segment transitions (2N-row states)
+    static constexpr int R = TRANS ? 2 * N : N;         // state rows (MODE 2 / 3: the adjoint's rows)
     static constexpr int NW = R / 16 < 4 ? R / 16 : 4;  // warps
     static constexpr int NT = 32 * NW;                  // block size (= wkv7.py _tc_threads)
     static constexpr int RW = R / NW;                   // state rows (and U columns) per warp
@@ -1048,7 +1053,7 @@ template <int N, int MODE> struct TcCfg {
     static constexpr int NCH = L * N / 8;               // 8-element input chunks per array per chunk
     static constexpr int CPA = (NCH + NT - 1) / NT;
     static_assert(N == 32 || N == 64, "chunked forward: N = 32 or 64");
-    static_assert(RW % 16 == 0 && RW <= 32 && (MODE == 1 || RW == 16), "warp tiles");
+    static_assert(RW % 16 == 0 && RW <= 32 && (TRANS || RW == 16), "warp tiles");
 };
 
 template <typename T, int N, int MODE>
@@ -1070,7 +1075,8 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
     float* sKg = smem + C::O_KG;  float* sS = smem + C::O_S;    float* sU = smem + C::O_U;
     float* sI = smem + C::O_I;    float* sGam = smem + C::O_GAM;
 
-    constexpr bool REV = MODE == 2;   // the reverse-time adjoint pass (nseg == 1)
+    constexpr bool REV = MODE >= 2;     // the reverse-time adjoint passes
+    constexpr bool TRANS = C::TRANS;    // segment transition: rows N..2N-1 start at the identity, no dy / v
     const int tid = threadIdx.x, q = tid / 32, lane = tid % 32;
     const int h = blockIdx.x % H;
     const int seg = (blockIdx.x / H) % nseg;
@@ -1083,7 +1089,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
     // ---- initial state (each warp its own rows)
     long long slot = -1;
     const float* src = nullptr;
-    if (MODE != 1) {
+    if (!TRANS) {
         if (nseg == 1) {
             slot = rwkv::state_slot(state_idx, sq, pool_size, err);
             if (state_in != nullptr && slot >= 0) src = state_in + (slot * H + h) * (long long)(N * N);
@@ -1094,7 +1100,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
     for (int e = lane; e < RW * N; e += 32) {
         const int i = q * RW + e / N, j = e % N;
         float x = 0.f;
-        if (MODE == 1) x = (i - N == j) ? 1.f : 0.f;
+        if (TRANS) x = (i - N == j) ? 1.f : 0.f;
         else if (src != nullptr) x = src[(long long)i * N + j];
         sS[i * LDA + j] = x;
     }
@@ -1142,7 +1148,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
         __syncwarp();
         // the state before this chunk (own rows) = checkpoint; MODE 2: the adjoint after the chunk's last token
         // (w.r.t. the state the chunk ends with, everything later included)
-        if (MODE != 1 && ckpt != nullptr) {
+        if (!TRANS && ckpt != nullptr) {
             const long long cs = rwkv::chunk_slot(nullptr, T_len, sq, 0, WKV7_CK, (seg * seg_len + t0) / WKV7_CK);
             float* dst = ckpt + ((cs * H + h) * N) * (long long)N;
             for (int e = lane; e < RW * N / 4; e += 32) {
@@ -1242,7 +1248,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
             zero(acc);
             if (REV) {
                 mma_tile<false, true, SPLIT>(acc, sBg, LDK, sS + base * LDA, LDA, N);
-                mma_tile<true, false, SPLIT>(acc, Qab, LDI, sV + base, LDK, L);
+                if (base < N) mma_tile<true, false, SPLIT>(acc, Qab, LDI, sV + base, LDK, L);
             } else {
                 mma_tile<false, true, SPLIT>(acc, sAg, LDA, sS + base * LDA, LDA, N);
                 if (base < N) mma_tile<false, false, SPLIT>(acc, Mak, LDI, sV + base, LDK, L);
@@ -1308,7 +1314,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
                 for (int rr = 0; rr < 8; ++rr) acc[rr] *= sGam[16 * n + acc_col(rr)];
                 if (REV) {
                     mma_tile<true, false, SPLIT>(acc, sU + base, LDU, sAg + 16 * n, LDA, L);
-                    mma_tile<true, false, SPLIT>(acc, sV + base, LDK, sRg + 16 * n, LDA, L);
+                    if (base < N) mma_tile<true, false, SPLIT>(acc, sV + base, LDK, sRg + 16 * n, LDA, L);
                 } else {
                     mma_tile<true, false, SPLIT>(acc, sU + base, LDU, sBg + 16 * n, LDK, L);
                     if (base < N) mma_tile<true, false, SPLIT>(acc, sV + base, LDK, sKg + 16 * n, LDK, L);
@@ -1330,7 +1336,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
     __syncwarp();
     // ---- results (own rows)
     float* out = nullptr;
-    if (MODE == 1) out = seg_state;
+    if (TRANS) out = seg_state;
     else if (nseg == 1 && state_out != nullptr && slot >= 0) out = state_out + (slot * H + h) * (long long)(N * N);
     if (out != nullptr) {
         for (int e = lane; e < RW * N / 4; e += 32) {
@@ -1343,10 +1349,11 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
 // Scan over segments: grid num * H * (N / 16), block 256; block (sequence sq, head h, rows 16*rb ..) carries its 16
 // state rows through S <- S M_g + A_g (segbuf [num][nseg][H][2][N][N], part 0 = A_g, part 1 = M_g), writing the
 // start state of segment g over A_g.  Start: state_in at the sequence's pool slot (or zeros); end: state_out.
+// rev = 1 (the adjoint): segments in reverse order (g = nseg-1 .. 0), "start" = the adjoint at the segment's end.
 template <int N>
 __global__ void __launch_bounds__(256) wkv7_tc_scan(
     float* segbuf, int nseg, int H, const float* state_in, float* state_out, const int* state_idx, int pool_size,
-    int* err) {
+    int* err, int rev) {
     constexpr int RB = 16, NR = N / RB, PT = RB * N / 256, MT = N * N / 256;
     __shared__ __align__(16) float sM[N * N];
     __shared__ __align__(16) float sS[RB * N];
@@ -1366,8 +1373,9 @@ __global__ void __launch_bounds__(256) wkv7_tc_scan(
 #pragma unroll
         for (int m = 0; m < MT; ++m) pm[m] = p[N * N + tid + 256 * m];
     };
-    fetch(0);
-    for (int g = 0; g < nseg; ++g) {
+    fetch(rev ? nseg - 1 : 0);
+    for (int gi = 0; gi < nseg; ++gi) {
+        const int g = rev ? nseg - 1 - gi : gi;
         float* p = seg_ptr(g);
 #pragma unroll
         for (int m = 0; m < PT; ++m) {
@@ -1378,7 +1386,7 @@ __global__ void __launch_bounds__(256) wkv7_tc_scan(
 #pragma unroll
         for (int m = 0; m < MT; ++m) sM[tid + 256 * m] = pm[m];
         __syncthreads();
-        if (g + 1 < nseg) fetch(g + 1);
+        if (gi + 1 < nseg) fetch(rev ? g - 1 : g + 1);
 #pragma unroll
         for (int m = 0; m < PT; ++m) {
             const int e = tid + 256 * m, i = e / N, j = e % N;
@@ -1436,10 +1444,13 @@ __device__ __forceinline__ void chunk_sums(const float* p, int t, float& gp, flo
 }
 }  // namespace wkv7
 
-template <int N> struct TcBwdCfg {
+template <int N, int NW_> struct TcBwdCfg {
     static constexpr int L = wkv7::TC_L;
-    static constexpr int NW = N == 64 ? 8 : 4;          // warps (16 output tiles per phase for N = 64)
+    // warps: N = 64 has 16 output tiles per mma phase (16 warps: one tile each; 8: two); the latency-bound
+    // phases gain from more resident warps, at the price of a 64-register cap (2 blocks of 16 warps per SM)
+    static constexpr int NW = NW_;
     static constexpr int NT = 32 * NW;                  // = wkv7.py _tc_bwd_threads
+    static constexpr int MINB = NW >= 16 ? 2 : 1;       // blocks per SM the register allocation must allow
     static constexpr int LD = N + 4;                    // token arrays [L][LD] and N x N matrices [N][LD]
     static constexpr int LDI = 20;                      // the 16 x 16 token-pair matrices
     static constexpr int TA = L * LD;
@@ -1453,16 +1464,34 @@ template <int N> struct TcBwdCfg {
                          O_DA = O_DR + TA;
     static constexpr int SMEM_FLOATS = DR_IN_X ? O_EXTRA : O_EXTRA + 2 * TA;   // = wkv7.py _tc_bwd_smem
     static_assert(N == 32 || N == 64, "chunked backward: N = 32 or 64");
+    static_assert(NW == 4 || NW == 8 || NW == 16, "warps");
 };
 
-template <typename T, int N>
-__global__ void __launch_bounds__(TcBwdCfg<N>::NT) wkv7_tc_bwd(
+// 16-byte global -> shared copy without registers (cp.async, sm_80+): the checkpoints S0 and X are requested at
+// block start, so their latency overlaps the input loads instead of following the decay check's barrier.  Host
+// compilers (the CPU emulation) copy at once.
+__device__ __forceinline__ void wkv7_cp16(float* dst, const float* src) {
+#ifdef __CUDA_ARCH__
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src) : "memory");
+#else
+    __builtin_memcpy(dst, src, 16);
+#endif
+}
+__device__ __forceinline__ void wkv7_cp_wait() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+template <typename T, int N, int NW_>
+__global__ void __launch_bounds__(TcBwdCfg<N, NW_>::NT, TcBwdCfg<N, NW_>::MINB) wkv7_tc_bwd(
     const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
     T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk, T* __restrict__ dv,
     T* __restrict__ da, T* __restrict__ db,
     int T_len, int H, const float* __restrict__ ckpt, const float* __restrict__ dckpt, int* fix, float mild, int vec) {
-    using C = TcBwdCfg<N>;
+    using C = TcBwdCfg<N, NW_>;
     using namespace rwkv::tc;
     constexpr int L = C::L, NW = C::NW, NT = C::NT, LD = C::LD, LDI = C::LDI, TA = C::TA, NB = N / 16;
     constexpr bool SPLIT = is_f32<T>::value;
@@ -1488,24 +1517,39 @@ __global__ void __launch_bounds__(TcBwdCfg<N>::NT) wkv7_tc_bwd(
     const int len = min(L, T_len - t0);
     const long long tok0 = (long long)sq * T_len + t0;
 
-    // ---- inputs (padding tokens: zeros, decay 1), 16-byte loads when aligned (vec); is every decay mild?
+    {   // S0 (forward checkpoint) and X (adjoint checkpoint) of this chunk: requested now, waited for below
+        const long long cs = rwkv::chunk_slot(nullptr, T_len, sq, 0, WKV7_CK, c);
+        const float* s0 = ckpt + ((cs * H + h) * N) * (long long)N;
+        const float* x0 = dckpt + ((cs * H + h) * N) * (long long)N;
+#pragma unroll
+        for (int e = tid; e < N * N / 4; e += NT) {
+            const int i = e / (N / 4), j4 = 4 * (e % (N / 4));
+            wkv7_cp16(sS + i * LD + j4, s0 + (long long)i * N + j4);
+            wkv7_cp16(sX + i * LD + j4, x0 + (long long)i * N + j4);
+        }
+    }
+    // ---- inputs (padding tokens: zeros, decay 1), 16-byte loads when aligned (vec); is every decay mild?  The
+    // 7 arrays x L x N/8 8-element pieces are dealt over all threads (at most CI per thread, all loads issued before
+    // the first is used): one array's pieces per thread would leave most warps idle and hold 7 pieces in registers.
     int strong = 0;
     {
-        constexpr int N8 = N / 8;
-        const T* const ins[7] = {r, w, k, v, a, b, dy};
-        for (int e = tid; e < L * N8; e += NT) {
-            const int t = e / N8, col = 8 * (e % N8);
-            const bool in = t < len;
-            wkv7::Chunk8<T> ch[7];
-            if (in) {
-                const long long o = ((tok0 + t) * H + h) * N + col;
+        constexpr int N8 = N / 8, PIECES = L * N8, ITEMS = 7 * PIECES, CI = (ITEMS + NT - 1) / NT;
+        wkv7::Chunk8<T> ch[CI];
 #pragma unroll
-                for (int arr = 0; arr < 7; ++arr) ch[arr].load(ins[arr] + o, vec != 0);
+        for (int u = 0; u < CI; ++u) {
+            const int e = tid + NT * u, arr = e / PIECES, t = (e % PIECES) / N8, col = 8 * (e % N8);
+            if ((ITEMS % NT == 0 || e < ITEMS) && t < len) {
+                const T* src = arr == 0 ? r : arr == 1 ? w : arr == 2 ? k : arr == 3 ? v : arr == 4 ? a : arr == 5 ? b : dy;
+                ch[u].load(src + ((tok0 + t) * H + h) * N + col, vec != 0);
             }
+        }
 #pragma unroll
-            for (int arr = 0; arr < 7; ++arr) {
+        for (int u = 0; u < CI; ++u) {
+            const int e = tid + NT * u, arr = e / PIECES, t = (e % PIECES) / N8, col = 8 * (e % N8);
+            if (ITEMS % NT == 0 || e < ITEMS) {
+                const bool in = t < len;
                 float f[8];
-                if (in) ch[arr].get(f);
+                if (in) ch[u].get(f);
 #pragma unroll
                 for (int z = 0; z < 8; ++z) {
                     if (!in) f[z] = 0.f;
@@ -1520,6 +1564,7 @@ __global__ void __launch_bounds__(TcBwdCfg<N>::NT) wkv7_tc_bwd(
             }
         }
     }
+    wkv7_cp_wait();   // this thread's S0 / X copies landed (the barrier below makes all of them visible)
     if (__syncthreads_or(strong)) {
         if (tid == 0) {
             const int pos = atomicAdd(fix, 1);
@@ -1527,18 +1572,17 @@ __global__ void __launch_bounds__(TcBwdCfg<N>::NT) wkv7_tc_bwd(
         }
         return;
     }
-    {   // S0 (forward checkpoint) and X (adjoint checkpoint) of this chunk
-        const long long cs = rwkv::chunk_slot(nullptr, T_len, sq, 0, WKV7_CK, c);
-        const float* s0 = ckpt + ((cs * H + h) * N) * (long long)N;
-        const float* x0 = dckpt + ((cs * H + h) * N) * (long long)N;
-#pragma unroll 4
-        for (int e = tid; e < N * N / 4; e += NT) {
-            const int i = e / (N / 4), j4 = 4 * (e % (N / 4));
-            const float4 sv = *reinterpret_cast<const float4*>(s0 + (long long)i * N + j4);
-            const float4 xv = *reinterpret_cast<const float4*>(x0 + (long long)i * N + j4);
-            *reinterpret_cast<float4*>(sS + i * LD + j4) = sv;
-            *reinterpret_cast<float4*>(sX + i * LD + j4) = xv;
+    {   // diag(X^T S0): NT / N partial sums per channel over row quarters, into the P area (free until phase 3);
+        // next to the decay factors: both need only the staged inputs (one barrier for the two)
+        constexpr int PARTS = NT / N, RPP = N / PARTS;
+        const int j = tid % N, part = tid / N;
+        float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+        for (int i = part * RPP; i < (part + 1) * RPP; i += 2) {
+            d0 = fmaf(sX[i * LD + j], sS[i * LD + j], d0);
+            d1 = fmaf(sX[(i + 1) * LD + j], sS[(i + 1) * LD + j], d1);
         }
+        Pyu[part * N + j] = d0 + d1;
     }
     // ---- decay factors per (token, channel), each from sums over exactly its tokens: A_g, R_g, Bi, Ki, B_g, K_g
     for (int e = tid; e < L * N; e += NT) {
@@ -1554,19 +1598,7 @@ __global__ void __launch_bounds__(TcBwdCfg<N>::NT) wkv7_tc_bwd(
         sBg[o] = sB[o] * kd;
         sKg[o] = sK[o] * kd;
     }
-    __syncthreads();   // S0, X staged
-    {   // diag(X^T S0): NT / N partial sums per channel over row quarters, into the P area (free until phase 3)
-        constexpr int PARTS = NT / N, RPP = N / PARTS;
-        const int j = tid % N, part = tid / N;
-        float d0 = 0.f, d1 = 0.f;
-#pragma unroll
-        for (int i = part * RPP; i < (part + 1) * RPP; i += 2) {
-            d0 = fmaf(sX[i * LD + j], sS[i * LD + j], d0);
-            d1 = fmaf(sX[(i + 1) * LD + j], sS[(i + 1) * LD + j], d1);
-        }
-        Pyu[part * N + j] = d0 + d1;
-    }
-    __syncthreads();
+    __syncthreads();   // decay factors and diag partials done
     if (tid < N) {
         float d = 0.f;
 #pragma unroll

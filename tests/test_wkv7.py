@@ -674,19 +674,21 @@ template <typename T, int N, int M> void tcc(const uint64_t* a, int grid, int bl
   emu_run(grid, blk, smem, [&]{ wkv7_tc_chunk<T, N, M>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(T*)P_(6), I_(7), I_(8), I_(9), I_(10), (const float*)P_(11), (float*)P_(12),
      (const int*)P_(13), I_(14), (int*)P_(15), (float*)P_(16), (float*)P_(17), I_(18)); }); }
-template <typename T, int N> void tcb(const uint64_t* a, int grid, int blk, size_t smem) {
+template <typename T, int N, int NW> void tcb(const uint64_t* a, int grid, int blk, size_t smem) {
   float mild; const uint32_t mb = (uint32_t)a[18]; std::memcpy(&mild, &mb, 4);
-  emu_run(grid, blk, smem, [&]{ wkv7_tc_bwd<T, N>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
+  emu_run(grid, blk, smem, [&]{ wkv7_tc_bwd<T, N, NW>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(const T*)P_(6),(T*)P_(7),(T*)P_(8),(T*)P_(9),(T*)P_(10),(T*)P_(11),(T*)P_(12),
      I_(13), I_(14), (const float*)P_(15), (const float*)P_(16), (int*)P_(17), mild, I_(19)); }); }
 template <int N> void tcs(const uint64_t* a, int grid, int blk) {
   emu_run(grid, blk, 0, [&]{ wkv7_tc_scan<N>((float*)P_(0), I_(1), I_(2), (const float*)P_(3), (float*)P_(4),
-     (const int*)P_(5), I_(6), (int*)P_(7)); }); }
+     (const int*)P_(5), I_(6), (int*)P_(7), I_(8)); }); }
 #define DISP_TC(T) \
   if (kind == 4) { if (N == 32) tcc<T, 32, 0>(a, grid, blk, smem); else tcc<T, 64, 0>(a, grid, blk, smem); } \
   else if (kind == 5) { if (N == 32) tcc<T, 32, 1>(a, grid, blk, smem); else tcc<T, 64, 1>(a, grid, blk, smem); } \
   else if (kind == 6) { if (N == 32) tcc<T, 32, 2>(a, grid, blk, smem); else tcc<T, 64, 2>(a, grid, blk, smem); } \
-  else { if (N == 32) tcb<T, 32>(a, grid, blk, smem); else tcb<T, 64>(a, grid, blk, smem); }
+  else if (kind == 10) { if (N == 32) tcc<T, 32, 3>(a, grid, blk, smem); else tcc<T, 64, 3>(a, grid, blk, smem); } \
+  else if (N == 32) { if (blk == 128) tcb<T, 32, 4>(a, grid, blk, smem); else tcb<T, 32, 8>(a, grid, blk, smem); } \
+  else { if (blk == 256) tcb<T, 64, 8>(a, grid, blk, smem); else tcb<T, 64, 16>(a, grid, blk, smem); }
 #define DISP(T) \
   if (kind >= 4) { DISP_TC(T) } else \
   if (kind == 0) { if (N == 32) fwd<T, 32>(a, grid, blk); else if (N == 64) fwd<T, 64>(a, grid, blk); else fwd<T, 128>(a, grid, blk); } \
@@ -787,9 +789,10 @@ def emu(emu_lib, monkeypatch):
         if m.group(1) == "tc_chunk":
             assert int(block[0]) == W._tc_threads(int(m.group(3)), int(m.group(4))), (name, block)
             assert int(shared_mem) == W._tc_smem(int(m.group(3)), int(m.group(4))), (name, shared_mem)
-            kind = 4 + int(m.group(4))
+            kind = {0: 4, 1: 5, 2: 6, 3: 10}[int(m.group(4))]
         elif m.group(1) == "tc_bwd":
-            assert int(block[0]) == W._tc_bwd_threads(int(m.group(3))), (name, block)
+            assert int(block[0]) == 32 * int(m.group(4)) == W._tc_bwd_threads(int(m.group(3))), (name, block)
+            assert int(shared_mem) == W._tc_bwd_smem(int(m.group(3))), (name, shared_mem)
             kind = 7
         else:
             kind = {"forward": 0, "decode": 1, "backward": 2, "backward_l2": 3}[m.group(1)]
@@ -1251,17 +1254,20 @@ def test_gpu_chunked_pool(nseg, poison, monkeypatch):
 
 # ----------------------------------------------------------------------------- chunked (tensor-core) backward, emulated
 
-@pytest.mark.parametrize("dt,N,T,wr,fwd", [("float32", 64, 50, "model", "chunked"), ("bfloat16", 32, 17, "model", "chunked"),
-                                          ("bfloat16", 64, 48, "mixed", "recurrent"),
-                                          ("float32", 32, 33, "wide", "chunked"),
-                                          ("float16", 32, 40, "model", "recurrent")], ids=str)
-def test_emulated_chunked_backward(emu, monkeypatch, dt, N, T, wr, fwd):
+@pytest.mark.parametrize("dt,N,T,wr,fwd,bseg", [("float32", 64, 50, "model", "chunked", 3),
+                                               ("bfloat16", 32, 17, "model", "chunked", 1),
+                                               ("bfloat16", 64, 48, "mixed", "recurrent", 2),
+                                               ("float32", 32, 33, "wide", "chunked", 2),
+                                               ("float16", 32, 40, "model", "recurrent", 1)], ids=str)
+def test_emulated_chunked_backward(emu, monkeypatch, dt, N, T, wr, fwd, bseg):
     """The chunked backward (wkv7_tc_chunk<.., 2> adjoint checkpoints, wkv7_tc_bwd, wkv7_backward's per-chunk mode for
     the chunks with a strong decay) against the float64 reference gradients: partial last chunks, non-zero initial
     state and final-state gradient; w "model" ([-5.5, -0.5]: every chunk on tensor cores), "wide" ([-8, 4]: every
-    chunk exact per chunk), "mixed" (one chunk with w up to 4, one with w = -8)."""
+    chunk exact per chunk), "mixed" (one chunk with w up to 4, one with w = -8).  bseg: time segments of the adjoint
+    pass (> 1: transitions <.., 3>, the reverse wkv7_tc_scan, then <.., 2> per segment)."""
     monkeypatch.setattr(W, "FORWARD_PATH", fwd)
     monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "TC_BWD_NSEG", bseg)
     rng = np.random.default_rng(3 * N + T)
     B, H = 2, 1
     lo, hi = (-5.5, -0.5) if wr != "wide" else (-8.0, 4.0)
@@ -1276,7 +1282,10 @@ def test_emulated_chunked_backward(emu, monkeypatch, dt, N, T, wr, fwd):
     fwd_tol, bwd_tol = (1e-5, 1e-4) if dt == "float32" else (3e-3, 6e-3)
     y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
     ct = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}[dt]
-    assert emu.launches[-3:] == [f"wkv7_tc_chunk<{ct}, {N}, 2>", f"wkv7_tc_bwd<{ct}, {N}>", f"wkv7_backward<{ct}, {N}>"]
+    assert emu.launches[-3:] == [f"wkv7_tc_chunk<{ct}, {N}, 2>", f"wkv7_tc_bwd<{ct}, {N}, {W.TC_BWD_WARPS[N]}>",
+                                 f"wkv7_backward<{ct}, {N}>"]
+    seg_kernels = [f"wkv7_tc_chunk<{ct}, {N}, 3>", f"wkv7_tc_scan<{N}>"]
+    assert (emu.launches[-5:-3] == seg_kernels) == (bseg > 1), emu.launches
     _check_grads(g, W.reference_backward(x, s0, dy, ds), bwd_tol, wr)
     # no final-state gradient, zero initial state
     y, s, g = emu(x, None, dt, B, T, H, dy=dy)
@@ -1294,20 +1303,46 @@ def test_emulated_chunked_backward_all_exact(emu, monkeypatch):
     x, s0 = _rounded(rng, B, T, H, N, dt)
     ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
     y, s, g = emu(x, s0, dt, B, T, H, ds=ds)
-    assert emu.launches[-2:] == ["wkv7_tc_bwd<float, 32>", "wkv7_backward<float, 32>"]
+    assert emu.launches[-2:] == [f"wkv7_tc_bwd<float, 32, {W.TC_BWD_WARPS[32]}>", "wkv7_backward<float, 32>"]
     _check_grads(g, W.reference_backward(x, s0, np.zeros((B, T, H, N)), ds), 1e-4)
+
+
+@pytest.mark.parametrize("dt,N", [("bfloat16", 64), ("float32", 32)], ids=str)
+def test_emulated_chunked_backward_other_warps(emu, monkeypatch, dt, N):
+    """wkv7_tc_bwd with the other compiled warp count (TC_BWD_WARP_OPTIONS): the same gradients up to rounding."""
+    nw = [o for o in W.TC_BWD_WARP_OPTIONS[N] if o != W.TC_BWD_WARPS[N]][0]
+    monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    rng = np.random.default_rng(5 * N)
+    B, T, H = 1, 37, 2
+    x = make_inputs(rng, B, T, H, N, wlo=-5.5, whi=-0.5)
+    x = {n: _dec(_enc(v, dt), dt) for n, v in x.items()}
+    s0 = make_state(rng, B, H, N).astype(np.float32).astype(np.float64)
+    dy = _dec(_enc(rng.standard_normal((B, T, H, N)), dt), dt)
+    ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    monkeypatch.setitem(W.TC_BWD_WARPS, N, nw)
+    y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
+    ct = {"float32": "float", "bfloat16": "__nv_bfloat16"}[dt]
+    assert f"wkv7_tc_bwd<{ct}, {N}, {nw}>" in emu.launches
+    _check_grads(g, W.reference_backward(x, s0, dy, ds), 1e-4 if dt == "float32" else 6e-3, f"{nw} warps")
 
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("fwd,mild", [("recurrent", None), ("chunked", 0.0)], ids=("recurrent-fwd", "all-exact"))
-def test_gpu_chunked_backward_variants(fwd, mild, poison, monkeypatch):
-    """The chunked backward after the recurrent forward (same checkpoints), and with every chunk sent to the exact
-    per-chunk recurrence (BWD_MILD = 0); bf16, T = 300 (a partial last chunk), decays as models make them."""
+@pytest.mark.parametrize("fwd,mild,nw,bseg", [("recurrent", None, None, None), ("chunked", 0.0, None, None),
+                                              ("chunked", None, 8, 1), ("chunked", None, 16, 3)],
+                         ids=("recurrent-fwd", "all-exact", "w8", "w16-adjoint-segments"))
+def test_gpu_chunked_backward_variants(fwd, mild, nw, bseg, poison, monkeypatch):
+    """The chunked backward after the recurrent forward (same checkpoints), with every chunk sent to the exact
+    per-chunk recurrence (BWD_MILD = 0), and wkv7_tc_bwd at each compiled warp count, the adjoint pass in one or 3
+    time segments; bf16, T = 300 (a partial last chunk), decays as models make them."""
     monkeypatch.setattr(W, "FORWARD_PATH", fwd)
     monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    if bseg is not None:
+        monkeypatch.setattr(W, "TC_BWD_NSEG", bseg)
     if mild is not None:
         monkeypatch.setattr(W, "BWD_MILD", mild)
+    if nw is not None:
+        monkeypatch.setitem(W.TC_BWD_WARPS, 64, nw)
     launches = _spy_launches(monkeypatch)
     rng = np.random.default_rng(1200)
     B, T, H, N, dtype = 2, 300, 2, 64, "bfloat16"
@@ -1318,3 +1353,4 @@ def test_gpu_chunked_backward_variants(fwd, mild, poison, monkeypatch):
     y, s, g = _torch_fwd_bwd(x, s0, gy, gs, dtype)
     _check_grads(g, W.reference_backward(x, s0, gy, gs), TOL[dtype][1], fwd)
     assert any(n.startswith("wkv7_tc_bwd") for n in launches)
+    assert any(n.endswith(", 3>") for n in launches) == (bseg is not None and bseg > 1)

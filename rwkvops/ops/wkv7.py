@@ -9,8 +9,9 @@ Pieces, side by side:
   transitions when few (sequence, head) pairs would underfill the GPU; writes the backward's checkpoints too), or
   the recurrent kernel (varlen, short T, N = 128); the backward from the fp32 checkpoints every CK tokens: for dense
   batches with T >= TC_MIN_T the chunked tensor-core backward (a reverse pass writing the adjoint at every chunk
-  end, then all chunks' gradients in parallel; chunks with strong decays exactly by the recurrent kernel's
-  per-chunk mode), else the recurrent kernel (one block per sequence and head);
+  end, in time segments + a reverse scan as the forward's when few (sequence, head) pairs; then all chunks'
+  gradients in parallel; chunks with strong decays exactly by the recurrent kernel's per-chunk mode), else the
+  recurrent kernel (one block per sequence and head);
 * :func:`to_fla` / :func:`from_fla`: converters to and from flash-linear-attention's convention;
 * :func:`wkv7`: the public function (NumPy, CuPy, torch; torch autograd).
 """
@@ -145,6 +146,13 @@ TC_NSEG = None                # force the number of time segments (None: _tc_seg
 # exact per-chunk recurrence (0: all of them).
 BACKWARD_PATH = "auto"
 BWD_MILD = 1.0
+# Adjoint pass in time segments (wkv7_tc_chunk<.., 3> transitions, wkv7_tc_scan backwards, then <.., 2> per
+# segment), chosen as the forward's (_tc_segments); TC_BWD_NSEG forces the count (None: _tc_segments).
+TC_BWD_SEGMENTS = True
+TC_BWD_NSEG = None
+# Warps per wkv7_tc_bwd block (template argument; both of TC_BWD_WARP_OPTIONS are compiled, for the sweep).
+TC_BWD_WARPS = {32: 4, 64: 8}
+TC_BWD_WARP_OPTIONS = {32: (4, 8), 64: (8, 16)}
 
 
 def _names():
@@ -161,7 +169,9 @@ def _names():
                 out.append(f"wkv7_tc_chunk<{ct}, {n}, 0>")   # chunked forward: outputs (+ checkpoints)
                 out.append(f"wkv7_tc_chunk<{ct}, {n}, 1>")   # chunked forward: segment transitions
                 out.append(f"wkv7_tc_chunk<{ct}, {n}, 2>")   # chunked backward: adjoint checkpoints (reverse)
-                out.append(f"wkv7_tc_bwd<{ct}, {n}>")        # chunked backward: gradients, chunk-parallel
+                out.append(f"wkv7_tc_chunk<{ct}, {n}, 3>")   # chunked backward: adjoint segment transitions
+                for nw in TC_BWD_WARP_OPTIONS[n]:            # chunked backward: gradients, chunk-parallel
+                    out.append(f"wkv7_tc_bwd<{ct}, {n}, {nw}>")
     out.extend(f"wkv7_tc_scan<{n}>" for n in TC_HEAD_SIZES)
     return tuple(out)
 
@@ -247,20 +257,27 @@ def _use_decode(seqs, save) -> bool:
 
 def _tc_threads(N, mode):
     """Block size of wkv7_tc_chunk<T, N, mode> (TcCfg::NT): one warp per 16 state rows, at most 4 warps."""
-    rows = 2 * N if mode == 1 else N
+    rows = 2 * N if mode in (1, 3) else N
     return 32 * min(rows // 16, 4)
 
 
 def _tc_smem(N, mode):
     """Dynamic shared memory (bytes) of wkv7_tc_chunk<T, N, mode> (TcCfg::SMEM_FLOATS): 7 token arrays [L][N+4],
     3 [L][N+8], the state [R][N+4], U [L][R+8], 4 intra-chunk matrices [L][20], the chunk decay [N]."""
-    L, R = TC_L, (2 * N if mode == 1 else N)
+    L, R = TC_L, (2 * N if mode in (1, 3) else N)
     return 4 * (7 * L * (N + 4) + 3 * L * (N + 8) + R * (N + 4) + L * (R + 8) + 4 * L * 20 + N)
 
 
+def _tc_bwd_warps(N):
+    nw = TC_BWD_WARPS[N]
+    if nw not in TC_BWD_WARP_OPTIONS[N]:
+        raise ValueError(f"wkv7: TC_BWD_WARPS[{N}] = {nw} is not compiled (options {TC_BWD_WARP_OPTIONS[N]})")
+    return nw
+
+
 def _tc_bwd_threads(N):
-    """Block size of wkv7_tc_bwd<T, N> (TcBwdCfg::NT)."""
-    return 256 if N == 64 else 128
+    """Block size of wkv7_tc_bwd<T, N, TC_BWD_WARPS[N]> (TcBwdCfg::NT)."""
+    return 32 * _tc_bwd_warps(N)
 
 
 def _tc_bwd_smem(N):
@@ -284,7 +301,9 @@ def _use_chunked_bwd(call) -> bool:
 
 def _backward_chunked(call, x, saved, dy, dstate, g, dstate_in):
     """Chunked backward of a dense batch: wkv7_tc_chunk<.., 2> per (sequence, head) walks the chunks backwards
-    (adjoint checkpoints X at every chunk end into dck, the initial-state gradient); wkv7_tc_bwd per (sequence,
+    (adjoint checkpoints X at every chunk end into dck, the initial-state gradient; with time segments (as
+    _tc_segments picks for the forward): <.., 3> segment transitions, wkv7_tc_scan backwards over the segments, then
+    <.., 2> per (sequence, segment, head) from the segment's end adjoint); wkv7_tc_bwd per (sequence,
     chunk, head) computes the gradients of the chunks whose decays are all mild and lists the others in fix;
     wkv7_backward's per-chunk mode does those exactly."""
     from .._gpu import error_ptr, ptr
@@ -301,13 +320,32 @@ def _backward_chunked(call, x, saved, dy, dstate, g, dstate_in):
     dck = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
     fix = call.empty((1 + B * nch * H,), "int32")   # [count, chunk ids]
     _gpu.zero(fix)
-    _launch(f"wkv7_tc_chunk<{ct}, {N}, 2>", (B * H,), (_tc_threads(N, 2),),
-            (ins[0], ins[1], ins[2], ptr(dy), ins[4], ins[5], ptr(None), i32(T), i32(H), i32(T), i32(1),
-             ptr(dstate), ptr(dstate_in), ptr(None), i32(0), error_ptr(), ptr(dck), ptr(None), i32(vec)),
-            shared_mem=_tc_smem(N, 2))
+    # adjoint pass: one block per (sequence, head) walking all chunks backwards, or (few sequences x heads) time
+    # segments: their transitions X_start = X_end M' + A' in parallel, a reverse scan for the adjoint at every
+    # segment end (and dL/d initial state), then the segments' checkpoints in parallel
+    if TC_BWD_NSEG is not None:
+        nseg = max(1, min(int(TC_BWD_NSEG), nch))
+    else:
+        nseg = _tc_segments(B, H, T) if TC_BWD_SEGMENTS else 1
+    seg_len = -(-(-(-T // nseg)) // TC_L) * TC_L
+    nseg = -(-T // seg_len)
+    segbuf = None if nseg == 1 else call.empty((B, nseg, H, 2, N, N), "float32")
+
+    def adjoint(mode, sin, sout, ck):
+        _launch(f"wkv7_tc_chunk<{ct}, {N}, {mode}>", (B * nseg * H,), (_tc_threads(N, mode),),
+                (ins[0], ins[1], ins[2], ptr(dy), ins[4], ins[5], ptr(None), i32(T), i32(H), i32(seg_len), i32(nseg),
+                 ptr(sin), ptr(sout), ptr(None), i32(0), error_ptr(), ptr(ck), ptr(segbuf), i32(vec)),
+                shared_mem=_tc_smem(N, mode))
+    if nseg == 1:
+        adjoint(2, dstate, dstate_in, dck)
+    else:
+        adjoint(3, None, None, None)
+        _launch(f"wkv7_tc_scan<{N}>", (B * H * (N // 16),), (256,),
+                (ptr(segbuf), i32(nseg), i32(H), ptr(dstate), ptr(dstate_in), ptr(None), i32(0), error_ptr(), i32(1)))
+        adjoint(2, None, None, dck)
     grads = [ptr(g[n]) for n in ("r", "w", "k", "v", "a", "b")]
     mild = np.float32(min(float(BWD_MILD), 30.0 / TC_L))
-    _launch(f"wkv7_tc_bwd<{ct}, {N}>", (B * nch * H,), (_tc_bwd_threads(N),),
+    _launch(f"wkv7_tc_bwd<{ct}, {N}, {_tc_bwd_warps(N)}>", (B * nch * H,), (_tc_bwd_threads(N),),
             (*ins, ptr(dy), *grads, i32(T), i32(H), ptr(saved["ckpt"]), ptr(dck), ptr(fix), mild, i32(vec)),
             shared_mem=_tc_bwd_smem(N))
     _launch(f"wkv7_backward<{ct}, {N}>", (max(1, min(B * nch * H, _device_sms())),), (2 * N,),
@@ -368,7 +406,7 @@ def _forward_chunked(call, x, y, state_in, state_out, ckpt, vec):
     chunk(1, None, None, None, None)
     _launch(f"wkv7_tc_scan<{N}>", (B * H * (N // 16),), (256,),
             (ptr(segbuf), i32(nseg), i32(H), ptr(state_in), ptr(state_out), ptr(seqs.state_idx),
-             i32(seqs.pool_size), error_ptr()))
+             i32(seqs.pool_size), error_ptr(), i32(0)))
     chunk(0, y, None, None, ckpt)
 
 
