@@ -189,7 +189,7 @@ def bwd_sweep(emit, opt):
     import torch
     from rwkvops.ops import wkv7 as W
     shapes = ((8, 4096), (1, 4096)) if opt.quick else ((8, 4096), (1, 4096), (16, 4096), (1, 16384), (4, 1024))
-    defaults = (W.TC_BWD_WARPS[N], W.TC_BWD_SEGMENTS)
+    defaults = (W.TC_BWD_WARPS[N], W.TC_BWD_STRIP[N], W.TC_BWD_SEGMENTS)
     for B, T in shapes:
         x = tuple(harness.random_inputs("wkv7", {"B": B, "T": T, "H": H, "N": N}, device="cuda", seed=0,
                                         dtype=torch.bfloat16).values())
@@ -197,18 +197,19 @@ def bwd_sweep(emit, opt):
         gy = torch.randn_like(x[0])
         W.BACKWARD_PATH = "auto"
         emit(kind="fwd", B=B, T=T, ms=harness.cuda_time(lambda: _fwd(x), reps=7))
-        # chunked variants: wkv7_tc_bwd warps (TC_BWD_WARPS[64]) x adjoint pass in time segments or not
-        variants = [("recurrent", None, None)] + [("chunked", nw, seg) for nw in W.TC_BWD_WARP_OPTIONS[N]
-                                                  for seg in (False, True)]
-        for bp, nw, seg in variants:
+        # chunked variants: wkv7_tc_bwd (warps, strip) (TC_BWD_WARPS / TC_BWD_STRIP) x adjoint pass in time
+        # segments (B = 1) or not
+        variants = [("recurrent", None, None, None)] + [
+            ("chunked", nw, st, seg) for nw in W.TC_BWD_WARP_OPTIONS[N] for st in W.TC_BWD_STRIP_OPTIONS[N]
+            for seg in ((False, True) if B == 1 else (True,))]
+        for bp, nw, st, seg in variants:
             W.BACKWARD_PATH = bp
             if nw is not None:
-                W.TC_BWD_WARPS[N] = nw
-                W.TC_BWD_SEGMENTS = seg
-            emit(kind="fwd+bwd", B=B, T=T, bwd=bp, warps=nw, adj_segments=seg,
+                W.TC_BWD_WARPS[N], W.TC_BWD_STRIP[N], W.TC_BWD_SEGMENTS = nw, st, seg
+            emit(kind="fwd+bwd", B=B, T=T, bwd=bp, warps=nw, strip=st, adj_segments=seg,
                  ms=harness.cuda_time(lambda: _fwd_bwd(xg, gy), reps=5),
                  peak_mem_mb=harness.peak_mem_mb(lambda: _fwd_bwd(xg, gy)))
-        W.TC_BWD_WARPS[N], W.TC_BWD_SEGMENTS = defaults
+        W.TC_BWD_WARPS[N], W.TC_BWD_STRIP[N], W.TC_BWD_SEGMENTS = defaults
         del x, xg
         torch.cuda.empty_cache()
         if opt.fla:   # fla's chunk_rwkv7 fwd+bwd in the same process (peak memory as bench_ops records it)

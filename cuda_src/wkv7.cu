@@ -1302,25 +1302,28 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
         }
         __syncwarp();
         // ---- S' = S diag(gamma) + U^T B_g + V^T K_g (own rows).  MODE 2: X' = X diag(gamma) + Z^T A_g + dY^T R_g
+        // (the N/16 column tiles of a row block as one strip: the A fragments of U^T and V^T loaded once)
 #pragma unroll
         for (int rt = 0; rt < RW / 16; ++rt) {
             const int base = q * RW + 16 * rt;
+            constexpr int NTL = N / 16;
+            float acc[NTL][8];
+            float* st = sS + base * LDA;
 #pragma unroll
-            for (int n = 0; n < N / 16; ++n) {
-                float acc[8];
-                float* st = sS + base * LDA + 16 * n;
-                load_tile(acc, st, LDA);
+            for (int n = 0; n < NTL; ++n) {
+                load_tile(acc[n], st + 16 * n, LDA);
 #pragma unroll
-                for (int rr = 0; rr < 8; ++rr) acc[rr] *= sGam[16 * n + acc_col(rr)];
-                if (REV) {
-                    mma_tile<true, false, SPLIT>(acc, sU + base, LDU, sAg + 16 * n, LDA, L);
-                    if (base < N) mma_tile<true, false, SPLIT>(acc, sV + base, LDK, sRg + 16 * n, LDA, L);
-                } else {
-                    mma_tile<true, false, SPLIT>(acc, sU + base, LDU, sBg + 16 * n, LDK, L);
-                    if (base < N) mma_tile<true, false, SPLIT>(acc, sV + base, LDK, sKg + 16 * n, LDK, L);
-                }
-                store_tile(st, LDA, acc);
+                for (int rr = 0; rr < 8; ++rr) acc[n][rr] *= sGam[16 * n + acc_col(rr)];
             }
+            if (REV) {
+                mma_strip<true, false, SPLIT, NTL>(acc, sU + base, LDU, sAg, LDA, L);
+                if (base < N) mma_strip<true, false, SPLIT, NTL>(acc, sV + base, LDK, sRg, LDA, L);
+            } else {
+                mma_strip<true, false, SPLIT, NTL>(acc, sU + base, LDU, sBg, LDK, L);
+                if (base < N) mma_strip<true, false, SPLIT, NTL>(acc, sV + base, LDK, sKg, LDK, L);
+            }
+#pragma unroll
+            for (int n = 0; n < NTL; ++n) store_tile(st + 16 * n, LDA, acc[n]);
         }
         if (MODE == 0) {   // y through the warp's own U columns (no longer needed), coalesced stores
             const int base = q * RW;
@@ -1444,13 +1447,15 @@ __device__ __forceinline__ void chunk_sums(const float* p, int t, float& gp, flo
 }
 }  // namespace wkv7
 
-template <int N, int NW_> struct TcBwdCfg {
+template <int N, int NW_, int ST_> struct TcBwdCfg {
     static constexpr int L = wkv7::TC_L;
     // warps: N = 64 has 16 output tiles per mma phase (16 warps: one tile each; 8: two); the latency-bound
     // phases gain from more resident warps, at the price of a 64-register cap (2 blocks of 16 warps per SM)
     static constexpr int NW = NW_;
     static constexpr int NT = 32 * NW;                  // = wkv7.py _tc_bwd_threads
-    static constexpr int MINB = NW >= 16 ? 2 : 1;       // blocks per SM the register allocation must allow
+    // blocks per SM the register allocation must allow (as many as the shared memory lets in: N = 64: 2 of ~112 KB)
+    static constexpr int MINB = NW >= 8 ? 2 : 4;
+    static constexpr int ST = ST_;                      // 16 x 16 tiles per mma strip (A fragments shared)
     static constexpr int LD = N + 4;                    // token arrays [L][LD] and N x N matrices [N][LD]
     static constexpr int LDI = 20;                      // the 16 x 16 token-pair matrices
     static constexpr int TA = L * LD;
@@ -1465,6 +1470,7 @@ template <int N, int NW_> struct TcBwdCfg {
     static constexpr int SMEM_FLOATS = DR_IN_X ? O_EXTRA : O_EXTRA + 2 * TA;   // = wkv7.py _tc_bwd_smem
     static_assert(N == 32 || N == 64, "chunked backward: N = 32 or 64");
     static_assert(NW == 4 || NW == 8 || NW == 16, "warps");
+    static_assert(ST >= 1 && (N / 16) % ST == 0, "strip");
 };
 
 // 16-byte global -> shared copy without registers (cp.async, sm_80+): the checkpoints S0 and X are requested at
@@ -1484,16 +1490,18 @@ __device__ __forceinline__ void wkv7_cp_wait() {
 #endif
 }
 
-template <typename T, int N, int NW_>
-__global__ void __launch_bounds__(TcBwdCfg<N, NW_>::NT, TcBwdCfg<N, NW_>::MINB) wkv7_tc_bwd(
+template <typename T, int N, int NW_, int ST_>
+__global__ void __launch_bounds__(TcBwdCfg<N, NW_, ST_>::NT, TcBwdCfg<N, NW_, ST_>::MINB) wkv7_tc_bwd(
     const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ dy,
     T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk, T* __restrict__ dv,
     T* __restrict__ da, T* __restrict__ db,
     int T_len, int H, const float* __restrict__ ckpt, const float* __restrict__ dckpt, int* fix, float mild, int vec) {
-    using C = TcBwdCfg<N, NW_>;
+    using C = TcBwdCfg<N, NW_, ST_>;
     using namespace rwkv::tc;
     constexpr int L = C::L, NW = C::NW, NT = C::NT, LD = C::LD, LDI = C::LDI, TA = C::TA, NB = N / 16;
+    static_assert(NB % C::ST == 0, "strip");
+    constexpr int ST = C::ST, NS = NB / ST;   // tiles per strip, strips per 16 x N product
     constexpr bool SPLIT = is_f32<T>::value;
     extern __shared__ __align__(16) float smem[];
     float* sR = smem;            float* sLW = smem + TA;      float* sK = smem + 2 * TA;  float* sV = smem + 3 * TA;
@@ -1605,11 +1613,13 @@ __global__ void __launch_bounds__(TcBwdCfg<N, NW_>::NT, TcBwdCfg<N, NW_>::MINB) 
         for (int part = 0; part < NT / N; ++part) d += Pyu[part * N + tid];
         sC[tid] = d;
     }
-    // ---- phase 1: intra-chunk matrices (masked); U <- A_g S0^T, Z <- B_g X^T, dV <- K_g X^T
-    for (int job = wq; job < 4 + 3 * NB; job += NW) {
-        float acc[8];
-        zero(acc);
+    // ---- phase 1: intra-chunk matrices (masked); U <- A_g S0^T, Z <- B_g X^T, dV <- K_g X^T.  The 16 x N
+    // products go as strips of ST 16 x 16 tiles sharing their A fragments (shared-memory loads, not the tensor
+    // cores, bound this kernel: 2 blocks per SM, every operand fetched from shared memory per tile)
+    for (int job = wq; job < 4 + 3 * NS; job += NW) {
         if (job < 4) {
+            float acc[8];
+            zero(acc);
             const int m = job;
             mma_tile<false, true, SPLIT>(acc, m < 2 ? sAg : sRg, LD, (m & 1) ? sKi : sBi, LD, N);
             float* Im = sI + m * L * LDI;
@@ -1619,22 +1629,29 @@ __global__ void __launch_bounds__(TcBwdCfg<N, NW_>::NT, TcBwdCfg<N, NW_>::MINB) 
                 Im[t * LDI + s] = (m < 2 ? s < t : s <= t) ? acc[rr] : 0.f;
             }
         } else {
-            const int which = (job - 4) / NB, n = 16 * ((job - 4) % NB);
+            const int which = (job - 4) / NS, n = 16 * ST * ((job - 4) % NS);
             const float* lhs = which == 0 ? sAg : which == 1 ? sBg : sKg;
-            mma_tile<false, true, SPLIT>(acc, lhs, LD, (which == 0 ? sS : sX) + n * LD, LD, N);
-            store_tile((which == 0 ? sU : which == 1 ? sZ : sdV) + n, LD, acc);
+            float acc[ST][8];
+#pragma unroll
+            for (int u = 0; u < ST; ++u) zero(acc[u]);
+            mma_strip<false, true, SPLIT, ST>(acc, lhs, LD, (which == 0 ? sS : sX) + n * LD, LD, N);
+            float* out = (which == 0 ? sU : which == 1 ? sZ : sdV) + n;
+#pragma unroll
+            for (int u = 0; u < ST; ++u) store_tile(out + 16 * u, LD, acc[u]);
         }
     }
     __syncthreads();
     // ---- phase 2: U += M_ak V, Z += Q_ab^T dY, dV += Q_ak^T dY
-    for (int job = wq; job < 3 * NB; job += NW) {
-        const int which = job / NB, n = 16 * (job % NB);
+    for (int job = wq; job < 3 * NS; job += NW) {
+        const int which = job / NS, n = 16 * ST * (job % NS);
         float* out = (which == 0 ? sU : which == 1 ? sZ : sdV) + n;
-        float acc[8];
-        load_tile(acc, out, LD);
-        if (which == 0) mma_tile<false, false, SPLIT>(acc, Mak, LDI, sV + n, LD, L);
-        else mma_tile<true, false, SPLIT>(acc, which == 1 ? Qab : Qak, LDI, sY + n, LD, L);
-        store_tile(out, LD, acc);
+        float acc[ST][8];
+#pragma unroll
+        for (int u = 0; u < ST; ++u) load_tile(acc[u], out + 16 * u, LD);
+        if (which == 0) mma_strip<false, false, SPLIT, ST>(acc, Mak, LDI, sV + n, LD, L);
+        else mma_strip<true, false, SPLIT, ST>(acc, which == 1 ? Qab : Qak, LDI, sY + n, LD, L);
+#pragma unroll
+        for (int u = 0; u < ST; ++u) store_tile(out + 16 * u, LD, acc[u]);
     }
     __syncthreads();
     // ---- solves, one column per thread: U by forward substitution, Z by back substitution (fp32)
@@ -1673,10 +1690,10 @@ __global__ void __launch_bounds__(TcBwdCfg<N, NW_>::NT, TcBwdCfg<N, NW_>::MINB) 
     }
     __syncthreads();
     // ---- phase 3: token-pair products P (masked), dV += M_ak^T Z, U X, V X (into the B_g, K_g arrays)
-    for (int job = wq; job < 4 + 3 * NB; job += NW) {
-        float acc[8];
+    for (int job = wq; job < 4 + 3 * NS; job += NW) {
         if (job < 4) {
             const int m = job;   // 0 P_yu = dY U^T, 1 P_yv = dY V^T (lower); 2 P_zu = Z U^T, 3 P_zv = Z V^T (strict)
+            float acc[8];
             zero(acc);
             mma_tile<false, true, SPLIT>(acc, m < 2 ? sY : sZ, LD, (m & 1) ? sV : sU, LD, N);
             float* Pm = sI + (4 + m) * L * LDI;
@@ -1686,34 +1703,40 @@ __global__ void __launch_bounds__(TcBwdCfg<N, NW_>::NT, TcBwdCfg<N, NW_>::MINB) 
                 Pm[t * LDI + s] = (m < 2 ? s <= t : s < t) ? acc[rr] : 0.f;
             }
         } else {
-            const int which = (job - 4) / NB, n = 16 * ((job - 4) % NB);
+            const int which = (job - 4) / NS, n = 16 * ST * ((job - 4) % NS);
+            float acc[ST][8];
+            float* out = (which == 0 ? sdV : which == 1 ? sUX : sVX) + n;
             if (which == 0) {
-                load_tile(acc, sdV + n, LD);
-                mma_tile<true, false, SPLIT>(acc, Mak, LDI, sZ + n, LD, L);
-                store_tile(sdV + n, LD, acc);
+#pragma unroll
+                for (int u = 0; u < ST; ++u) load_tile(acc[u], out + 16 * u, LD);
+                mma_strip<true, false, SPLIT, ST>(acc, Mak, LDI, sZ + n, LD, L);
             } else {
-                zero(acc);
-                mma_tile<false, false, SPLIT>(acc, which == 1 ? sU : sV, LD, sX + n, LD, N);
-                store_tile((which == 1 ? sUX : sVX) + n, LD, acc);
+#pragma unroll
+                for (int u = 0; u < ST; ++u) zero(acc[u]);
+                mma_strip<false, false, SPLIT, ST>(acc, which == 1 ? sU : sV, LD, sX + n, LD, N);
             }
+#pragma unroll
+            for (int u = 0; u < ST; ++u) store_tile(out + 16 * u, LD, acc[u]);
         }
     }
     __syncthreads();
     // ---- phase 4: dR, dA, dK, dB before their per-channel decay factors (X is dead: dK, dB (dR, dA) over it)
-    for (int job = wq; job < 4 * NB; job += NW) {
-        const int which = job / NB, n = 16 * (job % NB);
-        float acc[8];
-        zero(acc);
+    for (int job = wq; job < 4 * NS; job += NW) {
+        const int which = job / NS, n = 16 * ST * (job % NS);
+        float acc[ST][8];
+#pragma unroll
+        for (int u = 0; u < ST; ++u) zero(acc[u]);
         if (which < 2) {   // dR (P_yu, P_yv; dY S0) / dA (P_zu, P_zv; Z S0)
-            mma_tile<false, false, SPLIT>(acc, which == 0 ? sY : sZ, LD, sS + n, LD, N);
-            mma_tile<false, false, SPLIT>(acc, which == 0 ? Pyu : Pzu, LDI, sBi + n, LD, L);
-            mma_tile<false, false, SPLIT>(acc, which == 0 ? Pyv : Pzv, LDI, sKi + n, LD, L);
-            store_tile((which == 0 ? sdR : sdA) + n, LD, acc);
+            mma_strip<false, false, SPLIT, ST>(acc, which == 0 ? sY : sZ, LD, sS + n, LD, N);
+            mma_strip<false, false, SPLIT, ST>(acc, which == 0 ? Pyu : Pzu, LDI, sBi + n, LD, L);
+            mma_strip<false, false, SPLIT, ST>(acc, which == 0 ? Pyv : Pzv, LDI, sKi + n, LD, L);
         } else {           // dK (P_yv, P_zv) / dB (P_yu, P_zu), transposed
-            mma_tile<true, false, SPLIT>(acc, which == 2 ? Pyv : Pyu, LDI, sRg + n, LD, L);
-            mma_tile<true, false, SPLIT>(acc, which == 2 ? Pzv : Pzu, LDI, sAg + n, LD, L);
-            store_tile((which == 2 ? sdK : sdB) + n, LD, acc);
+            mma_strip<true, false, SPLIT, ST>(acc, which == 2 ? Pyv : Pyu, LDI, sRg + n, LD, L);
+            mma_strip<true, false, SPLIT, ST>(acc, which == 2 ? Pzv : Pzu, LDI, sAg + n, LD, L);
         }
+        float* out = (which == 0 ? sdR : which == 1 ? sdA : which == 2 ? sdK : sdB) + n;
+#pragma unroll
+        for (int u = 0; u < ST; ++u) store_tile(out + 16 * u, LD, acc[u]);
     }
     __syncthreads();
     // ---- per (token, channel): the decay factors of dR, dA, dK, dB (in place); the decay gradient's terms:

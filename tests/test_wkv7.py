@@ -674,9 +674,9 @@ template <typename T, int N, int M> void tcc(const uint64_t* a, int grid, int bl
   emu_run(grid, blk, smem, [&]{ wkv7_tc_chunk<T, N, M>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(T*)P_(6), I_(7), I_(8), I_(9), I_(10), (const float*)P_(11), (float*)P_(12),
      (const int*)P_(13), I_(14), (int*)P_(15), (float*)P_(16), (float*)P_(17), I_(18)); }); }
-template <typename T, int N, int NW> void tcb(const uint64_t* a, int grid, int blk, size_t smem) {
+template <typename T, int N, int NW, int ST> void tcb(const uint64_t* a, int grid, int blk, size_t smem) {
   float mild; const uint32_t mb = (uint32_t)a[18]; std::memcpy(&mild, &mb, 4);
-  emu_run(grid, blk, smem, [&]{ wkv7_tc_bwd<T, N, NW>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
+  emu_run(grid, blk, smem, [&]{ wkv7_tc_bwd<T, N, NW, ST>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(const T*)P_(6),(T*)P_(7),(T*)P_(8),(T*)P_(9),(T*)P_(10),(T*)P_(11),(T*)P_(12),
      I_(13), I_(14), (const float*)P_(15), (const float*)P_(16), (int*)P_(17), mild, I_(19)); }); }
 template <int N> void tcs(const uint64_t* a, int grid, int blk) {
@@ -687,15 +687,16 @@ template <int N> void tcs(const uint64_t* a, int grid, int blk) {
   else if (kind == 5) { if (N == 32) tcc<T, 32, 1>(a, grid, blk, smem); else tcc<T, 64, 1>(a, grid, blk, smem); } \
   else if (kind == 6) { if (N == 32) tcc<T, 32, 2>(a, grid, blk, smem); else tcc<T, 64, 2>(a, grid, blk, smem); } \
   else if (kind == 10) { if (N == 32) tcc<T, 32, 3>(a, grid, blk, smem); else tcc<T, 64, 3>(a, grid, blk, smem); } \
-  else if (N == 32) { if (blk == 128) tcb<T, 32, 4>(a, grid, blk, smem); else tcb<T, 32, 8>(a, grid, blk, smem); } \
-  else { if (blk == 256) tcb<T, 64, 8>(a, grid, blk, smem); else tcb<T, 64, 16>(a, grid, blk, smem); }
+  else if (N == 32) { if (blk == 128) tcb<T, 32, 4, 2>(a, grid, blk, smem); else tcb<T, 32, 8, 2>(a, grid, blk, smem); } \
+  else if (strip == 4) { if (blk == 256) tcb<T, 64, 8, 4>(a, grid, blk, smem); else tcb<T, 64, 16, 4>(a, grid, blk, smem); } \
+  else { if (blk == 256) tcb<T, 64, 8, 2>(a, grid, blk, smem); else tcb<T, 64, 16, 2>(a, grid, blk, smem); }
 #define DISP(T) \
   if (kind >= 4) { DISP_TC(T) } else \
   if (kind == 0) { if (N == 32) fwd<T, 32>(a, grid, blk); else if (N == 64) fwd<T, 64>(a, grid, blk); else fwd<T, 128>(a, grid, blk); } \
   else if (kind == 1) { if (N == 32) dec<T, 32>(a, grid, blk); else if (N == 64) dec<T, 64>(a, grid, blk); else dec<T, 128>(a, grid, blk); } \
   else if (kind == 2) { if (N == 32) bwd_rows<T, 32>(a, grid, blk, smem); else bwd_rows<T, 64>(a, grid, blk, smem); } \
   else { if (N == 32) bwd<T, 32>(a, grid, blk, smem); else if (N == 64) bwd<T, 64>(a, grid, blk, smem); else bwd<T, 128>(a, grid, blk, smem); }
-extern "C" void emu(int kind, int dt, int N, const uint64_t* a, int grid, int blk, long smem) {
+extern "C" void emu(int kind, int dt, int N, const uint64_t* a, int grid, int blk, long smem, int strip) {
   if (kind == 8) { if (N == 32) tcs<32>(a, grid, blk); else tcs<64>(a, grid, blk); return; }
   if (dt == 0) { DISP(float) } else if (dt == 1) { DISP(__half) } else { DISP(__nv_bfloat16) }
 }
@@ -723,7 +724,7 @@ def emu_lib(tmp_path_factory):
         raise AssertionError("emulation build failed:\n" + res.stderr[-4000:])
     lib = ctypes.CDLL(str(so))
     lib.emu.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                        ctypes.c_long]
+                        ctypes.c_long, ctypes.c_int]
     return lib
 
 
@@ -780,9 +781,9 @@ def emu(emu_lib, monkeypatch):
         ms = re.match(r"wkv7_tc_scan<(\d+)>$", name)
         if ms:
             assert int(block[0]) == 256
-            emu_lib.emu(8, 0, int(ms.group(1)), a.ctypes.data, int(grid[0]), int(block[0]), 0)
+            emu_lib.emu(8, 0, int(ms.group(1)), a.ctypes.data, int(grid[0]), int(block[0]), 0, 0)
             return
-        m = re.match(r"wkv7_(\w+)<(\w+), (\d+)(?:, (\d+))?>$", name)
+        m = re.match(r"wkv7_(\w+)<(\w+), (\d+)(?:, (\d+))?(?:, (\d+))?>$", name)
         assert m, name
         if m.group(1) == "forward":   # block size must match the instantiation (the driver picks it by block)
             assert int(block[0]) == W.FWD_NT[int(m.group(4) or 4)], (name, block)
@@ -797,7 +798,8 @@ def emu(emu_lib, monkeypatch):
         else:
             kind = {"forward": 0, "decode": 1, "backward": 2, "backward_l2": 3}[m.group(1)]
         dt = {"float": 0, "__half": 1, "__nv_bfloat16": 2}[m.group(2)]
-        emu_lib.emu(kind, dt, int(m.group(3)), a.ctypes.data, int(grid[0]), int(block[0]), int(shared_mem))
+        emu_lib.emu(kind, dt, int(m.group(3)), a.ctypes.data, int(grid[0]), int(block[0]), int(shared_mem),
+                    int(m.group(5) or 0))
     monkeypatch.setattr(W, "_launch", fake_launch)
 
     def run(x, s0, dt, B, T, H, cu=None, idx=None, pool=None, save=True, dy=None, ds=None, expect_err=0):
@@ -1282,7 +1284,7 @@ def test_emulated_chunked_backward(emu, monkeypatch, dt, N, T, wr, fwd, bseg):
     fwd_tol, bwd_tol = (1e-5, 1e-4) if dt == "float32" else (3e-3, 6e-3)
     y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
     ct = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}[dt]
-    assert emu.launches[-3:] == [f"wkv7_tc_chunk<{ct}, {N}, 2>", f"wkv7_tc_bwd<{ct}, {N}, {W.TC_BWD_WARPS[N]}>",
+    assert emu.launches[-3:] == [f"wkv7_tc_chunk<{ct}, {N}, 2>", W._tc_bwd_name(ct, N),
                                  f"wkv7_backward<{ct}, {N}>"]
     seg_kernels = [f"wkv7_tc_chunk<{ct}, {N}, 3>", f"wkv7_tc_scan<{N}>"]
     assert (emu.launches[-5:-3] == seg_kernels) == (bseg > 1), emu.launches
@@ -1303,14 +1305,16 @@ def test_emulated_chunked_backward_all_exact(emu, monkeypatch):
     x, s0 = _rounded(rng, B, T, H, N, dt)
     ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
     y, s, g = emu(x, s0, dt, B, T, H, ds=ds)
-    assert emu.launches[-2:] == [f"wkv7_tc_bwd<float, 32, {W.TC_BWD_WARPS[32]}>", "wkv7_backward<float, 32>"]
+    assert emu.launches[-2:] == [W._tc_bwd_name("float", 32), "wkv7_backward<float, 32>"]
     _check_grads(g, W.reference_backward(x, s0, np.zeros((B, T, H, N)), ds), 1e-4)
 
 
-@pytest.mark.parametrize("dt,N", [("bfloat16", 64), ("float32", 32)], ids=str)
-def test_emulated_chunked_backward_other_warps(emu, monkeypatch, dt, N):
-    """wkv7_tc_bwd with the other compiled warp count (TC_BWD_WARP_OPTIONS): the same gradients up to rounding."""
+@pytest.mark.parametrize("dt,N,st", [("bfloat16", 64, 4), ("float32", 32, 2), ("float32", 64, 4)], ids=str)
+def test_emulated_chunked_backward_other_warps(emu, monkeypatch, dt, N, st):
+    """wkv7_tc_bwd with the other compiled warp count (TC_BWD_WARP_OPTIONS) and strip st: the same gradients up to
+    rounding."""
     nw = [o for o in W.TC_BWD_WARP_OPTIONS[N] if o != W.TC_BWD_WARPS[N]][0]
+    monkeypatch.setitem(W.TC_BWD_STRIP, N, st)
     monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
     rng = np.random.default_rng(5 * N)
     B, T, H = 1, 37, 2
@@ -1322,16 +1326,16 @@ def test_emulated_chunked_backward_other_warps(emu, monkeypatch, dt, N):
     monkeypatch.setitem(W.TC_BWD_WARPS, N, nw)
     y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
     ct = {"float32": "float", "bfloat16": "__nv_bfloat16"}[dt]
-    assert f"wkv7_tc_bwd<{ct}, {N}, {nw}>" in emu.launches
+    assert f"wkv7_tc_bwd<{ct}, {N}, {nw}, {st}>" in emu.launches
     _check_grads(g, W.reference_backward(x, s0, dy, ds), 1e-4 if dt == "float32" else 6e-3, f"{nw} warps")
 
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("fwd,mild,nw,bseg", [("recurrent", None, None, None), ("chunked", 0.0, None, None),
-                                              ("chunked", None, 8, 1), ("chunked", None, 16, 3)],
-                         ids=("recurrent-fwd", "all-exact", "w8", "w16-adjoint-segments"))
-def test_gpu_chunked_backward_variants(fwd, mild, nw, bseg, poison, monkeypatch):
+@pytest.mark.parametrize("fwd,mild,nw,bseg,st", [("recurrent", None, None, None, None), ("chunked", 0.0, None, None, None),
+                                                 ("chunked", None, 8, 1, 4), ("chunked", None, 16, 3, 2)],
+                         ids=("recurrent-fwd", "all-exact", "w8-strip4", "w16-adjoint-segments"))
+def test_gpu_chunked_backward_variants(fwd, mild, nw, bseg, st, poison, monkeypatch):
     """The chunked backward after the recurrent forward (same checkpoints), with every chunk sent to the exact
     per-chunk recurrence (BWD_MILD = 0), and wkv7_tc_bwd at each compiled warp count, the adjoint pass in one or 3
     time segments; bf16, T = 300 (a partial last chunk), decays as models make them."""
@@ -1343,6 +1347,8 @@ def test_gpu_chunked_backward_variants(fwd, mild, nw, bseg, poison, monkeypatch)
         monkeypatch.setattr(W, "BWD_MILD", mild)
     if nw is not None:
         monkeypatch.setitem(W.TC_BWD_WARPS, 64, nw)
+    if st is not None:
+        monkeypatch.setitem(W.TC_BWD_STRIP, 64, st)
     launches = _spy_launches(monkeypatch)
     rng = np.random.default_rng(1200)
     B, T, H, N, dtype = 2, 300, 2, 64, "bfloat16"

@@ -150,9 +150,13 @@ BWD_MILD = 1.0
 # segment), chosen as the forward's (_tc_segments); TC_BWD_NSEG forces the count (None: _tc_segments).
 TC_BWD_SEGMENTS = True
 TC_BWD_NSEG = None
-# Warps per wkv7_tc_bwd block (template argument; both of TC_BWD_WARP_OPTIONS are compiled, for the sweep).
+# wkv7_tc_bwd<T, N, warps, strip> template arguments: warps per block, 16 x 16 tiles per mma strip (A fragments
+# loaded once per strip).  Every (warps, strip) of the options is compiled, for the sweep.  H100 at B=8 T=4096:
+# 16 warps 3.95 ms vs 8 warps 3.77 ms per call (strip 1).
 TC_BWD_WARPS = {32: 4, 64: 8}
 TC_BWD_WARP_OPTIONS = {32: (4, 8), 64: (8, 16)}
+TC_BWD_STRIP = {32: 2, 64: 2}
+TC_BWD_STRIP_OPTIONS = {32: (2,), 64: (2, 4)}
 
 
 def _names():
@@ -171,7 +175,8 @@ def _names():
                 out.append(f"wkv7_tc_chunk<{ct}, {n}, 2>")   # chunked backward: adjoint checkpoints (reverse)
                 out.append(f"wkv7_tc_chunk<{ct}, {n}, 3>")   # chunked backward: adjoint segment transitions
                 for nw in TC_BWD_WARP_OPTIONS[n]:            # chunked backward: gradients, chunk-parallel
-                    out.append(f"wkv7_tc_bwd<{ct}, {n}, {nw}>")
+                    for st in TC_BWD_STRIP_OPTIONS[n]:
+                        out.append(f"wkv7_tc_bwd<{ct}, {n}, {nw}, {st}>")
     out.extend(f"wkv7_tc_scan<{n}>" for n in TC_HEAD_SIZES)
     return tuple(out)
 
@@ -275,6 +280,13 @@ def _tc_bwd_warps(N):
     return nw
 
 
+def _tc_bwd_name(ct, N):
+    st = TC_BWD_STRIP[N]
+    if st not in TC_BWD_STRIP_OPTIONS[N]:
+        raise ValueError(f"wkv7: TC_BWD_STRIP[{N}] = {st} is not compiled (options {TC_BWD_STRIP_OPTIONS[N]})")
+    return f"wkv7_tc_bwd<{ct}, {N}, {_tc_bwd_warps(N)}, {st}>"
+
+
 def _tc_bwd_threads(N):
     """Block size of wkv7_tc_bwd<T, N, TC_BWD_WARPS[N]> (TcBwdCfg::NT)."""
     return 32 * _tc_bwd_warps(N)
@@ -345,7 +357,7 @@ def _backward_chunked(call, x, saved, dy, dstate, g, dstate_in):
         adjoint(2, None, None, dck)
     grads = [ptr(g[n]) for n in ("r", "w", "k", "v", "a", "b")]
     mild = np.float32(min(float(BWD_MILD), 30.0 / TC_L))
-    _launch(f"wkv7_tc_bwd<{ct}, {N}, {_tc_bwd_warps(N)}>", (B * nch * H,), (_tc_bwd_threads(N),),
+    _launch(_tc_bwd_name(ct, N), (B * nch * H,), (_tc_bwd_threads(N),),
             (*ins, ptr(dy), *grads, i32(T), i32(H), ptr(saved["ckpt"]), ptr(dck), ptr(fix), mild, i32(vec)),
             shared_mem=_tc_bwd_smem(N))
     _launch(f"wkv7_backward<{ct}, {N}>", (max(1, min(B * nch * H, _device_sms())),), (2 * N,),
