@@ -147,12 +147,15 @@ TC_NSEG = None                # force the number of time segments (None: _tc_seg
 BACKWARD_PATH = "auto"
 BWD_MILD = 1.0
 # Adjoint pass in time segments (wkv7_tc_chunk<.., 3> transitions, wkv7_tc_scan backwards, then <.., 2> per
-# segment), chosen as the forward's (_tc_segments); TC_BWD_NSEG forces the count (None: _tc_segments).
+# segment), chosen as the forward's (_tc_segments); TC_BWD_NSEG forces the count (None: _tc_segments).  H100 bf16
+# B=1 T=4096: adjoint 0.41 ms in 8 segments vs 1.12 serial; fwd+bwd 2.05 vs 2.84 ms.
 TC_BWD_SEGMENTS = True
 TC_BWD_NSEG = None
 # wkv7_tc_bwd<T, N, warps, strip> template arguments: warps per block, 16 x 16 tiles per mma strip (A fragments
-# loaded once per strip).  Every (warps, strip) of the options is compiled, for the sweep.  H100 at B=8 T=4096:
-# 16 warps 3.95 ms vs 8 warps 3.77 ms per call (strip 1).
+# loaded once per strip).  Every (warps, strip) of the options is compiled, for the sweep.  H100, bf16 B=8 T=4096
+# H=32 N=64, per call: (8, 2) 3.73 ms, (8, 4) 4.30 (register-capped at 128), (8, 1) 3.77, (16, 1) 3.95; fwd+bwd
+# (16, 2) = (8, 2) within 0.1%.  The kernel is bound by shared-memory operand loads, not by latency
+# (benchmarks/results/logs/at-2453368).
 TC_BWD_WARPS = {32: 4, 64: 8}
 TC_BWD_WARP_OPTIONS = {32: (4, 8), 64: (8, 16)}
 TC_BWD_STRIP = {32: 2, 64: 2}
