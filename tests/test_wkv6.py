@@ -917,6 +917,18 @@ def test_emulated_chunked_backward_none_grads_and_determinism(emu, monkeypatch):
 
 
 @pytest.mark.slow
+def test_emulation_catches_short_shared_memory(emu, monkeypatch):
+    """The emulation's guard zone can fail: a launcher asking for 64 bytes less dynamic shared memory than the
+    kernel's layout uses is refused."""
+    from rwkvops.ops import wkv6 as W
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    full = W.tc_output_smem
+    monkeypatch.setattr(W, "tc_output_smem", lambda N: full(N) - 64)
+    with pytest.raises(AssertionError, match="past its"):
+        _emu_case("bfloat16", 32, T=20, B=1, H=1, bwd=False)
+
+
+@pytest.mark.slow
 def test_chunked_forward_chunk_length_is_fixed(emu, monkeypatch):
     """The tensor-core chunk kernels have a fixed chunk length: changing CHUNK_L is refused, not miscomputed."""
     from rwkvops.ops import wkv6 as W
