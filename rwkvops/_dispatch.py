@@ -113,8 +113,10 @@ def _replay(plan, lp, arrays):
     state_indices (None where not given: the same ones as at the recording, by the signature)."""
     ptrs = [a.data_ptr() for a in arrays if a is not None]     # the recorder's source order
     if reduce(or_, ptrs) & 15 or _gpu.current_device() != lp.device:
+        plan.replay_miss = "an array off a 16-byte boundary, or another current device"
         return None
     if not lp.current():
+        plan.replay_miss = "launcher settings changed: " + lp.changed()
         plan.launch = None          # recorded again by this call (see _MAX_RECORDINGS)
         if lp.used:
             plan.launch_tries = 0
@@ -130,6 +132,7 @@ def _replay(plan, lp, arrays):
         ptrs += [base + o for o in lp.temps]
     if not lp.launch(ptrs, bridge.raw_stream()):
         plan.launch, plan.launch_why = False, "a replayed launch failed"   # the general path from now on
+        plan.replay_miss = f"{plan.launch_why}: {lp.failed}"
         return None
     lp.used = True
     objs = (*arrays, *outs)

@@ -29,6 +29,7 @@ import ctypes
 import dataclasses
 import functools
 import operator
+import re
 import sys
 import threading
 
@@ -431,7 +432,7 @@ class LaunchPlan:
     arrays.  ``guard``: :func:`globals_guard` of the launcher's module."""
 
     __slots__ = ("device", "steps", "outputs", "temps", "temp_bytes", "results", "guard", "err", "lock", "bridge",
-                 "used")
+                 "used", "failed")
 
     def __init__(self, device, steps, outputs, temps, temp_bytes, results, guard, err):
         self.device, self.steps, self.outputs, self.temps = device, steps, outputs, temps
@@ -439,6 +440,7 @@ class LaunchPlan:
         self.lock = threading.Lock()   # the parameter buffers are shared: one replay at a time
         self.bridge = None             # the array bridge that replays it (allocations, stream); set by the dispatcher
         self.used = False              # replayed at least once
+        self.failed = None             # the exception of a first launch that failed (diagnostics)
 
     def current(self) -> bool:
         """Whether the launcher's module settings are still those of the recording."""
@@ -449,6 +451,29 @@ class LaunchPlan:
             return True
         except Exception:       # a name gone, or a new value that does not compare to a bool (an array)
             return False
+
+    def changed(self) -> str:
+        """What :meth:`current` found changed, in words (for diagnostics; not on the replay path)."""
+        for d, get, snap, mget, msnap in self.guard:
+            where = d.get("__name__", "an op")
+            try:
+                if get is not None:
+                    now = get(d)
+                    names = [n for n, a, b in zip(_names_of(get, d), now, snap) if a is not b]
+                    if now != snap:
+                        return f"{where}: {names or 'a guarded name'} rebound"
+                    continue
+                now = tuple(d.values())
+                if len(now) != len(snap):
+                    return f"{where}: its globals went from {len(snap)} to {len(now)} names"
+                names = [k for k, a, b in zip(d.keys(), now, snap) if a is not b and a != b]
+                if names:
+                    return f"{where}: {names[:5]} rebound"
+                if mget is not None and mget(d) != msnap:
+                    return f"{where}: a setting held in a container changed"
+            except Exception as exc:
+                return f"{where}: the comparison raised {type(exc).__name__}"
+        return "nothing"
 
     def launch(self, ptrs, stream):
         """Write ``ptrs`` into the parameter buffers and launch every step on ``stream`` (a raw cudaStream_t).
@@ -468,12 +493,22 @@ class LaunchPlan:
                     st[8][:st[11]] = st[10](ptrs)
                 try:
                     launch_kernel(f, st[1], st[2], st[3], st[4], st[5], st[6], st[7], stream, st[9], 0)
-                except Exception:
+                except Exception as exc:
                     if ran:
                         raise
+                    self.failed = repr(exc)
                     return False
                 ran = True
         return True
+
+
+def _names_of(get, d):
+    """The names a :func:`_getter` reads (its itemgetter repr or its default argument), for messages."""
+    names = getattr(get, "__defaults__", None)
+    if names:
+        return [names[0]]
+    m = re.findall(r"'([^']+)'", repr(get))
+    return m or [None] * len(get(d))
 
 
 def _getter(names):

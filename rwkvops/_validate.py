@@ -29,6 +29,7 @@ class Plan:
                               # False once recording gave up (see rwkvops._dispatch._gpu_forward)
     launch_tries: int = 0
     launch_why: str = None    # why the last recording made no plan (rwkvops._gpu.Recorder.why)
+    replay_miss: str = None   # why the last replay of ``launch`` was skipped (diagnostics only)
 
     @property
     def gpu(self) -> bool:

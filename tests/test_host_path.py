@@ -306,6 +306,7 @@ def test_changed_setting_is_recorded_again(fake, monkeypatch):
     op(*x, **kw)
     assert [e[0] for e in dev.launches] == ["cupy", "plan"]
     assert all("wkv6_forward<" in e[1] for e in dev.launches)
+    assert "FORWARD_PATH" in _plan(op, x, kw).replay_miss          # the skipped replay says what changed
     op7 = rwkvops.get_op("wkv7")
     x, kw = inputs("wkv7", 2)
     op7(*x, **kw)
@@ -313,6 +314,7 @@ def test_changed_setting_is_recorded_again(fake, monkeypatch):
     dev.launches.clear()
     op7(*x, **kw)
     assert dev.launches[0][0] == "cupy" and "changed" in dev.launches[0][1]
+    assert "container" in _plan(op7, x, kw).replay_miss
 
 
 def test_a_setting_that_keeps_changing_ends_on_the_general_path(fake, monkeypatch):
@@ -347,6 +349,7 @@ def test_a_replay_whose_launch_fails_falls_back_to_the_general_path(fake):
     assert [e[0] for e in dev.launches if e[0] != "memset"] == ["cupy"]
     plan = _plan(op, x, kw)
     assert plan.launch is False and "failed" in plan.launch_why
+    assert plan.replay_miss.startswith(plan.launch_why + ": ") and len(plan.replay_miss) > len(plan.launch_why) + 2
 
 
 def test_pending_device_error_raises_on_a_replay(fake):
@@ -473,7 +476,8 @@ def test_gpu_replays_match_general_path_and_reference(name, mode, dtype, monkeyp
             lp = _plan(op, x, kw).launch
             y, s = op(*x, **kw)                                        # replay on new pointers
             if general:      # the general path ran instead: note why, and check the answers all the same
-                fallbacks.append((seed, bool(lp), lp.current() if lp else None, _plan(op, x, kw).launch_why))
+                p = _plan(op, x, kw)
+                fallbacks.append((seed, bool(lp), p.replay_miss, p.launch_why))
             monkeypatch.setattr(_dispatch, "LAUNCH_PLANS", False)
             y2, s2 = op(*x, **kw2)
             monkeypatch.setattr(_dispatch, "LAUNCH_PLANS", True)
@@ -482,7 +486,7 @@ def test_gpu_replays_match_general_path_and_reference(name, mode, dtype, monkeyp
             ry, rs = op(*xr, **kr)
             assert rel_rms(y, ry) < tol and rel_rms(s, rs) < max(tol, 5e-5)
             assert (s is kw["state"]) == (mode == "pool")
-        # (seed, had a plan, plan current, why not recorded) per call that did not replay
+        # (seed, had a plan, why its replay was skipped, why not recorded) per call that did not replay
         assert fallbacks == []
 
 
