@@ -258,18 +258,9 @@ def _launch(kernel, dtype, grid, args, version=2):
     launch("wkv4", SOURCE, name, NAME_EXPRESSIONS, grid, (_BLOCK, 1, 1), args)
 
 
-def _zero(a):
-    """Zero an int/float buffer on the current stream (NumPy arrays too, for the CPU emulation)."""
-    if isinstance(a, np.ndarray):
-        a.fill(0)
-        return
-    import cupy
-    cupy.cuda.runtime.memsetAsync(a.data.ptr, 0, a.nbytes, cupy.cuda.get_current_stream().ptr)
-
-
 def _forward_fused(call, x, state_in, state_out, save):
     """One launch: see wkv4_fwd_fused in wkv4.cu."""
-    from .._gpu import error_ptr, ptr
+    from .._gpu import error_ptr, ptr, zero
     seqs = call.seqs
     C = call.dims["C"]
     k = x["k"]
@@ -282,7 +273,7 @@ def _forward_fused(call, x, state_in, state_out, save):
     agg = call.empty((ns, 3, C), "float32")
     inc = call.empty((ns, 3, C), "float32")
     flags = call.empty((ntiles + 1,), "int32")
-    _zero(flags)
+    zero(flags)
     fin = call.empty((seqs.num, 3, C), "float32") if save else None
     sinb = call.empty((seqs.chunk_slots(L), 3, C), "float32") if save else None
     y = call.empty(tuple(k.shape), call.dtype)
