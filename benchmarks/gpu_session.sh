@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # All the GPU work in one call on a CUDA machine, logs and results under $OUT:
-#   bash benchmarks/gpu_session.sh [compile] [test] [memcheck|memquick] [racecheck] [bench] [serving] [demo]
+#   bash benchmarks/gpu_session.sh [compile] [test] [memcheck|memquick] [racecheck] [bench|bench-key] [serving] [demo]
 # (default: all but memquick); STAGE_TIMEOUT (s) bounds each stage.
 # Wheels for packages the machine lacks (fla-core) travel in .whl/.
 set -u
@@ -38,6 +38,10 @@ for s in $stages; do case $s in
   racecheck) run racecheck compute-sanitizer --tool racecheck --error-exitcode 3 python3 benchmarks/sanitize.py --quick ${SANITIZE_OPS:+--ops=$SANITIZE_OPS} ;;
   bench)    RWKVOPS_BENCH_OUT="$OUT/bench.json" run bench python3 -m pytest -q -s -p no:cacheprovider \
               --benchmark-disable-gc --benchmark-json="$OUT/pytest-benchmark.json" ${BENCH_K:+-k "$BENCH_K"} benchmarks/bench_ops.py ;;
+  bench-key) # the targets' cases only (fla's first-call Triton autotuning makes the whole suite outlast one device call)
+            RWKVOPS_BENCH_OUT="$OUT/bench.json" run bench python3 -m pytest -q -s -p no:cacheprovider \
+              --benchmark-disable-gc -k "not B16 and not T1024 and not B64 and not torch_step and not float32 and not fwd-B1-T4096" \
+              benchmarks/bench_ops.py ;;
   serving)  run serving python3 benchmarks/serving.py --device gpu --full --out "$OUT/serving.json" ;;
   demo)     run demo python3 -m rwkvops demo ;;
   host)     run host python3 benchmarks/host_overhead.py --profile --json "$OUT/host.json" ;;
