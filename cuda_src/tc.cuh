@@ -65,17 +65,23 @@ __device__ __forceinline__ void zero(float* acc) {
     for (int r = 0; r < 8; ++r) acc[r] = 0.f;
 }
 
-// A 16 x (16 NT) strip: acc[n] += op(A)[16 x K] op(B)[K x 16n .. 16n+15] for n < NT, each A fragment loaded
-// once per k-step for all NT tiles (B tile n starts at B + 16n, or B + 16n ldb when TB).
+// A 16 x (16 NT) strip with the operands scaled as their fragments load (no scaled copy in shared memory, no
+// extra barrier): op(A) element (m, k) times fa[k] (fa null: 1), and B's element stored at row x, column y
+// (B[x * ldb + y]: TB ? (n, k) : (k, n)) times fb[y] (null: 1) and, when B2 is given, times B2[x * ldb + y].
+// A and B may be in shared or global memory.
 template <bool TA, bool TB, bool SPLIT, int NT>
-__device__ __forceinline__ void mma_strip(float (&acc)[NT][8], const float* A, int lda, const float* B, int ldb, int K) {
+__device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const float* A, int lda, const float* fa,
+                                                 const float* B, const float* B2, int ldb, const float* fb,
+                                                 int K) {
     const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     for (int k = 0; k < K; k += 8) {
         unsigned a[4], alo[4];
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int m = g + 8 * (r % 2), kk = k + c + 4 * (r / 2);
-            split<SPLIT>(TA ? A[kk * lda + m] : A[m * lda + kk], a[r], alo[r]);
+            float x = TA ? A[kk * lda + m] : A[m * lda + kk];
+            if (fa != nullptr) x *= fa[kk];
+            split<SPLIT>(x, a[r], alo[r]);
         }
 #pragma unroll
         for (int n = 0; n < NT; ++n)
@@ -85,7 +91,11 @@ __device__ __forceinline__ void mma_strip(float (&acc)[NT][8], const float* A, i
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     const int kk = k + c + 4 * r, nn = 16 * n + 8 * half + g;
-                    split<SPLIT>(TB ? B[nn * ldb + kk] : B[kk * ldb + nn], b[r], blo[r]);
+                    const int o = TB ? nn * ldb + kk : kk * ldb + nn;
+                    float x = B[o];
+                    if (B2 != nullptr) x *= B2[o];
+                    if (fb != nullptr) x *= fb[TB ? kk : nn];
+                    split<SPLIT>(x, b[r], blo[r]);
                 }
                 if (SPLIT) {
                     mma_m16n8k8(acc[n] + 4 * half, alo, b);
@@ -94,6 +104,13 @@ __device__ __forceinline__ void mma_strip(float (&acc)[NT][8], const float* A, i
                 mma_m16n8k8(acc[n] + 4 * half, a, b);
             }
     }
+}
+
+// A 16 x (16 NT) strip: acc[n] += op(A)[16 x K] op(B)[K x 16n .. 16n+15] for n < NT, each A fragment loaded
+// once per k-step for all NT tiles (B tile n starts at B + 16n, or B + 16n ldb when TB).
+template <bool TA, bool TB, bool SPLIT, int NT>
+__device__ __forceinline__ void mma_strip(float (&acc)[NT][8], const float* A, int lda, const float* B, int ldb, int K) {
+    mma_strip_scaled<TA, TB, SPLIT, NT>(acc, A, lda, nullptr, B, nullptr, ldb, nullptr, K);   // the nulls fold away
 }
 
 // acc (a 16 x 16 tile, this lane's 8 values) += op(A)[16 x K] op(B)[K x 16], K a multiple of 8: the one-tile

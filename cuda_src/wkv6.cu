@@ -18,6 +18,8 @@
 #include "common.cuh"
 #include "tc.cuh"
 
+using rwkv::tc::mma_strip_scaled;
+
 namespace wkv6 {
 
 template <int N> struct Tile { static constexpr int TT = 1024 / N; };
@@ -299,46 +301,6 @@ __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool
     }
 }
 
-// rwkv::tc::mma_strip with the operands scaled as their fragments load (no scaled copy in shared memory, no
-// extra barrier): op(A) element (m, k) times fa[k] (fa null: 1), and B's element stored at row x, column y
-// (B[x * ldb + y]: TB ? (n, k) : (k, n)) times fb[y] (null: 1) and, when B2 is given, times B2[x * ldb + y].
-// A and B may be in shared or global memory.
-template <bool TA, bool TB, bool SPLIT, int NT>
-__device__ __forceinline__ void strip_scaled(float (&acc)[NT][8], const float* A, int lda, const float* fa,
-                                             const float* B, const float* B2, int ldb, const float* fb, int K) {
-    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-    for (int k = 0; k < K; k += 8) {
-        unsigned a[4], alo[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int m = g + 8 * (r % 2), kk = k + c + 4 * (r / 2);
-            float x = TA ? A[kk * lda + m] : A[m * lda + kk];
-            if (fa != nullptr) x *= fa[kk];
-            rwkv::tc::split<SPLIT>(x, a[r], alo[r]);
-        }
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                unsigned b[2], blo[2];
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int kk = k + c + 4 * r, nn = 16 * n + 8 * half + g;
-                    const int o = TB ? nn * ldb + kk : kk * ldb + nn;
-                    float x = B[o];
-                    if (B2 != nullptr) x *= B2[o];
-                    if (fb != nullptr) x *= fb[TB ? kk : nn];
-                    rwkv::tc::split<SPLIT>(x, b[r], blo[r]);
-                }
-                if (SPLIT) {
-                    rwkv::tc::mma_m16n8k8(acc[n] + 4 * half, alo, b);
-                    rwkv::tc::mma_m16n8k8(acc[n] + 4 * half, a, blo);
-                }
-                rwkv::tc::mma_m16n8k8(acc[n] + 4 * half, a, b);
-            }
-    }
-}
-
 // f[j] = 2^(sum_{lo <= p < hi} E_p[j] - (neg >= 0 ? E_neg[j] : 0)): a per-channel factor, one warp's row.
 template <int N>
 __device__ __forceinline__ void tc_col_factor(float* f, const float* sE, int lo, int hi, int neg) {
@@ -354,7 +316,7 @@ __device__ __forceinline__ void tc_col_factor(float* f, const float* sE, int lo,
 // Column factor of the pair (query block q, key block p <= q), this warp's row f: the key of block p scaled for
 // query block q is Kh_s = k_s 2^sigma_s f[j] with f = 2^(block totals strictly between p and q) (Kh <= |k|), or
 // for p == q, 2^-E_q (the diagonal block when it is safe to factorize: <= |k| e^30).  The products apply f as
-// their fragments load (strip_scaled).  Every lane must be done reading f's previous values.  One warp.
+// their fragments load (mma_strip_scaled).  Every lane must be done reading f's previous values.  One warp.
 template <int N>
 __device__ __forceinline__ void tc_pair_factor(float* f, const float* sE, int p, int q) {
     if (p == q) tc_col_factor<N>(f, sE, 0, 0, q);
@@ -403,7 +365,7 @@ __device__ __forceinline__ void tc_scores(float* Aq, int la, const float* Qq, co
         tc_pair_factor<N>(f, sE, p, q);
         float sc[1][8];
         rwkv::tc::zero(sc[0]);
-        strip_scaled<false, true, SPLIT, 1>(sc, Qq, LD, nullptr, sKs + 16 * p * LD, nullptr, LD, f, N);
+        mma_strip_scaled<false, true, SPLIT, 1>(sc, Qq, LD, nullptr, sKs + 16 * p * LD, nullptr, LD, f, N);
         rwkv::tc::store_tile(Aq + 16 * p, la, sc[0]);
     }
     if (unsafe) {
@@ -601,8 +563,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
         for (int n = 0; n < NT; ++n) rwkv::tc::zero(acc[n]);
 #pragma unroll
         for (int p = 0; p < NB; ++p)
-            strip_scaled<true, false, SPLIT, NT>(acc, sV + 16 * p * LD + 16 * mt, LD, nullptr, sK + 16 * p * LD,
-                                                 sW + 16 * p * LD, LD, sF + p * LD, 16);
+            mma_strip_scaled<true, false, SPLIT, NT>(acc, sV + 16 * p * LD + 16 * mt, LD, nullptr, sK + 16 * p * LD,
+                                                     sW + 16 * p * LD, LD, sF + p * LD, 16);
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -646,7 +608,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     float acc[N / 16][8];
 #pragma unroll
     for (int n = 0; n < N / 16; ++n) rwkv::tc::zero(acc[n]);
-    strip_scaled<false, true, SPLIT, N / 16>(acc, Qq, LD, fq, sm.A, nullptr, LD, nullptr, N);   // (Qh f) S_in^T
+    mma_strip_scaled<false, true, SPLIT, N / 16>(acc, Qq, LD, fq, sm.A, nullptr, LD, nullptr, N);   // (Qh f) S_in^T
     __syncthreads();   // every warp is done with S_in: A takes the scores
 
     // warp q computes the score rows of block qs = NB - 1 - q (qs + 1 tiles) and then y of block q (a product over
@@ -701,7 +663,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
     float acc[N / 16][8];
 #pragma unroll
     for (int n = 0; n < N / 16; ++n) rwkv::tc::zero(acc[n]);
-    strip_scaled<false, true, SPLIT, N / 16>(acc, sm.K + 16 * q * LD, LD, fq, sA, nullptr, LD, nullptr, N);
+    mma_strip_scaled<false, true, SPLIT, N / 16>(acc, sm.K + 16 * q * LD, LD, fq, sA, nullptr, LD, nullptr, N);
     __syncthreads();   // every warp is done with G: A takes the scores
     tc_scores<T, N, SPLIT>(Aq, LA, sm.Q + 16 * q * LD, sm.K, sm.E, fq, q, sm.Unsafe[q] != 0, sm.Ruk, r, k, w, start,
                            len, H, h);
@@ -835,8 +797,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         if (qb == q) tc_col_factor<N>(fq, sE, 0, 0, q);
         else tc_col_factor<N>(fq, sE, q + 1, qb, -1);
         // op(A)[s, t] = B[t, s]; the query operand r_t 2^alpha_t f[j] scaled as it loads
-        strip_scaled<true, false, SPLIT, NT>(accK, sB + 16 * qb * LA + 16 * q, LA, nullptr, X1 + 16 * qb * LD,
-                                             X4 + 16 * qb * LD, LD, fq, 16);
+        mma_strip_scaled<true, false, SPLIT, NT>(accK, sB + 16 * qb * LA + 16 * q, LA, nullptr, X1 + 16 * qb * LD,
+                                                 X4 + 16 * qb * LD, LD, fq, 16);
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -867,8 +829,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_rkw(
         __syncwarp();   // every lane is done with fq
         tc_pair_factor<N>(fq, sE, p, q);
         // the key operand k_s 2^sigma_s f[j] scaled as it loads
-        strip_scaled<false, false, SPLIT, NT>(accR, Bq + 16 * p, LA, nullptr, X2 + 16 * p * LD, X5 + 16 * p * LD, LD,
-                                              fq, 16);
+        mma_strip_scaled<false, false, SPLIT, NT>(accR, Bq + 16 * p, LA, nullptr, X2 + 16 * p * LD, X5 + 16 * p * LD,
+                                                  LD, fq, 16);
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n)
