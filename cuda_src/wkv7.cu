@@ -1028,6 +1028,37 @@ __global__ void __launch_bounds__(BwdRowCfg<N>::NT, 1) wkv7_backward(
 // Warp q owns state rows q*RW .. q*RW+RW-1 and the same columns of U (and Y): S, U and Y never cross warps, so
 // the only block barriers are around the per-chunk token matrices (staged inputs, decays, intra-chunk matrices).
 namespace wkv7 {
+
+// In-place unit-triangular solves of one column u against the strictly lower L x L matrix M (row stride LD):
+// forward_subst: u <- (I - M)^{-1} u;  back_subst: u <- (I - M^T)^{-1} u.  Two accumulators halve the chain.
+template <int L, int LD>
+__device__ __forceinline__ void forward_subst(float (&u)[L], const float* M) {
+#pragma unroll
+    for (int t = 1; t < L; ++t) {
+        float s0 = u[t], s1 = 0.f;
+#pragma unroll
+        for (int s = 0; s < t; s += 2) {
+            s0 = fmaf(M[t * LD + s], u[s], s0);
+            if (s + 1 < t) s1 = fmaf(M[t * LD + s + 1], u[s + 1], s1);
+        }
+        u[t] = s0 + s1;
+    }
+}
+
+template <int L, int LD>
+__device__ __forceinline__ void back_subst(float (&u)[L], const float* M) {
+#pragma unroll
+    for (int t = L - 2; t >= 0; --t) {
+        float s0 = u[t], s1 = 0.f;
+#pragma unroll
+        for (int s = t + 1; s < L; s += 2) {
+            s0 = fmaf(M[s * LD + t], u[s], s0);
+            if (s + 1 < L) s1 = fmaf(M[(s + 1) * LD + t], u[s + 1], s1);
+        }
+        u[t] = s0 + s1;
+    }
+}
+
 constexpr int TC_L = 16;
 constexpr float TC_SAFE_SPAN = 30.f;
 static_assert(TC_L == WKV7_CK, "the chunk starts are the backward's checkpoints");
@@ -1262,27 +1293,9 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
 #pragma unroll
             for (int t = 0; t < L; ++t) u[t] = sU[t * LDU + col];
             if (REV) {   // Z = (I - M_ab^T)^{-1} X: back substitution
-#pragma unroll
-                for (int t = L - 2; t >= 0; --t) {
-                    float s0 = u[t], s1 = 0.f;
-#pragma unroll
-                    for (int s = t + 1; s < L; s += 2) {
-                        s0 = fmaf(Mab[s * LDI + t], u[s], s0);
-                        if (s + 1 < L) s1 = fmaf(Mab[(s + 1) * LDI + t], u[s + 1], s1);
-                    }
-                    u[t] = s0 + s1;
-                }
+                wkv7::back_subst<L, LDI>(u, Mab);
             } else {
-#pragma unroll
-                for (int t = 1; t < L; ++t) {
-                    float s0 = u[t], s1 = 0.f;
-#pragma unroll
-                    for (int s = 0; s < t; s += 2) {
-                        s0 = fmaf(Mab[t * LDI + s], u[s], s0);
-                        if (s + 1 < t) s1 = fmaf(Mab[t * LDI + s + 1], u[s + 1], s1);
-                    }
-                    u[t] = s0 + s1;
-                }
+                wkv7::forward_subst<L, LDI>(u, Mab);
             }
             __syncwarp();
             if (lane < RW) {
@@ -1663,27 +1676,9 @@ __global__ void __launch_bounds__(TcBwdCfg<N, NW_, ST_>::NT, TcBwdCfg<N, NW_, ST
 #pragma unroll
         for (int t = 0; t < L; ++t) u[t] = M[t * LD + col];
         if (!zz) {
-#pragma unroll
-            for (int t = 1; t < L; ++t) {
-                float s0 = u[t], s1 = 0.f;
-#pragma unroll
-                for (int s = 0; s < t; s += 2) {
-                    s0 = fmaf(Mab[t * LDI + s], u[s], s0);
-                    if (s + 1 < t) s1 = fmaf(Mab[t * LDI + s + 1], u[s + 1], s1);
-                }
-                u[t] = s0 + s1;
-            }
+            wkv7::forward_subst<L, LDI>(u, Mab);
         } else {
-#pragma unroll
-            for (int t = L - 2; t >= 0; --t) {
-                float s0 = u[t], s1 = 0.f;
-#pragma unroll
-                for (int s = t + 1; s < L; s += 2) {
-                    s0 = fmaf(Mab[s * LDI + t], u[s], s0);
-                    if (s + 1 < L) s1 = fmaf(Mab[(s + 1) * LDI + t], u[s + 1], s1);
-                }
-                u[t] = s0 + s1;
-            }
+            wkv7::back_subst<L, LDI>(u, Mab);
         }
 #pragma unroll
         for (int t = 0; t < L; ++t) M[t * LD + col] = u[t];

@@ -331,19 +331,14 @@ def _backward_chunked(call, x, saved, dy, dstate, g, dstate_in):
         dy = call.empty(tuple(x["r"].shape), call.dtype)
         _gpu.zero(dy)
     ins = [ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b")]
-    vec = all(int(p) % 16 == 0 for p in ins + [ptr(dy)])
+    vec = _gpu.aligned(*(x[n] for n in ("r", "w", "k", "v", "a", "b")), dy)
     dck = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
     fix = call.empty((1 + B * nch * H,), "int32")   # [count, chunk ids]
     _gpu.zero(fix)
     # adjoint pass: one block per (sequence, head) walking all chunks backwards, or (few sequences x heads) time
     # segments: their transitions X_start = X_end M' + A' in parallel, a reverse scan for the adjoint at every
     # segment end (and dL/d initial state), then the segments' checkpoints in parallel
-    if TC_BWD_NSEG is not None:
-        nseg = max(1, min(int(TC_BWD_NSEG), nch))
-    else:
-        nseg = _tc_segments(B, H, T) if TC_BWD_SEGMENTS else 1
-    seg_len = -(-(-(-T // nseg)) // TC_L) * TC_L
-    nseg = -(-T // seg_len)
+    nseg, seg_len = _tc_layout(B, H, T, TC_BWD_NSEG if TC_BWD_NSEG is not None else None if TC_BWD_SEGMENTS else 1)
     segbuf = None if nseg == 1 else call.empty((B, nseg, H, 2, N, N), "float32")
 
     def adjoint(mode, sin, sout, ck):
@@ -396,6 +391,13 @@ def _tc_segments(num, H, T) -> int:
     return nseg if nseg >= TC_MIN_NSEG else 1
 
 
+def _tc_layout(num, H, T, nseg=None):
+    """(segments, tokens per segment): whole chunks, nseg (None: :func:`_tc_segments`) segments or fewer."""
+    nseg = _tc_segments(num, H, T) if nseg is None else max(1, min(int(nseg), -(-T // TC_L)))
+    seg_len = -(-(-(-T // nseg)) // TC_L) * TC_L
+    return -(-T // seg_len), seg_len
+
+
 def _forward_chunked(call, x, y, state_in, state_out, ckpt, vec):
     """Chunked forward of a dense batch (see wkv7.cu): nseg == 1: wkv7_tc_chunk<.., 0> per (sequence, head);
     else wkv7_tc_chunk<.., 1> (segment transitions into segbuf [B, nseg, H, 2, N, N] fp32), wkv7_tc_scan (segment
@@ -405,9 +407,7 @@ def _forward_chunked(call, x, y, state_in, state_out, ckpt, vec):
     seqs = call.seqs
     B, T, H, N = seqs.num, seqs.T, call.dims["H"], call.dims["N"]
     ct = CTYPE[call.dtype]
-    nseg = _tc_segments(B, H, T)
-    seg_len = -(-(-(-T // nseg)) // TC_L) * TC_L
-    nseg = -(-T // seg_len)
+    nseg, seg_len = _tc_layout(B, H, T)
     ins = tuple(ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b"))
     segbuf = None if nseg == 1 else call.empty((B, nseg, H, 2, N, N), "float32")
 
@@ -446,7 +446,7 @@ def gpu_forward(call, x, state_in, state_out, save):
     else:
         if save:
             ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
-        vec = all(int(p) % 16 == 0 for p in ins)   # 16-byte input loads (always true for fresh allocations)
+        vec = _gpu.aligned(*(x[n] for n in ("r", "w", "k", "v", "a", "b")))   # 16-byte input loads
         if _use_chunked(call):
             _forward_chunked(call, x, y, state_in, state_out, ckpt, vec)
             return y, {"ckpt": ckpt}
