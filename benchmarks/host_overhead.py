@@ -33,13 +33,8 @@ H, N, C = 32, 64, 2048
 
 def _u64(a):
     """A launch argument as the 8 bytes of its kernel parameter slot (low bytes the value, the rest zero)."""
-    if isinstance(a, (bool, np.bool_)):
-        a = np.bool_(a)
-    elif isinstance(a, int):
-        a = np.int64(a)
-    elif isinstance(a, float):
-        a = np.float64(a)
-    return int.from_bytes(a.tobytes().ljust(8, b"\0"), "little")
+    from rwkvops._gpu import kernel_scalar
+    return int.from_bytes(kernel_scalar(a).tobytes().ljust(8, b"\0"), "little")
 
 
 class FakeDevice:

@@ -47,19 +47,12 @@ def _fwd_bwd(x, gy):
     y.backward(gy)
 
 
-def reference64(x, s0=None):
-    """float64 recurrence on the GPU (torch), inputs [B, T, H, N] -> (y, S)."""
+def reference64(x, s0):
+    """float64 (y, S) on the GPU: benchmarks/accuracy.py's torch recurrence, inputs [B, T, H, N]."""
     import torch
-    r, w, k, v, a, b = (t.double() for t in x)
-    B, T, _, _ = r.shape
-    S = torch.zeros(B, H, N, N, dtype=torch.float64, device=r.device) if s0 is None else s0.double().clone()
-    d = torch.exp(-torch.exp(w))
-    y = torch.empty_like(r)
-    for t in range(T):
-        sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
-        S = S * d[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
-        y[:, t] = torch.einsum("bhij,bhj->bhi", S, r[:, t])
-    return y, S
+    from accuracy import ref_wkv7
+    with torch.no_grad():
+        return ref_wkv7({n: t.double() for n, t in zip(NAMES, x)}, s0.double())
 
 
 def rel(a, b):
@@ -142,35 +135,11 @@ def main():
 
 
 def reference64_backward(x, s0, gy, gs):
-    """float64 gradients (reverse-time adjoint, as wkv7.reference_backward) on the GPU: dict r..b, state."""
-    import torch
-    r, w, k, v, a, b = (t.double() for t in x)
-    gy = gy.double()
-    T = r.shape[1]
-    d = torch.exp(-torch.exp(w))
-    S = s0.double().clone()
-    states = [S]
-    for t in range(T):
-        sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
-        S = S * d[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
-        states.append(S)
-    g = {n: torch.zeros_like(r) for n in NAMES}
-    dS = gs.double().clone()
-    for t in range(T - 1, -1, -1):
-        St, Sp = states[t + 1], states[t]
-        dyt = gy[:, t]
-        g["r"][:, t] = torch.einsum("bhij,bhi->bhj", St, dyt)
-        dS = dS + dyt[..., :, None] * r[:, t, :, None, :]
-        g["v"][:, t] = torch.einsum("bhij,bhj->bhi", dS, k[:, t])
-        g["k"][:, t] = torch.einsum("bhij,bhi->bhj", dS, v[:, t])
-        sa = torch.einsum("bhij,bhj->bhi", Sp, a[:, t])
-        dsa = torch.einsum("bhij,bhj->bhi", dS, b[:, t])
-        g["b"][:, t] = torch.einsum("bhij,bhi->bhj", dS, sa)
-        g["a"][:, t] = torch.einsum("bhij,bhi->bhj", Sp, dsa)
-        g["w"][:, t] = torch.einsum("bhij,bhij->bhj", dS, Sp) * d[:, t] * (-torch.exp(w[:, t]))
-        dS = dS * d[:, t, :, None, :] + dsa[..., None] * a[:, t, :, None, :]
-    g["state"] = dS
-    return g
+    """float64 gradients (dict r..b, state) on the GPU: benchmarks/accuracy.py's autograd reference."""
+    from accuracy import reference
+    _, _, grads = reference("wkv7", {n: t.double() for n, t in zip(NAMES, x)}, s0.double(), gy.double(),
+                            gs.double())
+    return grads
 
 
 def _grads(x, s0, gy, gs):

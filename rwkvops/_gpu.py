@@ -242,6 +242,20 @@ def _memset(p, nbytes, stream):
     (_CUPY or _cupy()).cuda.runtime.memsetAsync(p, 0, nbytes, stream)
 
 
+def kernel_scalar(a):
+    """A launch argument as the NumPy scalar CuPy passes for it (Python bool/int/float as bool/int64/float64), or
+    None when it is not a scalar of at most 8 bytes."""
+    if isinstance(a, (bool, _np.bool_)):
+        return _np.bool_(a)
+    if isinstance(a, int):
+        return _np.int64(a)
+    if isinstance(a, float):
+        return _np.float64(a)
+    if isinstance(a, _np.generic) and a.dtype.kind in "iuf" and a.dtype.itemsize <= 8:
+        return a
+    return None
+
+
 class Recorder:
     """Notes what one inference forward does on the device, to build its :class:`LaunchPlan`.
 
@@ -372,16 +386,8 @@ class Recorder:
         # one 8-byte slot per kernel parameter, the pointer parameters' first (one slice assignment per replay)
         bound, const = [], []
         for k, a in enumerate(args):
-            # the conversions CuPy applies to Python scalars
-            if isinstance(a, (bool, _np.bool_)):
-                c = _np.bool_(a)
-            elif isinstance(a, int):
-                c = _np.int64(a)
-            elif isinstance(a, float):
-                c = _np.float64(a)
-            elif isinstance(a, _np.generic) and a.dtype.kind in "iuf" and a.dtype.itemsize <= 8:
-                c = a
-            else:
+            c = kernel_scalar(a)
+            if c is None:
                 self.refuse(f"launch argument {k} is a {type(a).__name__}, not a scalar or ptr()")
                 return None
             if c.dtype.kind in "iu":
