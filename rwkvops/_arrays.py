@@ -317,6 +317,18 @@ class TorchCudaBridge(Bridge):
         like = torch.empty_like
         return [like(arrays[h]) if type(h) is int else torch.empty(h[0], dtype=h[1], device=dev) for h in specs]
 
+    def allocator(self, specs):
+        """``arrays -> list of outputs``: :meth:`empty_tensors` for fixed ``specs``, specialized once per launch plan
+        (a decode step allocates y and, for a dense state, state_out: one ``empty_like`` each)."""
+        like = self.torch.empty_like
+        if len(specs) == 1 and type(specs[0]) is int:
+            i = specs[0]
+            return lambda arrays: [like(arrays[i])]
+        if len(specs) == 2 and type(specs[0]) is int and type(specs[1]) is int:
+            i, j = specs
+            return lambda arrays: [like(arrays[i]), like(arrays[j])]
+        return lambda arrays: self.empty_tensors(specs, arrays)
+
     def empty_bytes(self, n):
         """An uninitialized uint8 tensor of ``n`` bytes (the scratch block of a launch-plan replay)."""
         return self.torch.empty(n, dtype=self.torch.uint8, device=self.tdevice)

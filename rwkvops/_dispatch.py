@@ -11,13 +11,11 @@ on the new data pointers (:func:`_replay`): no launch views, no launcher code, o
 from __future__ import annotations
 
 import dataclasses
-from functools import reduce
-from operator import or_
 
 import numpy as np
 
 from . import _arrays, _gpu
-from ._validate import Plan, cached_plan, check_call
+from ._validate import Plan, cached_plan, check_call, tensor_key
 
 
 @dataclasses.dataclass
@@ -78,17 +76,27 @@ def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs
     if kwargs or len(args) != len(names):
         args = tuple(_bind(op, args, kwargs).values())
     arrays = (*args, state, cu_seqlens, state_indices)
-    plan = cached_plan(op, arrays)         # a repeat signature: the checks' result, from metadata alone
+    # plain torch tensors (a decode loop): the plan's key and the replay's pointers in one pass
+    hit = tensor_key(arrays)
+    if hit is not None:
+        plans = op.__dict__.get("_plans")
+        plan = None if plans is None else plans.get(hit[0])
+        if plan is not None:
+            lp = plan.launch
+            if lp and LAUNCH_PLANS and not _wants_grad(args, state):
+                out = _replay(plan, lp, arrays, hit[1], hit[2])
+                if out is not None:
+                    return out
+    else:
+        plan = cached_plan(op, arrays)     # a repeat signature: the checks' result, from metadata alone
     x = None
     if plan is None:
         x = dict(zip(names, args))
         plan = check_call(op, x, state, cu_seqlens, state_indices)
     if plan.kind == "torch":
-        torch = _arrays._torch()
         # autograd only when something needs a gradient: inference (no_grad, or plain tensors) skips the
         # autograd Function and runs the lean launch path below
-        if torch.is_grad_enabled() and ((state is not None and state.requires_grad)
-                                        or any(t.requires_grad for t in args)):
+        if _wants_grad(args, state):
             if plan.pool:
                 raise ValueError(f"{op.name}: gradients through a state pool (state_indices) are not supported; "
                                  "pass the initial states as a batch [num_seqs, ...] instead")
@@ -96,7 +104,7 @@ def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs
             return apply(op, plan, _arrays.make_bridge(plan.kind, plan.device), dict(zip(names, args)), state,
                          cu_seqlens, state_indices)
         lp = plan.launch
-        if lp and LAUNCH_PLANS:
+        if lp and LAUNCH_PLANS and hit is None:
             out = _replay(plan, lp, arrays)
             if out is not None:
                 return out
@@ -106,13 +114,36 @@ def call_op(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs
     return y, s
 
 
-def _replay(plan, lp, arrays):
+_GRAD_ENABLED = None     # torch.is_grad_enabled, looked up once torch is in use
+
+
+def _wants_grad(args, state) -> bool:
+    """Whether a torch call must go through autograd: grad mode on and an input or the state requiring grad."""
+    global _GRAD_ENABLED
+    if _GRAD_ENABLED is None:
+        _GRAD_ENABLED = _arrays._torch().is_grad_enabled
+    if not _GRAD_ENABLED():
+        return False
+    if state is not None and state.requires_grad:
+        return True
+    for t in args:
+        if t.requires_grad:
+            return True
+    return False
+
+
+def _replay(plan, lp, arrays, ptrs=None, acc=0):
     """A torch inference call through its launch plan (see rwkvops._gpu): ``(y, state_out)``, or None when this
     call must take the general path (an array off a 16-byte boundary, another current device, changed launcher
     settings: the plan is then dropped and recorded again).  ``arrays``: the call's inputs, state, cu_seqlens,
-    state_indices (None where not given: the same ones as at the recording, by the signature)."""
-    ptrs = [a.data_ptr() for a in arrays if a is not None]     # the recorder's source order
-    if reduce(or_, ptrs) & 15 or _gpu.current_device() != lp.device:
+    state_indices (None where not given: the same ones as at the recording, by the signature); ``ptrs``: their
+    data pointers, those not None, and ``acc`` their OR (:func:`rwkvops._validate.tensor_key`), or None to read
+    them here."""
+    if ptrs is None:
+        ptrs = [a.data_ptr() for a in arrays if a is not None]     # the recorder's source order
+        for p in ptrs:
+            acc |= p
+    if acc & 15 or lp.get_device() != lp.device:
         plan.replay_miss = "an array off a 16-byte boundary, or another current device"
         return None
     if not lp.current():
@@ -121,11 +152,12 @@ def _replay(plan, lp, arrays):
         if lp.used:
             plan.launch_tries = 0
         return None
-    if lp.err[0]:
+    if lp.err_word.value:
         _gpu.raise_pending_error(lp.device)
     bridge = lp.bridge
-    outs = bridge.empty_tensors(lp.outputs, arrays)
-    ptrs += [t.data_ptr() for t in outs]
+    outs = lp.alloc(arrays)
+    for t in outs:
+        ptrs.append(t.data_ptr())
     if lp.temp_bytes:
         scratch = bridge.empty_bytes(lp.temp_bytes)   # freed after the launches: stream-ordered, like call.empty
         base = scratch.data_ptr()
@@ -135,8 +167,9 @@ def _replay(plan, lp, arrays):
         plan.replay_miss = f"{plan.launch_why}: {lp.failed}"
         return None
     lp.used = True
-    objs = (*arrays, *outs)
-    return objs[lp.results[0]], objs[lp.results[1]]
+    r0, r1 = lp.results
+    n = len(arrays)
+    return (arrays[r0] if r0 < n else outs[r0 - n]), (arrays[r1] if r1 < n else outs[r1 - n])
 
 
 def forward(op, *args, state=None, cu_seqlens=None, state_indices=None, **kwargs):
@@ -347,6 +380,7 @@ def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, ligh
             lp.results = tuple(pos[r] if r < len(pos) else len(given) + r - len(pos) for r in lp.results)
             lp.outputs = bridge.output_specs(lp.outputs, [None if v is None else v.owner for v in given])
             lp.bridge = bridge
+            lp.alloc = bridge.allocator(lp.outputs)
         plan.launch_tries += 1
         plan.launch_why = rec.why
         if lp is not None and plan.launch_tries <= _MAX_RECORDINGS:

@@ -19,9 +19,9 @@ outputs, writes the pointers into the buffers and calls ``cuLaunchKernel``.  A l
 by doing its device work only through :func:`launch` and :func:`zero` on arrays it got (inputs, states,
 ``call.empty``), taking pointers with :func:`ptr`, and by choosing kernels from shapes, dtypes, the device, 16-byte
 alignment and module-level settings only (the plan is keyed by the first four and guarded by a snapshot of the op
-module's globals).  What the recorder cannot replay (a pointer of an array it does not know, a derived pointer,
-an array argument, a view's CuPy fallback or ``nbytes``: device work it does not see) leaves the call on the
-general path.
+module's globals that its ``gpu_forward`` can read by name: :func:`globals_guard`).  What the recorder cannot
+replay (a pointer of an array it does not know, a derived pointer, an array argument, a view's CuPy fallback or
+``nbytes``: device work it does not see) leaves the call on the general path.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import operator
 import re
 import sys
 import threading
+import types
 
 import numpy as _np
 
@@ -438,21 +439,26 @@ class LaunchPlan:
     arrays.  ``guard``: :func:`globals_guard` of the launcher's module."""
 
     __slots__ = ("device", "steps", "outputs", "temps", "temp_bytes", "results", "guard", "err", "lock", "bridge",
-                 "used", "failed")
+                 "alloc", "get_device", "err_word", "checks", "used", "failed")
 
     def __init__(self, device, steps, outputs, temps, temp_bytes, results, guard, err):
         self.device, self.steps, self.outputs, self.temps = device, steps, outputs, temps
         self.temp_bytes, self.results, self.guard, self.err = temp_bytes, results, guard, err
         self.lock = threading.Lock()   # the parameter buffers are shared: one replay at a time
         self.bridge = None             # the array bridge that replays it (allocations, stream); set by the dispatcher
+        self.alloc = None              # arrays -> the call's fresh outputs (the bridge's allocator); set likewise
+        self.get_device = (_CUPY or _cupy()).cuda.runtime.getDevice   # () -> the current device (cudaGetDevice)
+        # the pinned error word (a NumPy int32 array) read through ctypes: .value costs a fifth of err[0]
+        self.err_word = ctypes.c_int32.from_address(err.ctypes.data)
+        self.checks = _guard_checks(guard)   # (f, d, snapshot): current while f(d) == snapshot for each
         self.used = False              # replayed at least once
         self.failed = None             # the exception of a first launch that failed (diagnostics)
 
     def current(self) -> bool:
         """Whether the launcher's module settings are still those of the recording."""
         try:
-            for d, get, snap, mget, msnap in self.guard:
-                if (tuple(d.values()) if get is None else get(d)) != snap or (mget is not None and mget(d) != msnap):
+            for f, d, snap in self.checks:
+                if f(d) != snap:
                     return False
             return True
         except Exception:       # a name gone, or a new value that does not compare to a bool (an array)
@@ -460,14 +466,18 @@ class LaunchPlan:
 
     def changed(self) -> str:
         """What :meth:`current` found changed, in words (for diagnostics; not on the replay path)."""
-        for d, get, snap, mget, msnap in self.guard:
+        for d, get, snap, mget, msnap, n in self.guard:
             where = d.get("__name__", "an op")
             try:
                 if get is not None:
                     now = get(d)
-                    names = [n for n, a, b in zip(_names_of(get, d), now, snap) if a is not b]
+                    names = [k for k, a, b in zip(_names_of(get, d), now, snap) if a is not b]
                     if now != snap:
                         return f"{where}: {names or 'a guarded name'} rebound"
+                    if n is not None and len(d) != n:
+                        return f"{where}: its globals went from {n} to {len(d)} names"
+                    if mget is not None and mget(d) != msnap:
+                        return f"{where}: a setting held in a container changed"
                     continue
                 now = tuple(d.values())
                 if len(now) != len(snap):
@@ -508,6 +518,23 @@ class LaunchPlan:
         return True
 
 
+def _all_values(d):
+    return tuple(d.values())
+
+
+def _guard_checks(guard):
+    """A :func:`globals_guard` as one flat tuple of ``(f, d, snapshot)`` (what :meth:`LaunchPlan.current` loops
+    over on every replay)."""
+    checks = []
+    for d, get, snap, mget, msnap, n in guard:
+        checks.append((_all_values if get is None else get, d, snap))
+        if n is not None:
+            checks.append((len, d, n))
+        if mget is not None:
+            checks.append((mget, d, msnap))
+    return tuple(checks)
+
+
 def _names_of(get, d):
     """The names a :func:`_getter` reads (its itemgetter repr or its default argument), for messages."""
     names = getattr(get, "__defaults__", None)
@@ -525,29 +552,94 @@ def _getter(names):
 
 
 def globals_guard(*specs):
-    """``(namespace object, names or None)`` pairs -> the guard of a :class:`LaunchPlan`, checked on every replay.
+    """``(namespace object or dict, names or None[, roots])`` -> the guard of a :class:`LaunchPlan`, checked on
+    every replay.
 
-    With names: those attributes by identity.  None: every global of a module by identity (one tuple of its
-    dict's values: rebinding any name, e.g. ``monkeypatch.setattr(wkv4, "FORWARD", ...)`` or a replaced helper
-    function, changes it), and settings held in containers (UPPERCASE dicts, lists, sets) also by value, so that
-    ``FWD_R[64] = 2`` counts as a change too."""
+    With names: those attributes by identity.  None: the globals of a module by identity, and settings held in
+    containers (UPPERCASE dicts, lists, sets) also by value, so that ``FWD_R[64] = 2`` counts as a change too:
+    with ``roots`` (the launcher's entry points), the globals their code can read by name (:func:`_read_names`)
+    and the number of globals (a new name may shadow a builtin); else, or where the code reaches for the module's
+    namespace itself (``globals()``, ``vars()``, ``__dict__``), every global (one tuple of the dict's values).
+    Rebinding any guarded name (``monkeypatch.setattr(wkv4, "FORWARD", ...)``, a replaced helper) changes it."""
     guard = []
-    for obj, names in specs:
-        d = obj.__dict__
+    for obj, names, *roots in specs:
+        d = obj if type(obj) is dict else obj.__dict__
         if names is None:
-            mut = tuple(k for k, v in d.items() if k.isupper() and type(v) in (dict, list, set))
+            try:
+                read = _read_names(d, roots[0]) if roots else None
+            except Exception:       # an object that would not be looked at: guard every global
+                read = None
+            keys = d.keys() if read is None else read
+            mut = tuple(k for k in keys if k.isupper() and type(d[k]) in (dict, list, set))
             mget = _getter(mut) if mut else None
-            guard.append((d, None, tuple(d.values()), mget, tuple(v.copy() for v in mget(d)) if mut else None))
+            msnap = tuple(v.copy() for v in mget(d)) if mut else None
+            if read is None:
+                guard.append((d, None, tuple(d.values()), mget, msnap, None))
+            else:
+                get = _getter(tuple(read)) if read else (lambda d: ())
+                guard.append((d, get, get(d), mget, msnap, len(d)))
         else:
             get = _getter(tuple(names))
-            guard.append((d, get, get(d), None, None))
+            guard.append((d, get, get(d), None, None, None))
     return tuple(guard)
 
 
+_NAMESPACE_NAMES = frozenset(("globals", "vars", "__dict__", "locals"))
+
+
+def _read_names(d, roots):
+    """The globals of module namespace ``d`` that the code of ``roots`` can read by name: every name its code
+    objects (nested ones too) mention that ``d`` holds, and so on through the functions, classes (their methods),
+    ``functools`` wrappers and partials, and containers of them that those names hold, as long as they belong to
+    ``d``.  None when some of that code can reach the namespace itself (then only a whole-module guard is safe)."""
+    names, seen, todo = [], set(), list(roots)
+    while todo:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, types.ModuleType):
+            continue
+        v = getattr(v, "__wrapped__", v)                    # functools.wraps / lru_cache
+        if isinstance(v, functools.partial):
+            todo += [v.func, *v.args, *v.keywords.values()]
+            continue
+        if isinstance(v, (dict, list, tuple, set, frozenset)):
+            todo += list(v.values()) if isinstance(v, dict) else list(v)
+            continue
+        if isinstance(v, type):
+            if v.__module__ == d.get("__name__"):
+                todo += [getattr(f, "__func__", f) for f in vars(v).values()]
+            continue
+        if isinstance(v, (staticmethod, classmethod)):
+            todo.append(v.__func__)
+            continue
+        code = getattr(v, "__code__", None)
+        if not isinstance(v, types.FunctionType) or v.__globals__ is not d or code is None:
+            continue
+        todo += [c for c in (v.__defaults__ or ()) if callable(c)]
+        stack = [code]
+        while stack:
+            c = stack.pop()
+            if not _NAMESPACE_NAMES.isdisjoint(c.co_names):
+                return None
+            for n in c.co_names:
+                if n in d and n not in names:
+                    names.append(n)
+                    todo.append(d[n])
+            stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    return names
+
+
 def launcher_guard(op):
-    """The guard of a plan recorded for ``op``: its launcher's module and this module's launch entry points."""
-    mod = sys.modules.get(getattr(op.gpu_forward, "__module__", None))
+    """The guard of a plan recorded for ``op``: the globals its ``gpu_forward`` can read (a plain function: those of
+    its own namespace; any other callable: every global of its module) and this module's launch entry points."""
+    fn = op.gpu_forward
     specs = [(sys.modules[__name__], ("launch", "ptr", "zero", "error_ptr")), (op, ("gpu_forward",))]
-    if mod is not None:
-        specs.append((mod, None))
+    if isinstance(fn, types.FunctionType):
+        specs.append((fn.__globals__, None, (fn,)))
+    else:
+        mod = sys.modules.get(getattr(fn, "__module__", None))
+        if mod is not None:
+            specs.append((mod, None))
     return globals_guard(*specs)

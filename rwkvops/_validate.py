@@ -101,6 +101,30 @@ def signature(arrays):
     return tuple(key)   # host-side index arrays get a key too, but their plans (cu_host/idx_host) are never cached
 
 
+def tensor_key(arrays):
+    """``(signature(arrays), data pointers of the arrays not None, the OR of those pointers)`` when every array is a
+    plain ``torch.Tensor`` or None, else None: the signature (the same tuple :func:`signature` makes of them) and
+    what a launch-plan replay binds and checks, read in one pass (per tensor five C calls; a decode call passes up to
+    nine tensors)."""
+    Tensor = _TENSOR
+    if Tensor is None:
+        return None              # no tensor seen yet (signature() looks torch up)
+    key = []
+    ptrs = []
+    acc = 0
+    for a in arrays:
+        if a is None:
+            key.append(None)
+        elif type(a) is Tensor:
+            key += (a.shape, a.dtype, a.get_device(), a.is_contiguous())
+            p = a.data_ptr()
+            ptrs.append(p)
+            acc |= p
+        else:
+            return None          # subclasses and other arrays: signature() and the general checks
+    return tuple(key), ptrs, acc
+
+
 def cached_plan(op, arrays):
     """The cached :class:`Plan` of a call whose ``arrays`` (as :func:`signature` takes them) have these metadata,
     or None (first call of a signature, or no cheap metadata): then :func:`check_call`."""

@@ -317,6 +317,41 @@ def test_changed_setting_is_recorded_again(fake, monkeypatch):
     assert "container" in _plan(op7, x, kw).replay_miss
 
 
+def test_guard_covers_what_the_launcher_can_read(fake, monkeypatch):
+    """The guard follows the launcher's code: a helper it calls, rebound, or a new global (it may shadow a builtin)
+    skips the replay; a global only other code reads (the CPU reference) does not.  A launcher that reaches for its
+    module's namespace itself is guarded on every global."""
+    import types
+    from rwkvops.ops import wkv6 as W6
+    dev, inputs = fake
+    op = rwkvops.get_op("wkv6")
+    x, kw = inputs("wkv6", 2)
+
+    def kinds():
+        dev.launches.clear()
+        op(*x, **kw)
+        return [e[0] for e in dev.launches]
+    kinds()
+    assert kinds() == ["plan"]
+    real = W6._use_stream
+    monkeypatch.setattr(W6, "_use_stream", lambda seqs: real(seqs))     # same answer, another function
+    assert kinds() == ["cupy"] and "_use_stream" in _plan(op, x, kw).replay_miss
+    assert kinds() == ["plan"]
+    monkeypatch.setattr(W6, "reference_backward", lambda *a: None, raising=True)
+    assert kinds() == ["plan"]                                          # not read by gpu_forward
+    monkeypatch.setattr(W6, "min", min, raising=False)                  # a new name
+    assert kinds() == ["cupy"] and "globals went from" in _plan(op, x, kw).replay_miss
+    assert kinds() == ["plan"]
+    d = {"__name__": "fake_launcher", "SETTING": 1}
+    exec("def f():\n    return globals()['SETTING']\n", d)
+    assert _gpu._read_names(d, (d["f"],)) is None
+    exec("def g():\n    return SETTING + h()\ndef h():\n    return OTHER\nOTHER = 2\nUNUSED = 3\n", d)
+    assert sorted(_gpu._read_names(d, (d["g"],))) == ["OTHER", "SETTING", "h"]
+    ns = types.SimpleNamespace(**d)
+    guard = _gpu.globals_guard((ns, None, (d["g"],)))
+    assert len(guard) == 1 and guard[0][1] is not None and guard[0][5] == len(d)
+
+
 def test_a_setting_that_keeps_changing_ends_on_the_general_path(fake, monkeypatch):
     from rwkvops.ops import wkv6 as W6
     dev, inputs = fake
