@@ -218,10 +218,10 @@ __device__ __forceinline__ void load8(Raw8<T>& r, const T* p, bool vec) {
 // dst[a][t][j] (row stride ld) = src[a] at token start+t, head h, channel j for t < len; 0 in the padding rows.
 // Arrays whose bit is set in logmask are stored as log2 decays -exp(x) log2(e) (padding rows: 0, i.e. decay 1).
 // Every load of every array is issued before the first store (the staging is one memory round trip); vec:
-// the arrays are 16-byte aligned (16-byte loads), else element loads.
+// the arrays are 16-byte aligned (16-byte loads), else element loads.  ld_last > 0: the last array's row stride.
 template <typename T, int N, int NA>
 __device__ __forceinline__ void tc_stage(float* const (&dst)[NA], const T* const (&src)[NA], unsigned logmask, int ld,
-                                         long long start, int len, int H, int h, bool vec) {
+                                         long long start, int len, int H, int h, bool vec, int ld_last = 0) {
     constexpr int IT = TC_L * N / 8 / TC_THREADS;   // 16-byte vectors per thread and array
     static_assert(IT * 8 * TC_THREADS == TC_L * N, "chunk tile not divisible among the threads");
     Raw8<T> raw[NA][IT];
@@ -244,7 +244,7 @@ __device__ __forceinline__ void tc_stage(float* const (&dst)[NA], const T* const
                 f[i] = t < len ? rwkv::to_float(x[i]) : 0.f;
                 if (((logmask >> a) & 1u) && t < len) f[i] = -expf(f[i]) * TC_LOG2E;
             }
-            float4* o = reinterpret_cast<float4*>(dst[a] + t * ld + j);
+            float4* o = reinterpret_cast<float4*>(dst[a] + t * ((a == NA - 1 && ld_last > 0) ? ld_last : ld) + j);
             o[0] = make_float4(f[0], f[1], f[2], f[3]);
             o[1] = make_float4(f[4], f[5], f[6], f[7]);
         }
@@ -269,10 +269,11 @@ __device__ __forceinline__ void tc_stage_state(float* dst, int ld, const float* 
 // lg is overwritten by 2^sigma (keep_alpha: by 2^alpha), factors <= 1, unless kscale is given: then
 // kscale[t][j] *= 2^sigma_t instead, or fout: fout[t][j] = 2^sigma_t (lg is left as it is); if given, qscale[t][j] *= 2^alpha_t,
 // expa[t][j] = 2^alpha_t, and unsafe[p] = 1 where E_p < -TC_SAFE_SPAN in some channel.  Threads take (p, j).
+// sE's rows are lde floats apart (0: ld).
 template <int N>
 __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool keep_alpha, float* qscale,
                                               float* expa, int* unsafe, float* kscale = nullptr,
-                                              float* fout = nullptr) {
+                                              float* fout = nullptr, int lde = 0) {
     for (int idx = threadIdx.x; idx < (TC_L / 16) * N; idx += TC_THREADS) {
         const int p = idx / N, j = idx % N, o = 16 * p * ld + j;
         float l[16], alpha[16], a = 0.f;
@@ -288,7 +289,7 @@ __device__ __forceinline__ void tc_block_scan(float* lg, int ld, float* sE, bool
             else (fout != nullptr ? fout : lg)[o + s * ld] = x;
             sg += l[s];
         }
-        sE[p * ld + j] = a;
+        sE[p * (lde > 0 ? lde : ld) + j] = a;
         if (unsafe != nullptr && a < -TC_SAFE_SPAN) unsafe[p] = 1;
         if (qscale != nullptr) {
 #pragma unroll
@@ -455,32 +456,38 @@ __device__ __forceinline__ void tc_write_rows(T* __restrict__ out, const float (
     }
 }
 
-// Shared memory of the score kernels (wkv6_tc_output, wkv6_tc_bwd_v; tc_output_smem in wkv6.py), rows of N + 4
-// floats: Q (r, then Qh = r 2^alpha), K (k, then Ks = k 2^sigma), X (v or dy), A ([TC_L][TC_L + 4]: the log2
-// decays, then an N x N state matrix (rows of N + 4), then the scores), E (block totals), Ruk (r_t . (u * k_t)),
-// U (u), F (per-warp channel factors), Unsafe (per-block flags).  Three chunk arrays and A (72 KB for N = 64):
-// three blocks per SM.
-template <int N> struct TcScoreSmem { float *Q, *K, *X, *A, *E, *Ruk, *U, *F; int* Unsafe; };
+// Shared memory of the score kernels (wkv6_tc_output, wkv6_tc_fused, wkv6_tc_bwd_v; tc_output_smem in wkv6.py),
+// rows of N + 4 floats: Q (r, then Qh = r 2^alpha), K (k, then Ks = k 2^sigma), X (v or dy; rows of LDX = N + 8),
+// A ([TC_L][TC_L + 4]: the log2 decays, then an N x N state matrix (rows of N + 4), then the scores), E (block
+// totals), Ruk (r_t . (u * k_t)), U (u), F (per-warp channel factors), Unsafe (per-block flags).  Three chunk arrays
+// and A (73 KB for N = 64): three blocks per SM.  X is only read with the token index as the mma's k (A V, V^T Kt,
+// A^T dY): rows of 8 mod 32 floats make those fragment loads free of bank conflicts (N + 4 gives 2-way conflicts).
+template <int N> struct TcScoreSmem {
+    static constexpr int LDX = N + 8;
+    float *Q, *K, *X, *A, *E, *Ruk, *U, *F; int* Unsafe;
+};
 
 // Carve the shared memory, stage r, k, w, x of the chunk and u, compute r_t . (u * k_t), run the block scans (Q
-// becomes Qh, K Ks), then put the N x N matrix mat into A (its loads issued with the chunk's).  Ends with a
-// barrier; A's state rows are read by every warp, so a barrier must separate their last use from the scores.
+// becomes Qh, K Ks), then put the N x N matrix mat (null: none) into A (its loads issued with the chunk's).  Ends
+// with a barrier; A's state rows are read by every warp, so a barrier must separate their last use from the scores.
 template <typename T, int N>
 __device__ __forceinline__ TcScoreSmem<N> tc_score_setup(float* smem, const T* __restrict__ r, const T* __restrict__ k,
                                                          const T* __restrict__ w, const T* __restrict__ x,
                                                          const T* __restrict__ u, const float* __restrict__ mat,
                                                          long long start, int len, int H, int h, bool vec) {
-    constexpr int L = TC_L, LD = N + 4, NB = L / 16, IT = N * N / 4 / TC_THREADS;
+    constexpr int L = TC_L, LD = N + 4, NB = L / 16, IT = N * N / 4 / TC_THREADS, LDX = TcScoreSmem<N>::LDX;
     static_assert(N * LD <= L * (L + 4) && L * LD <= L * (L + 4), "the state and the log decays fit A");
     TcScoreSmem<N> m;
-    m.Q = smem; m.K = m.Q + L * LD; m.X = m.K + L * LD; m.A = m.X + L * LD;
+    m.Q = smem; m.K = m.Q + L * LD; m.X = m.K + L * LD; m.A = m.X + L * LDX;
     m.E = m.A + L * (L + 4); m.Ruk = m.E + NB * LD; m.U = m.Ruk + L; m.F = m.U + N;
     m.Unsafe = reinterpret_cast<int*>(m.F + NB * LD);
     const int tid = threadIdx.x;
     float4 st[IT];   // mat, held in registers until A is free
+    if (mat != nullptr) {
 #pragma unroll
-    for (int it = 0; it < IT; ++it) st[it] = reinterpret_cast<const float4*>(mat)[it * TC_THREADS + tid];
-    tc_stage<T, N, 4>({m.Q, m.K, m.A, m.X}, {r, k, w, x}, 4u, LD, start, len, H, h, vec);
+        for (int it = 0; it < IT; ++it) st[it] = reinterpret_cast<const float4*>(mat)[it * TC_THREADS + tid];
+    }
+    tc_stage<T, N, 4>({m.Q, m.K, m.A, m.X}, {r, k, w, x}, 4u, LD, start, len, H, h, vec, LDX);
     for (int j = tid; j < N; j += TC_THREADS) m.U[j] = rwkv::to_float(u[h * N + j]);
     if (tid < NB) m.Unsafe[tid] = 0;
     __syncthreads();
@@ -494,23 +501,26 @@ __device__ __forceinline__ TcScoreSmem<N> tc_score_setup(float* smem, const T* _
     __syncthreads();
     tc_block_scan<N>(m.A, LD, m.E, false, m.Q, nullptr, m.Unsafe, m.K);
     __syncthreads();
+    if (mat != nullptr) {
 #pragma unroll
-    for (int it = 0; it < IT; ++it) {
-        const int e = 4 * (it * TC_THREADS + tid);
-        *reinterpret_cast<float4*>(m.A + (e / N) * LD + e % N) = st[it];
+        for (int it = 0; it < IT; ++it) {
+            const int e = 4 * (it * TC_THREADS + tid);
+            *reinterpret_cast<float4*>(m.A + (e / N) * LD + e % N) = st[it];
+        }
+        __syncthreads();
     }
-    __syncthreads();
     return m;
 }
 
 // The (sequence b, chunk c, head h) of this block (blockIdx.x = (b * nc + c) * H + h) of a dense batch in chunks of
 // L tokens: bc = b * nc + c (the chunk-buffer slot), its first token and its length (the last chunk may be short).
 struct TcChunk { int h, len; long long bc, start; };
-__device__ __forceinline__ TcChunk tc_chunk(int Tlen, int H, int L) {
+__device__ __forceinline__ TcChunk tc_chunk_at(int Tlen, int H, int L, long long idx) {
     const int nc = (Tlen + L - 1) / L;
-    const long long bc = blockIdx.x / H, c = bc % nc, b = bc / nc;
-    return {(int)(blockIdx.x % H), (int)min((long long)L, (long long)Tlen - c * L), bc, b * Tlen + c * L};
+    const long long bc = idx / H, c = bc % nc, b = bc / nc;
+    return {(int)(idx % H), (int)min((long long)L, (long long)Tlen - c * L), bc, b * Tlen + c * L};
 }
+__device__ __forceinline__ TcChunk tc_chunk(int Tlen, int H, int L) { return tc_chunk_at(Tlen, H, L, blockIdx.x); }
 }  // namespace wkv6
 
 // Chunks of L <= TC_L tokens (the rows past L are zero padding).  vec: k, v, w 16-byte aligned.  Shared memory:
@@ -521,14 +531,16 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
     float* __restrict__ buf, float* __restrict__ dec, int rev, int vec)
 {
     using namespace wkv6;
-    constexpr int LD = N + 4;
+    // rows of 8 mod 32 floats: the product below contracts over tokens (V^T, and Kt by rows), and its fragment
+    // loads are free of bank conflicts with such rows (N + 4 gave 2-way conflicts)
+    constexpr int LD = N + 8;
     extern __shared__ __align__(32) float smem[];
     constexpr int NB = TC_L / 16;
     float* sK = smem;               // k, then Kt
     float* sW = sK + TC_L * LD;     // log decays, then sigma (rev: alpha)
     float* sV = sW + TC_L * LD;     // v
-    float* sE = sV + TC_L * LD;     // [NB][LD] block totals
-    float* sF = sE + NB * LD;       // [NB][LD] 2^(totals of the later (rev: earlier) blocks)
+    float* sE = sV + TC_L * LD;     // [NB][N] block totals
+    float* sF = sE + NB * N;        // [NB][N] 2^(totals of the later (rev: earlier) blocks)
     const TcChunk ch = tc_chunk(Tlen, H, L);
     const int h = ch.h, len = ch.len;
     const long long bc = ch.bc, start = ch.start;
@@ -540,14 +552,14 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
         tc_stage<T, N, 1>({sV}, {v}, 0u, LD, start, len, H, h, vec != 0);
     }
     __syncthreads();
-    tc_block_scan<N>(sW, LD, sE, rev != 0, nullptr, nullptr, nullptr);
+    tc_block_scan<N>(sW, LD, sE, rev != 0, nullptr, nullptr, nullptr, nullptr, nullptr, N);
     __syncthreads();
     const long long cb = (long long)bc * H + h;
     for (int idx = threadIdx.x; idx < (NB + 1) * N; idx += TC_THREADS) {
         const int p = idx / N, j = idx % N;
         float g = 0.f;
-        for (int p2 = 0; p2 < NB; ++p2) g += (p == NB || (rev ? p2 < p : p2 > p)) ? sE[p2 * LD + j] : 0.f;
-        if (p < NB) sF[p * LD + j] = exp2f(g);
+        for (int p2 = 0; p2 < NB; ++p2) g += (p == NB || (rev ? p2 < p : p2 > p)) ? sE[p2 * N + j] : 0.f;
+        if (p < NB) sF[p * N + j] = exp2f(g);
         else dec[cb * N + j] = exp2f(g);
     }
     __syncthreads();
@@ -564,7 +576,7 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_state(
 #pragma unroll
         for (int p = 0; p < NB; ++p)
             mma_strip_scaled<true, false, SPLIT, NT>(acc, sV + 16 * p * LD + 16 * mt, LD, nullptr, sK + 16 * p * LD,
-                                                     sW + 16 * p * LD, LD, sF + p * LD, 16);
+                                                     sW + 16 * p * LD, LD, sF + p * N, 16);
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -617,7 +629,212 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_output(
     tc_scores<T, N, SPLIT>(sm.A + qs * 16 * LA, LA, sm.Q + 16 * qs * LD, sm.K, sm.E, fq, qs, sm.Unsafe[qs] != 0,
                            sm.Ruk, r, k, w, start, len, H, h);
     __syncthreads();   // the rows of block q are written
-    rwkv::tc::mma_strip<false, false, SPLIT, N / 16>(acc, sAw, LA, sm.X, LD, 16 * (q + 1));
+    rwkv::tc::mma_strip<false, false, SPLIT, N / 16>(acc, sAw, LA, sm.X, TcScoreSmem<N>::LDX, 16 * (q + 1));
+    __syncwarp();
+    tc_write_rows<T, N>(y, acc, sAw, LA, q, start, len, H, h, vec != 0);
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Single-pass chunked forward (dense batches, N <= 64): wkv6_tc_state + wkv6_chunk_scan + wkv6_tc_output in one
+// launch, each chunk's inputs read once.  Blocks take tickets in the order they start, chunk-major (every (sequence,
+// head) of chunk c before chunk c + 1), so the block a ticket waits on (chunk c - 1 of its (sequence, head)) has
+// always started: no deadlock.  Per block: the intra-chunk outputs (scores, A V: as wkv6_tc_output) and the chunk's
+// own state A_c = V^T Kt with its decay product P_c (as wkv6_tc_state) need nothing from other chunks; then the
+// block gets S_in(c) (the initial state, chunk c - 1's publication, or a look-back: step 3), publishes S_in(c + 1) = S_in(c) P_c +
+// A_c (the fmaf of wkv6_chunk_scan, so the chunk states are those of the three-kernel path) into buf (the chunk-start
+// states the chunked backward reuses) with a release flag, or writes the final state; and only then adds the
+// inter-chunk term (Qh f) S_in^T to its outputs, off the chain's critical path.
+// buf: fp32 [B, nc, H, N, N] (S_in of every chunk); agg: fp32 [B, nc, H, N * N + N] (lookback != 0; else null);
+// flags: int [B * nc * H + 1] (0: nothing, 1: aggregate, 2: inclusive state published), zeroed before the launch,
+// the last entry the ticket counter.  A predecessor that never publishes (impossible for a well-formed launch) raises error 3
+// after TC_SPIN_LIMIT polls instead of hanging the GPU.
+namespace wkv6 {
+constexpr int TC_SPIN_LIMIT = 1 << 22;
+
+__device__ __forceinline__ int ld_acquire(const int* p) {
+#ifdef __CUDA_ARCH__
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+#else
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+#endif
+}
+
+__device__ __forceinline__ void st_release(int* p, int v) {
+#ifdef __CUDA_ARCH__
+    asm volatile("st.release.gpu.global.s32 [%0], %1;" : : "l"(p), "r"(v) : "memory");
+#else
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+#endif
+}
+
+// Another block's publication is read at L2 (never a stale L1 line).
+__device__ __forceinline__ float2 ld_l2(const float* p) {
+#ifdef __CUDA_ARCH__
+    return __ldcg(reinterpret_cast<const float2*>(p));
+#else
+    return *reinterpret_cast<const float2*>(p);
+#endif
+}
+}  // namespace wkv6
+
+template <typename T, int N>
+__global__ void __launch_bounds__(wkv6::TC_THREADS, 3) wkv6_tc_fused(
+    int Tlen, int H, int BH, const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ w, const T* __restrict__ u, float* buf, float* agg, int* flags, int lookback,
+    const float* state_in, float* state_out, const int* __restrict__ state_idx, int pool_size, int* err,
+    T* __restrict__ y, int vec)
+{
+    using namespace wkv6;
+    using rwkv::tc::acc_row;
+    using rwkv::tc::acc_col;
+    constexpr int L = TC_L, LD = N + 4, LA = L + 4, NB = L / 16, NT = N / 16, LDX = TcScoreSmem<N>::LDX;
+    constexpr bool SPLIT = rwkv::tc::is_f32<T>::value;
+    static_assert(N <= L && NB == TC_THREADS / 32, "one warp per 16-token block");
+    extern __shared__ __align__(32) float smem[];
+    __shared__ int s_ticket, s_back;
+    const int nc = (Tlen + L - 1) / L, tid = threadIdx.x, q = tid / 32;
+    if (tid == 0) s_ticket = atomicAdd(flags + (long long)BH * nc, 1);
+    __syncthreads();
+    const int ticket = s_ticket, c = ticket / BH, b = (ticket % BH) / H;
+    const long long idx = ((long long)b * nc + c) * H + ticket % H;   // the chunk-buffer slot, as tc_chunk's
+    const TcChunk ch = tc_chunk_at(Tlen, H, L, idx);
+    const int h = ch.h, len = ch.len;
+    const long long start = ch.start;
+    const TcScoreSmem<N> sm = tc_score_setup<T, N>(smem, r, k, w, v, u, nullptr, start, len, H, h, vec != 0);
+    float* sAw = sm.A + q * 16 * LA;
+    float* fq = sm.F + q * LD;
+
+    // 1. intra-chunk outputs of block q (warp q computes the score rows of block NB - 1 - q, as wkv6_tc_output)
+    const int qs = NB - 1 - q;
+    tc_scores<T, N, SPLIT>(sm.A + qs * 16 * LA, LA, sm.Q + 16 * qs * LD, sm.K, sm.E, fq, qs, sm.Unsafe[qs] != 0,
+                           sm.Ruk, r, k, w, start, len, H, h);
+    __syncthreads();   // the rows of block q are written; the warps' factor rows are free
+    float acc[NT][8];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) rwkv::tc::zero(acc[n]);
+    rwkv::tc::mma_strip<false, false, SPLIT, NT>(acc, sAw, LA, sm.X, LDX, 16 * (q + 1));
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < NT; ++n) rwkv::tc::store_tile(sAw + 16 * n, LA, acc[n]);   // parked in the warp's own rows
+    // the chunk's factors (as wkv6_tc_state): F[p][j] = 2^(totals of the blocks after p), U[j] = P_c[j]
+    for (int e = tid; e < (NB + 1) * N; e += TC_THREADS) {
+        const int p = e / N, j = e % N;
+        float g = 0.f;
+        for (int p2 = 0; p2 < NB; ++p2) g += (p == NB || p2 > p) ? sm.E[p2 * LD + j] : 0.f;
+        (p < NB ? sm.F + p * LD : sm.U)[j] = exp2f(g);
+    }
+    __syncthreads();
+
+    // 2. the chunk's own state A_c = V^T Kt, Kt = Ks F[p] for key block p (wkv6_tc_state); warp q: value rows 16q..
+    float accS[NT][8];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) rwkv::tc::zero(accS[n]);
+    if (q < NT) {
+#pragma unroll
+        for (int p = 0; p < NB; ++p)
+            mma_strip_scaled<true, false, SPLIT, NT>(accS, sm.X + 16 * p * LDX + 16 * q, LDX, nullptr,
+                                                     sm.K + 16 * p * LD, nullptr, LD, sm.F + p * LD, 16);
+    }
+
+    // 3. S_in(c): the initial state, or the state after the nearest predecessor j that has published its inclusive
+    //    state (S_in(j + 1), in buf) folded forward through the aggregates (A_m, P_m) of chunks j < m < c, in chunk
+    //    order with the fmaf of the chain, so S_in(c) is bit for bit the sequential scan's whatever the timing.
+    //    lookback = 0: j = c - 1 always (a pure chain: no aggregates written); 1: every chunk c > 0 publishes its
+    //    aggregate first (flag 1), so a waiting chunk need not wait for a whole chain of inclusive states (few
+    //    (sequence, head) chains with many chunks); 2 (tests): fold back to chunk 0 every time.
+    long long slot = -1;
+    if (c == 0 || c == nc - 1) slot = rwkv::state_slot(state_idx, b, pool_size, err);
+    constexpr int AGG = N * N + N;   // an aggregate: A_c (N x N), then P_c (N)
+    if (lookback != 0 && c > 0) {
+        float* a = agg + idx * AGG;
+        if (q < NT) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 8; e += 2)
+                    *reinterpret_cast<float2*>(a + (16 * q + acc_row(e)) * N + 16 * n + acc_col(e)) =
+                        make_float2(accS[n][e], accS[n][e + 1]);
+        }
+        for (int j = tid; j < N; j += TC_THREADS) a[N * N + j] = sm.U[j];
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) st_release(flags + idx, 1);
+    }
+    if (c > 0 && tid == 0) {
+        int cj = c - 1;   // walk back to the nearest inclusive state (chunk 0 only ever publishes one)
+        for (int spins = 0;;) {
+            const int f = ld_acquire(flags + idx - (long long)(c - cj) * H);
+            if (f == 2 && !(lookback == 2 && cj > 0)) break;
+            if (f != 0 && lookback != 0) { --cj; continue; }
+            if (++spins > TC_SPIN_LIMIT) {   // never expected: report instead of hanging
+                if (err) *(volatile int*)err = rwkv::ERR_LOOKBACK_TIMEOUT;
+                break;
+            }
+        }
+        __threadfence();
+        s_back = cj;
+    }
+    __syncthreads();   // also: every warp is done with X and K (A_c) and F
+    const int cj = c > 0 ? s_back : 0;
+    const float* s_in = c > 0 ? buf + (idx - (long long)(c - cj - 1) * H) * (N * N)
+                              : (state_in != nullptr && slot >= 0 ? state_in + (slot * H + h) * (long long)(N * N)
+                                                                  : nullptr);
+    float* pub = c + 1 < nc ? buf + (idx + H) * (N * N)
+                            : (state_out != nullptr && slot >= 0 ? state_out + (slot * H + h) * (long long)(N * N)
+                                                                 : nullptr);
+    if (q < NT) {
+        float2 s[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 8; e += 2) {
+                const int o = (16 * q + acc_row(e)) * N + 16 * n + acc_col(e);
+                s[n][e / 2] = make_float2(0.f, 0.f);
+                if (s_in != nullptr) s[n][e / 2] = c > 0 ? ld_l2(s_in + o) : *reinterpret_cast<const float2*>(s_in + o);
+            }
+#pragma unroll 1
+        for (int m = cj + 1; m < c; ++m) {   // the aggregates after the inclusive state, in order
+            const float* a = agg + (idx - (long long)(c - m) * H) * AGG;
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) {
+                    const int j = 16 * n + acc_col(e);
+                    const float2 A = ld_l2(a + (16 * q + acc_row(e)) * N + j), P = ld_l2(a + N * N + j);
+                    s[n][e / 2] = make_float2(fmaf(s[n][e / 2].x, P.x, A.x), fmaf(s[n][e / 2].y, P.y, A.y));
+                }
+        }
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 8; e += 2) {
+                const int i = 16 * q + acc_row(e), j = 16 * n + acc_col(e);
+                const float2 x = s[n][e / 2];
+                if (c == 0) *reinterpret_cast<float2*>(buf + idx * (N * N) + i * N + j) = x;
+                if (pub != nullptr)
+                    *reinterpret_cast<float2*>(pub + i * N + j) =
+                        make_float2(fmaf(x.x, sm.U[j], accS[n][e]), fmaf(x.y, sm.U[j + 1], accS[n][e + 1]));
+                *reinterpret_cast<float2*>(sm.K + i * LD + j) = x;   // S_in for the inter-chunk term
+            }
+    }
+    if (c + 1 < nc) {
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) st_release(flags + idx, 2);
+    }
+    __syncthreads();   // S_in is in K
+
+    // 4. inter-chunk term of block q: (Qh f) S_in^T, f = the decays of the chunk's earlier blocks
+    tc_col_factor<N>(fq, sm.E, 0, q, -1);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) rwkv::tc::zero(acc[n]);
+    mma_strip_scaled<false, true, SPLIT, NT>(acc, sm.Q + 16 * q * LD, LD, fq, sm.K, nullptr, LD, nullptr, N);
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[n][e] += sAw[acc_row(e) * LA + 16 * n + acc_col(e)];
     __syncwarp();
     tc_write_rows<T, N>(y, acc, sAw, LA, q, start, len, H, h, vec != 0);
 }
@@ -669,7 +886,8 @@ __global__ void __launch_bounds__(wkv6::TC_THREADS) wkv6_tc_bwd_v(
                            len, H, h);
     __syncthreads();   // every row of A is written
     // (A^T dY) rows of key block q: op(A)[s, t] = A[t, s]; rows t < 16q of column block q are zero
-    rwkv::tc::mma_strip<true, false, SPLIT, N / 16>(acc, sA + 16 * q + 16 * q * LA, LA, sm.X + 16 * q * LD, LD,
+    rwkv::tc::mma_strip<true, false, SPLIT, N / 16>(acc, sA + 16 * q + 16 * q * LA, LA,
+                                                    sm.X + 16 * q * TcScoreSmem<N>::LDX, TcScoreSmem<N>::LDX,
                                                     L - 16 * q);
     __syncthreads();   // every warp is done reading A
     tc_write_rows<T, N>(dv, acc, Aq, LA, q, start, len, H, h, vec != 0);
@@ -954,7 +1172,8 @@ __global__ void __launch_bounds__(256) wkv6_chunk_scan(
     const float* pd = dec + (cb0 + c0 * H) * N + 4 * cq;
     const long long astep = (rev ? -1 : 1) * (long long)H * (N * N / 4), dstep = (rev ? -1 : 1) * (long long)H * N;
     // the loads run D chunks ahead of the (serial) scan, so the loop waits on memory once per D chunks rather than
-    // once per chunk: few (sequence, head) pairs with many chunks (batch-1 prefill) are latency bound
+    // once per chunk: few (sequence, head) pairs with many chunks (batch-1 prefill) are latency bound (D = 8 took
+    // 110 registers, two blocks per SM, and was slower at B = 8, T = 4096: 216 vs 188 us)
     constexpr int D = 4;
     float4 A[D], P[D];
     const float4* ra = a;    // read cursors, D chunks ahead of a
@@ -1000,7 +1219,30 @@ __global__ void __launch_bounds__(N, 1) wkv6_chunk_output(
 // Forward for decode (one token per sequence; correct for any length).  256 threads per (sequence, head);
 // thread owns the float4 quads (row, 4*cq .. 4*cq+3), cq = tid % (N/4), rows tid/(N/4) + g*(256/(N/4)).
 // State traffic is fully coalesced 16-byte accesses; y_i is a sum over the N/4 lanes of a row (shuffles
-// inside an aligned lane group).
+// inside an aligned lane group).  The state is a stream read and written once per call (134 MB each way at
+// 256 sequences, H = 32, N = 64): its loads and stores carry the evict-first hint (ld/st.global.cs), so that it
+// does not displace the rest from L2.  H100, 256 sequences (benchmarks/wkv6_decode_sweep.py): 0.101 -> 0.095 ms
+// dense, 0.107 -> 0.099 ms pool (a torch copy of the state: 0.093); capping registers at 64 for a fourth resident
+// block, cp.async or bulk-copy (TMA) staging in shared memory, 128 or 512 threads were all slower.
+
+namespace wkv6 {
+// Evict-first 16-byte state accesses (plain ones without a CUDA arch: the CPU emulation of the tests).
+__device__ __forceinline__ float4 ld4_stream(const float* p) {
+#ifdef __CUDA_ARCH__
+    return __ldcs(reinterpret_cast<const float4*>(p));
+#else
+    return ld4(p);
+#endif
+}
+__device__ __forceinline__ void st4_stream(float* p, float4 x) {
+#ifdef __CUDA_ARCH__
+    __stcs(reinterpret_cast<float4*>(p), x);
+#else
+    *reinterpret_cast<float4*>(p) = x;
+#endif
+}
+}  // namespace wkv6
+
 template <typename T, int N>
 __global__ void __launch_bounds__(256) wkv6_forward_stream(
     const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
@@ -1023,7 +1265,7 @@ __global__ void __launch_bounds__(256) wkv6_forward_stream(
     float4 st[G];
     if (state_in != nullptr && slot >= 0) {
 #pragma unroll
-        for (int g = 0; g < G; ++g) st[g] = wkv6::ld4(state_in + sbase + (long long)(row0 + g * RPP) * N);
+        for (int g = 0; g < G; ++g) st[g] = wkv6::ld4_stream(state_in + sbase + (long long)(row0 + g * RPP) * N);
     } else {
 #pragma unroll
         for (int g = 0; g < G; ++g) st[g] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1060,7 +1302,7 @@ __global__ void __launch_bounds__(256) wkv6_forward_stream(
     if (state_out != nullptr && slot >= 0) {
 #pragma unroll
         for (int g = 0; g < G; ++g)
-            *reinterpret_cast<float4*>(state_out + sbase + (long long)(row0 + g * RPP) * N) = st[g];
+            wkv6::st4_stream(state_out + sbase + (long long)(row0 + g * RPP) * N, st[g]);
     }
 }
 

@@ -469,15 +469,20 @@ def test_gpu_strong_decay_gradients_finite():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "three-kernel"])
 @pytest.mark.parametrize("N", [32, 64, 128])
 @pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
-def test_gpu_chunked_forward(monkeypatch, dtype, N):
-    """The chunk-parallel forward (forced; auto picks it for dense T >= 256) vs the reference, incl. pools."""
+def test_gpu_chunked_forward(monkeypatch, dtype, N, fused):
+    """The chunk-parallel forward (forced; auto picks it for dense T >= 256) vs the reference, incl. pools; N <= 64
+    in one launch (wkv6_tc_fused: chunks chained through flags) or three.  T = 3000: 47 chunks in the chain."""
     torch = _torch_cuda()
     from rwkvops.ops import wkv6 as W
+    if N > W.TC_OUTPUT_MAX_N and not fused:
+        pytest.skip("N = 128 has one chunked forward")
     monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "FORWARD_FUSED", fused)
     ftol = TOL[dtype][0]
-    for T in (1, 15, 16, 17, 65, 200):
+    for T in (1, 15, 16, 17, 65, 200, 3000):
         B, H = 2, 2
         x, s, _, _ = make(B, T, H, N, seed=T + N)
         tx = {n: _to_torch(torch, x[n], dtype) for n in NAMES}
@@ -497,6 +502,34 @@ def test_gpu_chunked_forward(monkeypatch, dtype, N):
         y0, S0 = reference_forward(xr, s0)
         assert rel_rms(y, y0) < ftol and rel_rms(pool[2], S0[1]) < ftol
         assert torch.equal(pool[[0, 1, 3]], before[[0, 1, 3]])
+    rwkvops.check_errors()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+def test_gpu_chunked_fused_lookback_is_bitwise_the_chain(monkeypatch, dtype):
+    """wkv6_tc_fused with the pure chain (0), the decoupled look-back (1) and the look-back folding back to chunk 0
+    (2): bit-identical outputs and final states under real concurrency (63 chunks per chain), and equal to the
+    reference."""
+    torch = _torch_cuda()
+    from rwkvops.ops import wkv6 as W
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    B, T, H, N = 2, 4000, 3, 64
+    x, s, _, _ = make(B, T, H, N, seed=21)
+    tx = {n: _to_torch(torch, x[n], dtype) for n in NAMES}
+    ts = torch.tensor(s, dtype=torch.float32, device="cuda")
+    outs = []
+    for lb in (0, 1, 2, 1):
+        monkeypatch.setattr(W, "FUSED_LOOKBACK", lb)
+        _poison(torch)
+        y, S = wkv6(*(tx[n] for n in NAMES), state=ts)
+        outs.append((y.detach().clone(), S.detach().clone()))
+    for o in outs[1:]:
+        assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1])
+    xr = _rounded(torch, tx)
+    y0, S0 = reference_forward(xr, s.astype(np.float32).astype(np.float64))
+    ftol = TOL[dtype][0]
+    assert rel_rms(outs[0][0], y0) < ftol and rel_rms(outs[0][1], S0) < ftol
     rwkvops.check_errors()
 
 
@@ -607,6 +640,8 @@ inline float __shfl_sync(unsigned, float v, int src) {
     g_x[threadIdx.x] = v; __syncwarp();
     float r = g_x[threadIdx.x / 32 * 32 + src]; __syncwarp(); return r;
 }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 MMA_EMU
 #define __global__
 #define __device__
@@ -721,7 +756,9 @@ def _load(a, dtype):
 
 
 def _poisoned(shape, dtype):
-    return np.full(shape, 0x7FC0, np.uint16) if dtype == "bfloat16" else np.full(shape, np.nan, dtype)
+    if dtype == "bfloat16":
+        return np.full(shape, 0x7FC0, np.uint16)
+    return np.full(shape, -7 if np.dtype(dtype).kind == "i" else np.nan, dtype)
 
 
 def _emu_case(dtype, N, T=17, B=2, H=2, lens=None, with_state=True, seed=0, bwd=True, w_range=(-8.0, 4.0)):
@@ -850,15 +887,51 @@ def test_emulated_kernels_pool(emu, monkeypatch, path, varlen):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "three-kernel"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_emulated_chunked_forward(emu, monkeypatch, dtype):
+def test_emulated_chunked_forward(emu, monkeypatch, dtype, fused):
     """The tensor-core chunked forward (mma emulated lane by lane) vs the reference: partial chunks, several
-    chunks, no initial state."""
+    chunks, no initial state; in one launch (wkv6_tc_fused) or three."""
     from rwkvops.ops import wkv6 as W
     monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "FORWARD_FUSED", fused)
+    launched = []
+    launch = W._launch
+    monkeypatch.setattr(W, "_launch", lambda name, *a, **kw: (launched.append(name), launch(name, *a, **kw)))
     for T, N in ((1, 32), (15, 64), (16, 32), (17, 32), (64, 64), (130, 32)):
         _assert_errs(_emu_case(dtype, N, T=T, seed=T, bwd=False), dtype)
     _assert_errs(_emu_case(dtype, 32, T=40, with_state=False, bwd=False), dtype)
+    assert ("wkv6_tc_fused" in launched) == fused and ("wkv6_tc_output" in launched) != fused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_fused_lookback_is_bitwise_the_chain(emu, monkeypatch, dtype):
+    """wkv6_tc_fused's hand-off of chunk states: the pure chain (0), the look-back (1) and a look-back that folds every
+    aggregate back to chunk 0 (2) give bit-identical outputs, final states and saved chunk states, with and without
+    an initial state, and match the reference."""
+    from rwkvops._dispatch import GpuCall
+    from rwkvops._gpu import Seqs
+    from rwkvops.ops import wkv6 as W
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    B, T, H, N = 2, 230, 2, 32
+    x, s, _, _ = make(B, T, H, N, seed=4)
+    xs = {n: _store(a, dtype) for n, a in x.items()}
+    xr = {n: _load(a, dtype) for n, a in xs.items()}
+    s0 = s.astype(np.float32)
+    call = GpuCall(W.OP, dtype, {"B": B, "T": T, "H": H, "N": N}, Seqs(num=B, T=T, total=B * T), _poisoned)
+    for state in (s0, None):
+        outs = []
+        for lb in (0, 1, 2):
+            monkeypatch.setattr(W, "FUSED_LOOKBACK", lb)
+            sout = np.full((B, H, N, N), np.nan, np.float32)
+            y, saved = W.gpu_forward(call, xs, state, sout, True)
+            outs.append((y, sout, saved["S"]))
+        for o in outs[1:]:
+            for a, b in zip(outs[0], o):
+                np.testing.assert_array_equal(a, b)
+        y0, S0 = reference_forward(xr, np.zeros((B, H, N, N)) if state is None else s0.astype(np.float64))
+        _assert_errs({"y": rel_rms(_load(outs[0][0], dtype), y0), "S": rel_rms(outs[0][1], S0)}, dtype)
 
 
 @pytest.mark.slow

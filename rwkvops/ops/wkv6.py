@@ -21,6 +21,11 @@ Files: this module (declaration, NumPy reference forward/backward, GPU launchers
   16-token block whose decays multiply below e^-30 gets its diagonal scores pairwise from the decays, so any w in
   [-8, 4] is exact.  Decay factors multiply the mma operands as their fragments load (no scaled copies in
   shared memory), so the score kernels (wkv6_tc_output, wkv6_tc_bwd_v) fit three blocks per SM at N = 64.
+  For N <= 64 (``FORWARD_FUSED``) the three steps run as one launch, wkv6_tc_fused: blocks take tickets
+  chunk-major, do each chunk's local work (intra-chunk outputs, local state), then get S_in(c) from chunk c - 1's
+  publication (a chain of flags; with few (sequence, head) chains a decoupled look-back over published chunk
+  aggregates, ``FUSED_LOOKBACK``), publish S_in(c + 1) and add the inter-chunk term: each input read once, no
+  separate passes over the chunk states (B=8 T=4096 and B=1 T=16384 timings: benchmarks/results/logs/s4-h3).
   ``FORWARD_PATH`` forces "recurrent" or "chunked" for comparisons;
 * forward, one-token decode (T == 1, or varlen with one token per sequence on average): 256 threads per
   (sequence, head), each owning float4 quads of the state (coalesced 16-byte state traffic), row sums by
@@ -65,7 +70,7 @@ CK = 64              # checkpoint interval (tokens) of the backward pass
 STREAM_THREADS = 256  # block size of the decode kernel
 
 _KERNEL_NAMES = ("wkv6_forward", "wkv6_forward_stream", "wkv6_tc_state", "wkv6_chunk_scan", "wkv6_tc_output",
-                 "wkv6_tc_bwd_v", "wkv6_tc_bwd_rkw",
+                 "wkv6_tc_fused", "wkv6_tc_bwd_v", "wkv6_tc_bwd_rkw",
                  "wkv6_chunk_output", "wkv6_bwd_colfwd", "wkv6_bwd_colrev", "wkv6_bwd_rowrev", "wkv6_reduce_u")
 
 # Forward path selection: "auto" (below), or force "recurrent" / "chunked" (for comparisons and tests).
@@ -74,7 +79,14 @@ _TC_L = 64                 # TC_L in wkv6.cu
 CHUNK_L = _TC_L            # tokens per chunk of the chunked forward (fixed by the kernels)
 TC_OUTPUT_MAX_N = 64       # wkv6_tc_output and the tensor-core backward serve N <= 64 (shared memory); N = 128
                            # uses wkv6_chunk_output and the recurrent per-chunk backward passes
-_TC_N_LIMITED = ("wkv6_tc_output", "wkv6_tc_bwd_v", "wkv6_tc_bwd_rkw")
+_TC_N_LIMITED = ("wkv6_tc_output", "wkv6_tc_fused", "wkv6_tc_bwd_v", "wkv6_tc_bwd_rkw")
+FORWARD_FUSED = True       # N <= 64: the single-pass chunked forward (wkv6_tc_fused); False: the three kernels
+# wkv6_tc_fused's hand-off of chunk states: "auto" (a decoupled look-back when at most FUSED_LOOKBACK_MAX_CHAINS
+# (sequence, head) chains share the GPU, e.g. batch-1 prefill, where a pure chain of T/64 hops bounds the time; else
+# the pure chain, which writes no aggregates), or 0 (chain), 1 (look-back), 2 (look-back folding to chunk 0: tests)
+FUSED_LOOKBACK = "auto"
+FUSED_LOOKBACK_MAX_CHAINS = 32   # H100, bf16, H = 32: B = 1 T = 16384 0.670 ms look-back vs 0.937 chain; B = 2 T = 16384
+                                 # (64 chains) 1.198 vs 1.142 (benchmarks/results/logs/s4-h3)
 CHUNKED_MIN_T = 256        # auto: chunked only for dense inputs with T >= this ...
 CHUNKED_MAX_BLOCKS = 1024  # ... and fewer than this many (sequence, head) blocks (the recurrent form underfills)
 
@@ -97,9 +109,9 @@ NAME_EXPRESSIONS = tuple(_ne(k, c, n) for k in _KERNEL_NAMES for c in _CTYPES.va
 
 
 def tc_state_smem(N) -> int:
-    """Dynamic shared memory (bytes) of wkv6_tc_state: k, log decays and v of one chunk and the 16-token block
-    totals and factors, rows of N + 4 floats."""
-    return 4 * (3 * CHUNK_L + 2 * (CHUNK_L // 16)) * (N + 4)
+    """Dynamic shared memory (bytes) of wkv6_tc_state: k, log decays and v of one chunk (rows of N + 8 floats) and
+    the 16-token block totals and factors (rows of N).  56 KB for N = 64: four blocks per SM."""
+    return 4 * (3 * CHUNK_L * (N + 8) + 2 * (CHUNK_L // 16) * N)
 
 
 def tc_bwd_smem(N) -> int:
@@ -109,11 +121,11 @@ def tc_bwd_smem(N) -> int:
 
 
 def tc_output_smem(N) -> int:
-    """Dynamic shared memory (bytes) of wkv6_tc_output and wkv6_tc_bwd_v (TcScoreSmem in wkv6.cu): three chunk
-    arrays of rows of N + 4 floats, the [L, L + 4] score matrix, block totals and per-warp factors (rows of N + 4),
-    r.(u*k), u and the block flags.  72 KB for N = 64: three blocks per SM."""
+    """Dynamic shared memory (bytes) of wkv6_tc_output, wkv6_tc_fused and wkv6_tc_bwd_v (TcScoreSmem in wkv6.cu):
+    two chunk arrays of rows of N + 4 floats and one of N + 8, the [L, L + 4] score matrix, block totals and
+    per-warp factors (rows of N + 4), r.(u*k), u and the block flags.  73 KB for N = 64: three blocks per SM."""
     L, nb = CHUNK_L, CHUNK_L // 16
-    return 4 * (3 * L * (N + 4) + L * (L + 4) + 2 * nb * (N + 4) + L + N + nb)
+    return 4 * (2 * L * (N + 4) + L * (N + 8) + L * (L + 4) + 2 * nb * (N + 4) + L + N + nb)
 
 
 # ---------------------------------------------------------------- NumPy reference (the test oracle)
@@ -206,8 +218,9 @@ def _forward_path(call) -> str:
 
 
 def _forward_chunked(call, x, state_in, state_out, y):
-    """Chunk-parallel forward for dense batches (see wkv6.cu): local chunk states, a scan over chunks, outputs."""
-    from .._gpu import error_ptr, ptr
+    """Chunk-parallel forward for dense batches (see wkv6.cu): local chunk states, a scan over chunks, outputs
+    (N <= 64 with FORWARD_FUSED: all three in one launch)."""
+    from .._gpu import error_ptr, ptr, zero
     i32 = np.int32
     seqs = call.seqs
     B, T, H, N = seqs.num, seqs.T, call.dims["H"], call.dims["N"]
@@ -216,6 +229,21 @@ def _forward_chunked(call, x, state_in, state_out, y):
         raise ValueError(f"wkv6.CHUNK_L is fixed at {_TC_L} by the tensor-core chunk kernels (TC_L in wkv6.cu), "
                          f"got {L}")
     nc = -(-T // L)
+    if FORWARD_FUSED and N <= TC_OUTPUT_MAX_N:
+        # one launch: tickets chunk-major, chunk c waits for chunk c - 1's state (see wkv6_tc_fused)
+        buf = call.empty((B, nc, H, N, N), "float32")
+        flags = call.empty((B * nc * H + 1,), "int32")   # per chunk: what it has published; last: the ticket counter
+        zero(flags)
+        lb = FUSED_LOOKBACK
+        if lb == "auto":
+            lb = 1 if B * H <= FUSED_LOOKBACK_MAX_CHAINS and nc > 1 else 0
+        agg = call.empty((B * nc * H, N * N + N), "float32") if lb else None
+        vec = i32(_gpu.aligned(x["r"], x["k"], x["v"], x["w"], y))
+        _launch("wkv6_tc_fused", call, (B * nc * H,), (128,),
+                (i32(T), i32(H), i32(B * H), ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]),
+                 ptr(buf), ptr(agg), ptr(flags), i32(lb), ptr(state_in), ptr(state_out), ptr(seqs.state_idx),
+                 i32(seqs.pool_size), error_ptr(), ptr(y), vec), tc_output_smem(N))
+        return buf
     buf = _chunk_states(call, x["k"], x["v"], x["w"], state_in, state_out, seqs.state_idx, seqs.pool_size, L, False)
     rkvwu = (ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(buf), ptr(y))
     if N <= TC_OUTPUT_MAX_N:
