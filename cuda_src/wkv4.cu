@@ -11,8 +11,8 @@
 //             bwd_out    (chunk, channel): dk, dv, per-chunk partial dw, du -> part[slot]
 //             bwd_reduce (channel):        dw, du = sum of partials in a fixed order (deterministic)
 //   (version 2 of fwd_chunk, fwd_out, bwd_chunk, bwd_out: same results with fewer exps and no local memory; version 3:
-//    version 2 with FAST exps and quotients (wkv4::ex, wkv4::quot); one-launch forwards fwd_fused and fwd_lb with a
-//    decoupled look-back; see the end of this file.  The launchers pick them.)
+//    version 2 with FAST exps and quotients (wkv4::ex, wkv4::quot); one-launch forwards fwd_fused, fwd_lb and fwd_lbs
+//    (k, v staged in shared memory) with a decoupled look-back; see the end of this file.  The launchers pick them.)
 // Scaled adjoints: ah = dL/dnum * e^{pp}, bh = dL/dden * e^{pp}, relative to the pp of the same state.
 // Slots: chunk c of sequence s lives at rwkv::chunk_slot(..., c); grids over slots map back by binary search.
 #include "common.cuh"
@@ -418,15 +418,31 @@ namespace wkv4 {
 // e^x for x <= 0.  FAST (version 3 kernels, the look-back forward's default): exp2f(x log2 e), a few ulp, about a
 // third of expf's instructions; every exp here is a max-normalized pair's smaller term (the larger one is exactly 1)
 // or a rescaling by at most 1, so a small term's larger relative error stays small in absolute terms.
+// ex2.approx.ftz for the state updates (step, fold): exp2f's ex2.approx (no ftz) wraps every MUFU.EX2 in a range
+// fix-up (three instructions) to return subnormals, and a decay factor below 2^-126 beside the pair's exact 1 changes
+// no state.  The outputs keep exp2f: there the pair's 1 may sit beside an empty history (bb = 0 with pp = 0 above
+// u + k), where a flushed e^{u+k-pp} would turn y = v into 0/0.  (Plain exp2f off the device: the CPU emulation.)
+__device__ __forceinline__ float ex2_ftz(float x) {
+#ifdef __CUDA_ARCH__
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#else
+    return exp2f(x);
+#endif
+}
 template <bool FAST> __device__ __forceinline__ float ex(float x) { return FAST ? exp2f(x * 1.4426950408889634f) : expf(x); }
+template <bool FAST> __device__ __forceinline__ float ex_ftz(float x) {
+    return FAST ? ex2_ftz(x * 1.4426950408889634f) : expf(x);
+}
 // a / b; FAST: __fdividef (2 ulp for |b| < 2^126; the quotients here have b >= 1, or b = a denominator bb + e >= e).
 template <bool FAST> __device__ __forceinline__ float quot(float a, float b) { return FAST ? __fdividef(a, b) : a / b; }
 
-// (e^{a-m}, e^{b-m}) for m = max(a, b), with one exp; returns whether b > a (m = b).
-template <bool FAST = false>
+// (e^{a-m}, e^{b-m}) for m = max(a, b), with one exp; returns whether b > a (m = b).  FTZ: see ex2_ftz.
+template <bool FAST = false, bool FTZ = false>
 __device__ __forceinline__ bool pair_exp(float a, float b, float& ea, float& eb) {
     const float d = b - a;
-    const float x = ex<FAST>(-fabsf(d));
+    const float x = FTZ ? ex_ftz<FAST>(-fabsf(d)) : ex<FAST>(-fabsf(d));
     const bool hi = d > 0.f;
     ea = hi ? x : 1.f;
     eb = hi ? 1.f : x;
@@ -439,7 +455,7 @@ template <bool FAST = false>
 __device__ __forceinline__ bool step(float& A, float& B, float& P, float wp, float kt, float vt, float& f1,
                                      float& f2) {
     const float pw = P + wp;
-    const bool reset = pair_exp<FAST>(pw, kt, f1, f2);
+    const bool reset = pair_exp<FAST, true>(pw, kt, f1, f2);
     A = f1 * A + f2 * vt;
     B = f1 * B + f2;
     P = reset ? kt : pw;
@@ -664,7 +680,7 @@ template <bool FAST = false>
 __device__ __forceinline__ void fold(float& A, float& B, float& P, float a, float b, float p, float Lc, float wp) {
     const float pw = __fmaf_rn(Lc, wp, P);
     const float d = __fsub_rn(p, pw);
-    const float x = FAST ? exp2f(__fmul_rn(-fabsf(d), 1.4426950408889634f)) : expf(-fabsf(d));
+    const float x = FAST ? ex2_ftz(__fmul_rn(-fabsf(d), 1.4426950408889634f)) : expf(-fabsf(d));
     const bool hi = d > 0.f;
     const float f1 = hi ? x : 1.f, f2 = hi ? 1.f : x;
     A = __fmaf_rn(f1, A, __fmul_rn(f2, a));
@@ -1193,5 +1209,316 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lb(
             wkv4::step_ex<FAST>(A0, B0, P0, wp[0], k0, v0);
             wkv4::step_ex<FAST>(A1, B1, P1, wp[1], k1, v1);
         }
+    }
+}
+
+// =====================================================================================================================
+// Single-pass forward, look-back version 3 (wkv4_fwd_lbs): wkv4_fwd_lb's tile (NW warps x S tokens x 64 channels, a
+// lane two adjacent channels, the same four phases and the same folds) with k and v staged in shared memory instead
+// of registers, so that a tile costs few registers and an SM holds several tiles' bytes in flight (the look-back forward
+// is bound by how many bytes wait on chip while tiles run their serial phases, not by arithmetic):
+//  * loads: cp.async of 16-byte pieces (or of channel pairs where rows are not 16-byte aligned or the channel group is
+//    partial), each warp its own S rows, so a warp starts its own history as soon as its rows have landed;
+//  * look-back per tile, not per channel: the tile's status word (0 none, 1 aggregate, 2 inclusive state; zeroed before
+//    the launch, the data arrays need no zeroing) is set after the records it announces (fence, then the flag); warp 0
+//    reads the status of 32 predecessors in one round trip (a lane each), then loads only the records it needs (one
+//    16-byte record per channel: A, B, P) and folds them in chunk order as wkv4_fwd_lb does (deterministic);
+//  * dense batches interleave sequences in tile order (chunk c of every sequence before chunk c + 1): a tile's
+//    predecessor is then B * ncg tiles earlier, usually done when the tile looks back.
+// flags: int [4 + ncg * ns] zeroed (flags[0]: the tile counter; status of slot g, channel group i at 4 + i * ns + g);
+// agg, inc: float4 [ns, C] (no zeroing).
+#define WKV4_LBS_WIN 32
+#ifndef WKV4_LBS_BATCH
+#define WKV4_LBS_BATCH 2   // aggregates loaded together while folding (register budget)
+#endif
+
+namespace wkv4 {
+
+// Asynchronous global -> shared copies of N bytes (4, 8 or 16); a plain copy where there is no device (emulation).
+template <int N>
+__device__ __forceinline__ void copy_async(void* dst, const void* src) {
+#ifdef __CUDA_ARCH__
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    if constexpr (N == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(d), "l"(src), "n"(N) : "memory");
+#else
+    std::memcpy(dst, src, N);
+#endif
+}
+
+__device__ __forceinline__ void copy_wait() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+// Warp-wide: every lane's earlier global writes are visible device-wide before `val` lands in *flag (the writer side
+// of the status words; each lane fences its own records, the barrier orders them before lane 0's store).
+__device__ __forceinline__ void warp_publish(int* flag, int val) {
+    __threadfence();
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) *(volatile int*)flag = val;
+}
+
+}  // namespace wkv4
+
+template <typename T, int NW, int S, bool FAST, int MINB>
+__global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
+    const T* __restrict__ w, const T* __restrict__ u, const T* __restrict__ k, const T* __restrict__ v,
+    const int* cu_seqlens, int Tlen, long long total, int num, int Lb,
+    int* flags, float4* agg, float4* inc, int ntiles, int ncg,
+    const float* state_in, float* state_out, float* __restrict__ fin, float* __restrict__ sinb,
+    const int* state_idx, int pool_size, T* __restrict__ y, int C, int* err) {
+    using IO = wkv4::TwoIO<T>;
+    constexpr int TL = NW * S;
+    constexpr int EPC = 16 / (int)sizeof(T);                 // elements per 16-byte piece
+    constexpr int PPR = WKV4_LB_CH / EPC;                    // pieces per row
+    __shared__ __align__(16) T s_k[TL][WKV4_LB_CH];
+    __shared__ __align__(16) T s_v[TL][WKV4_LB_CH];
+    __shared__ float s_sub[NW][3][WKV4_LB_CH];
+    __shared__ float s_x[3][WKV4_LB_CH];
+    __shared__ int s_tile;
+    const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
+    if (threadIdx.x == 0) s_tile = atomicAdd(flags, 1);
+    __syncthreads();
+    const int tile = s_tile;
+    if (tile >= ntiles) return;
+    long long g;
+    int cgi;
+    if (cu_seqlens == nullptr) {                             // chunk-major over the batch (see above)
+        const int per = num * ncg;
+        const int c = tile / per, r = tile - c * per, s = r / ncg;
+        cgi = r - s * ncg;
+        g = (long long)s * ((Tlen + TL - 1) / TL) + c;
+    } else {
+        g = tile / ncg;
+        cgi = tile - (int)(g * ncg);
+    }
+    const int c0 = 2 * lane;
+    const int ch0 = cgi * WKV4_LB_CH;
+    const int ch = ch0 + c0;
+    const bool act = ch < C;                                 // C is even: ch + 1 < C too
+    const long long C3 = 3LL * C;
+    wkv4::Chunk q;
+    if (!wkv4::find_chunk(cu_seqlens, Tlen, total, TL, num, g, err, q)) {
+        // the first slot of an empty sequence: its state passes through unchanged
+        if (wi == 0 && act && q.s >= 0 && q.c == 0 && q.start == q.end) {
+            const long long slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
+            for (int e = 0; e < 2; ++e) {
+                float A = 0.f, B = 0.f, P = 0.f;
+                if (state_in != nullptr && slot >= 0) {
+                    const float* si = state_in + slot * C3 + ch + e;
+                    A = si[0]; B = si[C]; P = si[2 * C];
+                }
+                if (state_out != nullptr && slot >= 0 && state_out != state_in) {
+                    float* so = state_out + slot * C3 + ch + e;
+                    so[0] = A; so[C] = B; so[2 * C] = P;
+                }
+                if (fin != nullptr) {
+                    float* fo = fin + (long long)q.s * C3 + ch + e;
+                    fo[0] = A; fo[C] = B; fo[2 * C] = P;
+                }
+            }
+        }
+        return;                                              // uniform over the block (g is)
+    }
+    const int n = (int)(q.t1 - q.t0);                        // 1 .. TL
+    const bool last = q.t1 == q.end;
+    const int nw = min(S, max(0, n - wi * S));               // this warp's tokens
+    const bool mine = act && nw > 0;
+    // 1. this warp's rows into shared memory
+    {
+        const long long r0 = q.t0 + (long long)wi * S;
+        const int nch = min(WKV4_LB_CH, C - ch0);
+        const bool vec = nch == WKV4_LB_CH && (C * (int)sizeof(T)) % 16 == 0 &&
+                         ((reinterpret_cast<unsigned long long>(k) | reinterpret_cast<unsigned long long>(v)) & 15) == 0;
+        if (vec) {
+            for (int e = lane; e < nw * PPR; e += 32) {
+                const int r = e / PPR, j = (e - r * PPR) * EPC;
+                const long long gi = (r0 + r) * C + ch0 + j;
+                wkv4::copy_async<16>(&s_k[wi * S + r][j], k + gi);
+                wkv4::copy_async<16>(&s_v[wi * S + r][j], v + gi);
+            }
+        } else if (act) {
+            for (int r = 0; r < nw; ++r) {
+                const long long gi = (r0 + r) * C + ch;
+                wkv4::copy_async<2 * sizeof(T)>(&s_k[wi * S + r][c0], k + gi);
+                wkv4::copy_async<2 * sizeof(T)>(&s_v[wi * S + r][c0], v + gi);
+            }
+        }
+        wkv4::copy_wait();
+        __syncwarp();
+    }
+    float wp[2] = {0.f, 0.f}, uu[2] = {0.f, 0.f};
+    if (mine) {
+        for (int e = 0; e < 2; ++e) {
+            wp[e] = wkv4::decay_log(rwkv::to_float(w[ch + e]));
+            uu[e] = rwkv::to_float(u[ch + e]);
+        }
+        // 2. this warp's own history
+        const T* kp = &s_k[wi * S][c0];
+        const T* vp = &s_v[wi * S][c0];
+        typename IO::raw kr = IO::load(kp), vr = IO::load(vp);
+        float a0 = IO::lo(vr), b0 = 1.f, p0 = IO::lo(kr);
+        float a1 = IO::hi(vr), b1 = 1.f, p1 = IO::hi(kr);
+#pragma unroll 8
+        for (int r = 1; r < nw; ++r) {
+            kr = IO::load(kp + r * WKV4_LB_CH);
+            vr = IO::load(vp + r * WKV4_LB_CH);
+            wkv4::step_ex<FAST>(a0, b0, p0, wp[0], IO::lo(kr), IO::lo(vr));
+            wkv4::step_ex<FAST>(a1, b1, p1, wp[1], IO::hi(kr), IO::hi(vr));
+        }
+        s_sub[wi][0][c0] = a0; s_sub[wi][1][c0] = b0; s_sub[wi][2][c0] = p0;
+        s_sub[wi][0][c0 + 1] = a1; s_sub[wi][1][c0 + 1] = b1; s_sub[wi][2][c0 + 1] = p1;
+    }
+    __syncthreads();
+    // 3. prefixes (warp i > 0); the tile's aggregate, the look-back and the inclusive state (warp 0, all lanes)
+    float pre[2][3];
+    if (mine && wi > 0) {
+        for (int e = 0; e < 2; ++e) {
+            pre[e][0] = s_sub[0][0][c0 + e]; pre[e][1] = s_sub[0][1][c0 + e]; pre[e][2] = s_sub[0][2][c0 + e];
+            for (int j = 1; j < wi; ++j)
+                wkv4::fold<FAST>(pre[e][0], pre[e][1], pre[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
+                                 s_sub[j][2][c0 + e], (float)S, wp[e]);
+        }
+    }
+    if (wi == 0) {
+        const int nact = (n + S - 1) / S;
+        float X[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}}, G[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
+        if (act) {
+            for (int e = 0; e < 2; ++e) {
+                G[e][0] = s_sub[0][0][c0 + e]; G[e][1] = s_sub[0][1][c0 + e]; G[e][2] = s_sub[0][2][c0 + e];
+                for (int j = 1; j < nact; ++j)
+                    wkv4::fold<FAST>(G[e][0], G[e][1], G[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
+                                     s_sub[j][2][c0 + e], (float)min(S, n - j * S), wp[e]);
+            }
+        }
+        int* status = flags + 4 + (long long)cgi * (ntiles / ncg);   // status of slot m: status[m] (a group's slots
+                                                                   // side by side: the window is one 128-byte read)
+        long long slot = -1;
+        if (q.c == 0 || last) slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
+        if (q.c == 0) {
+            if (act && state_in != nullptr && slot >= 0)
+                for (int e = 0; e < 2; ++e) {
+                    const float* si = state_in + slot * C3 + ch + e;
+                    X[e][0] = si[0]; X[e][1] = si[C]; X[e][2] = si[2 * C];
+                }
+        } else {
+            if (!last) {                                     // (a sequence's last tile has no successor)
+                if (act)
+                    for (int e = 0; e < 2; ++e)
+                        agg[g * C + ch + e] = make_float4(G[e][0], G[e][1], G[e][2], 0.f);
+                wkv4::warp_publish(status + g, 1);
+            }
+            // lane r reads the status of slot top - r: the nearest inclusive state ends the walk if every slot after it
+            // has its aggregate; a missing aggregate (local work) is waited for; chunk 0 (jmin) always has status 2
+            const long long jmin = g - q.c;
+            long long top = g - 1, j = jmin;
+            int spins = 0;
+            while (true) {
+                const long long m = top - lane;
+                const int st = m >= jmin ? *(volatile const int*)(status + m) : 3;
+                const unsigned have = __ballot_sync(0xffffffffu, st == 2);
+                const unsigned none = __ballot_sync(0xffffffffu, st == 0);
+                const int ri = have ? __ffs((int)have) - 1 : WKV4_LBS_WIN;
+                const int rn = none ? __ffs((int)none) - 1 : WKV4_LBS_WIN;
+                if (ri < rn) { j = top - ri; break; }
+                if (rn == WKV4_LBS_WIN) { top -= WKV4_LBS_WIN; continue; }
+                top -= rn;                                   // wait for it
+                if (++spins > WKV4_SPIN_LIMIT) {             // never expected: report instead of hanging
+                    if (err) *(volatile int*)err = rwkv::ERR_LOOKBACK_TIMEOUT;
+                    j = top;
+                    break;
+                }
+                __nanosleep(64);
+            }
+            __threadfence();                                 // the records announced by the statuses read above
+            if (act) {
+                const float4* ip = inc + j * C + ch;
+                const float4 x0 = __ldcg(ip), x1 = __ldcg(ip + 1);
+                X[0][0] = x0.x; X[0][1] = x0.y; X[0][2] = x0.z;
+                X[1][0] = x1.x; X[1][1] = x1.y; X[1][2] = x1.z;
+                for (long long m0 = j + 1; m0 < g; m0 += WKV4_LBS_BATCH) {   // the aggregates after j, in chunk order
+                    float4 ag[WKV4_LBS_BATCH][2];
+#pragma unroll
+                    for (int r = 0; r < WKV4_LBS_BATCH; ++r)
+                        if (m0 + r < g) {
+                            const float4* ap = agg + (m0 + r) * C + ch;
+                            ag[r][0] = __ldcg(ap);
+                            ag[r][1] = __ldcg(ap + 1);
+                        }
+#pragma unroll
+                    for (int r = 0; r < WKV4_LBS_BATCH; ++r)
+                        if (m0 + r < g)
+                            for (int e = 0; e < 2; ++e)
+                                wkv4::fold<FAST>(X[e][0], X[e][1], X[e][2], ag[r][e].x, ag[r][e].y, ag[r][e].z,
+                                                 (float)TL, wp[e]);
+                }
+            }
+        }
+        float I[2][3];
+        if (act)
+            for (int e = 0; e < 2; ++e) {
+                s_x[0][c0 + e] = X[e][0]; s_x[1][c0 + e] = X[e][1]; s_x[2][c0 + e] = X[e][2];
+                I[e][0] = X[e][0]; I[e][1] = X[e][1]; I[e][2] = X[e][2];
+                wkv4::fold<FAST>(I[e][0], I[e][1], I[e][2], G[e][0], G[e][1], G[e][2], (float)n, wp[e]);
+            }
+        if (!last) {
+            if (act)
+                for (int e = 0; e < 2; ++e) inc[g * C + ch + e] = make_float4(I[e][0], I[e][1], I[e][2], 0.f);
+            wkv4::warp_publish(status + g, 2);
+        } else if (act) {
+            for (int e = 0; e < 2; ++e) {
+                if (state_out != nullptr && slot >= 0) {
+                    float* so = state_out + slot * C3 + ch + e;
+                    so[0] = I[e][0]; so[C] = I[e][1]; so[2 * C] = I[e][2];
+                }
+                if (fin != nullptr) {
+                    float* fo = fin + (long long)q.s * C3 + ch + e;
+                    fo[0] = I[e][0]; fo[C] = I[e][1]; fo[2 * C] = I[e][2];
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (!mine) return;
+    // 4. this warp's incoming state, outputs and checkpoints
+    float A0 = s_x[0][c0], B0 = s_x[1][c0], P0 = s_x[2][c0];
+    float A1 = s_x[0][c0 + 1], B1 = s_x[1][c0 + 1], P1 = s_x[2][c0 + 1];
+    if (wi > 0) {
+        wkv4::fold<FAST>(A0, B0, P0, pre[0][0], pre[0][1], pre[0][2], (float)(wi * S), wp[0]);
+        wkv4::fold<FAST>(A1, B1, P1, pre[1][0], pre[1][1], pre[1][2], (float)(wi * S), wp[1]);
+    }
+    const long long off0 = (long long)q.c * TL + (long long)wi * S;
+    long long nb = -1;
+    int rb = S;                                              // next checkpoint, relative to this warp's first token
+    if (sinb != nullptr) {
+        nb = (off0 + Lb - 1) / Lb;
+        rb = (int)min((long long)S, nb * Lb - off0);
+    }
+    const T* kp = &s_k[wi * S][c0];
+    const T* vp = &s_v[wi * S][c0];
+    T* yp = y + (q.t0 + (long long)wi * S) * C + ch;
+#pragma unroll 8
+    for (int r = 0; r < nw; ++r) {
+        if (r == rb) {
+            float* o = sinb + rwkv::chunk_slot(cu_seqlens, Tlen, q.s, q.start, Lb, (int)nb) * C3 + ch;
+            o[0] = A0; o[C] = B0; o[2 * C] = P0;
+            o[1] = A1; o[C + 1] = B1; o[2 * C + 1] = P1;
+            ++nb;
+            rb += Lb;
+        }
+        const typename IO::raw kr = IO::load(kp + r * WKV4_LB_CH), vr = IO::load(vp + r * WKV4_LB_CH);
+        const float k0 = IO::lo(kr), v0 = IO::lo(vr), k1 = IO::hi(kr), v1 = IO::hi(vr);
+        float e1, e2, f1, f2;
+        wkv4::pair_exp<FAST>(P0, uu[0] + k0, e1, e2);
+        wkv4::pair_exp<FAST>(P1, uu[1] + k1, f1, f2);
+        const float y0 = wkv4::quot<FAST>(e1 * A0 + e2 * v0, e1 * B0 + e2);
+        const float y1 = wkv4::quot<FAST>(f1 * A1 + f2 * v1, f1 * B1 + f2);
+        wkv4::store_two(yp + (long long)r * C, y0, y1);
+        wkv4::step_ex<FAST>(A0, B0, P0, wp[0], k0, v0);
+        wkv4::step_ex<FAST>(A1, B1, P1, wp[1], k1, v1);
     }
 }

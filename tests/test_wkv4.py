@@ -753,6 +753,11 @@ inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
+struct alignas(16) float4 { float x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+inline float4 __ldcg(const float4* p) {
+    float4 r; for (int i = 0; i < 4; ++i) (&r.x)[i] = ((const volatile float*)p)[i]; return r; }
+#define __align__(n) __attribute__((aligned(n)))
 """
 
 _EMU_SHIM = r"""
@@ -794,6 +799,8 @@ inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_S
 inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 inline float __ldcg(const float* p) { return *(const volatile float*)p; }
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+inline void __syncwarp() { std::abort(); }               // (the look-back forwards only: their own build)
+inline unsigned __ballot_sync(unsigned, int) { std::abort(); }
 EMU_EXTRA
 """.replace("EMU_EXTRA", _EMU_EXTRA)
 _EMU_FP16 = cuda_emulation.FP16_H
@@ -872,13 +879,24 @@ using std::min; using std::max;
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
-struct EmuFiber { ucontext_t ctx; bool done; };
+struct EmuFiber { ucontext_t ctx; bool done; int wait; };   // wait: 0 running, 1 block barrier, 2 warp barrier
 inline thread_local ucontext_t emu_sched;
 inline thread_local EmuFiber* emu_cur;
 inline thread_local void (*emu_body)(void*);
 inline thread_local void* emu_arg;
 inline thread_local bool emu_jitter = false;
-inline void __syncthreads() { swapcontext(&emu_cur->ctx, &emu_sched); }
+inline void __syncthreads() { emu_cur->wait = 1; swapcontext(&emu_cur->ctx, &emu_sched); }
+inline void __syncwarp() { emu_cur->wait = 2; swapcontext(&emu_cur->ctx, &emu_sched); }
+inline thread_local int emu_vote[32][32];
+inline unsigned __ballot_sync(unsigned, int p) {     // (full warps only: every lane of the warp takes part)
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    emu_vote[w][l] = p != 0;
+    __syncwarp();
+    unsigned m = 0;
+    for (int i = 0; i < 32; ++i) m |= (unsigned)emu_vote[w][i] << i;
+    __syncwarp();
+    return m;
+}
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline int atomicAdd(int* p, int v) {
     int r = __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
@@ -904,16 +922,33 @@ inline void emu_run_block(unsigned bx, unsigned bid, void (*body)(void*), void* 
         f[t].ctx.uc_stack.ss_size = STACK;
         f[t].ctx.uc_link = &emu_sched;
         f[t].done = false;
+        f[t].wait = 0;
         makecontext(&f[t].ctx, emu_fiber_entry, 0);
     }
-    for (bool live = true; live;) {   // one round = every live thread up to its next barrier (or its end)
-        live = false;
+    // Run every running thread up to its next barrier (or its end); then release a warp whose live lanes all wait at
+    // __syncwarp, else (none) the block once every live thread waits at __syncthreads.
+    while (true) {
         for (unsigned t = 0; t < bx; ++t) {
-            if (f[t].done) continue;
+            if (f[t].done || f[t].wait) continue;
             threadIdx.x = t; emu_cur = &f[t];
             swapcontext(&emu_sched, &f[t].ctx);
-            live = true;
         }
+        bool live = false, released = false;
+        for (unsigned w0 = 0; w0 < bx; w0 += 32) {
+            bool all2 = true, any = false;
+            for (unsigned t = w0; t < std::min(bx, w0 + 32); ++t)
+                if (!f[t].done) { any = true; all2 = all2 && f[t].wait == 2; }
+            live = live || any;
+            if (any && all2) {
+                for (unsigned t = w0; t < std::min(bx, w0 + 32); ++t) f[t].wait = 0;
+                released = true;
+            }
+        }
+        if (!live) break;
+        if (released) continue;
+        for (unsigned t = 0; t < bx; ++t)
+            if (!f[t].done && f[t].wait != 1) std::abort();   // threads of a block at different barriers
+        for (unsigned t = 0; t < bx; ++t) f[t].wait = 0;
     }
 }
 EMU_EXTRA
@@ -930,6 +965,9 @@ KERNEL_REGISTRY
     reg()["wkv4_fwd_lb<" TS ", " #NW ", " #S ", false, " #MB ">"] = wrap(&wkv4_fwd_lb<T, NW, S, false, MB>);
 #define RC(NW, S, MB) R1(float, "float", NW, S, MB) R1(__half, "__half", NW, S, MB) \
     R1(__nv_bfloat16, "__nv_bfloat16", NW, S, MB)
+#define RS(T, TS, NW, S, MB) \
+    reg()["wkv4_fwd_lbs<" TS ", " #NW ", " #S ", true, " #MB ">"] = wrap(&wkv4_fwd_lbs<T, NW, S, true, MB>); \
+    reg()["wkv4_fwd_lbs<" TS ", " #NW ", " #S ", false, " #MB ">"] = wrap(&wkv4_fwd_lbs<T, NW, S, false, MB>);
 static int init() { CONFIGS return 0; }
 struct EmuCtx { std::function<void(const uint64_t*)>* fn; const uint64_t* a; };
 static void emu_body_fn(void* p) { auto* c = static_cast<EmuCtx*>(p); (*c->fn)(c->a); }
@@ -982,7 +1020,10 @@ def emu4_lib(tmp_path_factory):
                                         ctypes.POINTER(ctypes.c_uint64)]
         libs[mode] = lib
     (d / "shim_lb.h").write_text(_EMU_LB_SHIM)
-    (d / "emu_lb.cpp").write_text(_EMU_LB_MAIN.replace("CONFIGS", " ".join(f"RC({nw}, {s}, {mb})" for nw, s, mb in W._LB_CONFIGS)))
+    lbs = [f"RS({t}, \"{t}\", {nw}, {s}, {mb})" for t in W._CTYPES for nw, s, mb in W._LBS_CONFIGS
+           if W._lbs_fits((nw, s), W._ESIZE[t])]
+    (d / "emu_lb.cpp").write_text(_EMU_LB_MAIN.replace("CONFIGS", " ".join(
+        [f"RC({nw}, {s}, {mb})" for nw, s, mb in W._LB_CONFIGS] + lbs)))
     so = d / "emu_lb.so"
     out = subprocess.run([cxx, "-std=c++20", "-O1", "-w", "-fPIC", "-shared", "-ffp-contract=off",
                           "-fvisibility=hidden", "-fno-gnu-unique", f"-I{d / 'inc'}", f"-I{CUDA_SRC}",
@@ -1020,7 +1061,7 @@ def emu4(emu4_lib, monkeypatch, request):
         vals = [int(a) if isinstance(a, np.uint64) else int(np.int64(a).view(np.uint64)) for a in args]
         g = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
         launches.append(ne)
-        if ne.startswith("wkv4_fwd_lb<"):
+        if ne.startswith(("wkv4_fwd_lb<", "wkv4_fwd_lbs<")):
             nw = int(ne.split(",")[1])
             assert g[1:] == (1, 1) and tuple(block) == (32 * nw, 1, 1) and shared_mem == 0
             rc = lb_lib.wkv4lb_launch(ne.encode(), g[0], int(block[0]), (ctypes.c_uint64 * len(vals))(*vals),
@@ -1160,7 +1201,7 @@ def test_emulated_kernels_dense(emu4, monkeypatch, dtype, L, version, forward):
     names = set(emu4["launches"])
     fused = {W._name("wkv4_fwd_fused", dtype), W._name("wkv4_fwd_fused64", dtype)}
     if forward == "lookback":     # where C is even; the odd-C shapes fall back
-        assert W._lb_name(dtype) in names
+        assert _cur_lb_name(dtype) in names
     else:
         assert bool(names & fused) == (forward == "fused")
     if forward == "fused":   # 64-token fused chunks exactly when the backward's chunks are 64 long
@@ -1173,19 +1214,28 @@ def test_emulated_kernels_dense(emu4, monkeypatch, dtype, L, version, forward):
 
 
 def test_auto_path_selection_by_shape(monkeypatch):
-    """FORWARD "auto": the look-back forward while its tiles (128 tokens x 64 channels) are at most LB_MAX_TILES_PER_SM
-    per SM (H100, C=2048: B*T up to ~25K tokens), the three-launch one beyond; where the look-back forward cannot run
-    (odd C), the 16-token fused forward for short single sequences, else the three-launch one; forcing wins."""
+    """FORWARD "auto": the staged look-back forward where sequences average more than one of its tiles (128 tokens);
+    shorter ones (decode) and LOOKBACK_STAGED False: the register look-back forward while its tiles (128 tokens x 64
+    channels) are at most LB_MAX_TILES_PER_SM per SM (H100, C=2048: B*T up to ~25K tokens), the three-launch one
+    beyond; where the look-back forward cannot run (odd C), the 16-token fused forward for short single sequences,
+    else the three-launch one; forcing wins."""
     from rwkvops._gpu import Seqs
     monkeypatch.setattr(W, "_sm_count", lambda: 132)
     monkeypatch.setattr(W, "FORWARD", "auto")
     C = 2048
-    for B, T, path in ((1, 1024, "lookback"), (1, 16384, "lookback"), (2, 4096, "lookback"), (4, 4096, "lookback"),
-                       (8, 4096, "chunked"), (1, 32768, "chunked")):
-        assert W._forward_path(Seqs(num=B, T=T, total=B * T), C, 64) == path, (B, T)
+    for B, T in ((1, 129), (1, 1024), (8, 4096), (16, 4096), (1, 100000)):
+        assert W._forward_path(Seqs(num=B, T=T, total=B * T), C, 64) == "lookback", (B, T)
     packed = Seqs(num=8, T=0, total=8 * 4096, cu_seqlens=np.zeros(9, np.int32))
+    assert W._forward_path(packed, C, 64) == "lookback"
+    for B, T, path in ((1, 128, "lookback_reg"), (8, 1, "lookback_reg"), (256, 1, "chunked")):   # decode: as before
+        assert W._forward_path(Seqs(num=B, T=T, total=B * T), C, 64) == path, (B, T)
+    assert W._forward_path(Seqs(num=256, T=0, total=256, cu_seqlens=np.zeros(257, np.int32)), C, 64) == "chunked"
+    monkeypatch.setattr(W, "LOOKBACK_STAGED", False)
+    for B, T, path in ((1, 1024, "lookback_reg"), (1, 16384, "lookback_reg"), (2, 4096, "lookback_reg"),
+                       (4, 4096, "lookback_reg"), (8, 4096, "chunked"), (1, 32768, "chunked")):
+        assert W._forward_path(Seqs(num=B, T=T, total=B * T), C, 64) == path, (B, T)
     assert W._forward_path(packed, C, 64) == "chunked"
-    assert W._forward_path(Seqs(num=3, T=0, total=30, cu_seqlens=np.zeros(4, np.int32)), C, 16) == "lookback"
+    assert W._forward_path(Seqs(num=3, T=0, total=30, cu_seqlens=np.zeros(4, np.int32)), C, 16) == "lookback_reg"
     for B, T, path in ((1, 1024, "fused"), (1, 4096, "fused"), (1, 16384, "chunked"), (2, 4096, "chunked")):
         assert W._fused_or_chunked(Seqs(num=B, T=T, total=B * T), C) == path, (B, T)
     monkeypatch.setattr(W, "FORWARD", "fused")
@@ -1364,21 +1414,46 @@ def _emu_check_pool(xv, lens, rng, C):
 # ----------------------------------------------------------------------------- the look-back forward (wkv4_fwd_lb)
 
 def _lb_names(launches):
-    return [n for n in launches if n.startswith("wkv4_fwd_lb<")]
+    return [n for n in launches if n.startswith(("wkv4_fwd_lb<", "wkv4_fwd_lbs<"))]
+
+
+def _cur_lb_name(dtype):
+    return W._lbs_name(dtype) if W.LOOKBACK_STAGED else W._lb_name(dtype)
+
+
+def _set_lb(monkeypatch, kind, cfg):
+    """Force the look-back forward ``kind`` ("lb": wkv4_fwd_lb, "lbs": wkv4_fwd_lbs) with tile shape ``cfg`` (for
+    "lbs": for every element size it fits, the default shape for the others)."""
+    monkeypatch.setattr(W, "FORWARD", "lookback")
+    monkeypatch.setattr(W, "LOOKBACK_STAGED", kind == "lbs")
+    if kind == "lb":
+        monkeypatch.setattr(W, "LOOKBACK", cfg)
+    else:
+        monkeypatch.setattr(W, "LOOKBACK_S", {e: cfg if W._lbs_fits(cfg, e) else W.LOOKBACK_S[e] for e in (2, 4)})
+
+
+def _tile_len(kind, cfg, dtype):
+    e = 4 if dtype == "float32" else 2
+    c = cfg if kind == "lb" or W._lbs_fits(cfg, e) else W.LOOKBACK_S[e]
+    return c[0] * c[1]
+
+
+_LB_KINDS = [("lb", (2, 4, 8)), ("lb", (8, 16, 2)), ("lb", (16, 8, 1)),
+             ("lbs", (2, 4, 8)), ("lbs", (4, 32, 6)), ("lbs", (4, 16, 6)), ("lbs", (8, 16, 3))]
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "precise"])
-@pytest.mark.parametrize("cfg", [(2, 4, 8), (8, 16, 2), (16, 8, 1)], ids=lambda c: f"{c[0]}x{c[1]}")
+@pytest.mark.parametrize("kind,cfg", _LB_KINDS, ids=lambda c: f"{c[0]}x{c[1]}" if isinstance(c, tuple) else c)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_emulated_lookback_dense(emu4, monkeypatch, dtype, cfg, fast):
+def test_emulated_lookback_dense(emu4, monkeypatch, dtype, kind, cfg, fast):
     """Tiles of NW*S tokens: lengths below, at and across tile and sub-chunk (S) boundaries, channel groups of 64 with
     a partial last one, checkpoints every L tokens for L below, equal to and above the tile, fwd and bwd vs the
     float64 reference."""
-    monkeypatch.setattr(W, "FORWARD", "lookback")
-    monkeypatch.setattr(W, "LOOKBACK", cfg)
+    _set_lb(monkeypatch, kind, cfg)
     monkeypatch.setattr(W, "LOOKBACK_FAST", fast)
-    tl = cfg[0] * cfg[1]
-    cases = [(2, 1, 4, 4), (1, cfg[1] - 1, 2, 12), (2, tl + 1, 130, 64), (1, 3 * tl + cfg[1] + 3, 66, 4),
+    tl = _tile_len(kind, cfg, dtype)
+    S = cfg[1] if kind == "lb" or tl == cfg[0] * cfg[1] else W._lbs_cfg(dtype)[1]
+    cases = [(2, 1, 4, 4), (1, S - 1, 2, 12), (2, tl + 1, 130, 64), (1, 3 * tl + S + 3, 66, 4),
              (2, 5 * tl, 4, min(2 * tl, W.MAX_CHUNK)), (1, 2 * tl - 1, 2, 5)]
     for B, T, C, L in cases:
         monkeypatch.setattr(W, "_chunk_len", lambda seqs, C, L=L: L)
@@ -1386,18 +1461,41 @@ def test_emulated_lookback_dense(emu4, monkeypatch, dtype, cfg, fast):
         x, s0, dy, ds = _emu_inputs(B * 1000 + T + C, B, T, C)
         got = _emu_run(dtype, x, B=B, T=T, s0=s0, dy=dy, ds=ds)
         _emu_check(dtype, got, _emu_ref(dtype, x, s0=s0, dy=dy, ds=ds))
-        assert _lb_names(emu4["launches"]) == [W._lb_name(dtype)], emu4["launches"]
+        assert _lb_names(emu4["launches"]) == [_cur_lb_name(dtype)], emu4["launches"]
         fwd = [n for n in emu4["launches"] if n.startswith("wkv4_fwd")]
-        assert fwd == [W._lb_name(dtype)]                 # one launch
+        assert fwd == [_cur_lb_name(dtype)]               # one launch
 
 
-@pytest.mark.parametrize("cfg", [(2, 4, 8), (8, 16, 2)], ids=lambda c: f"{c[0]}x{c[1]}")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_emulated_lookback_varlen_pool(emu4, monkeypatch, dtype, cfg):
+def test_emulated_staged_equals_register_lookback_bitwise(emu4, monkeypatch, dtype):
+    """The staged look-back forward (k, v in shared memory, per-tile statuses) folds the same states in the same
+    order as the register one with the same tile shape: identical y, final state and backward, dense and packed."""
+    x, s0, dy, ds = _emu_inputs(31, 3, 77, 130, kscale=4.0)
+    lens = [30, 0, 1, 70, 9]
+    xv, _, _, _ = _emu_inputs(32, 1, sum(lens), 6)
+    rng = np.random.default_rng(33)
+    sv, dyv, dsv = make_state(rng, len(lens), 6), rng.standard_normal((1, sum(lens), 6)), rng.standard_normal((5, 3, 6))
+    monkeypatch.setattr(W, "_chunk_len", lambda seqs, C: 16)
+    out = {}
+    for kind in ("lb", "lbs"):
+        _set_lb(monkeypatch, kind, (2, 4, 8))
+        out[kind] = (_emu_run(dtype, x, B=3, T=77, s0=s0, dy=dy, ds=ds),
+                     _emu_run(dtype, xv, lens=lens, s0=sv, dy=dyv, ds=dsv))
+    for a, b in zip(out["lb"], out["lbs"]):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        for n in a[2]:
+            np.testing.assert_array_equal(a[2][n], b[2][n], err_msg=n)
+
+
+@pytest.mark.parametrize("kind,cfg", [("lb", (2, 4, 8)), ("lb", (8, 16, 2)), ("lbs", (2, 4, 8)), ("lbs", (4, 32, 6))],
+                         ids=lambda c: f"{c[0]}x{c[1]}" if isinstance(c, tuple) else c)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emulated_lookback_varlen_pool(emu4, monkeypatch, dtype, kind, cfg):
     """Packed sequences (zero-length ones pass their state and its gradient through) and a pool updated in place with
-    -1 slots, as the auto path takes them."""
-    monkeypatch.setattr(W, "FORWARD", "auto")
-    monkeypatch.setattr(W, "LOOKBACK", cfg)
+    -1 slots, as the auto path takes them (the register kind; the staged one forced: these are short sequences)."""
+    _set_lb(monkeypatch, kind, cfg)
+    monkeypatch.setattr(W, "FORWARD", "auto" if kind == "lb" else "lookback")
     lens = [70, 0, 1, 129, 16, 0, 5, 8]
     C = 6
     x, _, _, _ = _emu_inputs(3, 1, sum(lens), C)
@@ -1412,7 +1510,7 @@ def test_emulated_lookback_varlen_pool(emu4, monkeypatch, dtype, cfg):
         for i in (1, 5):
             np.testing.assert_array_equal(got[1][i], s0[i].astype(np.float32))
             np.testing.assert_array_equal(got[2]["state"][i], ds[i].astype(np.float32))
-    assert _lb_names(emu4["launches"])
+    assert _lb_names(emu4["launches"]) and set(_lb_names(emu4["launches"])) == {_cur_lb_name(dtype)}
     P = 11
     pool = make_state(rng, P, C).astype(np.float32)
     before = pool.copy()
@@ -1429,9 +1527,9 @@ def test_emulated_lookback_varlen_pool(emu4, monkeypatch, dtype, cfg):
     np.testing.assert_array_equal(pool[2], before[2])      # zero-length sequence: unchanged
 
 
-def test_emulated_lookback_extreme_k_and_no_state(emu4, monkeypatch):
-    monkeypatch.setattr(W, "FORWARD", "lookback")
-    monkeypatch.setattr(W, "LOOKBACK", (2, 4, 8))
+@pytest.mark.parametrize("kind", ["lb", "lbs"])
+def test_emulated_lookback_extreme_k_and_no_state(emu4, monkeypatch, kind):
+    _set_lb(monkeypatch, kind, (2, 4, 8))
     rng = np.random.default_rng(12)
     B, T, C = 2, 300, 4
     x = make_inputs(rng, B, T, C)
@@ -1460,19 +1558,20 @@ def test_emulated_lookback_falls_back(emu4, monkeypatch):
     from rwkvops._gpu import Seqs
     buf = np.zeros(2 * 40 * 4 + 1, np.float32)
     k_off = buf[1:].reshape(2, 40, 4)
-    assert not W._lookback_ok(Seqs(num=2, T=40, total=80), {"k": k_off, "v": k_off}, 4)
-    assert W._lookback_ok(Seqs(num=2, T=40, total=80), {"k": buf[:-1].reshape(2, 40, 4), "v": k_off[:0] if False
-                                                        else np.zeros((2, 40, 4), np.float32)}, 4)
+    for staged in (False, True):
+        assert not W._lookback_ok(Seqs(num=2, T=40, total=80), {"k": k_off, "v": k_off}, 4, staged)
+        assert W._lookback_ok(Seqs(num=2, T=40, total=80), {"k": buf[:-1].reshape(2, 40, 4),
+                                                            "v": np.zeros((2, 40, 4), np.float32)}, 4, staged)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", [(2, 4, 8), (4, 16, 4)], ids=lambda c: f"{c[0]}x{c[1]}")
-def test_emulated_lookback_concurrent(emu4, monkeypatch, cfg):
+@pytest.mark.parametrize("kind,cfg", [("lb", (2, 4, 8)), ("lb", (4, 16, 4)), ("lbs", (2, 4, 8)), ("lbs", (4, 16, 6))],
+                         ids=lambda c: f"{c[0]}x{c[1]}" if isinstance(c, tuple) else c)
+def test_emulated_lookback_concurrent(emu4, monkeypatch, kind, cfg):
     """Every block at once on its own OS thread, each delayed at random after taking its tile: tiles wait for
     predecessors that have published nothing, walk back over aggregates, and must still give the sequential run's
     results bit for bit (the combine order is fixed), and the reference's."""
-    monkeypatch.setattr(W, "FORWARD", "lookback")
-    monkeypatch.setattr(W, "LOOKBACK", cfg)
+    _set_lb(monkeypatch, kind, cfg)
     monkeypatch.setattr(W, "_chunk_len", lambda seqs, C: 16)
     tl = cfg[0] * cfg[1]
     B, T, C = 2, 9 * tl + 3, 130
@@ -1493,24 +1592,30 @@ def test_emulated_lookback_concurrent(emu4, monkeypatch, cfg):
 
 
 _LB_REF: dict = {}
-_LB_VARIANTS = [(None, True), (None, False)] + [(c, True) for c in W._LB_CONFIGS if c != W.LOOKBACK]
+# (kind, tile shape or None for the default, FAST): the staged look-back forward (the default) in every shape, the
+# register one in its default shape and the tests' small one
+_LB_VARIANTS = ([("lbs", None, True), ("lbs", None, False)]
+                + [("lbs", c, True) for c in W._LBS_CONFIGS if c != W.LOOKBACK_S[2]]
+                + [("lb", W.LOOKBACK, True), ("lb", (2, 4, 8), True)])
 
 
 @gpu
-@pytest.mark.parametrize("cfg,fast", _LB_VARIANTS, ids=lambda v: "default" if v is None else
-                         (f"{v[0]}x{v[1]}x{v[2]}" if isinstance(v, tuple) else ("fast" if v else "precise")))
+@pytest.mark.parametrize("kind,cfg,fast", _LB_VARIANTS, ids=lambda v: "default" if v is None else
+                         (f"{v[0]}x{v[1]}x{v[2]}" if isinstance(v, tuple) else
+                          (v if isinstance(v, str) else ("fast" if v else "precise"))))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("B,T,C", [(1, 20000, 2048), (8, 1000, 300), (3, 17, 2048), (2, 4097, 66)])
-def test_gpu_lookback_forward(need_gpu, monkeypatch, dtype, B, T, C, cfg, fast):
+def test_gpu_lookback_forward(need_gpu, monkeypatch, dtype, B, T, C, kind, cfg, fast):
     """The look-back forward on thousands of tiles, every tile shape: against the float64 reference (fwd, and the
     backward from its checkpoints where the reference is quick), bitwise repeatable, no look-back timed out."""
     torch = pytest.importorskip("torch")
-    if cfg is not None and dtype == "float32":
+    if cfg is not None and dtype == "float32" and (kind == "lb" or not W._lbs_fits(cfg, 4)):
         pytest.skip("other tile shapes in bf16 only (the code is the same per dtype; each shape compiles apart)")
-    monkeypatch.setattr(W, "FORWARD", "lookback")
+    if cfg is None:
+        monkeypatch.setattr(W, "FORWARD", "lookback")
+    else:
+        _set_lb(monkeypatch, kind, cfg)
     monkeypatch.setattr(W, "LOOKBACK_FAST", fast)
-    if cfg is not None:
-        monkeypatch.setattr(W, "LOOKBACK", cfg)
     key = (B, T, C, dtype)
     if key not in _LB_REF:          # the float64 reference and the device inputs once per shape and dtype
         rng = np.random.default_rng(B * 7 + T)

@@ -22,20 +22,29 @@ history value (``aa dL/daa + bb dL/dbb``) plus, when ``state_out``'s ``pp`` has 
 forms ``pp_out`` (the max's derivative goes to its largest term, like ``torch.max``).  Where ``dstate_out`` comes
 from a continuation call (TBPTT), these compose into the exact gradient of the whole sequence.
 
-GPU paths, chosen by shape (``FORWARD = "auto"``; the switches below force one, as benchmarks do), from the sweep
-``benchmarks/wkv4_paths.py`` on an H100 (bf16, C = 2048, at b2af1c0; wall ms incl. the general host path):
+GPU paths, chosen by shape (``FORWARD = "auto"``; the switches below force one, as benchmarks do), from the sweeps
+``benchmarks/wkv4_paths.py`` on an H100 (C = 2048; device ms of a CUDA-graph replay, i.e. the launches and memsets
+alone, at cc8bc99 + the staged forward; logs in benchmarks/results/logs/s4-h2/):
 
-* forward: the look-back forward ``wkv4_fwd_lb`` (one launch after a memset; tiles of 8 warps x 16 tokens x 64
-  channels; k and v read once, from registers to y; decoupled look-back over tiles, deterministic) while its tiles
-  are at most ``LB_MAX_TILES_PER_SM`` per SM (B=1 T=16384: 0.26 ms vs 0.32 chunked; B=1 T=4096: 0.19 vs 0.21;
-  kernel alone at B=1 T=16384: 0.164 ms, was 0.26 in three kernels).  Beyond that the three-launch forward (chunk
-  aggregates, scan over chunks, outputs) with version-3 kernels wins although it reads k, v twice (B=8 T=4096: 0.42
-  vs 0.46; B=16: 0.67 vs 0.76): at large B the look-back forward is bound by its serial phases, not by memory.
-  Odd C (the look-back forward loads channel pairs): the 16-token fused forward for short single sequences (at most
-  ``FUSED_MAX_TILES_PER_SM`` tiles per SM), else the three-launch one;
+* forward, sequences longer than one tile on average (prefill, training): the staged look-back forward
+  ``wkv4_fwd_lbs`` (one launch after zeroing a status word per tile; tiles of 4 warps x 32 tokens (bf16/fp16) or
+  4 x 16 (fp32) x 64 channels; k and v read once, by cp.async into shared memory; decoupled look-back over tiles with
+  a status word per tile, deterministic; dense batches interleaved chunk by chunk).  bf16: B=1 T=16384 0.115 ms (the
+  register look-back forward below: 0.171, three launches 0.213; byte floor 0.068), B=8 T=4096 0.216 (0.329, 0.305;
+  floor 0.135), B=1 T=4096 0.047 (0.053); fp32: B=1 T=16384 0.180 (0.227, 0.307; floor 0.135), B=8 T=4096 0.349
+  (0.428, 0.505; floor 0.271).  Other shapes (_LBS_CONFIGS: 4 x 16, 8 x 16 in bf16) measured slower.  A variant
+  with fully unrolled phases, two token segments per warp side by side (four independent chains per lane) and a
+  quotient without __fdividef's fix-ups measured slower (bf16 B=1 T=16384: 0.152 ms, 0.139 with one segment; its
+  code was 2.3x larger) and was dropped;
+* shorter sequences (decode steps over a batch or packed; not measured against the staged forward): the register
+  look-back forward ``wkv4_fwd_lb`` (8 warps x 16 tokens, k and v in registers) while its tiles are at most
+  ``LB_MAX_TILES_PER_SM`` per SM, else the three-launch forward (chunk aggregates, scan over chunks, outputs; k, v
+  read twice).  Odd C (the look-back forwards load channel pairs): the 16-token fused forward for short single
+  sequences (at most ``FUSED_MAX_TILES_PER_SM`` tiles per SM), else the three-launch one;
 * per-chunk kernels (``KERNEL_VERSION = "auto"``): version 3 (FAST exps and quotients, see ``wkv4::ex``) for the
   forward's chunk kernels and the backward's chunk-local adjoints (B=8: 0.19 vs 0.27 ms), version 2 for the
-  backward's output kernel (0.88 vs 0.94 ms); versions 1, 2, 3 stay selectable;
+  backward's output kernel (0.88 vs 0.94 ms); versions 1, 2, 3 stay selectable.  FAST state updates (step, fold) use
+  ex2.approx.ftz (``wkv4::ex2_ftz``: no subnormal fix-ups around each exp);
 * 64-token fused chunks (``FUSED_L_LONG = 64``) and other look-back tile shapes (``_LB_CONFIGS``) were slower, kept
   for experiments.
 """
@@ -138,26 +147,47 @@ _CTYPES = ("float", "__half", "__nv_bfloat16")
 # wkv4_fwd_lb<T, NW, S, FAST, MINB>: (NW warps x S tokens per tile, MINB resident blocks per SM) shapes swept by
 # benchmarks/wkv4_paths.py; (2, 4, 8) gives many small tiles for the tests.
 _LB_CONFIGS = ((8, 16, 2), (8, 16, 3), (4, 16, 4), (8, 8, 2), (8, 8, 4), (16, 8, 1), (2, 4, 8))
+# wkv4_fwd_lbs<T, NW, S, FAST, MINB> (k, v of a tile staged in shared memory: NW * S * 64 channels * 2 arrays, at
+# most _LBS_MAX_BYTES of static shared memory): the shapes (NW, S, MINB) per element size that
+# benchmarks/wkv4_paths.py sweeps; (2, 4, 8) gives many small tiles for the tests.
+_LBS_CONFIGS = ((4, 32, 6), (4, 16, 6), (8, 16, 3), (2, 4, 8))
+_LBS_MAX_BYTES = 40 * 1024
+_ESIZE = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
+
+
+def _lbs_fits(cfg, esize: int) -> bool:
+    return 2 * cfg[0] * cfg[1] * 64 * esize <= _LBS_MAX_BYTES
+
+
 _V2 = ("wkv4_fwd_chunk", "wkv4_fwd_out", "wkv4_bwd_chunk", "wkv4_bwd_out")
 NAME_EXPRESSIONS = (tuple(f"{k}<{t}>" for k in _KERNELS for t in _CTYPES)
                     + tuple(f"{k}2<{t}, true>" for k in _V2 for t in _CTYPES)     # version 3
                     + tuple(f"wkv4_fwd_lb<{t}, {nw}, {s}, {f}, {mb}>" for t in _CTYPES for nw, s, mb in _LB_CONFIGS
+                            for f in ("true", "false"))
+                    + tuple(f"wkv4_fwd_lbs<{t}, {nw}, {s}, {f}, {mb}>" for t in _CTYPES
+                            for nw, s, mb in _LBS_CONFIGS if _lbs_fits((nw, s), _ESIZE[t])
                             for f in ("true", "false")))
 MAX_CHUNK = 64        # must match WKV4_MAX_CHUNK in wkv4.cu (the backward's checkpoint arrays are sized by it)
 # Which per-chunk kernels the launchers use: 2 (one exp per max-normalized pair, no local-memory arrays in the
 # backward; same results bit for bit) or 1 (the original kernels), or 3 (version 2 with FAST exps and quotients:
 # wkv4::ex, wkv4::quot in wkv4.cu).  The scans and the reduction are shared.
 KERNEL_VERSION = "auto"
-# Forward: "fused" (one launch, decoupled look-back over FUSED_L-token chunks: k, v read once), "chunked" (three
-# launches: chunk aggregates, scan over chunks, outputs; k, v read twice) or "auto" (by shape: _forward_path).
+# Forward: "lookback" (one launch, decoupled look-back over tiles: k, v read once; the staged or the register kernel as
+# LOOKBACK_STAGED says), "lookback_reg" (the register one), "fused" (one launch, decoupled look-back over FUSED_L-token
+# chunks), "chunked" (three launches: chunk aggregates, scan over chunks, outputs; k, v read twice) or "auto" (by
+# shape: _forward_path).
 # Both give the same checkpoints to the backward (the incoming state of every _chunk_len-token chunk and the final
 # state).  The forcing values stay for benchmarks and tests.
 FORWARD = "auto"
-# The look-back forward (FORWARD "lookback"): tiles of LOOKBACK = (warps, tokens per warp, resident blocks per SM the
-# registers must allow; one of _LB_CONFIGS); LOOKBACK_FAST: exp2f-based
-# exps and __fdividef for the output quotient (see wkv4_fwd_lb), else expf and IEEE division.
+# The register look-back forward: tiles of LOOKBACK = (warps, tokens per warp, resident blocks per SM the registers
+# must allow; one of _LB_CONFIGS); LOOKBACK_FAST (both look-back forwards): exp2-based exps and __fdividef for the
+# output quotient (see wkv4_fwd_lb), else expf and IEEE division.
 LOOKBACK = (8, 16, 2)
 LOOKBACK_FAST = True
+# LOOKBACK_STAGED: the look-back forward with k, v staged in shared memory (wkv4_fwd_lbs), tiles of
+# LOOKBACK_S[element size] (one of _LBS_CONFIGS that fits); False: wkv4_fwd_lb with LOOKBACK.
+LOOKBACK_STAGED = True
+LOOKBACK_S = {2: (4, 32, 6), 4: (4, 16, 6)}
 FUSED_L = 16          # must match WKV4_FL in wkv4.cu (wkv4_fwd_fused)
 FUSED_L_LONG = 16     # 64: wkv4_fwd_fused64 (64-token chunks) where the backward's chunks are 64 long; see above
 FUSED_MAX_TILES_PER_SM = 40   # "auto": fused forward up to this many 16-token x 128-channel tiles per SM
@@ -204,15 +234,20 @@ def _sm_count_of(device: int) -> int:
 
 
 def _forward_path(seqs, C: int, L: int) -> str:
-    """'lookback', 'fused' or 'chunked' for this call: FORWARD, or by shape when it is "auto": the look-back forward
-    while its tiles number at most LB_MAX_TILES_PER_SM per SM (C=2048 on an H100: B*T up to ~25K tokens, e.g. B=1
-    T=16384, B=4 T=4096), else the three-launch forward (see the module docstring).  Where the look-back forward
-    cannot run (odd C, k or v off a two-element boundary), gpu_forward takes _fused_or_chunked instead."""
+    """'lookback' (the look-back forward LOOKBACK_STAGED picks), 'lookback_reg' (wkv4_fwd_lb), 'fused' or 'chunked' for
+    this call: FORWARD, or by shape when it is "auto": the staged look-back forward where sequences are longer than
+    one of its tiles on average (prefill, training: it moves the most bytes per second at every such shape measured);
+    shorter ones (decode steps, T = 1 over a batch or packed) keep the rule from before it, not measured against it:
+    the register look-back forward while its tiles number at most LB_MAX_TILES_PER_SM per SM (C=2048 on an H100: up
+    to ~200 sequences), else the three-launch forward (see the module docstring).  Where the look-back forward cannot
+    run (odd C, k or v off a two-element boundary), gpu_forward takes _fused_or_chunked instead."""
     if FORWARD != "auto":
         return FORWARD
+    if LOOKBACK_STAGED and seqs.total > LOOKBACK_S[2][0] * LOOKBACK_S[2][1] * seqs.num:
+        return "lookback"
     nw, s, _ = LOOKBACK
     tiles = seqs.chunk_slots(nw * s) * -(-C // _LB_CH)
-    return "lookback" if tiles <= LB_MAX_TILES_PER_SM * _sm_count() else "chunked"
+    return "lookback_reg" if tiles <= LB_MAX_TILES_PER_SM * _sm_count() else "chunked"
 
 
 def _fused_or_chunked(seqs, C: int) -> str:
@@ -222,11 +257,12 @@ def _fused_or_chunked(seqs, C: int) -> str:
     return "fused" if tiles <= FUSED_MAX_TILES_PER_SM * _sm_count() else "chunked"
 
 
-def _lookback_ok(seqs, x, C: int) -> bool:
-    """Whether wkv4_fwd_lb can take the call: C even and k, v aligned to two elements (it loads channel pairs)."""
+def _lookback_ok(seqs, x, C: int, staged: bool) -> bool:
+    """Whether a look-back forward (wkv4_fwd_lbs if ``staged``, else wkv4_fwd_lb) can take the call: C even and k, v
+    aligned to two elements (they load channel pairs)."""
     from .._gpu import aligned
     k = x["k"]
-    nw, s, _ = LOOKBACK
+    nw, s = (LOOKBACK_S[k.dtype.itemsize] if staged else LOOKBACK)[:2]
     return (C % 2 == 0 and aligned(k, x["v"], n=2 * k.dtype.itemsize)
             and seqs.chunk_slots(nw * s) * -(-C // _LB_CH) < 2**31 - 1)
 
@@ -318,6 +354,46 @@ def _forward_lookback(call, x, state_in, state_out, save):
     return y, saved
 
 
+def _lbs_cfg(dtype):
+    from .._compile import CTYPES
+    return LOOKBACK_S[_ESIZE[CTYPES[dtype]]]
+
+
+def _lbs_name(dtype) -> str:
+    """The wkv4_fwd_lbs instantiation of LOOKBACK_S and LOOKBACK_FAST for ``dtype``."""
+    from .._compile import CTYPES
+    nw, s, mb = _lbs_cfg(dtype)
+    return f"wkv4_fwd_lbs<{CTYPES[dtype]}, {nw}, {s}, {'true' if LOOKBACK_FAST else 'false'}, {mb}>"
+
+
+def _forward_staged(call, x, state_in, state_out, save):
+    """One launch (after zeroing its status words): see wkv4_fwd_lbs in wkv4.cu."""
+    from .._gpu import error_ptr, launch, ptr, zero
+    seqs = call.seqs
+    C = call.dims["C"]
+    k = x["k"]
+    L = _chunk_len(seqs, C)                 # the backward's chunk length (checkpoints every L tokens)
+    nw, s = _lbs_cfg(call.dtype)[:2]
+    ns = seqs.chunk_slots(nw * s)
+    ncg = -(-C // _LB_CH)
+    ntiles = ns * ncg
+    i32 = np.int32
+    flags = call.empty((4 + ntiles,), "int32")      # tile counter, then a status word per (slot, channel group)
+    zero(flags)
+    agg = call.empty((ns, C, 4), "float32")          # per slot and channel: a 16-byte record (A, B, P, unused)
+    inc = call.empty((ns, C, 4), "float32")
+    fin = call.empty((seqs.num, 3, C), "float32") if save else None
+    sinb = call.empty((seqs.chunk_slots(L), 3, C), "float32") if save else None
+    y = call.empty(tuple(k.shape), call.dtype)
+    launch("wkv4", SOURCE, _lbs_name(call.dtype), NAME_EXPRESSIONS, (ntiles, 1, 1), (32 * nw, 1, 1),
+           (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(seqs.cu_seqlens), i32(seqs.T), np.int64(seqs.total),
+            i32(seqs.num), i32(L), ptr(flags), ptr(agg), ptr(inc), i32(ntiles), i32(ncg), ptr(state_in),
+            ptr(state_out), ptr(fin), ptr(sinb), ptr(seqs.state_idx), i32(seqs.pool_size), ptr(y), i32(C),
+            error_ptr()))
+    saved = {"L": L, "sin": sinb, "fin": fin} if save else None
+    return y, saved
+
+
 def _fused_len(L: int) -> int:
     """Chunk length of the fused forward: 64 tokens when the backward's chunks are 64 long (long sequences: a quarter
     of the look-back hops of 16-token chunks), else 16."""
@@ -334,8 +410,11 @@ def gpu_forward(call, x, state_in, state_out, save):
     L = _chunk_len(seqs, C)
     ver = _kernel_version(seqs, C)
     path = _forward_path(seqs, C, L)
-    if path == "lookback":
-        if _lookback_ok(seqs, x, C):
+    if path in ("lookback", "lookback_reg"):
+        staged = path == "lookback" and LOOKBACK_STAGED
+        if _lookback_ok(seqs, x, C, staged):
+            if staged:
+                return _forward_staged(call, x, state_in, state_out, save)
             return _forward_lookback(call, x, state_in, state_out, save)
         path = _fused_or_chunked(seqs, C)
     if (path == "fused" and L % FUSED_L == 0
