@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--bwd", action="store_true")
     ap.add_argument("--sanitize", action="store_true")
+    ap.add_argument("--wy", action="store_true", help="wkv7_tc_wy vs wkv7_tc_chunk (TC_WY): times, per-kernel "
+                    "GPU times, segment counts, accuracy")
     ap.add_argument("--fla", action="store_true", help="--bwd: fla's fwd+bwd time and peak memory alongside")
     opt = ap.parse_args()
     if opt.sanitize:
@@ -80,6 +82,12 @@ def main():
               flush=True)
 
     dev = torch.cuda.get_device_name(0)
+    if opt.wy:
+        try:
+            wy_sweep(emit, opt)
+        finally:
+            _dump(opt.out, dev, res)
+        return
     if opt.bwd:
         try:
             bwd_sweep(emit, opt)
@@ -243,6 +251,92 @@ def bwd_sweep(emit, opt):
             del ref
             torch.cuda.empty_cache()
     W.BACKWARD_PATH = "auto"
+
+
+def kernel_times(fn, calls=3):
+    """{kernel name (up to its template arguments): GPU ms per call} of ``fn`` over ``calls`` calls (torch profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if "wkv7" not in e.key:
+            continue
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = e.self_cuda_time_total
+        name = e.key.split("(")[0].replace("void ", "").replace("__nv_bfloat16", "bf16")
+        out[name] = out.get(name, 0.0) + t / 1e3 / calls
+    return out
+
+
+def wy_sweep(emit, opt):
+    """wkv7_tc_wy (TC_WY = True) against wkv7_tc_chunk at the issue's shapes: CUDA-event times and per-kernel GPU
+    times of the forward and fwd+bwd, the segment count of the B = 1 passes, gradients of the two against each other
+    and everything against float64."""
+    import torch
+    from rwkvops.ops import wkv7 as W
+    for mode, B, T in (("fwd", 8, 4096), ("fwd", 1, 16384), ("fwd+bwd", 8, 4096), ("fwd+bwd", 1, 4096)):
+        x = tuple(harness.random_inputs("wkv7", {"B": B, "T": T, "H": H, "N": N}, device="cuda", seed=0,
+                                        dtype=torch.bfloat16).values())
+        xg = tuple(t.detach().clone().requires_grad_(True) for t in x)
+        gy = torch.randn_like(x[0])
+        fn = (lambda: _fwd(x)) if mode == "fwd" else (lambda: _fwd_bwd(xg, gy))
+        for wy in (False, True):
+            W.TC_WY = wy
+            emit(kind=mode, B=B, T=T, wy=wy, ms=harness.cuda_time(fn, reps=7))
+            for name, ms in sorted(kernel_times(fn).items(), key=lambda kv: -kv[1]):
+                emit(kind="kernel", case=f"{mode}-B{B}-T{T}", wy=wy, name=name, ms=ms)
+        W.TC_WY = True
+        if B == 1:   # time segments of the B = 1 passes (forward: TC_NSEG; adjoint: TC_BWD_NSEG)
+            for nseg in (4, 8, 16):
+                if mode == "fwd":
+                    W.TC_NSEG = nseg
+                else:
+                    W.TC_BWD_NSEG = nseg
+                emit(kind=mode, B=B, T=T, wy=True, nseg=nseg, ms=harness.cuda_time(fn, reps=5))
+            W.TC_NSEG = W.TC_BWD_NSEG = None
+        del x, xg
+        torch.cuda.empty_cache()
+    # the two implementations against each other at B = 8 T = 4096 (forward and gradients), then float64
+    x = tuple(harness.random_inputs("wkv7", {"B": 8, "T": 4096, "H": H, "N": N}, device="cuda", seed=1,
+                                    dtype=torch.bfloat16).values())
+    s0 = torch.randn(8, H, N, N, device="cuda") * 0.5
+    gy, gs = torch.randn_like(x[0]), torch.randn_like(s0)
+    out = {}
+    for wy in (False, True):
+        W.TC_WY = wy
+        import rwkvops
+        with torch.no_grad():
+            y, s = rwkvops.wkv7(*x, state=s0)
+        out[wy] = (y, s, _grads(x, s0, gy, gs))
+    emit(kind="wy_vs_chunk", B=8, T=4096, y=rel(out[True][0], out[False][0].double()),
+         s=rel(out[True][1], out[False][1].double()),
+         **{f"d{n}": rel(out[True][2][n], out[False][2][n].double()) for n in (*NAMES, "state")})
+    del out, x
+    torch.cuda.empty_cache()
+    W.TC_WY = True
+    for wr in (None, (-8.0, 4.0)):
+        for B, T in ((2, 1024), (1, 1024)):   # B = 1: forward and adjoint in time segments
+            x = tuple(harness.random_inputs("wkv7", {"B": B, "T": T, "H": H, "N": N}, device="cuda", seed=2,
+                                            dtype=torch.bfloat16, w_range=wr).values())
+            s0 = torch.randn(B, H, N, N, device="cuda") * 0.5
+            gy, gs = torch.randn_like(x[0]), torch.randn_like(s0)
+            y_ref, s_ref = reference64(x, s0)
+            ref = reference64_backward(x, s0, gy.double(), gs)
+            import rwkvops
+            with torch.no_grad():
+                y, s = rwkvops.wkv7(*x, state=s0)
+            g = _grads(x, s0, gy, gs)
+            emit(kind="acc_wy", B=B, T=T, w=str(wr), y=rel(y, y_ref), s=rel(s, s_ref),
+                 **{f"d{n}": rel(g[n], ref[n]) for n in (*NAMES, "state")})
+            del ref, y_ref, s_ref
+            torch.cuda.empty_cache()
 
 
 def sanitize_chunked():

@@ -26,6 +26,9 @@
 //  wkv7_tc_chunk<T, N, MODE>, wkv7_tc_scan<N>  (N = 32, 64; dense batches) the chunked forward on tensor cores, in
 //                       16-token chunks whose starts are the checkpoints above; see "chunked forward" below.
 //                       MODE 2: the backward's reverse-time adjoint pass (dL/dS at every chunk end).
+//  wkv7_tc_wy<T, N, MODE> (16-bit I/O) the same four passes as wkv7_tc_chunk, warp-specialized: producer warps
+//                       compute each chunk's state-independent factors (WY form), consumer warps carry the state in
+//                       mma registers; see "chunked forward, WY form" below.
 //  wkv7_tc_bwd<T, N>    (N = 32, 64; dense batches) the chunked backward's gradients, one block per (sequence,
 //                       chunk, head) from the two checkpoints; see "chunked backward" below.
 #include "common.cuh"
@@ -1419,6 +1422,552 @@ __global__ void __launch_bounds__(256) wkv7_tc_scan(
     if (state_out != nullptr && slot >= 0) {
 #pragma unroll
         for (int m = 0; m < PT; ++m) state_out[(slot * H + h) * (long long)(N * N) + rows + tid + 256 * m] = s[m];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ chunked forward, WY form
+//
+// wkv7_tc_wy<T, N, MODE> (16-bit I/O, N = 32 or 64): the four passes of wkv7_tc_chunk (same arguments, same
+// results up to rounding) with everything that does not depend on the carried state moved off the serial chain.
+// In a chunk (notation of the chunked forward above; P = (I - M_ab)^{-1}):
+//   U = W S^T + U0,  Y = Rt S^T + Y0,  S' = S diag(gamma) + U^T B_g + V^T K_g,   with
+//   W = P A_g,  U0 = P M_ak V,  Rt = R_g + Q_ab W,  Y0 = Q_ab U0 + Q_ak V      (state-independent, per chunk).
+// The adjoint (MODE 2 / 3) is the same chain with W = P^T B_g, U0 = P^T Q_ab^T dY, B_g -> A_g, V -> dY, K_g -> R_g
+// (no outputs).  A block is warp-specialized:
+//   consumer warps: warp q owns RW = 16 (MODE 0 / 2) or 32 (the 2N-row transitions) state rows as mma accumulator
+//     fragments in registers (S never goes to shared memory); per chunk U^T = S W^T + U0^T and Y^T = S Rt^T + Y0^T
+//     (S's accumulator fragments are the A operands directly: the k index (key channel j) is permuted within each
+//     8-step, k = c <-> j = 2c and k = c + 4 <-> j = 2c + 1), then S' = S diag(gamma) + U^T B_g + V^T K_g (U^T's
+//     fragments again the A operands, the token index permuted the same way).  64 mma per 16 rows and chunk
+//     (N = 64) and no block barrier: the chain is a few mma latencies per chunk.
+//   producer warps (2N threads: one per (role, channel)): per chunk, the decays (prefix role: A_g, R_g, Bi, Ki,
+//     gamma; suffix role: B_g, K_g), the intra-chunk matrices (factorized on tensor cores or, for chunks with a
+//     strong decay, pairwise, as wkv7_tc_chunk), the 16 x 16 factors P, P M_ak, Q_ab P by column solves in fp32,
+//     then per warp 16 channels of W, Rt, U0, Y0 on tensor cores (3xTF32), written into one of two stages in shared
+//     memory (the consumers' operands pre-rounded to TF32).  Inputs arrive by cp.async one chunk ahead.
+// Hand-over: one block-wide named barrier FULL per chunk (the producers reach it with chunk ci staged, the consumers
+// with chunk ci-1 done), so the producers work on chunk ci+1 while the consumers run chunk ci; the producers
+// synchronize among themselves on PROD.  Stage layouts avoid bank conflicts by xor swizzles: [t][j] arrays
+// (W, Rt) at t*N + (j ^ 8(t&3)); [i][t] arrays (U0^T, Y0^T, V^T, Bo^T, Ko^T) at i*16 + (t ^ 8((i>>1)&1)).
+namespace wkv7 {
+
+__device__ __forceinline__ unsigned f2u(float x) {
+#ifdef __CUDA_ARCH__
+    return __float_as_uint(x);
+#else
+    unsigned u;
+    __builtin_memcpy(&u, &x, 4);
+    return u;
+#endif
+}
+__device__ __forceinline__ float tf32r(float x) { return rwkv::tc::tf32_value(rwkv::tc::to_tf32(x)); }
+
+// Named barriers (bar.sync with a thread count; id 0 is __syncthreads').  Host compilers
+// (the CPU emulation in tests/) provide rwkv_emu_bar_* instead.
+__device__ __forceinline__ void nb_sync(int id, int n) {
+#ifdef __CUDA_ARCH__
+    asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(n) : "memory");
+#else
+    rwkv_emu_bar_sync(id, n);
+#endif
+}
+// 16-byte global -> shared copy (cp.async, sm_80+), zero-filled when !full; cp_wait: this thread's copies landed.
+__device__ __forceinline__ void cp16z(void* dst, const void* src, bool full) {
+#ifdef __CUDA_ARCH__
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(full ? 16 : 0) : "memory");
+#else
+    if (full) __builtin_memcpy(dst, src, 16);
+    else __builtin_memset(dst, 0, 16);
+#endif
+}
+__device__ __forceinline__ void cp_wait() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+// Stage swizzles (see above)
+__device__ __forceinline__ int swz_tj(int t, int j) { return j ^ (8 * (t & 3)); }
+__device__ __forceinline__ int swz_it(int i, int t) { return t ^ (8 * ((i >> 1) & 1)); }
+
+}  // namespace wkv7
+
+template <int N, int MODE> struct WyCfg {
+    static constexpr int L = wkv7::TC_L;
+    static constexpr bool TRANS = MODE == 1 || MODE == 3;   // segment transitions (2N-row states)
+    static constexpr bool REV = MODE >= 2;                  // the adjoint, chunks in reverse order
+    static constexpr bool YOUT = MODE == 0;                 // outputs y (and needs Rt, Y0)
+    static constexpr int R = TRANS ? 2 * N : N;             // chain rows
+    static constexpr int RW = TRANS ? 32 : 16;              // rows per consumer warp
+    static constexpr int RB = RW / 16;                      // 16-row blocks per consumer warp
+    static constexpr int NC = R / RW;                       // consumer warps
+    static constexpr int NP = 2 * N;                        // producer threads (prefix and suffix role per channel)
+    static constexpr int NPW = NP / 32;                     // producer warps
+    static constexpr int NT = 32 * NC + NP;                 // block size (= wkv7.py _wy_threads)
+    static constexpr int NJ = N / 8;                        // 8-column tiles of a state row block
+    static constexpr int LDA = N + 4;                       // producer token arrays [L][LDA] (mma operands)
+    static constexpr int LDI = 20;                          // the 16 x 16 intra-chunk matrices
+    // stage (floats): W [L][N], Rt [L][N] (MODE 0), U0^T [N][L], Y0^T [N][L] (MODE 0), V^T [N][L], Bo^T [N][L],
+    // Ko^T [N][L], gamma [N]
+    static constexpr int S_W = 0, S_RT = L * N, S_U0 = S_RT + (YOUT ? L * N : 0), S_Y0 = S_U0 + N * L,
+                         S_V = S_Y0 + (YOUT ? N * L : 0), S_BO = S_V + N * L, S_KO = S_BO + N * L,
+                         S_GAM = S_KO + N * L, STAGE = S_GAM + N;
+    // two stages; raw 16-bit inputs [2][6][L][N]; Ag Rg Bi Ki(MODE 2/3: B_g) [L][LDA]; intra-chunk matrices
+    // [4][L][LDI]; P, PM, QP [3][L][LDI]; the strong-decay flags of the two chunks in flight [2] (int, padded to
+    // 4); y staging per consumer warp [L][16] (16-bit)
+    static constexpr int O_RAW = 2 * STAGE, O_AG = O_RAW + 6 * L * N, O_RG = O_AG + L * LDA, O_BI = O_RG + L * LDA,
+                         O_KI = O_BI + L * LDA, O_I = O_KI + L * LDA, O_P = O_I + 4 * L * LDI,
+                         O_F = O_P + 3 * L * LDI, O_Y = O_F + 4,
+                         SMEM_FLOATS = O_Y + (YOUT ? NC * L * 8 : 0);   // = wkv7.py _wy_smem
+    // BAR_FULL spans the whole block, so it is barrier 0 (the kernel has no __syncthreads of its own):
+    // compute-sanitizer's racecheck did not order shared-memory accesses across a whole-block barrier of another id
+    static constexpr int BAR_FULL = 0, BAR_PROD = 2;
+    static_assert(N == 32 || N == 64, "chunked forward (WY): N = 32 or 64");
+    static_assert(L * N / 8 == NP, "one 8-element input piece per producer thread and array");
+    static_assert(NT <= 256, "two blocks per SM");
+    static_assert(STAGE % 4 == 0 && (L * LDA) % 4 == 0, "16-byte aligned regions");
+};
+
+template <typename T, int N, int MODE>
+__global__ void __launch_bounds__(WyCfg<N, MODE>::NT, 2) wkv7_tc_wy(
+    const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
+    int T_len, int H, int seg_len, int nseg,
+    const float* state_in, float* state_out, const int* state_idx, int pool_size, int* err,
+    float* __restrict__ ckpt, float* segbuf, int vec) {
+    using C = WyCfg<N, MODE>;
+    using namespace rwkv::tc;
+    constexpr int L = C::L, RB = C::RB, NC = C::NC, NP = C::NP, NPW = C::NPW, NT = C::NT, NJ = C::NJ,
+                  LDA = C::LDA, LDI = C::LDI, N8 = N / 8;
+    constexpr bool TRANS = C::TRANS, REV = C::REV, YOUT = C::YOUT;
+    extern __shared__ __align__(16) float smem[];
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int h = blockIdx.x % H;
+    const int seg = (blockIdx.x / H) % nseg;
+    const int sq = blockIdx.x / (H * nseg);
+    const long long start = (long long)sq * T_len + (long long)seg * seg_len;   // first token of the segment
+    const int len = min(seg_len, T_len - seg * seg_len);
+    const int nchunks = (len + L - 1) / L;
+    float* seg_state = segbuf != nullptr ? segbuf + ((long long)blockIdx.x * 2) * N * N : nullptr;   // [A; M]
+
+    if (warp < NC) {
+        // ================================================================ consumers: the chain over the chunks
+        const int g = lane / 4, c = lane % 4;
+        const int base0 = C::RW * warp;
+        const bool hasv = base0 < N;   // rows with v (TRANS: rows N.. start at the identity, without v)
+        float s[RB][NJ][4];            // s[rb][n][2*hr + e] = S(base0 + 16 rb + g + 8 hr, 8n + 2c + e)
+        long long slot = -1;
+        const float* src = nullptr;
+        if (!TRANS) {
+            if (nseg == 1) {
+                slot = rwkv::state_slot(state_idx, sq, pool_size, err);
+                if (state_in != nullptr && slot >= 0) src = state_in + (slot * H + h) * (long long)(N * N);
+            } else {
+                src = seg_state;
+            }
+        }
+#pragma unroll
+        for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+            for (int n = 0; n < NJ; ++n)
+#pragma unroll
+                for (int hr = 0; hr < 2; ++hr) {
+                    const int i = base0 + 16 * rb + g + 8 * hr, j = 8 * n + 2 * c;
+                    float2 x = make_float2(0.f, 0.f);
+                    if (TRANS) {
+                        x.x = (i - N == j) ? 1.f : 0.f;
+                        x.y = (i - N == j + 1) ? 1.f : 0.f;
+                    } else if (src != nullptr) {
+                        x = *reinterpret_cast<const float2*>(src + (long long)i * N + j);
+                    }
+                    s[rb][n][2 * hr] = x.x;
+                    s[rb][n][2 * hr + 1] = x.y;
+                }
+        auto store_state = [&](float* dst) {
+#pragma unroll
+            for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+                for (int n = 0; n < NJ; ++n)
+#pragma unroll
+                    for (int hr = 0; hr < 2; ++hr)
+                        *reinterpret_cast<float2*>(dst + (long long)(base0 + 16 * rb + g + 8 * hr) * N + 8 * n + 2 * c) =
+                            make_float2(s[rb][n][2 * hr], s[rb][n][2 * hr + 1]);
+        };
+        T* ybuf = reinterpret_cast<T*>(smem + C::O_Y) + warp * L * 16;
+        for (int ci = 0; ci < nchunks; ++ci) {
+            const int cc = REV ? nchunks - 1 - ci : ci;
+            const int t0 = cc * L, st = ci & 1;
+            if (!TRANS && ckpt != nullptr) {   // MODE 0: the state before the chunk; MODE 2: the adjoint after it
+                const long long cs = rwkv::chunk_slot(nullptr, T_len, sq, 0, WKV7_CK, (seg * seg_len + t0) / WKV7_CK);
+                store_state(ckpt + ((cs * H + h) * N) * (long long)N);
+            }
+            const float* stg = smem + st * C::STAGE;
+            wkv7::nb_sync(C::BAR_FULL, NT);   // chunk ci staged (and the producers move on to chunk ci+1)
+            // ---- U^T = S W^T + U0^T, Y^T = S Rt^T + Y0^T (per 16-row block: 16 rows x 16 tokens)
+            float u[RB][2][4], yy[2][4];
+#pragma unroll
+            for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                    for (int hr = 0; hr < 2; ++hr) {
+                        const int i = base0 + 16 * rb + g + 8 * hr, t = 8 * hh + 2 * c;
+                        float2 x = make_float2(0.f, 0.f), z = make_float2(0.f, 0.f);
+                        if (hasv) x = *reinterpret_cast<const float2*>(stg + C::S_U0 + i * L + wkv7::swz_it(i, t));
+                        if (YOUT) z = *reinterpret_cast<const float2*>(stg + C::S_Y0 + i * L + wkv7::swz_it(i, t));
+                        u[rb][hh][2 * hr] = x.x; u[rb][hh][2 * hr + 1] = x.y;
+                        if (YOUT) { yy[hh][2 * hr] = z.x; yy[hh][2 * hr + 1] = z.y; }
+                    }
+#pragma unroll
+            for (int n = 0; n < NJ; ++n) {
+                unsigned bw[2][2], br[2][2];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int t = 8 * hh + g, o = t * N + wkv7::swz_tj(t, 8 * n + 2 * c);
+                    const float2 wv = *reinterpret_cast<const float2*>(stg + C::S_W + o);
+                    bw[hh][0] = wkv7::f2u(wv.x); bw[hh][1] = wkv7::f2u(wv.y);
+                    if (YOUT) {
+                        const float2 rv = *reinterpret_cast<const float2*>(stg + C::S_RT + o);
+                        br[hh][0] = wkv7::f2u(rv.x); br[hh][1] = wkv7::f2u(rv.y);
+                    }
+                }
+#pragma unroll
+                for (int rb = 0; rb < RB; ++rb) {
+                    const unsigned af[4] = {to_tf32(s[rb][n][0]), to_tf32(s[rb][n][2]), to_tf32(s[rb][n][1]),
+                                            to_tf32(s[rb][n][3])};
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        mma_m16n8k8(u[rb][hh], af, bw[hh]);
+                        if (YOUT) mma_m16n8k8(yy[hh], af, br[hh]);
+                    }
+                }
+            }
+            // ---- S' = S diag(gamma) + U^T Bo + V^T Ko
+#pragma unroll
+            for (int n = 0; n < NJ; ++n) {
+                const float2 gm = *reinterpret_cast<const float2*>(stg + C::S_GAM + 8 * n + 2 * c);
+#pragma unroll
+                for (int rb = 0; rb < RB; ++rb) {
+                    s[rb][n][0] *= gm.x; s[rb][n][1] *= gm.y; s[rb][n][2] *= gm.x; s[rb][n][3] *= gm.y;
+                }
+            }
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int t = 8 * hh + 2 * c;
+                unsigned av[RB][4], au[RB][4];
+#pragma unroll
+                for (int rb = 0; rb < RB; ++rb) {
+                    if (hasv) {
+                        const int i0 = base0 + 16 * rb + g, i1 = i0 + 8;
+                        const float2 v0 = *reinterpret_cast<const float2*>(stg + C::S_V + i0 * L + wkv7::swz_it(i0, t));
+                        const float2 v1 = *reinterpret_cast<const float2*>(stg + C::S_V + i1 * L + wkv7::swz_it(i1, t));
+                        av[rb][0] = wkv7::f2u(v0.x); av[rb][1] = wkv7::f2u(v1.x);
+                        av[rb][2] = wkv7::f2u(v0.y); av[rb][3] = wkv7::f2u(v1.y);
+                    }
+                    au[rb][0] = to_tf32(u[rb][hh][0]); au[rb][1] = to_tf32(u[rb][hh][2]);
+                    au[rb][2] = to_tf32(u[rb][hh][1]); au[rb][3] = to_tf32(u[rb][hh][3]);
+                }
+#pragma unroll
+                for (int n = 0; n < NJ; ++n) {
+                    const int jr = 8 * n + g, o = jr * L + wkv7::swz_it(jr, t);
+                    const float2 bv = *reinterpret_cast<const float2*>(stg + C::S_BO + o);
+                    const unsigned bb[2] = {wkv7::f2u(bv.x), wkv7::f2u(bv.y)};
+                    unsigned bk[2] = {0u, 0u};
+                    if (hasv) {
+                        const float2 kv = *reinterpret_cast<const float2*>(stg + C::S_KO + o);
+                        bk[0] = wkv7::f2u(kv.x); bk[1] = wkv7::f2u(kv.y);
+                    }
+#pragma unroll
+                    for (int rb = 0; rb < RB; ++rb) {
+                        if (hasv) mma_m16n8k8(s[rb][n], av[rb], bk);
+                        mma_m16n8k8(s[rb][n], au[rb], bb);
+                    }
+                }
+            }
+            if (YOUT) {   // y through the warp's staging tile, 16-byte stores of 8 values
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        ybuf[(8 * hh + 2 * c + (e & 1)) * 16 + g + 8 * (e >> 1)] = rwkv::from_float<T>(yy[hh][e]);
+                __syncwarp();
+                const int t = lane / 2, half = lane % 2;
+                if (t0 + t < len)
+                    *reinterpret_cast<uint4*>(y + ((start + t0 + t) * H + h) * N + base0 + 8 * half) =
+                        *reinterpret_cast<const uint4*>(ybuf + t * 16 + 8 * half);
+                __syncwarp();
+            }
+        }
+        float* out = nullptr;
+        if (TRANS) out = seg_state;
+        else if (nseg == 1 && state_out != nullptr && slot >= 0) out = state_out + (slot * H + h) * (long long)(N * N);
+        if (out != nullptr) store_state(out);
+        return;
+    }
+
+    // ==================================================================== producers: the chunks' factors
+    const int p = tid - 32 * NC;           // 0 .. 2N-1
+    const int pw = p / 32;
+    const bool pre = p < N;                // prefix role (A_g, R_g, Bi, Ki, gamma) of channel j; else suffix role
+    const int j = pre ? p : p - N;
+    T* sRaw = reinterpret_cast<T*>(smem + C::O_RAW);   // [buf][arr][t][N]: 0 r, 1 w, 2 k, 3 v (dy), 4 a, 5 b
+    float* sAg = smem + C::O_AG;  float* sRg = smem + C::O_RG;  float* sBi = smem + C::O_BI;
+    float* sKi = smem + C::O_KI;  float* sI = smem + C::O_I;
+    float* sBg = sKi;             // MODE 2 / 3 (no K_i): B_g for W
+    float* sP = smem + C::O_P;    float* sPM = sP + L * LDI;  float* sQP = sP + 2 * L * LDI;
+    // chunk ci's "some channel decays below exp(-TC_SAFE_SPAN)" flag at sFlag[ci & 1]: set by atomicOr before P2,
+    // read after it, cleared after P3 (an smem flag and plain barriers rather than bar.red, which
+    // compute-sanitizer's racecheck does not order against the named barriers)
+    int* sFlag = reinterpret_cast<int*>(smem + C::O_F);
+    if (p < 2) sFlag[p] = 0;
+    const float* Mab = sI;
+    const float* Mak = sI + L * LDI;
+    const float* Qab = sI + 2 * L * LDI;
+    const float* Qak = sI + 3 * L * LDI;
+    const bool vv = vec != 0;
+    const T* const ins[6] = {r, w, k, v, a, b};
+    auto needed = [](int arr) { return arr == 0 ? MODE != 1 : arr == 2 ? MODE < 2 : true; };
+    const int pt = p / N8, pcol = 8 * (p % N8);   // this thread's 8-element piece of every array
+    auto fetch = [&](int ci) {   // chunk ci's inputs into raw buffer ci & 1; padding tokens zero
+        const int t0 = (REV ? nchunks - 1 - ci : ci) * L;
+        const bool in = t0 + pt < len;
+        const long long o = ((start + t0 + (in ? pt : 0)) * H + h) * N + pcol;
+#pragma unroll
+        for (int arr = 0; arr < 6; ++arr)
+            if (needed(arr)) {
+                T* d = sRaw + (((ci & 1) * 6 + arr) * L + pt) * N + pcol;
+                if (vv) {
+                    wkv7::cp16z(d, ins[arr] + o, in);
+                } else {
+                    wkv7::Chunk8<T> c8;
+                    uint4 u4 = make_uint4(0u, 0u, 0u, 0u);
+                    if (in) { c8.load(ins[arr] + o, false); u4 = c8.u; }
+                    *reinterpret_cast<uint4*>(d) = u4;
+                }
+            }
+    };
+    if (nchunks > 0) fetch(0);
+    for (int ci = 0; ci < nchunks; ++ci) {
+        const int t0 = (REV ? nchunks - 1 - ci : ci) * L, st = ci & 1;
+        const T* raw = sRaw + (st * 6) * L * N;
+        auto rd = [&](int arr, int t, int col) { return rwkv::to_float(raw[(arr * L + t) * N + col]); };
+        float* stg = smem + st * C::STAGE;
+        wkv7::cp_wait();
+        wkv7::nb_sync(C::BAR_PROD, NP);   // (P1) chunk ci's inputs landed; chunk ci-1's scratch no longer read
+        if (ci + 1 < nchunks) fetch(ci + 1);
+        // ---- decays of channel j (fast exponentials: their relative error, <= 2 + 1.2|x| ulp, is far below the
+        // TF32 rounding of every product they enter).  Prefix role: A_g, R_g, Bi, Ki, gamma; suffix role: B_g, K_g.
+        // The value column j (v, or dy in the adjoint) goes to V^T by the role that does not stage Bo^T / Ko^T.
+        int bad = 0;
+        if (pre) {
+            float gs = 0.f, ex = 1.f, xa[4], xb[4];
+#pragma unroll
+            for (int t = 0; t < L; ++t) {
+                gs += t0 + t < len ? -__expf(rd(1, t, j)) : 0.f;   // G(-1, t)
+                const float e = __expf(gs);
+                const float inv = __fdividef(1.f, e);   // unbounded only in unsafe chunks (then unused)
+                const float ag = rd(4, t, j) * ex;      // ex = G(-1, t-1)
+                const float rg = MODE != 1 ? rd(0, t, j) * e : 0.f;
+                ex = e;
+                sAg[t * LDA + j] = ag;
+                if (MODE != 1) sRg[t * LDA + j] = rg;
+                sBi[t * LDA + j] = rd(5, t, j) * inv;
+                if (MODE < 2) sKi[t * LDA + j] = rd(2, t, j) * inv;
+                if (REV) {   // Bo^T = A_g^T, Ko^T = R_g^T (row j)
+                    xa[t & 3] = wkv7::tf32r(ag);
+                    xb[t & 3] = wkv7::tf32r(rg);
+                } else {     // V^T (row j)
+                    xa[t & 3] = rd(3, t, j);
+                }
+                if ((t & 3) == 3) {
+                    const int o = j * L + wkv7::swz_it(j, t - 3);
+                    if (REV) {
+                        *reinterpret_cast<float4*>(stg + C::S_BO + o) = make_float4(xa[0], xa[1], xa[2], xa[3]);
+                        *reinterpret_cast<float4*>(stg + C::S_KO + o) = make_float4(xb[0], xb[1], xb[2], xb[3]);
+                    } else {
+                        *reinterpret_cast<float4*>(stg + C::S_V + o) = make_float4(xa[0], xa[1], xa[2], xa[3]);
+                    }
+                }
+            }
+            if (!(gs >= -wkv7::TC_SAFE_SPAN)) bad = 1;
+            stg[C::S_GAM + j] = ex;
+        } else {
+            float gs = 0.f, xa[4], xb[4];
+#pragma unroll
+            for (int t = L - 1; t >= 0; --t) {   // gs = G(t, L-1)
+                const float f = __expf(gs);
+                const float bg = rd(5, t, j) * f;
+                if (REV) {   // B_g for W; V^T = dY^T (row j)
+                    sBg[t * LDA + j] = bg;
+                    xa[t & 3] = rd(3, t, j);
+                } else {     // Bo^T = B_g^T, Ko^T = K_g^T (row j)
+                    xa[t & 3] = wkv7::tf32r(bg);
+                    xb[t & 3] = wkv7::tf32r(rd(2, t, j) * f);
+                }
+                if ((t & 3) == 0) {
+                    const int o = j * L + wkv7::swz_it(j, t);
+                    if (REV) {
+                        *reinterpret_cast<float4*>(stg + C::S_V + o) = make_float4(xa[0], xa[1], xa[2], xa[3]);
+                    } else {
+                        *reinterpret_cast<float4*>(stg + C::S_BO + o) = make_float4(xa[0], xa[1], xa[2], xa[3]);
+                        *reinterpret_cast<float4*>(stg + C::S_KO + o) = make_float4(xb[0], xb[1], xb[2], xb[3]);
+                    }
+                }
+                gs += t0 + t < len ? -__expf(rd(1, t, j)) : 0.f;
+            }
+        }
+        if (bad) atomicOr(&sFlag[st], 1);
+        wkv7::nb_sync(C::BAR_PROD, NP);   // (P2) token matrices staged
+        const bool unsafe = sFlag[st] != 0;
+        // ---- intra-chunk matrices: MODE 0: M_ab, M_ak, Q_ab, Q_ak; MODE 1: M_ab, M_ak; MODE 2/3: M_ab, Q_ab
+        constexpr int NMAT = MODE == 0 ? 4 : 2;
+        for (int mi = pw; mi < NMAT; mi += NPW) {
+            const int m = MODE < 2 ? mi : 2 * mi;
+            float* Im = sI + m * L * LDI;
+            const bool strict = m < 2;
+            if (!unsafe) {
+                float acc[8];
+                zero(acc);
+                mma_tile<false, true, false>(acc, m < 2 ? sAg : sRg, LDA, (m & 1) ? sKi : sBi, LDA, N);
+#pragma unroll
+                for (int rr = 0; rr < 8; ++rr) {
+                    const int t = acc_row(rr), s2 = acc_col(rr);
+                    Im[t * LDI + s2] = (strict ? s2 < t : s2 <= t) ? acc[rr] : 0.f;
+                }
+            } else {
+                // pairwise from the decays (as wkv7_tc_chunk): lane owns channels lane + 32*jj; for each key
+                // token s2, G(s2, t) accumulates one token at a time (exactly the entry's range)
+                const int xs = m < 2 ? 4 : 0, ys = (m & 1) ? 2 : 5;
+                for (int e = lane; e < L * L; e += 32) {
+                    const int t = e / L, s2 = e % L;
+                    if (s2 > t || (strict && s2 == t)) Im[t * LDI + s2] = 0.f;
+                }
+                for (int s2 = 0; s2 < L; ++s2) {
+                    float gg[N / 32];
+#pragma unroll
+                    for (int jj = 0; jj < N / 32; ++jj) gg[jj] = 0.f;
+                    for (int t = s2; t < L; ++t) {
+                        float part = 0.f;
+#pragma unroll
+                        for (int jj = 0; jj < N / 32; ++jj) {
+                            const int jc = lane + 32 * jj;
+                            const float lw = t0 + t < len ? -expf(rd(1, t, jc)) : 0.f;
+                            const float gq = t > s2 ? gg[jj] + lw : 0.f;          // G(s2, t)
+                            const float f = expf(strict ? gg[jj] : gq);           // M: G(s2, t-1)
+                            part = fmaf(rd(xs, t, jc) * rd(ys, s2, jc), f, part);
+                            gg[jj] = gq;
+                        }
+#pragma unroll
+                        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o, 32);
+                        if (lane == 0 && !(strict && t == s2)) Im[t * LDI + s2] = part;
+                    }
+                }
+            }
+        }
+        wkv7::nb_sync(C::BAR_PROD, NP);   // (P3) the intra-chunk matrices ready; the flag read by all
+        if (p == 0) sFlag[st] = 0;
+        // ---- 16 x 16 factors by column solves in fp32, 16 lanes each: P = (I - M_ab)^{-1}; PM = P M_ak (MODE 0/1);
+        // QP = Q_ab P (MODE 0/2/3, row by row: QP^T = (I - M_ab^T)^{-1} Q_ab^T)
+        {
+            const int task = p / 16, cc = p % 16;
+            const int kind = task == 0 ? 0 : task == 1 ? (MODE < 2 ? 1 : 2) : (MODE == 0 && task == 2) ? 2 : -1;
+            if (kind >= 0) {
+                float u[L];
+#pragma unroll
+                for (int t = 0; t < L; ++t)
+                    u[t] = kind == 0 ? (t == cc ? 1.f : 0.f) : kind == 1 ? Mak[t * LDI + cc] : Qab[cc * LDI + t];
+                if (kind == 2) {
+                    wkv7::back_subst<L, LDI>(u, Mab);
+#pragma unroll
+                    for (int t = 0; t < L; ++t) sQP[cc * LDI + t] = u[t];
+                } else {
+                    wkv7::forward_subst<L, LDI>(u, Mab);
+                    float* dst = kind == 0 ? sP : sPM;
+#pragma unroll
+                    for (int t = 0; t < L; ++t) dst[t * LDI + cc] = u[t];
+                }
+            }
+        }
+        wkv7::nb_sync(C::BAR_PROD, NP);   // (P4) the factors ready
+        // ---- warp pw: channels J .. J+15 of every stage matrix, on tensor cores (3xTF32: fp32-accurate products)
+        {
+            const int g = lane / 4, c4 = lane % 4, J = 16 * pw;
+            {   // W = P A_g (MODE 0/1) or P^T B_g (MODE 2/3), Rt = R_g + QP A_g (MODE 0): rows t, columns j
+                float wacc[8], racc[8];
+                zero(wacc);
+                mma_tile<REV, false, true>(wacc, sP, LDI, (REV ? sBg : sAg) + J, LDA, L);
+                if (YOUT) {
+                    load_tile(racc, sRg + J, LDA);
+                    mma_tile<false, false, true>(racc, sQP, LDI, sAg + J, LDA, L);
+                }
+#pragma unroll
+                for (int rr = 0; rr < 8; ++rr) {
+                    const int t = acc_row(rr), o = t * N + wkv7::swz_tj(t, J + acc_col(rr));
+                    stg[C::S_W + o] = wkv7::tf32r(wacc[rr]);
+                    if (YOUT) stg[C::S_RT + o] = wkv7::tf32r(racc[rr]);
+                }
+            }
+            // U0^T = V^T PM^T (MODE 0/1) or dY^T QP (MODE 2/3); Y0^T = V^T Q_ak^T + U0^T Q_ab^T (MODE 0): rows i
+            // (value channels J..), columns t; V^T (16-bit values) is exact in TF32
+            float u0[2][4], y0[2][4];
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) { u0[hh][e] = 0.f; y0[hh][e] = 0.f; }
+#pragma unroll
+            for (int k0 = 0; k0 < L; k0 += 8) {
+                unsigned av[4];
+#pragma unroll
+                for (int rr = 0; rr < 4; ++rr) av[rr] = to_tf32(rd(3, k0 + c4 + 4 * (rr / 2), J + g + 8 * (rr % 2)));
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int t = 8 * hh + g;
+                    unsigned bh[2], bl[2], qh[2], ql[2];
+#pragma unroll
+                    for (int rr = 0; rr < 2; ++rr) {
+                        const int s2 = k0 + c4 + 4 * rr;
+                        split<true>(REV ? sQP[s2 * LDI + t] : sPM[t * LDI + s2], bh[rr], bl[rr]);
+                        if (YOUT) split<true>(Qak[t * LDI + s2], qh[rr], ql[rr]);
+                    }
+                    mma_m16n8k8(u0[hh], av, bl);
+                    mma_m16n8k8(u0[hh], av, bh);
+                    if (YOUT) {
+                        mma_m16n8k8(y0[hh], av, ql);
+                        mma_m16n8k8(y0[hh], av, qh);
+                    }
+                }
+            }
+            if (YOUT) {   // + U0^T Q_ab^T: U0^T's accumulators as the A operand (token index permuted as above)
+#pragma unroll
+                for (int hs = 0; hs < 2; ++hs) {
+                    unsigned ah[4], al[4];
+                    split<true>(u0[hs][0], ah[0], al[0]); split<true>(u0[hs][2], ah[1], al[1]);
+                    split<true>(u0[hs][1], ah[2], al[2]); split<true>(u0[hs][3], ah[3], al[3]);
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const float2 q = *reinterpret_cast<const float2*>(Qab + (8 * hh + g) * LDI + 8 * hs + 2 * c4);
+                        unsigned bh[2], bl[2];
+                        split<true>(q.x, bh[0], bl[0]);
+                        split<true>(q.y, bh[1], bl[1]);
+                        mma_m16n8k8(y0[hh], al, bh);
+                        mma_m16n8k8(y0[hh], ah, bl);
+                        mma_m16n8k8(y0[hh], ah, bh);
+                    }
+                }
+            }
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int hr = 0; hr < 2; ++hr) {
+                    const int i = J + g + 8 * hr, o = i * L + wkv7::swz_it(i, 8 * hh + 2 * c4);
+                    *reinterpret_cast<float2*>(stg + C::S_U0 + o) = make_float2(u0[hh][2 * hr], u0[hh][2 * hr + 1]);
+                    if (YOUT)
+                        *reinterpret_cast<float2*>(stg + C::S_Y0 + o) = make_float2(y0[hh][2 * hr], y0[hh][2 * hr + 1]);
+                }
+        }
+        wkv7::nb_sync(C::BAR_FULL, NT);   // stage st holds chunk ci; the consumers are done with chunk ci-1
     }
 }
 

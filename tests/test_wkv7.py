@@ -589,6 +589,7 @@ _EMU_SHIM = r'''
 #include <memory>
 #include <atomic>
 #include <algorithm>
+#include <mutex>
 struct __half { _Float16 x; };
 inline float __half2float(__half h) { return (float)h.x; }
 inline __half __float2half_rn(float f) { __half h; h.x = (_Float16)f; return h; }
@@ -600,6 +601,8 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __expf expf
+#define __fdividef(x, y) ((x) / (y))
 #define __align__(n) __attribute__((aligned(n)))
 struct dim3s { unsigned x, y, z; };
 thread_local dim3s threadIdx, blockIdx;
@@ -610,6 +613,9 @@ std::vector<float> g_x;
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+inline float2 make_float2(float a, float b) { return float2{a, b}; }
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
 inline __half __ushort_as_half(unsigned short u) { __half h; memcpy(&h, &u, 2); return h; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { __nv_bfloat16 h; h.x = u; return h; }
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
@@ -618,11 +624,20 @@ inline void __syncwarp(unsigned = 0xffffffffu) { g_wbar[threadIdx.x / 32]->arriv
 inline float __shfl_xor_sync(unsigned, float v, int off, int = 32) {   // every lane of the warp calls it together
     int t = threadIdx.x; g_x[t] = v; __syncwarp(); float r = g_x[t ^ off]; __syncwarp(); return r; }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 std::atomic<int> g_or{0};
 inline int __syncthreads_or(int p) {
     __syncthreads(); if (p) g_or.store(1); __syncthreads(); int r = g_or.load(); __syncthreads();
     if (threadIdx.x == 0) g_or.store(0);   // the next call's stores come after its first barrier
     return r; }
+// named barriers (bar.sync with a thread count), created at first use in each block
+std::mutex g_nb_mu;
+std::barrier<>* g_nb[16];
+inline std::barrier<>* emu_nbar(int id, int n) {
+    std::lock_guard<std::mutex> lk(g_nb_mu);
+    if (!g_nb[id]) g_nb[id] = new std::barrier<>(n);
+    return g_nb[id]; }
+inline void rwkv_emu_bar_sync(int id, int n) { emu_nbar(id, n)->arrive_and_wait(); }
 MMA_EMU
 using std::min;
 template <class F> void emu_run(int grid, int block, size_t dyn, F f) {
@@ -631,6 +646,7 @@ template <class F> void emu_run(int grid, int block, size_t dyn, F f) {
     gridDim = {(unsigned)grid, 1, 1}; blockDim = {(unsigned)block, 1, 1};
     g_x.assign(block, 0.f);
     for (int b = 0; b < grid; ++b) {
+        for (int i = 0; i < 16; ++i) { delete g_nb[i]; g_nb[i] = nullptr; }
         std::barrier<> bar(block); g_bar = &bar;
         std::vector<std::unique_ptr<std::barrier<>>> wb;
         for (int w = 0; w * 32 < block; ++w) {
@@ -674,6 +690,14 @@ template <typename T, int N, int M> void tcc(const uint64_t* a, int grid, int bl
   emu_run(grid, blk, smem, [&]{ wkv7_tc_chunk<T, N, M>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(T*)P_(6), I_(7), I_(8), I_(9), I_(10), (const float*)P_(11), (float*)P_(12),
      (const int*)P_(13), I_(14), (int*)P_(15), (float*)P_(16), (float*)P_(17), I_(18)); }); }
+template <typename T, int N, int M> void tcw(const uint64_t* a, int grid, int blk, size_t smem) {
+  if (smem != (size_t)WyCfg<N, M>::SMEM_FLOATS * 4 || blk != WyCfg<N, M>::NT) std::abort();   // launcher mismatch
+  emu_run(grid, blk, smem, [&]{ wkv7_tc_wy<T, N, M>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
+     (const T*)P_(4),(const T*)P_(5),(T*)P_(6), I_(7), I_(8), I_(9), I_(10), (const float*)P_(11), (float*)P_(12),
+     (const int*)P_(13), I_(14), (int*)P_(15), (float*)P_(16), (float*)P_(17), I_(18)); }); }
+template <typename T, int N> void tcw_any(int mode, const uint64_t* a, int grid, int blk, size_t smem) {
+  if (mode == 0) tcw<T, N, 0>(a, grid, blk, smem); else if (mode == 1) tcw<T, N, 1>(a, grid, blk, smem);
+  else if (mode == 2) tcw<T, N, 2>(a, grid, blk, smem); else tcw<T, N, 3>(a, grid, blk, smem); }
 template <typename T, int N, int NW, int ST> void tcb(const uint64_t* a, int grid, int blk, size_t smem) {
   float mild; const uint32_t mb = (uint32_t)a[18]; std::memcpy(&mild, &mb, 4);
   emu_run(grid, blk, smem, [&]{ wkv7_tc_bwd<T, N, NW, ST>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
@@ -698,6 +722,10 @@ template <int N> void tcs(const uint64_t* a, int grid, int blk) {
   else { if (N == 32) bwd<T, 32>(a, grid, blk, smem); else if (N == 64) bwd<T, 64>(a, grid, blk, smem); else bwd<T, 128>(a, grid, blk, smem); }
 extern "C" void emu(int kind, int dt, int N, const uint64_t* a, int grid, int blk, long smem, int strip) {
   if (kind == 8) { if (N == 32) tcs<32>(a, grid, blk); else tcs<64>(a, grid, blk); return; }
+  if (kind >= 11) {   // wkv7_tc_wy, mode kind - 11 (16-bit types only)
+    if (dt == 1) { if (N == 32) tcw_any<__half, 32>(kind - 11, a, grid, blk, smem); else tcw_any<__half, 64>(kind - 11, a, grid, blk, smem); }
+    else { if (N == 32) tcw_any<__nv_bfloat16, 32>(kind - 11, a, grid, blk, smem); else tcw_any<__nv_bfloat16, 64>(kind - 11, a, grid, blk, smem); }
+    return; }
   if (dt == 0) { DISP(float) } else if (dt == 1) { DISP(__half) } else { DISP(__nv_bfloat16) }
 }
 '''
@@ -787,7 +815,11 @@ def emu(emu_lib, monkeypatch):
         assert m, name
         if m.group(1) == "forward":   # block size must match the instantiation (the driver picks it by block)
             assert int(block[0]) == W.FWD_NT[int(m.group(4) or 4)], (name, block)
-        if m.group(1) == "tc_chunk":
+        if m.group(1) == "tc_wy":
+            assert int(block[0]) == W._wy_threads(int(m.group(3)), int(m.group(4))), (name, block)
+            assert int(shared_mem) == W._wy_smem(int(m.group(3)), int(m.group(4))), (name, shared_mem)
+            kind = 11 + int(m.group(4))
+        elif m.group(1) == "tc_chunk":
             assert int(block[0]) == W._tc_threads(int(m.group(3)), int(m.group(4))), (name, block)
             assert int(shared_mem) == W._tc_smem(int(m.group(3)), int(m.group(4))), (name, shared_mem)
             kind = {0: 4, 1: 5, 2: 6, 3: 10}[int(m.group(4))]
@@ -1136,12 +1168,33 @@ def test_emulated_chunked_forward(emu, monkeypatch, dt, N, T, nseg, wr):
     fwd_tol, bwd_tol = (1e-5, 1e-4) if dt == "float32" else (3e-3, 6e-3)
     y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
     ct = {"float32": "float", "bfloat16": "__nv_bfloat16"}[dt]
-    want = [f"wkv7_tc_chunk<{ct}, {N}, 0>"] if nseg == 1 else [f"wkv7_tc_chunk<{ct}, {N}, 1>", f"wkv7_tc_scan<{N}>",
-                                                                 f"wkv7_tc_chunk<{ct}, {N}, 0>"]
+    tcn = [W._tc_kernel(ct, N, mode)[0] for mode in (0, 1)]
+    want = [tcn[0]] if nseg == 1 else [tcn[1], f"wkv7_tc_scan<{N}>", tcn[0]]
     assert emu.launches[-1 - len(want):-1] == want
     y_ref, s_ref = W.reference_forward(x, s0)
     assert rel_rms(y, y_ref) < fwd_tol and rel_rms(s, s_ref) < (1e-5 if dt == "float32" else 3e-3)
     _check_grads(g, W.reference_backward(x, s0, dy, ds), bwd_tol)
+
+
+def test_emulated_chunked_forward_without_wy(emu, monkeypatch):
+    """TC_WY = False: 16-bit I/O through wkv7_tc_chunk (the fp32 kernels), segments and the adjoint included."""
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "TC_WY", False)
+    monkeypatch.setattr(W, "TC_NSEG", 2)
+    monkeypatch.setattr(W, "TC_BWD_NSEG", 2)
+    rng = np.random.default_rng(21)
+    B, T, H, N, dt = 1, 40, 1, 32, "bfloat16"
+    x = {n: _dec(_enc(v, dt), dt) for n, v in make_inputs(rng, B, T, H, N, wlo=-5.5, whi=-0.5).items()}
+    s0 = make_state(rng, B, H, N).astype(np.float32).astype(np.float64)
+    dy = _dec(_enc(rng.standard_normal((B, T, H, N)), dt), dt)
+    ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
+    assert not any("tc_wy" in n for n in emu.launches)
+    assert "wkv7_tc_chunk<__nv_bfloat16, 32, 1>" in emu.launches and "wkv7_tc_chunk<__nv_bfloat16, 32, 3>" in emu.launches
+    y_ref, s_ref = W.reference_forward(x, s0)
+    assert rel_rms(y, y_ref) < 3e-3 and rel_rms(s, s_ref) < 3e-3
+    _check_grads(g, W.reference_backward(x, s0, dy, ds), 6e-3)
 
 
 def test_emulated_chunked_extreme_decays_and_pool(emu, monkeypatch):
@@ -1225,7 +1278,7 @@ def test_gpu_chunked_vs_reference(dtype, N, nseg, poison, monkeypatch):
         with _torch().no_grad():
             y2, s2 = rwkvops.wkv7(*(_to_torch(x[n], dtype) for n in NAMES), state=_to_torch(s0, "float32"))
         assert rel_rms(y2, y_ref) < fwd_tol and rel_rms(s2, s_ref) < fwd_tol
-    assert any(n.startswith("wkv7_tc_chunk") for n in launches)
+    assert any(n.startswith(("wkv7_tc_chunk", "wkv7_tc_wy")) for n in launches)
     assert not any(n.startswith("wkv7_forward") for n in launches)
     if nseg == 3:
         assert any(n.startswith("wkv7_tc_scan") for n in launches)
@@ -1284,9 +1337,9 @@ def test_emulated_chunked_backward(emu, monkeypatch, dt, N, T, wr, fwd, bseg):
     fwd_tol, bwd_tol = (1e-5, 1e-4) if dt == "float32" else (3e-3, 6e-3)
     y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
     ct = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}[dt]
-    assert emu.launches[-3:] == [f"wkv7_tc_chunk<{ct}, {N}, 2>", W._tc_bwd_name(ct, N),
+    assert emu.launches[-3:] == [W._tc_kernel(ct, N, 2)[0], W._tc_bwd_name(ct, N),
                                  f"wkv7_backward<{ct}, {N}>"]
-    seg_kernels = [f"wkv7_tc_chunk<{ct}, {N}, 3>", f"wkv7_tc_scan<{N}>"]
+    seg_kernels = [W._tc_kernel(ct, N, 3)[0], f"wkv7_tc_scan<{N}>"]
     assert (emu.launches[-5:-3] == seg_kernels) == (bseg > 1), emu.launches
     _check_grads(g, W.reference_backward(x, s0, dy, ds), bwd_tol, wr)
     # no final-state gradient, zero initial state

@@ -6,7 +6,8 @@ Pieces, side by side:
 * :func:`gpu_forward` / :func:`gpu_backward`: launchers of the CUDA kernels in ``cuda_src/wkv7.cu``: forward by
   the decode kernel (one token per sequence, no backward), the chunked tensor-core kernels (dense batches with
   T >= TC_MIN_T, N = 32/64: 16-token chunks, one block per (sequence, head), or time segments + a scan over their
-  transitions when few (sequence, head) pairs would underfill the GPU; writes the backward's checkpoints too), or
+  transitions when few (sequence, head) pairs would underfill the GPU; writes the backward's checkpoints too; 16-bit
+  I/O through wkv7_tc_wy, the warp-specialized WY form, fp32 through wkv7_tc_chunk), or
   the recurrent kernel (varlen, short T, N = 128); the backward from the fp32 checkpoints every CK tokens: for dense
   batches with T >= TC_MIN_T the chunked tensor-core backward (a reverse pass writing the adjoint at every chunk
   end, in time segments + a reverse scan as the forward's when few (sequence, head) pairs; then all chunks'
@@ -138,6 +139,11 @@ TC_SEG_MIN = 256              # shortest time segment (tokens) of the segmented 
 TC_BLOCKS_PER_SM = 2          # segmented path: blocks per SM of both passes (the transition pass fits 2 per SM)
 TC_MIN_NSEG = 3               # ... and only when that gives at least this many segments
 TC_NSEG = None                # force the number of time segments (None: _tc_segments)
+# 16-bit I/O: the four chunked passes by wkv7_tc_wy (the state-independent per-chunk work on producer warps, the
+# chain over the chunks on consumer warps with the state in registers) instead of wkv7_tc_chunk; fp32 I/O keeps
+# wkv7_tc_chunk (3xTF32).  H100, bf16 H=32 N=64, CUDA events (benchmarks/results/logs/s4-h4, run 2): forward
+# B=8 T=4096 1.54 ms (kernel 1.46) vs 1.76 (1.69); B=1 T=16384 1.48-1.56 vs 1.82; adjoint pass B=8 1.23 vs 1.33.
+TC_WY = True
 
 # Chunked backward (wkv7_tc_chunk<T, N, 2> + wkv7_tc_bwd + wkv7_backward's per-chunk mode for the chunks with a
 # strong decay): dense batches, N in TC_HEAD_SIZES where the row backward fits, T >= TC_MIN_T (as the forward).
@@ -173,6 +179,8 @@ def _names():
             if n in BWD_ROWS_SC:
                 out.append(f"wkv7_backward_l2<{ct}, {n}>")   # the scratch backward, kept selectable (BWD_ROWS)
             if n in TC_HEAD_SIZES:
+                if ct != "float":                            # the same four passes in WY form (16-bit I/O)
+                    out.extend(f"wkv7_tc_wy<{ct}, {n}, {mode}>" for mode in range(4))
                 out.append(f"wkv7_tc_chunk<{ct}, {n}, 0>")   # chunked forward: outputs (+ checkpoints)
                 out.append(f"wkv7_tc_chunk<{ct}, {n}, 1>")   # chunked forward: segment transitions
                 out.append(f"wkv7_tc_chunk<{ct}, {n}, 2>")   # chunked backward: adjoint checkpoints (reverse)
@@ -263,6 +271,34 @@ def _use_decode(seqs, save) -> bool:
     return seqs.total <= seqs.num
 
 
+def _tc_kernel(ct, N, mode):
+    """(name, block size, dynamic shared memory) of chunked pass ``mode`` (0 outputs, 1 transitions, 2 adjoint,
+    3 adjoint transitions): wkv7_tc_wy for 16-bit I/O when TC_WY, else wkv7_tc_chunk (same arguments)."""
+    if TC_WY and ct != "float":
+        return f"wkv7_tc_wy<{ct}, {N}, {mode}>", _wy_threads(N, mode), _wy_smem(N, mode)
+    return f"wkv7_tc_chunk<{ct}, {N}, {mode}>", _tc_threads(N, mode), _tc_smem(N, mode)
+
+
+def _wy_threads(N, mode):
+    """Block size of wkv7_tc_wy<T, N, mode> (WyCfg::NT): consumer warps of 16 state rows (32 for the 2N-row
+    transitions, modes 1 and 3) plus 2N producer threads."""
+    rw = 32 if mode in (1, 3) else 16
+    rows = 2 * N if mode in (1, 3) else N
+    return 32 * (rows // rw) + 2 * N
+
+
+def _wy_smem(N, mode):
+    """Dynamic shared memory (bytes) of wkv7_tc_wy<T, N, mode> (WyCfg::SMEM_FLOATS): two stages (W, [Rt], U0^T,
+    [Y0^T], V^T, Bo^T, Ko^T [16][N] and gamma [N]; [..]: mode 0 only), raw 16-bit inputs [2][6][16][N], four
+    token arrays [16][N+4], four intra-chunk matrices and P, PM, QP [16][20], two flags (padded to 4 words), mode 0:
+    y staging [consumer warps][16][16] 16-bit."""
+    L = TC_L
+    y = mode == 0
+    stage = (7 if y else 5) * L * N + N
+    nc = (2 * N if mode in (1, 3) else N) // (32 if mode in (1, 3) else 16)
+    return 4 * (2 * stage + 6 * L * N + 4 * L * (N + 4) + 7 * L * 20 + 4 + (nc * L * 8 if y else 0))
+
+
 def _tc_threads(N, mode):
     """Block size of wkv7_tc_chunk<T, N, mode> (TcCfg::NT): one warp per 16 state rows, at most 4 warps."""
     rows = 2 * N if mode in (1, 3) else N
@@ -342,10 +378,11 @@ def _backward_chunked(call, x, saved, dy, dstate, g, dstate_in):
     segbuf = None if nseg == 1 else call.empty((B, nseg, H, 2, N, N), "float32")
 
     def adjoint(mode, sin, sout, ck):
-        _launch(f"wkv7_tc_chunk<{ct}, {N}, {mode}>", (B * nseg * H,), (_tc_threads(N, mode),),
+        name, nt, smem = _tc_kernel(ct, N, mode)
+        _launch(name, (B * nseg * H,), (nt,),
                 (ins[0], ins[1], ins[2], ptr(dy), ins[4], ins[5], ptr(None), i32(T), i32(H), i32(seg_len), i32(nseg),
                  ptr(sin), ptr(sout), ptr(None), i32(0), error_ptr(), ptr(ck), ptr(segbuf), i32(vec)),
-                shared_mem=_tc_smem(N, mode))
+                shared_mem=smem)
     if nseg == 1:
         adjoint(2, dstate, dstate_in, dck)
     else:
@@ -412,9 +449,10 @@ def _forward_chunked(call, x, y, state_in, state_out, ckpt, vec):
     segbuf = None if nseg == 1 else call.empty((B, nseg, H, 2, N, N), "float32")
 
     def chunk(mode, yy, sin, sout, ck):
-        _launch(f"wkv7_tc_chunk<{ct}, {N}, {mode}>", (B * nseg * H,), (_tc_threads(N, mode),),
+        name, nt, smem = _tc_kernel(ct, N, mode)
+        _launch(name, (B * nseg * H,), (nt,),
                 (*ins, ptr(yy), i32(T), i32(H), i32(seg_len), i32(nseg), ptr(sin), ptr(sout), ptr(seqs.state_idx),
-                 i32(seqs.pool_size), error_ptr(), ptr(ck), ptr(segbuf), i32(vec)), shared_mem=_tc_smem(N, mode))
+                 i32(seqs.pool_size), error_ptr(), ptr(ck), ptr(segbuf), i32(vec)), shared_mem=smem)
     if nseg == 1:
         chunk(0, y, state_in, state_out, ckpt)
         return
