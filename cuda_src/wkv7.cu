@@ -1520,9 +1520,7 @@ template <int N, int MODE> struct WyCfg {
                          O_KI = O_BI + L * LDA, O_I = O_KI + L * LDA, O_P = O_I + 4 * L * LDI,
                          O_F = O_P + 3 * L * LDI, O_Y = O_F + 4,
                          SMEM_FLOATS = O_Y + (YOUT ? NC * L * 8 : 0);   // = wkv7.py _wy_smem
-    // BAR_FULL spans the whole block, so it is barrier 0 (the kernel has no __syncthreads of its own):
-    // compute-sanitizer's racecheck did not order shared-memory accesses across a whole-block barrier of another id
-    static constexpr int BAR_FULL = 0, BAR_PROD = 2;
+    static constexpr int BAR_FULL = 1, BAR_PROD = 2;
     static_assert(N == 32 || N == 64, "chunked forward (WY): N = 32 or 64");
     static_assert(L * N / 8 == NP, "one 8-element input piece per producer thread and array");
     static_assert(NT <= 256, "two blocks per SM");

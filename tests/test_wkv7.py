@@ -1176,11 +1176,13 @@ def test_emulated_chunked_forward(emu, monkeypatch, dt, N, T, nseg, wr):
     _check_grads(g, W.reference_backward(x, s0, dy, ds), bwd_tol)
 
 
-def test_emulated_chunked_forward_without_wy(emu, monkeypatch):
-    """TC_WY = False: 16-bit I/O through wkv7_tc_chunk (the fp32 kernels), segments and the adjoint included."""
+@pytest.mark.parametrize("wy", (True, False))
+def test_emulated_chunked_16bit_with_and_without_wy(emu, monkeypatch, wy):
+    """16-bit I/O through wkv7_tc_wy (TC_WY, opt-in) or wkv7_tc_chunk (the default), segments and the adjoint
+    included."""
     monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
     monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
-    monkeypatch.setattr(W, "TC_WY", False)
+    monkeypatch.setattr(W, "TC_WY", wy)
     monkeypatch.setattr(W, "TC_NSEG", 2)
     monkeypatch.setattr(W, "TC_BWD_NSEG", 2)
     rng = np.random.default_rng(21)
@@ -1190,8 +1192,9 @@ def test_emulated_chunked_forward_without_wy(emu, monkeypatch):
     dy = _dec(_enc(rng.standard_normal((B, T, H, N)), dt), dt)
     ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
     y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
-    assert not any("tc_wy" in n for n in emu.launches)
-    assert "wkv7_tc_chunk<__nv_bfloat16, 32, 1>" in emu.launches and "wkv7_tc_chunk<__nv_bfloat16, 32, 3>" in emu.launches
+    kern = "wkv7_tc_wy" if wy else "wkv7_tc_chunk"
+    assert any(n.startswith("wkv7_tc_wy") for n in emu.launches) == wy
+    assert f"{kern}<__nv_bfloat16, 32, 1>" in emu.launches and f"{kern}<__nv_bfloat16, 32, 3>" in emu.launches
     y_ref, s_ref = W.reference_forward(x, s0)
     assert rel_rms(y, y_ref) < 3e-3 and rel_rms(s, s_ref) < 3e-3
     _check_grads(g, W.reference_backward(x, s0, dy, ds), 6e-3)

@@ -143,7 +143,10 @@ TC_NSEG = None                # force the number of time segments (None: _tc_seg
 # chain over the chunks on consumer warps with the state in registers) instead of wkv7_tc_chunk; fp32 I/O keeps
 # wkv7_tc_chunk (3xTF32).  H100, bf16 H=32 N=64, CUDA events (benchmarks/results/logs/s4-h4, run 2): forward
 # B=8 T=4096 1.54 ms (kernel 1.46) vs 1.76 (1.69); B=1 T=16384 1.48-1.56 vs 1.82; adjoint pass B=8 1.23 vs 1.33.
-TC_WY = True
+# Off by default: every GPU test and the B=8 T=4096 accuracy check pass with it, but compute-sanitizer's racecheck
+# reports hazards between the producers' stage writes and the consumers' stage reads across the stage barrier
+# (benchmarks/results/logs/s4-lead, calls A and B; also with that barrier as barrier 0), not yet explained.
+TC_WY = False
 
 # Chunked backward (wkv7_tc_chunk<T, N, 2> + wkv7_tc_bwd + wkv7_backward's per-chunk mode for the chunks with a
 # strong decay): dense batches, N in TC_HEAD_SIZES where the row backward fits, T >= TC_MIN_T (as the forward).
