@@ -2,6 +2,10 @@
 and the CUDA kernels against it on the GPU (marked ``gpu``)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -734,7 +738,6 @@ extern "C" void emu(int kind, int dt, int N, const uint64_t* a, int grid, int bl
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
     import ctypes
-    import subprocess
     from rwkvops._compile import read_source
     cxx = cuda_emulation.cxx_or_skip()
     d = tmp_path_factory.mktemp("wkv7_emu")
@@ -744,8 +747,10 @@ def emu_lib(tmp_path_factory):
     src = src.replace("__shared__", "static")
     (d / "emu.cpp").write_text(_EMU_SHIM + src + _EMU_DRIVER)
     so = d / "libemu.so"
-    res = subprocess.run([cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-o", str(so), str(d / "emu.cpp"), "-lpthread"],
-                         capture_output=True, text=True)
+    # RWKVOPS_EMU_TSAN=1: build with ThreadSanitizer (test_emulated_wy_kernel_is_race_free runs that in a subprocess)
+    tsan = ["-g", "-fsanitize=thread"] if os.environ.get("RWKVOPS_EMU_TSAN") == "1" else []
+    res = subprocess.run([cxx, "-std=c++20", "-O1", *tsan, "-fPIC", "-shared", "-o", str(so), str(d / "emu.cpp"),
+                          "-lpthread"], capture_output=True, text=True)
     if res.returncode != 0:
         if "barrier" in res.stderr or "_Float16" in res.stderr:
             pytest.skip("C++ compiler lacks <barrier>/_Float16 for the kernel emulation")
@@ -1198,6 +1203,27 @@ def test_emulated_chunked_16bit_with_and_without_wy(emu, monkeypatch, wy):
     y_ref, s_ref = W.reference_forward(x, s0)
     assert rel_rms(y, y_ref) < 3e-3 and rel_rms(s, s_ref) < 3e-3
     _check_grads(g, W.reference_backward(x, s0, dy, ds), 6e-3)
+
+
+def test_emulated_wy_kernel_is_race_free():
+    """The producer/consumer hand-off of wkv7_tc_wy under ThreadSanitizer: the emulated 16-bit chunked run above
+    (every pass of the kernel: forward, transitions, adjoint) built with -fsanitize=thread, one OS thread per CUDA
+    thread and the named barriers as std::barrier, in a subprocess with libtsan preloaded.  compute-sanitizer's
+    racecheck reports hazards between the stage writes and reads of this kernel on the GPU (why TC_WY is off);
+    ThreadSanitizer does flag them when the consumers read the wrong stage (checked by hand: 8 reports)."""
+    cxx = cuda_emulation.cxx_or_skip()
+    lib = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(lib):
+        pytest.skip("the C++ compiler has no ThreadSanitizer runtime")
+    env = dict(os.environ, RWKVOPS_EMU_TSAN="1", LD_PRELOAD=lib,
+               TSAN_OPTIONS="halt_on_error=0 report_signal_unsafe=0 history_size=4")
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+                          "-k", "test_emulated_chunked_16bit_with_and_without_wy and True"],
+                         capture_output=True, text=True, env=env, cwd=os.path.dirname(here), timeout=1800)
+    out = res.stdout + res.stderr
+    assert "ThreadSanitizer" not in out, out[-6000:]
+    assert res.returncode == 0 and "1 passed" in out, out[-3000:]
 
 
 def test_emulated_chunked_extreme_decays_and_pool(emu, monkeypatch):
