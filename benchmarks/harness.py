@@ -56,25 +56,9 @@ def random_inputs(op_name, dims, *, device, seed, dtype, w_range=None):
 
 
 def cuda_time(fn, warmup=3, reps=10, max_ms=1500.0):
-    """Median milliseconds of ``fn()`` on torch's current stream, by CUDA events, after ``warmup`` calls."""
-    import torch
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    budget = 0.0
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        t = a.elapsed_time(b)
-        times.append(t)
-        budget += t
-        if budget > max_ms and len(times) >= 3:
-            break
-    return float(np.median(times))
+    """Median milliseconds of ``fn()`` on torch's current stream, by CUDA events, after ``warmup`` calls: one call
+    per event pair (:func:`loop_time` with ``calls=1``)."""
+    return loop_time(fn, calls=1, rounds=reps, warmup=warmup, max_ms=max_ms)
 
 
 def loop_time(fn, calls=100, rounds=7, warmup=5, max_ms=1500.0):
