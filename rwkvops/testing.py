@@ -16,6 +16,23 @@ def has_gpu() -> bool:
         return False
 
 
+# pytest hooks for the ``gpu`` marker, shared by rwkvops' tests and plugins' tests: a conftest.py imports both
+# (``from rwkvops.testing import pytest_configure, pytest_collection_modifyitems``) and GPU tests skip without a GPU.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: slow CPU test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    import pytest
+    skip = pytest.mark.skip(reason="no CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def to_numpy(a) -> np.ndarray:
     """Any array (NumPy, CuPy, torch of any dtype incl. bf16) as a float64 NumPy array."""
     import sys

@@ -1,22 +1,7 @@
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(__file__))
 
-from rwkvops.testing import has_gpu  # noqa: E402
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: slow CPU test")
-
-
-def pytest_collection_modifyitems(config, items):
-    if has_gpu():
-        return
-    skip = pytest.mark.skip(reason="no CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+# the gpu / slow markers: GPU tests skip without a CUDA device
+from rwkvops.testing import pytest_collection_modifyitems, pytest_configure  # noqa: E402,F401
