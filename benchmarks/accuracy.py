@@ -34,8 +34,6 @@ import argparse
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
 import time
 import traceback
@@ -523,19 +521,8 @@ def environment(device):
             env[mod] = getattr(__import__(mod), "__version__", "?")
         except Exception:
             env[mod] = None
-    commit = os.environ.get("RWKVOPS_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    cwd=ROOT).stdout.strip() or None
-        except Exception:
-            commit = None
-    env["commit"] = commit
+    env["commit"] = harness.commit()
     return env
-
-
-def gpu_slug(name):
-    return re.sub(r"[^A-Za-z0-9]+", "_", name.replace("NVIDIA ", "")).strip("_").lower()
 
 
 def markdown(env, ops, shapes, use_fla, fla_note, phases, fla_slack):
@@ -635,7 +622,7 @@ def main(argv=None):
     n_err = sum(1 for r in RECORDS if r.get("error") and r["impl"] == "rwkvops")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        slug = gpu_slug(env["gpu"]) + ("_small" if args.small else "")
+        slug = harness.gpu_slug(env["gpu"]) + ("_small" if args.small else "")
         jpath = os.path.join(args.out, f"accuracy_{slug}.json")
         mpath = os.path.join(args.out, f"accuracy_{slug}.md")
         records = [json_record(r) for r in RECORDS]

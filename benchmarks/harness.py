@@ -137,13 +137,23 @@ def environment():
         env["driver"] = cupy.cuda.runtime.driverGetVersion()
     except Exception:
         pass
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=os.path.dirname(RESULTS_DIR)).stdout.strip() or None
-    except Exception:
-        env["commit"] = None
-    env["commit"] = os.environ.get("RWKVOPS_COMMIT", env.get("commit"))
+    env["commit"] = commit()
     return env
+
+
+def commit():
+    """The commit results belong to: ``RWKVOPS_COMMIT`` when set (a copy of the tree without .git, as on the device
+    machine), else ``git rev-parse HEAD`` of this checkout; None when neither gives a commit id."""
+    c = os.environ.get("RWKVOPS_COMMIT")
+    if not c:
+        try:
+            r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+            c = r.stdout.strip() if r.returncode == 0 else None
+        except OSError:
+            c = None
+    # outside a repository `git rev-parse HEAD` can echo "HEAD": only a hex id counts
+    return c if c and re.fullmatch(r"[0-9a-f]{7,40}", c) else None
 
 
 def gpu_slug(name: str) -> str:

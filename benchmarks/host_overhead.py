@@ -247,7 +247,15 @@ def run(args, dev):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "fake", "torch": torch.__version__,
-                       "commit": __import__("os").environ.get("RWKVOPS_COMMIT"), "records": out}, f, indent=1)
+                       "commit": _commit(), "records": out}, f, indent=1)
+
+
+def _commit():
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import harness
+    return harness.commit()
 
 
 if __name__ == "__main__":

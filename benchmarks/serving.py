@@ -27,15 +27,17 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]   # rwkvops from this checkout; harness beside this file
 
 from rwkvops.model import RWKV7Model  # noqa: E402
+
+import harness  # noqa: E402
 
 SMALL = dict(n_layer=2, n_embd=128, head_size=32, vocab=256, requests=8, prompt_min=16, prompt_max=128,
              gen_min=1, gen_max=24, rate=200.0, max_active=8, chunk=48, step_tokens=128)
@@ -231,11 +233,7 @@ def _versions(backend):
         m = sys.modules.get(mod)
         if m is not None:
             v[mod] = m.__version__
-    try:
-        v["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                     cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        v["commit"] = None
+    v["commit"] = harness.commit()
     return v
 
 

@@ -124,7 +124,7 @@ def main():
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(0), "commit": os.environ.get("RWKVOPS_COMMIT"),
+            json.dump({"gpu": torch.cuda.get_device_name(0), "commit": harness.commit(),
                        "records": recs}, f, indent=1)
 
 

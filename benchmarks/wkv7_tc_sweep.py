@@ -370,7 +370,7 @@ def sanitize_chunked():
 def _dump(path, dev, res):
     import rwkvops
     with open(path, "w") as f:
-        json.dump({"device": dev, "commit": os.environ.get("RWKVOPS_COMMIT", ""),
+        json.dump({"device": dev, "commit": harness.commit(),
                    "rwkvops": getattr(rwkvops, "__version__", ""), "results": res}, f, indent=1)
 
 
