@@ -967,6 +967,129 @@ __device__ __forceinline__ bool take(const float* p, long long C, float& a, floa
     return x != 0u && y != 0u && z != 0u;
 }
 
+// ---- the pieces both look-back forwards share (wkv4_fwd_lb, wkv4_fwd_lbs): one lane, channels ch and ch + 1.  Each
+// is shaped so that both kernels compile to the same PTX as when they were written out in each kernel (same order of
+// statements and loops); the state_in read of a first tile and the aggregates' fold after the look-back stay in the
+// kernels, as they read different buffers and folding them changed the code.
+
+// A sequence's state after its last token: into state_out (where the sequence has a pool slot) and fin (the
+// backward's copy).
+__device__ __forceinline__ void put_final(float* state_out, float* fin, long long slot, int s, int ch, int e, int C,
+                                          float A, float B, float P) {
+    const long long C3 = 3LL * C;
+    if (state_out != nullptr && slot >= 0) {
+        float* so = state_out + slot * C3 + ch + e;
+        so[0] = A; so[C] = B; so[2 * C] = P;
+    }
+    if (fin != nullptr) {
+        float* fo = fin + (long long)s * C3 + ch + e;
+        fo[0] = A; fo[C] = B; fo[2 * C] = P;
+    }
+}
+
+// A slot without a chunk (find_chunk false): the first slot of an empty sequence passes the sequence's state through
+// unchanged (`lead`: warp 0, lanes with channels).
+__device__ __forceinline__ void pass_empty(bool lead, const Chunk& q, int ch, int C, const float* state_in,
+                                           float* state_out, float* fin, const int* state_idx, int pool_size,
+                                           int* err) {
+    if (lead && q.s >= 0 && q.c == 0 && q.start == q.end) {
+        const long long C3 = 3LL * C;
+        const long long slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
+        for (int e = 0; e < 2; ++e) {
+            float A = 0.f, B = 0.f, P = 0.f;
+            if (state_in != nullptr && slot >= 0) {
+                const float* si = state_in + slot * C3 + ch + e;
+                A = si[0]; B = si[C]; P = si[2 * C];
+            }
+            if (state_out != nullptr && slot >= 0 && state_out != state_in) {
+                float* so = state_out + slot * C3 + ch + e;
+                so[0] = A; so[C] = B; so[2 * C] = P;
+            }
+            if (fin != nullptr) {
+                float* fo = fin + (long long)q.s * C3 + ch + e;
+                fo[0] = A; fo[C] = B; fo[2 * C] = P;
+            }
+        }
+    }
+}
+
+// sub_0 (+) ... (+) sub_{parts-1} of the warps' own histories (s_sub), both channels: warp i's prefix (FULL: every
+// part S tokens) or the tile's aggregate (n tokens, the last part possibly short).
+template <bool FAST, bool FULL, int S, int NW>
+__device__ __forceinline__ void fold_subs(float (&X)[2][3], const float (&sub)[NW][3][WKV4_LB_CH], int c0, int parts,
+                                          int n, const float (&wp)[2]) {
+    for (int e = 0; e < 2; ++e) {
+        X[e][0] = sub[0][0][c0 + e]; X[e][1] = sub[0][1][c0 + e]; X[e][2] = sub[0][2][c0 + e];
+        for (int j = 1; j < parts; ++j)
+            fold<FAST>(X[e][0], X[e][1], X[e][2], sub[j][0][c0 + e], sub[j][1][c0 + e], sub[j][2][c0 + e],
+                       FULL ? (float)S : (float)min(S, n - j * S), wp[e]);
+    }
+}
+
+// The tile's inclusive state I = X (+) G of channel c from its incoming state X (kept in s_x for phase 4) and its
+// aggregate G.
+template <bool FAST>
+__device__ __forceinline__ void inclusive(float (&I)[3], const float (&X)[3], const float (&G)[3],
+                                          float (&sx)[3][WKV4_LB_CH], int c, int n, float wp) {
+    I[0] = X[0]; I[1] = X[1]; I[2] = X[2];
+    sx[0][c] = I[0]; sx[1][c] = I[1]; sx[2][c] = I[2];
+    fold<FAST>(I[0], I[1], I[2], G[0], G[1], G[2], (float)n, wp);
+}
+
+// Phase 4: warp wi's incoming state, the tile's (s_x) (+) its prefix.  (Written out per channel, not as a loop over
+// them like the rest: a loop here changed the order of the generated code.)
+template <bool FAST, int S>
+__device__ __forceinline__ void warp_start(float (&X)[2][3], const float (&sx)[3][WKV4_LB_CH], const float (&pre)[2][3],
+                                           int c0, int wi, const float (&wp)[2]) {
+    X[0][0] = sx[0][c0]; X[0][1] = sx[1][c0]; X[0][2] = sx[2][c0];
+    X[1][0] = sx[0][c0 + 1]; X[1][1] = sx[1][c0 + 1]; X[1][2] = sx[2][c0 + 1];
+    if (wi > 0) {
+        fold<FAST>(X[0][0], X[0][1], X[0][2], pre[0][0], pre[0][1], pre[0][2], (float)(wi * S), wp[0]);
+        fold<FAST>(X[1][0], X[1][1], X[1][2], pre[1][0], pre[1][1], pre[1][2], (float)(wi * S), wp[1]);
+    }
+}
+
+// The first of the backward's checkpoints in warp wi's rows (the state before every token whose offset in the
+// sequence is a multiple of Lb): nb, its index in the sequence, and rb, its row (S: none).
+template <int TL, int S>
+__device__ __forceinline__ void first_checkpoint(long long& nb, int& rb, int cidx, int wi, int Lb, const float* sinb) {
+    const long long off0 = (long long)cidx * TL + (long long)wi * S;
+    nb = -1;
+    rb = S;
+    if (sinb != nullptr) {
+        nb = (off0 + Lb - 1) / Lb;
+        rb = (int)min((long long)S, nb * Lb - off0);
+    }
+}
+
+// Phase 4, row r of the warp: the checkpoint if one is due, y of the token and the state after it; row(kr, vr) gives
+// the row's k, v and yat() where its y goes, called only here so that they keep their place in the order of work.
+template <typename T, bool FAST, typename Row, typename YAt>
+__device__ __forceinline__ void token_out(float (&X)[2][3], long long& nb, int& rb, int r, float* sinb,
+                                          const int* cu_seqlens, int Tlen, const Chunk& q, int Lb, int ch, int C,
+                                          Row row, YAt yat, const float (&uu)[2], const float (&wp)[2]) {
+    using IO = TwoIO<T>;
+    if (r == rb) {
+        const long long C3 = 3LL * C;
+        float* o = sinb + rwkv::chunk_slot(cu_seqlens, Tlen, q.s, q.start, Lb, (int)nb) * C3 + ch;
+        o[0] = X[0][0]; o[C] = X[0][1]; o[2 * C] = X[0][2];
+        o[1] = X[1][0]; o[C + 1] = X[1][1]; o[2 * C + 1] = X[1][2];
+        ++nb;
+        rb += Lb;
+    }
+    typename IO::raw kr, vr;
+    row(kr, vr);
+    const float k0 = IO::lo(kr), v0 = IO::lo(vr), k1 = IO::hi(kr), v1 = IO::hi(vr);
+    float e1, e2, f1, f2;
+    pair_exp<FAST>(X[0][2], uu[0] + k0, e1, e2);
+    pair_exp<FAST>(X[1][2], uu[1] + k1, f1, f2);
+    const float y0 = quot<FAST>(e1 * X[0][0] + e2 * v0, e1 * X[0][1] + e2);
+    const float y1 = quot<FAST>(f1 * X[1][0] + f2 * v1, f1 * X[1][1] + f2);
+    store_two(yat(), y0, y1);
+    step_ex<FAST>(X[0][0], X[0][1], X[0][2], wp[0], k0, v0);
+    step_ex<FAST>(X[1][0], X[1][1], X[1][2], wp[1], k1, v1);
+}
+
 }  // namespace wkv4
 
 // pub: zeroed float [1 + 4 (counter, padding) + ns * 6 * C]: per slot agg [3, C] then inc [3, C].
@@ -999,25 +1122,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lb(
     float* inc = pub + 4 + C3;                     // slot g: agg + g * 2 * C3, inc + g * 2 * C3
     wkv4::Chunk q;
     if (!wkv4::find_chunk(cu_seqlens, Tlen, total, TL, num, g, err, q)) {
-        // the first slot of an empty sequence: its state passes through unchanged
-        if (wi == 0 && act && q.s >= 0 && q.c == 0 && q.start == q.end) {
-            const long long slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
-            for (int e = 0; e < 2; ++e) {
-                float A = 0.f, B = 0.f, P = 0.f;
-                if (state_in != nullptr && slot >= 0) {
-                    const float* si = state_in + slot * C3 + ch + e;
-                    A = si[0]; B = si[C]; P = si[2 * C];
-                }
-                if (state_out != nullptr && slot >= 0 && state_out != state_in) {
-                    float* so = state_out + slot * C3 + ch + e;
-                    so[0] = A; so[C] = B; so[2 * C] = P;
-                }
-                if (fin != nullptr) {
-                    float* fo = fin + (long long)q.s * C3 + ch + e;
-                    fo[0] = A; fo[C] = B; fo[2 * C] = P;
-                }
-            }
-        }
+        wkv4::pass_empty(wi == 0 && act, q, ch, C, state_in, state_out, fin, state_idx, pool_size, err);
         return;                                    // uniform over the block (g is)
     }
     const int n = (int)(q.t1 - q.t0);              // 1 .. TL
@@ -1056,23 +1161,11 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lb(
     __syncthreads();
     // 2. prefixes (warp i > 0) and the tile's aggregate (warp 0)
     float pre[2][3];
-    if (mine && wi > 0) {
-        for (int e = 0; e < 2; ++e) {
-            pre[e][0] = s_sub[0][0][c0 + e]; pre[e][1] = s_sub[0][1][c0 + e]; pre[e][2] = s_sub[0][2][c0 + e];
-            for (int j = 1; j < wi; ++j)
-                wkv4::fold<FAST>(pre[e][0], pre[e][1], pre[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
-                                    s_sub[j][2][c0 + e], (float)S, wp[e]);
-        }
-    }
+    if (mine && wi > 0) wkv4::fold_subs<FAST, true, S>(pre, s_sub, c0, wi, n, wp);
     if (wi == 0 && act) {
         const int nact = (n + S - 1) / S;
         float X[2][3], G[2][3];
-        for (int e = 0; e < 2; ++e) {
-            G[e][0] = s_sub[0][0][c0 + e]; G[e][1] = s_sub[0][1][c0 + e]; G[e][2] = s_sub[0][2][c0 + e];
-            for (int j = 1; j < nact; ++j)
-                wkv4::fold<FAST>(G[e][0], G[e][1], G[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
-                                    s_sub[j][2][c0 + e], (float)min(S, n - j * S), wp[e]);
-        }
+        wkv4::fold_subs<FAST, false, S>(G, s_sub, c0, nact, n, wp);
         long long slot = -1;
         if (q.c == 0 || last) slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
         if (q.c == 0) {
@@ -1154,62 +1247,31 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lb(
             }
         }
         for (int e = 0; e < 2; ++e) {
-            float A = X[e][0], B = X[e][1], P = X[e][2];
-            s_x[0][c0 + e] = A; s_x[1][c0 + e] = B; s_x[2][c0 + e] = P;
-            wkv4::fold<FAST>(A, B, P, G[e][0], G[e][1], G[e][2], (float)n, wp[e]);
+            float I[3];
+            wkv4::inclusive<FAST>(I, X[e], G[e], s_x, c0 + e, n, wp[e]);
             if (!last) {
                 float* ip = inc + g * 2 * C3 + ch + e;
-                wkv4::publish(ip, A); wkv4::publish(ip + C, B); wkv4::publish(ip + 2 * C, P);
+                wkv4::publish(ip, I[0]); wkv4::publish(ip + C, I[1]); wkv4::publish(ip + 2 * C, I[2]);
             } else {
-                if (state_out != nullptr && slot >= 0) {
-                    float* so = state_out + slot * C3 + ch + e;
-                    so[0] = A; so[C] = B; so[2 * C] = P;
-                }
-                if (fin != nullptr) {
-                    float* fo = fin + (long long)q.s * C3 + ch + e;
-                    fo[0] = A; fo[C] = B; fo[2 * C] = P;
-                }
+                wkv4::put_final(state_out, fin, slot, q.s, ch, e, C, I[0], I[1], I[2]);
             }
         }
     }
     __syncthreads();
     if (!mine) return;
     // 4. this warp's incoming state, outputs and checkpoints
-    float A0 = s_x[0][c0], B0 = s_x[1][c0], P0 = s_x[2][c0];
-    float A1 = s_x[0][c0 + 1], B1 = s_x[1][c0 + 1], P1 = s_x[2][c0 + 1];
-    if (wi > 0) {
-        wkv4::fold<FAST>(A0, B0, P0, pre[0][0], pre[0][1], pre[0][2], (float)(wi * S), wp[0]);
-        wkv4::fold<FAST>(A1, B1, P1, pre[1][0], pre[1][1], pre[1][2], (float)(wi * S), wp[1]);
-    }
-    // the backward's checkpoints: the state before every token whose offset in the sequence is a multiple of Lb
-    const long long off0 = (long long)q.c * TL + (long long)wi * S;
-    long long nb = -1;
-    int rb = S;                                    // next checkpoint, relative to this warp's first token
-    if (sinb != nullptr) {
-        nb = (off0 + Lb - 1) / Lb;
-        rb = (int)min((long long)S, nb * Lb - off0);
-    }
+    float X[2][3];
+    wkv4::warp_start<FAST, S>(X, s_x, pre, c0, wi, wp);
+    long long nb;
+    int rb;
+    wkv4::first_checkpoint<TL, S>(nb, rb, q.c, wi, Lb, sinb);
 #pragma unroll
-    for (int r = 0; r < S; ++r) {
-        if (r < nw) {
-            if (r == rb) {
-                float* o = sinb + rwkv::chunk_slot(cu_seqlens, Tlen, q.s, q.start, Lb, (int)nb) * C3 + ch;
-                o[0] = A0; o[C] = B0; o[2 * C] = P0;
-                o[1] = A1; o[C + 1] = B1; o[2 * C + 1] = P1;
-                ++nb;
-                rb += Lb;
-            }
-            const float k0 = IO::lo(kr[r]), v0 = IO::lo(vr[r]), k1 = IO::hi(kr[r]), v1 = IO::hi(vr[r]);
-            float e1, e2, f1, f2;
-            wkv4::pair_exp<FAST>(P0, uu[0] + k0, e1, e2);
-            wkv4::pair_exp<FAST>(P1, uu[1] + k1, f1, f2);
-            const float y0 = wkv4::quot<FAST>(e1 * A0 + e2 * v0, e1 * B0 + e2);
-            const float y1 = wkv4::quot<FAST>(f1 * A1 + f2 * v1, f1 * B1 + f2);
-            wkv4::store_two(y + i0 + r * C, y0, y1);
-            wkv4::step_ex<FAST>(A0, B0, P0, wp[0], k0, v0);
-            wkv4::step_ex<FAST>(A1, B1, P1, wp[1], k1, v1);
-        }
-    }
+    for (int r = 0; r < S; ++r)
+        if (r < nw)
+            wkv4::token_out<T, FAST>(
+                X, nb, rb, r, sinb, cu_seqlens, Tlen, q, Lb, ch, C,
+                [&](typename IO::raw& kt, typename IO::raw& vt) { kt = kr[r]; vt = vr[r]; },
+                [&] { return y + i0 + r * C; }, uu, wp);
 }
 
 // =====================================================================================================================
@@ -1303,25 +1365,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
     const long long C3 = 3LL * C;
     wkv4::Chunk q;
     if (!wkv4::find_chunk(cu_seqlens, Tlen, total, TL, num, g, err, q)) {
-        // the first slot of an empty sequence: its state passes through unchanged
-        if (wi == 0 && act && q.s >= 0 && q.c == 0 && q.start == q.end) {
-            const long long slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
-            for (int e = 0; e < 2; ++e) {
-                float A = 0.f, B = 0.f, P = 0.f;
-                if (state_in != nullptr && slot >= 0) {
-                    const float* si = state_in + slot * C3 + ch + e;
-                    A = si[0]; B = si[C]; P = si[2 * C];
-                }
-                if (state_out != nullptr && slot >= 0 && state_out != state_in) {
-                    float* so = state_out + slot * C3 + ch + e;
-                    so[0] = A; so[C] = B; so[2 * C] = P;
-                }
-                if (fin != nullptr) {
-                    float* fo = fin + (long long)q.s * C3 + ch + e;
-                    fo[0] = A; fo[C] = B; fo[2 * C] = P;
-                }
-            }
-        }
+        wkv4::pass_empty(wi == 0 && act, q, ch, C, state_in, state_out, fin, state_idx, pool_size, err);
         return;                                              // uniform over the block (g is)
     }
     const int n = (int)(q.t1 - q.t0);                        // 1 .. TL
@@ -1376,25 +1420,11 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
     __syncthreads();
     // 3. prefixes (warp i > 0); the tile's aggregate, the look-back and the inclusive state (warp 0, all lanes)
     float pre[2][3];
-    if (mine && wi > 0) {
-        for (int e = 0; e < 2; ++e) {
-            pre[e][0] = s_sub[0][0][c0 + e]; pre[e][1] = s_sub[0][1][c0 + e]; pre[e][2] = s_sub[0][2][c0 + e];
-            for (int j = 1; j < wi; ++j)
-                wkv4::fold<FAST>(pre[e][0], pre[e][1], pre[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
-                                 s_sub[j][2][c0 + e], (float)S, wp[e]);
-        }
-    }
+    if (mine && wi > 0) wkv4::fold_subs<FAST, true, S>(pre, s_sub, c0, wi, n, wp);
     if (wi == 0) {
         const int nact = (n + S - 1) / S;
         float X[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}}, G[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
-        if (act) {
-            for (int e = 0; e < 2; ++e) {
-                G[e][0] = s_sub[0][0][c0 + e]; G[e][1] = s_sub[0][1][c0 + e]; G[e][2] = s_sub[0][2][c0 + e];
-                for (int j = 1; j < nact; ++j)
-                    wkv4::fold<FAST>(G[e][0], G[e][1], G[e][2], s_sub[j][0][c0 + e], s_sub[j][1][c0 + e],
-                                     s_sub[j][2][c0 + e], (float)min(S, n - j * S), wp[e]);
-            }
-        }
+        if (act) wkv4::fold_subs<FAST, false, S>(G, s_sub, c0, nact, n, wp);
         int* status = flags + 4 + (long long)cgi * (ntiles / ncg);   // status of slot m: status[m] (a group's slots
                                                                    // side by side: the window is one 128-byte read)
         long long slot = -1;
@@ -1460,65 +1490,33 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
         }
         float I[2][3];
         if (act)
-            for (int e = 0; e < 2; ++e) {
-                s_x[0][c0 + e] = X[e][0]; s_x[1][c0 + e] = X[e][1]; s_x[2][c0 + e] = X[e][2];
-                I[e][0] = X[e][0]; I[e][1] = X[e][1]; I[e][2] = X[e][2];
-                wkv4::fold<FAST>(I[e][0], I[e][1], I[e][2], G[e][0], G[e][1], G[e][2], (float)n, wp[e]);
-            }
+            for (int e = 0; e < 2; ++e) wkv4::inclusive<FAST>(I[e], X[e], G[e], s_x, c0 + e, n, wp[e]);
         if (!last) {
             if (act)
                 for (int e = 0; e < 2; ++e) inc[g * C + ch + e] = make_float4(I[e][0], I[e][1], I[e][2], 0.f);
             wkv4::warp_publish(status + g, 2);
         } else if (act) {
-            for (int e = 0; e < 2; ++e) {
-                if (state_out != nullptr && slot >= 0) {
-                    float* so = state_out + slot * C3 + ch + e;
-                    so[0] = I[e][0]; so[C] = I[e][1]; so[2 * C] = I[e][2];
-                }
-                if (fin != nullptr) {
-                    float* fo = fin + (long long)q.s * C3 + ch + e;
-                    fo[0] = I[e][0]; fo[C] = I[e][1]; fo[2 * C] = I[e][2];
-                }
-            }
+            for (int e = 0; e < 2; ++e) wkv4::put_final(state_out, fin, slot, q.s, ch, e, C, I[e][0], I[e][1], I[e][2]);
         }
     }
     __syncthreads();
     if (!mine) return;
     // 4. this warp's incoming state, outputs and checkpoints
-    float A0 = s_x[0][c0], B0 = s_x[1][c0], P0 = s_x[2][c0];
-    float A1 = s_x[0][c0 + 1], B1 = s_x[1][c0 + 1], P1 = s_x[2][c0 + 1];
-    if (wi > 0) {
-        wkv4::fold<FAST>(A0, B0, P0, pre[0][0], pre[0][1], pre[0][2], (float)(wi * S), wp[0]);
-        wkv4::fold<FAST>(A1, B1, P1, pre[1][0], pre[1][1], pre[1][2], (float)(wi * S), wp[1]);
-    }
-    const long long off0 = (long long)q.c * TL + (long long)wi * S;
-    long long nb = -1;
-    int rb = S;                                              // next checkpoint, relative to this warp's first token
-    if (sinb != nullptr) {
-        nb = (off0 + Lb - 1) / Lb;
-        rb = (int)min((long long)S, nb * Lb - off0);
-    }
+    float X[2][3];
+    wkv4::warp_start<FAST, S>(X, s_x, pre, c0, wi, wp);
+    long long nb;
+    int rb;
+    wkv4::first_checkpoint<TL, S>(nb, rb, q.c, wi, Lb, sinb);
     const T* kp = &s_k[wi * S][c0];
     const T* vp = &s_v[wi * S][c0];
     T* yp = y + (q.t0 + (long long)wi * S) * C + ch;
 #pragma unroll 8
-    for (int r = 0; r < nw; ++r) {
-        if (r == rb) {
-            float* o = sinb + rwkv::chunk_slot(cu_seqlens, Tlen, q.s, q.start, Lb, (int)nb) * C3 + ch;
-            o[0] = A0; o[C] = B0; o[2 * C] = P0;
-            o[1] = A1; o[C + 1] = B1; o[2 * C + 1] = P1;
-            ++nb;
-            rb += Lb;
-        }
-        const typename IO::raw kr = IO::load(kp + r * WKV4_LB_CH), vr = IO::load(vp + r * WKV4_LB_CH);
-        const float k0 = IO::lo(kr), v0 = IO::lo(vr), k1 = IO::hi(kr), v1 = IO::hi(vr);
-        float e1, e2, f1, f2;
-        wkv4::pair_exp<FAST>(P0, uu[0] + k0, e1, e2);
-        wkv4::pair_exp<FAST>(P1, uu[1] + k1, f1, f2);
-        const float y0 = wkv4::quot<FAST>(e1 * A0 + e2 * v0, e1 * B0 + e2);
-        const float y1 = wkv4::quot<FAST>(f1 * A1 + f2 * v1, f1 * B1 + f2);
-        wkv4::store_two(yp + (long long)r * C, y0, y1);
-        wkv4::step_ex<FAST>(A0, B0, P0, wp[0], k0, v0);
-        wkv4::step_ex<FAST>(A1, B1, P1, wp[1], k1, v1);
-    }
+    for (int r = 0; r < nw; ++r)
+        wkv4::token_out<T, FAST>(
+            X, nb, rb, r, sinb, cu_seqlens, Tlen, q, Lb, ch, C,
+            [&](typename IO::raw& kt, typename IO::raw& vt) {
+                kt = IO::load(kp + r * WKV4_LB_CH);
+                vt = IO::load(vp + r * WKV4_LB_CH);
+            },
+            [&] { return yp + (long long)r * C; }, uu, wp);
 }
