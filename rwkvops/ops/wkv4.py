@@ -322,74 +322,59 @@ def _forward_fused(call, x, state_in, state_out, save):
     return y, saved
 
 
-def _lb_name(dtype) -> str:
-    """The wkv4_fwd_lb instantiation of LOOKBACK and LOOKBACK_FAST for ``dtype``."""
-    from .._compile import CTYPES
-    nw, s, mb = LOOKBACK
-    return f"wkv4_fwd_lb<{CTYPES[dtype]}, {nw}, {s}, {'true' if LOOKBACK_FAST else 'false'}, {mb}>"
-
-
-def _forward_lookback(call, x, state_in, state_out, save):
-    """One launch (after zeroing its publication buffer): see wkv4_fwd_lb in wkv4.cu."""
-    from .._gpu import error_ptr, launch, ptr, zero
-    seqs = call.seqs
-    C = call.dims["C"]
-    k = x["k"]
-    L = _chunk_len(seqs, C)                 # the backward's chunk length (checkpoints every L tokens)
-    nw, s, _ = LOOKBACK
-    ns = seqs.chunk_slots(nw * s)
-    ncg = -(-C // _LB_CH)
-    ntiles = ns * ncg
-    i32 = np.int32
-    pub = call.empty((4 + ns * 6 * C,), "float32")   # tile counter, then per slot: aggregate, inclusive state
-    zero(pub)
-    fin = call.empty((seqs.num, 3, C), "float32") if save else None
-    sinb = call.empty((seqs.chunk_slots(L), 3, C), "float32") if save else None
-    y = call.empty(tuple(k.shape), call.dtype)
-    launch("wkv4", SOURCE, _lb_name(call.dtype), NAME_EXPRESSIONS, (ntiles, 1, 1), (32 * nw, 1, 1),
-           (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(seqs.cu_seqlens), i32(seqs.T), np.int64(seqs.total),
-            i32(seqs.num), i32(L), ptr(pub), i32(ntiles), i32(ncg), ptr(state_in), ptr(state_out), ptr(fin),
-            ptr(sinb), ptr(seqs.state_idx), i32(seqs.pool_size), ptr(y), i32(C), error_ptr()))
-    saved = {"L": L, "sin": sinb, "fin": fin} if save else None
-    return y, saved
-
-
 def _lbs_cfg(dtype):
     from .._compile import CTYPES
     return LOOKBACK_S[_ESIZE[CTYPES[dtype]]]
 
 
+def _lookback_name(kernel: str, dtype, cfg) -> str:
+    """``kernel<T, NW, S, FAST, MINB>`` for tile shape ``cfg`` = (NW, S, MINB) and LOOKBACK_FAST."""
+    from .._compile import CTYPES
+    nw, s, mb = cfg
+    return f"{kernel}<{CTYPES[dtype]}, {nw}, {s}, {'true' if LOOKBACK_FAST else 'false'}, {mb}>"
+
+
+def _lb_name(dtype) -> str:
+    """The wkv4_fwd_lb instantiation of LOOKBACK and LOOKBACK_FAST for ``dtype``."""
+    return _lookback_name("wkv4_fwd_lb", dtype, LOOKBACK)
+
+
 def _lbs_name(dtype) -> str:
     """The wkv4_fwd_lbs instantiation of LOOKBACK_S and LOOKBACK_FAST for ``dtype``."""
-    from .._compile import CTYPES
-    nw, s, mb = _lbs_cfg(dtype)
-    return f"wkv4_fwd_lbs<{CTYPES[dtype]}, {nw}, {s}, {'true' if LOOKBACK_FAST else 'false'}, {mb}>"
+    return _lookback_name("wkv4_fwd_lbs", dtype, _lbs_cfg(dtype))
 
 
-def _forward_staged(call, x, state_in, state_out, save):
-    """One launch (after zeroing its status words): see wkv4_fwd_lbs in wkv4.cu."""
+def _forward_lookback(call, x, state_in, state_out, save, staged: bool):
+    """One launch after zeroing its status words (``staged``: wkv4_fwd_lbs) or its publication buffer (wkv4_fwd_lb);
+    see them in wkv4.cu."""
     from .._gpu import error_ptr, launch, ptr, zero
     seqs = call.seqs
     C = call.dims["C"]
     k = x["k"]
     L = _chunk_len(seqs, C)                 # the backward's chunk length (checkpoints every L tokens)
-    nw, s = _lbs_cfg(call.dtype)[:2]
+    nw, s = (_lbs_cfg(call.dtype) if staged else LOOKBACK)[:2]
     ns = seqs.chunk_slots(nw * s)
     ncg = -(-C // _LB_CH)
     ntiles = ns * ncg
     i32 = np.int32
-    flags = call.empty((4 + ntiles,), "int32")      # tile counter, then a status word per (slot, channel group)
-    zero(flags)
-    agg = call.empty((ns, C, 4), "float32")          # per slot and channel: a 16-byte record (A, B, P, unused)
-    inc = call.empty((ns, C, 4), "float32")
+    if staged:
+        flags = call.empty((4 + ntiles,), "int32")      # tile counter, then a status word per (slot, channel group)
+        zero(flags)
+        agg = call.empty((ns, C, 4), "float32")          # per slot and channel: a 16-byte record (A, B, P, unused)
+        inc = call.empty((ns, C, 4), "float32")
+        bufs = (ptr(flags), ptr(agg), ptr(inc))
+    else:
+        pub = call.empty((4 + ns * 6 * C,), "float32")   # tile counter, then per slot: aggregate, inclusive state
+        zero(pub)
+        bufs = (ptr(pub),)
     fin = call.empty((seqs.num, 3, C), "float32") if save else None
     sinb = call.empty((seqs.chunk_slots(L), 3, C), "float32") if save else None
     y = call.empty(tuple(k.shape), call.dtype)
-    launch("wkv4", SOURCE, _lbs_name(call.dtype), NAME_EXPRESSIONS, (ntiles, 1, 1), (32 * nw, 1, 1),
+    name = _lbs_name(call.dtype) if staged else _lb_name(call.dtype)
+    launch("wkv4", SOURCE, name, NAME_EXPRESSIONS, (ntiles, 1, 1), (32 * nw, 1, 1),
            (ptr(x["w"]), ptr(x["u"]), ptr(k), ptr(x["v"]), ptr(seqs.cu_seqlens), i32(seqs.T), np.int64(seqs.total),
-            i32(seqs.num), i32(L), ptr(flags), ptr(agg), ptr(inc), i32(ntiles), i32(ncg), ptr(state_in),
-            ptr(state_out), ptr(fin), ptr(sinb), ptr(seqs.state_idx), i32(seqs.pool_size), ptr(y), i32(C),
-            error_ptr()))
+            i32(seqs.num), i32(L), *bufs, i32(ntiles), i32(ncg), ptr(state_in), ptr(state_out), ptr(fin), ptr(sinb),
+            ptr(seqs.state_idx), i32(seqs.pool_size), ptr(y), i32(C), error_ptr()))
     saved = {"L": L, "sin": sinb, "fin": fin} if save else None
     return y, saved
 
@@ -413,9 +398,7 @@ def gpu_forward(call, x, state_in, state_out, save):
     if path in ("lookback", "lookback_reg"):
         staged = path == "lookback" and LOOKBACK_STAGED
         if _lookback_ok(seqs, x, C, staged):
-            if staged:
-                return _forward_staged(call, x, state_in, state_out, save)
-            return _forward_lookback(call, x, state_in, state_out, save)
+            return _forward_lookback(call, x, state_in, state_out, save, staged)
         path = _fused_or_chunked(seqs, C)
     if (path == "fused" and L % FUSED_L == 0
             and seqs.chunk_slots(FUSED_L) * -(-C // _BLOCK) < 2**31 - 1):
