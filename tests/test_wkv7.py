@@ -1205,6 +1205,29 @@ def test_emulated_chunked_16bit_with_and_without_wy(emu, monkeypatch, wy):
     _check_grads(g, W.reference_backward(x, s0, dy, ds), 6e-3)
 
 
+@pytest.mark.parametrize("wy", (True, False), ids=("wy", "chunk"))
+@pytest.mark.parametrize("N", (32, 64))
+def test_emulated_chunked_16bit_strong_decays(emu, monkeypatch, wy, N):
+    """As above with w in [-8, 4]: most chunks decay below exp(-TC_SAFE_SPAN) and take the pairwise intra-chunk
+    matrices (wkv7_tc_wy's producers and wkv7_tc_chunk), forward, transitions and adjoint."""
+    monkeypatch.setattr(W, "FORWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+    monkeypatch.setattr(W, "TC_WY", wy)
+    monkeypatch.setattr(W, "TC_NSEG", 2)
+    monkeypatch.setattr(W, "TC_BWD_NSEG", 2)
+    rng = np.random.default_rng(22 + N)
+    B, T, H, dt = 1, 40, 1, "bfloat16"
+    x = {n: _dec(_enc(v, dt), dt) for n, v in make_inputs(rng, B, T, H, N, wlo=-8.0, whi=4.0).items()}
+    s0 = make_state(rng, B, H, N).astype(np.float32).astype(np.float64)
+    dy = _dec(_enc(rng.standard_normal((B, T, H, N)), dt), dt)
+    ds = rng.standard_normal((B, H, N, N)).astype(np.float32).astype(np.float64)
+    y, s, g = emu(x, s0, dt, B, T, H, dy=dy, ds=ds)
+    assert any(n.startswith("wkv7_tc_wy") for n in emu.launches) == wy
+    y_ref, s_ref = W.reference_forward(x, s0)
+    assert rel_rms(y, y_ref) < 3e-3 and rel_rms(s, s_ref) < 3e-3
+    _check_grads(g, W.reference_backward(x, s0, dy, ds), 6e-3)
+
+
 def test_emulated_wy_kernel_is_race_free():
     """The producer/consumer hand-off of wkv7_tc_wy under ThreadSanitizer: the emulated 16-bit chunked run above
     (every pass of the kernel: forward, transitions, adjoint) built with -fsanitize=thread, one OS thread per CUDA
