@@ -1065,6 +1065,40 @@ __device__ __forceinline__ void back_subst(float (&u)[L], const float* M) {
 constexpr int TC_L = 16;
 constexpr float TC_SAFE_SPAN = 30.f;
 static_assert(TC_L == WKV7_CK, "the chunk starts are the backward's checkpoints");
+
+// One intra-chunk matrix of a chunk with a strong decay (where the factorization over- or underflows), pairwise
+// from the decays: Im[t][s] = sum_j x(t, j) y(s, j) exp(G(s, t)) for s <= t, or exp(G(s, t-1)) for s < t when
+// strict, the rest zero.  One warp; lane owns channels lane + 32*jj; for each key token s, G(s, t) accumulates one
+// token at a time (exactly the entry's range): gstep(g, s, t, j) = G(s, t) from g = G(s, t-1) (0 at t = s).  The
+// readers are callables so that each kernel reads its inputs where it keeps them (global, staged fp32, raw 16-bit)
+// in the order it did: where gstep reads the log decay decides the generated code.
+template <int L, int N, int LDI, typename GStep, typename X, typename Y>
+__device__ __forceinline__ void intra_pairwise(float* Im, bool strict, int lane, const GStep& gstep, const X& x,
+                                               const Y& y) {
+    for (int e = lane; e < L * L; e += 32) {
+        const int t = e / L, s = e % L;
+        if (s > t || (strict && s == t)) Im[t * LDI + s] = 0.f;
+    }
+    for (int s = 0; s < L; ++s) {
+        float g[N / 32];
+#pragma unroll
+        for (int jj = 0; jj < N / 32; ++jj) g[jj] = 0.f;
+        for (int t = s; t < L; ++t) {
+            float part = 0.f;
+#pragma unroll
+            for (int jj = 0; jj < N / 32; ++jj) {
+                const int j = lane + 32 * jj;
+                const float gq = gstep(g[jj], s, t, j);   // G(s, t)
+                const float f = expf(strict ? g[jj] : gq);  // M: G(s, t-1)
+                part = fmaf(x(t, j) * y(s, j), f, part);
+                g[jj] = gq;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o, 32);
+            if (lane == 0 && !(strict && t == s)) Im[t * LDI + s] = part;
+        }
+    }
+}
 }  // namespace wkv7
 
 template <int N, int MODE> struct TcCfg {
@@ -1239,34 +1273,16 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
                     Im[t * LDI + s] = (strict ? s < t : s <= t) ? acc[rr] : 0.f;
                 }
             } else {
-                // pairwise from the decays: lane owns channels lane + 32*jj; for each key token s, g runs over
-                // G(s, t) one token at a time (exactly the entry's range)
+                // x from global memory (a or r), y from the staged b or k, the log decays staged
                 const T* xs = m < 2 ? a : r;
                 const float* ys = (m & 1) ? sK : sB;
-                for (int e = lane; e < L * L; e += 32) {
-                    const int t = e / L, s = e % L;
-                    if (s > t || (strict && s == t)) Im[t * LDI + s] = 0.f;
-                }
-                for (int s = 0; s < L; ++s) {
-                    float g[N / 32];
-#pragma unroll
-                    for (int jj = 0; jj < N / 32; ++jj) g[jj] = 0.f;
-                    for (int t = s; t < L; ++t) {
-                        float part = 0.f;
-#pragma unroll
-                        for (int jj = 0; jj < N / 32; ++jj) {
-                            const int j = lane + 32 * jj;
-                            const float gq = t > s ? g[jj] + sLW[t * LDA + j] : 0.f;   // G(s, t)
-                            const float f = expf(strict ? g[jj] : gq);                  // M: G(s, t-1)
-                            const float xt = t0 + t < len ? rwkv::to_float(xs[((start + t0 + t) * H + h) * N + j]) : 0.f;
-                            part = fmaf(xt * ys[s * LDA + j], f, part);
-                            g[jj] = gq;
-                        }
-#pragma unroll
-                        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o, 32);
-                        if (lane == 0 && !(strict && t == s)) Im[t * LDI + s] = part;
-                    }
-                }
+                wkv7::intra_pairwise<L, N, LDI>(
+                    Im, strict, lane,
+                    [&](float g, int s, int t, int j) { return t > s ? g + sLW[t * LDA + j] : 0.f; },
+                    [&](int t, int j) {
+                        return t0 + t < len ? rwkv::to_float(xs[((start + t0 + t) * H + h) * N + j]) : 0.f;
+                    },
+                    [&](int s, int j) { return ys[s * LDA + j]; });
             }
         }
         __syncthreads();   // (B4)
@@ -1835,33 +1851,15 @@ __global__ void __launch_bounds__(WyCfg<N, MODE>::NT, 2) wkv7_tc_wy(
                     Im[t * LDI + s2] = (strict ? s2 < t : s2 <= t) ? acc[rr] : 0.f;
                 }
             } else {
-                // pairwise from the decays (as wkv7_tc_chunk): lane owns channels lane + 32*jj; for each key
-                // token s2, G(s2, t) accumulates one token at a time (exactly the entry's range)
+                // every operand from the raw 16-bit inputs, the log decays from w
                 const int xs = m < 2 ? 4 : 0, ys = (m & 1) ? 2 : 5;
-                for (int e = lane; e < L * L; e += 32) {
-                    const int t = e / L, s2 = e % L;
-                    if (s2 > t || (strict && s2 == t)) Im[t * LDI + s2] = 0.f;
-                }
-                for (int s2 = 0; s2 < L; ++s2) {
-                    float gg[N / 32];
-#pragma unroll
-                    for (int jj = 0; jj < N / 32; ++jj) gg[jj] = 0.f;
-                    for (int t = s2; t < L; ++t) {
-                        float part = 0.f;
-#pragma unroll
-                        for (int jj = 0; jj < N / 32; ++jj) {
-                            const int jc = lane + 32 * jj;
-                            const float lw = t0 + t < len ? -expf(rd(1, t, jc)) : 0.f;
-                            const float gq = t > s2 ? gg[jj] + lw : 0.f;          // G(s2, t)
-                            const float f = expf(strict ? gg[jj] : gq);           // M: G(s2, t-1)
-                            part = fmaf(rd(xs, t, jc) * rd(ys, s2, jc), f, part);
-                            gg[jj] = gq;
-                        }
-#pragma unroll
-                        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o, 32);
-                        if (lane == 0 && !(strict && t == s2)) Im[t * LDI + s2] = part;
-                    }
-                }
+                wkv7::intra_pairwise<L, N, LDI>(
+                    Im, strict, lane,
+                    [&](float g, int s2, int t, int jc) {
+                        const float lw = t0 + t < len ? -expf(rd(1, t, jc)) : 0.f;
+                        return t > s2 ? g + lw : 0.f;
+                    },
+                    [&](int t, int jc) { return rd(xs, t, jc); }, [&](int s2, int jc) { return rd(ys, s2, jc); });
             }
         }
         wkv7::nb_sync(C::BAR_PROD, NP);   // (P3) the intra-chunk matrices ready; the flag read by all
