@@ -61,6 +61,23 @@ def table(data):
            "CUDA-event medians after warm-up, peers in the same process. speedup = peer ms / rwkvops ms. "
            "floor = max(bytes moved / measured copy bandwidth, FLOPs of the recurrent form / 51 TFLOP/s fp32).", ""]
     out += lines
+    dev = [k for k in sorted(groups, key=lambda k: (k[0], k[1], k[4], k[2], k[3]))
+           if groups[k].get("rwkvops", {}).get("ms_device")]
+    if dev:
+        out += ["", "Device time of one call with the host's issue time hidden (`harness.device_time`: a spin kernel "
+                "queued ahead of the start event): the GPU time of the call, without the wait for its Python code:", "",
+                "| op | mode | B | T | dtype | rwkvops ms | " + " | ".join(f"{p} ms | speedup vs {p}" for p in peers)
+                + " | rwkvops / floor |", "|" + "---|" * (7 + 2 * len(peers))]
+        for key in dev:
+            g = groups[key]
+            ms = g["rwkvops"]["ms_device"]
+            floor = g["rwkvops"].get("floor_ms")
+            row = list(map(str, key[:4])) + [key[4], _fmt(ms)]
+            for p in peers:
+                pm = g.get(p, {}).get("ms_device")
+                row += [_fmt(pm), _fmt(pm / ms, 2) + "x" if pm else "–"]
+            row.append(_fmt(ms / floor, 1) + "x" if floor else "–")
+            out.append("| " + " | ".join(row) + " |")
     if host:
         out += ["", "Host overhead per decode call (median CPU time of the Python call, not synced):", ""]
         out += [f"- {r['op']} {r['mode']} B={r['B']}: {r['host_ms']:.4f} ms host, {r['ms']:.4f} ms per call (events)"
