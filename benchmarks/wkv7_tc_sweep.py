@@ -82,18 +82,13 @@ def main():
               flush=True)
 
     dev = torch.cuda.get_device_name(0)
-    if opt.wy:
-        try:
-            wy_sweep(emit, opt)
-        finally:
-            _dump(opt.out, dev, res)
-        return
-    if opt.bwd:
-        try:
-            bwd_sweep(emit, opt)
-        finally:
-            _dump(opt.out, dev, res)
-        return
+    for wanted, sweep in ((opt.wy, wy_sweep), (opt.bwd, bwd_sweep)):
+        if wanted:
+            try:
+                sweep(emit, opt)
+            finally:
+                _dump(opt.out, dev, res)
+            return
     for B, T in SHAPES:
         x = tuple(harness.random_inputs("wkv7", {"B": B, "T": T, "H": H, "N": N}, device="cuda", seed=0,
                                         dtype=torch.bfloat16).values())
