@@ -42,6 +42,7 @@ class FakeDevice:
         self.launches = []
         self.err = np.zeros(1, np.int32)
         self.fail_plan_launches = 0     # make this many cuLaunchKernel calls fail (as a CUDA error would)
+        self.streams = []               # the stream of every replayed launch (cuLaunchKernel's), in order
 
 
 @contextlib.contextmanager
@@ -87,6 +88,7 @@ def fake_device(log_launches=True):
             raise RuntimeError("fake cuLaunchKernel failure")
         if not log_launches:
             return
+        dev.streams.append(stream)
         fn = fns[f].raw
         slots = (ctypes.c_void_p * fn.nargs).from_address(params)
         log.append(("plan", fn.name, (gx, gy, gz), (bx, by, bz),
@@ -126,7 +128,9 @@ def fake_device(log_launches=True):
     def fake_bridge(kind, device):
         b = new_bridge(kind, device)
         if isinstance(b, _arrays.TorchCudaBridge):
-            b.tdevice, b._raw_stream = torch.device("cpu"), (lambda: 0)
+            b.tdevice, b.raw_stream = torch.device("cpu"), int    # int() is 0: a C call, as torch's getter
+            if b.empty_strided is not None:     # torch's fast allocation entry, for the CPU
+                b.empty_strided = torch._C._dynamo.guards._empty_strided_cpu
         return b
 
     def clear_plans():

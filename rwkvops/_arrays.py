@@ -10,6 +10,7 @@ of the same memory (no copy, no fp32 round trip); the logical dtype is carried b
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import numpy as np
@@ -259,10 +260,15 @@ class TorchCudaBridge(Bridge):
         self.torch = _torch()
         self.device = device
         self.tdevice = self.torch.device("cuda", device)
-        # the raw cudaStream_t of torch's current stream, without building a torch.cuda.Stream object per call
+        # ``raw_stream()``: the raw cudaStream_t of torch's current stream on this device, asked of torch on every
+        # call (the current stream may change between calls), without building a torch.cuda.Stream object; a C
+        # partial, so a launch-plan replay pays no Python frame for it
         raw = getattr(self.torch._C, "_cuda_getCurrentRawStream", None)
-        self._raw_stream = ((lambda: raw(device)) if raw is not None
-                            else (lambda: self.torch.cuda.current_stream(device).cuda_stream))
+        self.raw_stream = (functools.partial(raw, device) if raw is not None
+                           else (lambda: self.torch.cuda.current_stream(device).cuda_stream))
+        # ``empty_strided(shape, stride, dtype)``: see allocator()
+        guards = getattr(getattr(self.torch._C, "_dynamo", None), "guards", None)
+        self.empty_strided = getattr(guards, "_empty_strided_cuda", None)
 
     def _view(self, t):
         cp = self.cp
@@ -297,45 +303,30 @@ class TorchCudaBridge(Bridge):
         t = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=self.tdevice)
         return self._view(t)
 
-    def output_specs(self, specs, arrays):
-        """How a launch-plan replay allocates its outputs: per (shape, dtype name) in ``specs``, the index of one of
-        the call's ``arrays`` (None where not given) of that shape and dtype (``empty_like`` of it is the cheapest fresh tensor; a
-        contiguous template gives a contiguous output), else (shape, torch dtype)."""
+    def allocator(self, shape, dtype):
+        """A C callable ``() -> fresh uninitialized C-contiguous tensor`` of ``shape`` and ``dtype`` (a name) from
+        torch's allocator on its current stream and the *current* device: the outputs and scratch of a launch-plan
+        replay (which runs only while the current device is the plan's).  torch's own fast entry when it has one
+        (``_empty_strided_cuda``, what inductor's generated code allocates with: no argument parsing or dispatch,
+        about half the host time of ``torch.empty_like``), else ``torch.empty`` with the arguments bound.  Called
+        while recording (the plan's device current): the fast entry is tried once there, as it is a private API."""
         torch = self.torch
-        out = []
-        for shape, d in specs:
-            dt = getattr(torch, d)
-            like = [i for i, a in enumerate(arrays) if a is not None and a.dtype == dt
-                    and tuple(a.shape) == tuple(shape) and a.is_contiguous() and type(a) is torch.Tensor]
-            out.append(like[0] if like else (tuple(shape), dt))
-        return tuple(out)
-
-    def empty_tensors(self, specs, arrays):
-        """Uninitialized tensors per :meth:`output_specs` from torch's allocator on its current stream: the outputs
-        of a launch-plan replay."""
-        torch, dev = self.torch, self.tdevice
-        like = torch.empty_like
-        return [like(arrays[h]) if type(h) is int else torch.empty(h[0], dtype=h[1], device=dev) for h in specs]
-
-    def allocator(self, specs):
-        """``arrays -> list of outputs``: :meth:`empty_tensors` for fixed ``specs``, specialized once per launch plan
-        (a decode step allocates y and, for a dense state, state_out: one ``empty_like`` each)."""
-        like = self.torch.empty_like
-        if len(specs) == 1 and type(specs[0]) is int:
-            i = specs[0]
-            return lambda arrays: [like(arrays[i])]
-        if len(specs) == 2 and type(specs[0]) is int and type(specs[1]) is int:
-            i, j = specs
-            return lambda arrays: [like(arrays[i]), like(arrays[j])]
-        return lambda arrays: self.empty_tensors(specs, arrays)
-
-    def empty_bytes(self, n):
-        """An uninitialized uint8 tensor of ``n`` bytes (the scratch block of a launch-plan replay)."""
-        return self.torch.empty(n, dtype=self.torch.uint8, device=self.tdevice)
-
-    def raw_stream(self):
-        """torch's current stream on this bridge's device, as a raw ``cudaStream_t``."""
-        return self._raw_stream()
+        dt = getattr(torch, dtype)
+        shape = tuple(int(n) for n in shape)
+        if self.empty_strided is not None:
+            stride, n = [], 1
+            for d in reversed(shape):
+                stride.append(n)
+                n *= max(d, 1)
+            new = functools.partial(self.empty_strided, shape, tuple(reversed(stride)), dt)
+            try:
+                t = new()
+                if (tuple(t.shape) == shape and t.dtype == dt and t.device == self.tdevice and t.is_contiguous()
+                        and type(t) is torch.Tensor):
+                    return new
+            except Exception:
+                pass
+        return functools.partial(torch.empty, shape, dtype=dt, device=self.tdevice)
 
     def empty_view(self, shape, dtype):
         """An uninitialized tensor from torch's allocator (on its current stream), as a :class:`DeviceView`."""
@@ -344,7 +335,7 @@ class TorchCudaBridge(Bridge):
 
     def stream(self):
         # Launch on torch's current stream (one cached CuPy wrapper per torch stream).
-        s = self._raw_stream()
+        s = self.raw_stream()
         key = (s, self.device)
         cs = self._streams.get(key)
         if cs is None:

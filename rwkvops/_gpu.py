@@ -426,27 +426,32 @@ class Recorder:
         if not fptr:
             self.refuse(f"no CUfunction handle on {type(fn).__name__}")
             return None
-        return (int(fptr), *dims, int(smem), vals, ctypes.addressof(params), pick, len(srcs), func, params)
+        # cuLaunchKernel with everything but (stream, params, extra) bound: a replay passes three arguments, not
+        # eleven picked out of the step one by one
+        go = functools.partial(_KERNEL_LAUNCH or _launch_kernel(), int(fptr), *dims, int(smem))
+        return (go, vals, len(srcs), pick, ctypes.addressof(params), func, params)
 
 
 class LaunchPlan:
     """The launches of one recorded call, replayed on new pointers (see the module docstring).
 
     ``outputs``: (shape, dtype name) of the arrays a call allocates and returns (fresh per call; the dispatcher
-    turns them into its bridge's allocation specs); ``temps``: byte offsets of its scratch arrays in one block of
+    turns them into its bridge's allocators, ``alloc``); ``temps``: byte offsets of its scratch arrays in one block of
     ``temp_bytes``; ``results``: per returned array, its index among the call's arrays followed by the outputs.
     Pointer sources at replay: the caller's arrays (the order the recorder got them), the outputs, the scratch
     arrays.  ``guard``: :func:`globals_guard` of the launcher's module."""
 
     __slots__ = ("device", "steps", "outputs", "temps", "temp_bytes", "results", "guard", "err", "lock", "bridge",
-                 "alloc", "get_device", "err_word", "checks", "used", "failed")
+                 "alloc", "scratch", "raw_stream", "get_device", "err_word", "checks", "used", "failed")
 
     def __init__(self, device, steps, outputs, temps, temp_bytes, results, guard, err):
         self.device, self.steps, self.outputs, self.temps = device, steps, outputs, temps
         self.temp_bytes, self.results, self.guard, self.err = temp_bytes, results, guard, err
         self.lock = threading.Lock()   # the parameter buffers are shared: one replay at a time
         self.bridge = None             # the array bridge that replays it (allocations, stream); set by the dispatcher
-        self.alloc = None              # arrays -> the call's fresh outputs (the bridge's allocator); set likewise
+        self.alloc = None              # per output, () -> a fresh tensor (the bridge's allocator); set likewise
+        self.scratch = None            # () -> a fresh scratch block of temp_bytes, where temp_bytes; likewise
+        self.raw_stream = None         # () -> the raw cudaStream_t of torch's current stream (the bridge's); likewise
         self.get_device = (_CUPY or _cupy()).cuda.runtime.getDevice   # () -> the current device (cudaGetDevice)
         # the pinned error word (a NumPy int32 array) read through ctypes: .value costs a fifth of err[0]
         self.err_word = ctypes.c_int32.from_address(err.ctypes.data)
@@ -495,26 +500,29 @@ class LaunchPlan:
         """Write ``ptrs`` into the parameter buffers and launch every step on ``stream`` (a raw cudaStream_t).
         Returns False, having run no kernel, when the first kernel launch fails (the caller then takes the general
         path, which reports a real device error itself); a failure after a kernel ran raises."""
-        launch_kernel = _KERNEL_LAUNCH or _launch_kernel()
         ran = False
-        with self.lock:
+        lock = self.lock
+        lock.acquire()          # not ``with``: acquire/release in try/finally costs half as much per call
+        try:
             for st in self.steps:
-                f = st[0]
-                if f is None:
+                go = st[0]
+                if go is None:
                     if st[2]:
                         _memset(ptrs[st[1]], st[2], stream)
                         ran = ran or st[3]      # zeroing the caller's memory counts as work done
                     continue
-                if st[11]:
-                    st[8][:st[11]] = st[10](ptrs)
+                if st[2]:
+                    st[1][:st[2]] = st[3](ptrs)     # the pointer slots (a launch step: see Recorder._launch_step)
                 try:
-                    launch_kernel(f, st[1], st[2], st[3], st[4], st[5], st[6], st[7], stream, st[9], 0)
+                    go(stream, st[4], 0)
                 except Exception as exc:
                     if ran:
                         raise
                     self.failed = repr(exc)
                     return False
                 ran = True
+        finally:
+            lock.release()
         return True
 
 

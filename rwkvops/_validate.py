@@ -30,6 +30,7 @@ class Plan:
     launch_tries: int = 0
     launch_why: str = None    # why the last recording made no plan (rwkvops._gpu.Recorder.why)
     replay_miss: str = None   # why the last replay of ``launch`` was skipped (diagnostics only)
+    same: object = None       # rwkvops._validate.same_signature of a replayed call (False: none to be had)
 
     @property
     def gpu(self) -> bool:
@@ -64,7 +65,8 @@ def _host_ints(name, op, x):
     return a.astype(np.int64)
 
 
-_PLANS_MAX = 1024        # plans cached per op (call signature -> Plan), in op.__dict__["_plans"]
+_PLANS_MAX = 1024        # plans cached per op (call signature -> Plan), in op.__dict__["_plans"] (which also holds
+                         # the op's last replayed plan: rwkvops._dispatch.LAST_REPLAY)
 
 
 _TENSOR = None           # torch.Tensor once torch is imported (looked up once: the signature runs on every call)
@@ -77,9 +79,9 @@ def _call_signature(op, x: dict, state, cu_seqlens, state_indices):
 def signature(arrays):
     """What every check below depends on (for device-side index arrays), or None when an object has no cheap
     metadata (lists, generic DLPack producers).  ``arrays``: the inputs in the op's argument order, then state,
-    cu_seqlens, state_indices.  One flat tuple: a tensor adds (shape, dtype, device index, contiguous), None adds
-    None, any other array its ``_arrays.signature`` (a tuple starting with a string, so no two layouts of the flat
-    tuple coincide)."""
+    cu_seqlens, state_indices.  One tuple with an entry per array: a tensor's (shape, dtype, device index,
+    contiguous), None for None, any other array its ``_arrays.signature`` (a tuple starting with a string, so it
+    never equals a tensor's)."""
     global _TENSOR
     Tensor = _TENSOR
     if Tensor is None:
@@ -90,7 +92,7 @@ def signature(arrays):
     key = []
     for a in arrays:
         if isinstance(a, Tensor):      # the hot case, inlined: _arrays.signature costs a call per array
-            key += (a.shape, a.dtype, a.get_device(), a.is_contiguous())
+            key.append((a.shape, a.dtype, a.get_device(), a.is_contiguous()))
         elif a is None:
             key.append(None)
         else:
@@ -104,8 +106,9 @@ def signature(arrays):
 def tensor_key(arrays):
     """``(signature(arrays), data pointers of the arrays not None, the OR of those pointers)`` when every array is a
     plain ``torch.Tensor`` or None, else None: the signature (the same tuple :func:`signature` makes of them) and
-    what a launch-plan replay binds and checks, read in one pass (per tensor five C calls; a decode call passes up to
-    nine tensors)."""
+    what a launch-plan replay binds and checks, read in one pass (five C calls per tensor, the least that reads
+    all of it; a decode call passes up to nine tensors).  One tuple per tensor appended, not four entries: the
+    loop is the host cost of a decode step, and list.append of one tuple is the cheapest way to build the key."""
     Tensor = _TENSOR
     if Tensor is None:
         return None              # no tensor seen yet (signature() looks torch up)
@@ -113,16 +116,44 @@ def tensor_key(arrays):
     ptrs = []
     acc = 0
     for a in arrays:
-        if a is None:
-            key.append(None)
-        elif type(a) is Tensor:
-            key += (a.shape, a.dtype, a.get_device(), a.is_contiguous())
+        if type(a) is Tensor:
+            key.append((a.shape, a.dtype, a.get_device(), a.is_contiguous()))
             p = a.data_ptr()
             ptrs.append(p)
             acc |= p
+        elif a is None:
+            key.append(None)
         else:
             return None          # subclasses and other arrays: signature() and the general checks
     return tuple(key), ptrs, acc
+
+
+def same_signature(arrays):
+    """``same(others) -> bool``: True only where ``signature(others) == signature(arrays)``, for a plain-tensor
+    call (``arrays`` as :func:`tensor_key` takes them); None where torch lacks the check.  The tensors are checked
+    in one C call, torch's own guard of compiled graphs (dynamo's ``TensorGuards``: exact Python type, dtype,
+    device, dispatch keys, sizes and strides), which is stricter than the signature: what it rejects takes the
+    key, so it never admits another signature and at worst costs a lookup."""
+    nones = tuple(i for i, a in enumerate(arrays) if a is None)
+    ts = [a for a in arrays if a is not None]
+    try:
+        check = _arrays._torch()._C._dynamo.guards.TensorGuards(
+            *ts, tensor_check_names=[f"a{i}" for i in range(len(ts))],
+            dynamic_dims_sizes=[list(a.shape) for a in ts], dynamic_dims_strides=[list(a.stride()) for a in ts]).check
+        if not check(*ts):
+            return None
+    except Exception:        # a torch without it (a private API), or one whose constructor differs
+        return None
+
+    def same(others):
+        for i in nones:
+            if others[i] is not None:
+                return False
+        try:
+            return check(*[a for a in others if a is not None])
+        except TypeError:    # fewer arrays than recorded (a None where a tensor was)
+            return False
+    return same
 
 
 def cached_plan(op, arrays):

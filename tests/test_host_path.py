@@ -387,6 +387,86 @@ def test_a_replay_whose_launch_fails_falls_back_to_the_general_path(fake):
     assert plan.replay_miss.startswith(plan.launch_why + ": ") and len(plan.replay_miss) > len(plan.launch_why) + 2
 
 
+def test_last_replayed_plan_serves_only_its_signature(fake):
+    """A repeat call is first offered to the op's last replayed plan (one C check of the tensors): another shape,
+    dtype, layout or set of given arguments must still take the key (its own plan, or the checks' error)."""
+    import torch
+    dev, inputs = fake
+    op = rwkvops.get_op("wkv7")
+    x, kw = inputs("wkv7", 2)
+    op(*x, **kw)
+    op(*x, **kw)                                        # records, replays: now the op's last replayed plan
+    plan = _plan(op, x, kw)
+    if not plan.same:
+        pytest.skip("this torch has no TensorGuards")
+    assert op.__dict__["_plans"][_dispatch.LAST_REPLAY] is plan
+
+    def kinds(*a, **k):
+        dev.launches.clear()
+        op(*a, **k)
+        return [e[0] for e in dev.launches if e[0] != "memset"]
+    x2, kw2 = inputs("wkv7", 2)
+    assert kinds(*x2, **kw2) == ["plan"]               # fresh tensors, same signature
+    # strides that differ only on a size-1 dimension: the same signature (contiguous); the C check is stricter and
+    # refuses it, the key serves it with the same plan
+    odd = torch.empty_strided((2, 1, 32, 64), (2048, 7, 64, 1), dtype=x[0].dtype).copy_(x[0])
+    assert odd.is_contiguous() and kinds(odd, *x[1:], **kw) == ["plan"]
+    assert kinds(*[a.half() for a in x], **kw) == ["cupy"]          # another dtype: its own plan
+    x3, kw3 = inputs("wkv7", 3)
+    assert kinds(*x3, **kw3) == ["cupy"]                            # another shape
+    assert kinds(*x) == ["cupy"]                                    # no state given
+    with pytest.raises(ValueError, match="'state' must be C-contiguous"):
+        op(*x, state=kw["state"].transpose(-1, -2))
+    assert kinds(*x, **kw) == ["plan"] and op.__dict__["_plans"][_dispatch.LAST_REPLAY] is plan
+    # clearing the plan cache drops the last replayed plan with it
+    op.__dict__["_plans"].clear()
+    assert kinds(*x, **kw) == ["cupy"]
+
+
+def test_same_signature_checks_every_array():
+    torch = pytest.importorskip("torch")
+    a, b, c = (torch.randn(2, 3, 4) for _ in range(3))
+    same = _validate.same_signature((a, b, None, c))
+    if same is None:
+        pytest.skip("this torch has no TensorGuards")
+    assert same((a, b, None, c)) and same(tuple(t.clone() for t in (a, b)) + (None, c.clone()))
+    assert not same((a, b, c, None)) and not same((a, None, b, c)) and not same((a, b, None, None))
+    assert not same((a, b, None, c.double())) and not same((a, b, None, torch.randn(2, 3, 5)))
+    assert not same((a, b, None, c.transpose(0, 1).contiguous().transpose(0, 1)))     # strides
+    assert not same((a, b, None, torch.nn.Parameter(c)))                             # a subclass
+    assert not same((a, b, None, np.zeros((2, 3, 4), np.float32)))
+
+
+def test_replay_follows_the_current_stream(fake):
+    """A replay asks for torch's current stream on every call (it may change between calls)."""
+    dev, inputs = fake
+    op = rwkvops.get_op("wkv6")
+    current = [0]
+    _arrays.make_bridge("torch", ("cuda", 0)).raw_stream = lambda: current[0]
+    x, kw = inputs("wkv6", 2)
+    op(*x, **kw)                                        # records
+    for s in (7, 9, 7):
+        current[0] = s
+        op(*x, **kw)
+    assert dev.streams == [7, 9, 7]
+
+
+def test_replay_allocates_without_torchs_fast_entry(fake):
+    """torch's fast allocation entry is a private API: where it is missing or misbehaves, replays use torch.empty."""
+    dev, inputs = fake
+    op = rwkvops.get_op("wkv4")
+
+    def broken(*a):
+        raise TypeError("changed signature")
+    _arrays.make_bridge("torch", ("cuda", 0)).empty_strided = broken
+    x, kw = inputs("wkv4", 2)
+    op(*x, **kw)
+    dev.launches.clear()
+    y, s = op(*x, **kw)
+    assert "plan" in [e[0] for e in dev.launches] and all(e[0] in ("plan", "memset") for e in dev.launches)
+    assert y.shape == x[2].shape and y.dtype == x[2].dtype and s.shape == kw["state"].shape
+
+
 def test_pending_device_error_raises_on_a_replay(fake):
     dev, inputs = fake
     op = rwkvops.get_op("wkv6")
