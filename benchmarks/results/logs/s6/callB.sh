@@ -1,12 +1,17 @@
 # Session 6, device call B: wkv4 (GPU tests of the new staged tile, the tile sweep, bench_ops' wkv4 cases in bf16
-# and fp32 against fla), the decode cases of wkv7/wkv6 against fla_recurrent (after the host-path work), host
+# and fp32 against fla), the host-path GPU tests, the decode cases of wkv7/wkv6 against fla_recurrent (after the host-path work), host
 # overhead, then accuracy (no fla) if time is left.  Logs under $OUT.
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks:/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl > /dev/null 2>&1
 python3 -c "import torch, cupy; print(torch.__version__, cupy.__version__, torch.cuda.get_device_name(0))" | tee $OUT/env.txt
 fits() { [ $((${LIMIT:-585} - SECONDS)) -ge $1 ]; }
-timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wkv4.py -k "4x16x8 or lbs-4x32x6" > $OUT/wkv4_tests.log 2>&1
+(timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_host_path.py tests/test_pool.py \
+   "tests/test_gpu_foundation.py::test_decode_step_captures_in_a_cuda_graph" > $OUT/host_tests.log 2>&1
+ echo "[host-path tests] rc=$? $(tail -n 1 $OUT/host_tests.log) ${SECONDS}s") &
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wkv4.py -k "4x16x8 or lbs-4x32x6" > $OUT/wkv4_tests.log 2>&1
 echo "[wkv4 tests] rc=$? $(tail -n 1 $OUT/wkv4_tests.log) ${SECONDS}s"
+wait
+grep -h "^FAILED\|^ERROR" $OUT/host_tests.log $OUT/wkv4_tests.log | head
 timeout 90 python3 benchmarks/wkv4_paths.py --quick --graph --no-fla --dtype bfloat16,float32 --shapes 1x16384,8x4096,1x4096 \
   --variants auto,lbs4x32x6_fast,lbs4x16x6_fast,lbs4x16x8_fast --out $OUT/wkv4_paths.json > $OUT/wkv4_paths.log 2>&1
 echo "[wkv4 paths] rc=$? ${SECONDS}s"
