@@ -40,7 +40,8 @@ def table(data):
         [f"speedup vs {p}" for p in peers] + ["floor ms", "rwkvops / floor", "peak MB (ours)"] + \
         [f"peak MB ({p})" for p in peers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[4], k[2], k[3])):
+    order = sorted(groups, key=lambda k: (k[0], k[1], k[4], k[2], k[3]))   # op, mode, dtype, B, T
+    for key in order:
         g = groups[key]
         ours = g.get("rwkvops", {})
         ms = ours.get("ms")
@@ -61,8 +62,7 @@ def table(data):
            "CUDA-event medians after warm-up, peers in the same process. speedup = peer ms / rwkvops ms. "
            "floor = max(bytes moved / measured copy bandwidth, FLOPs of the recurrent form / 51 TFLOP/s fp32).", ""]
     out += lines
-    dev = [k for k in sorted(groups, key=lambda k: (k[0], k[1], k[4], k[2], k[3]))
-           if groups[k].get("rwkvops", {}).get("ms_device")]
+    dev = [k for k in order if groups[k].get("rwkvops", {}).get("ms_device")]
     if dev:
         out += ["", "Device time of one call with the host's issue time hidden (`harness.device_time`: a spin kernel "
                 "queued ahead of the start event): the GPU time of the call, without the wait for its Python code:", "",

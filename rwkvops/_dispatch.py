@@ -395,11 +395,10 @@ def _gpu_forward(op, plan, bridge, xc, sc, cu_seqlens, state_indices, save, ligh
             y, saved = op.gpu_forward(call, xc, sc, s_out, save)
         lp = rec.finish((y, s_out), plan.device[1], _gpu.launcher_guard(op))
         if lp is not None:
-            # results and output templates by position among (*inputs, state, cu_seqlens, state_indices, *outputs)
+            # results by position among (*inputs, state, cu_seqlens, state_indices, *outputs)
             given = (*xc.values(), sc, cu, idx)
             pos = [i for i, v in enumerate(given) if v is not None]
             lp.results = tuple(pos[r] if r < len(pos) else len(given) + r - len(pos) for r in lp.results)
-            lp.bridge = bridge
             lp.alloc = tuple(bridge.allocator(shape, d) for shape, d in lp.outputs)
             lp.scratch = bridge.allocator((lp.temp_bytes,), "uint8") if lp.temp_bytes else None
             lp.raw_stream = bridge.raw_stream     # asked on every replay: torch's current stream may change

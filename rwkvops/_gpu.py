@@ -441,15 +441,14 @@ class LaunchPlan:
     Pointer sources at replay: the caller's arrays (the order the recorder got them), the outputs, the scratch
     arrays.  ``guard``: :func:`globals_guard` of the launcher's module."""
 
-    __slots__ = ("device", "steps", "outputs", "temps", "temp_bytes", "results", "guard", "err", "lock", "bridge",
+    __slots__ = ("device", "steps", "outputs", "temps", "temp_bytes", "results", "guard", "err", "lock",
                  "alloc", "scratch", "raw_stream", "get_device", "err_word", "checks", "used", "failed")
 
     def __init__(self, device, steps, outputs, temps, temp_bytes, results, guard, err):
         self.device, self.steps, self.outputs, self.temps = device, steps, outputs, temps
         self.temp_bytes, self.results, self.guard, self.err = temp_bytes, results, guard, err
         self.lock = threading.Lock()   # the parameter buffers are shared: one replay at a time
-        self.bridge = None             # the array bridge that replays it (allocations, stream); set by the dispatcher
-        self.alloc = None              # per output, () -> a fresh tensor (the bridge's allocator); set likewise
+        self.alloc = None              # per output, () -> a fresh tensor (the bridge's allocator); set by the dispatcher
         self.scratch = None            # () -> a fresh scratch block of temp_bytes, where temp_bytes; likewise
         self.raw_stream = None         # () -> the raw cudaStream_t of torch's current stream (the bridge's); likewise
         self.get_device = (_CUPY or _cupy()).cuda.runtime.getDevice   # () -> the current device (cudaGetDevice)
