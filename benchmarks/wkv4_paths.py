@@ -2,7 +2,7 @@
 ``fused_recurrent_rwkv4`` in the same process.
 
     python benchmarks/wkv4_paths.py [--out PATH.json] [--quick] [--dtype bfloat16,float32] [--variants a,b]
-                                    [--shapes 1x16384,8x4096] [--no-fla] [--graph]
+                                    [--shapes 1x16384,8x4096] [--no-fla] [--graph] [--baseline-source OLD.cu]
 
 C = 2048, CUDA-event medians (harness.cuda_time).  Forward variants: the look-back forward (wkv4_fwd_lb) per tile
 shape (warps x tokens per warp) with FAST or precise math, the staged look-back forward (wkv4_fwd_lbs, k and v in
@@ -10,7 +10,9 @@ shared memory) per tile shape, the 16-token fused forward and the three-launch c
 and 3; fwd+bwd for the variants marked so (the backward's kernel version is the variant's).  ``--graph`` adds
 ``fwd_graph_ms``: the forward captured in a CUDA graph and replayed (device time alone: its launches and memsets,
 no host path), beside ``fwd_ms`` (one call between two events, as benchmarks/bench_ops.py times it: the host path
-up to the first launch included).  The data behind the "auto" rule in the module docstring.
+up to the first launch included).  ``--baseline-source`` adds the variant ``auto@base``: "auto" compiled from another
+copy of wkv4.cu (e.g. ``git show HEAD~1:cuda_src/wkv4.cu``), so a kernel change is timed against its predecessor in
+the same process.  The data behind the "auto" rule in the module docstring.
 """
 import argparse
 import json
@@ -63,7 +65,11 @@ def main():
     ap.add_argument("--shapes", default=None, help="comma-separated BxT, e.g. 1x16384,8x4096")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays of the forward")
+    ap.add_argument("--baseline-source", default=None, help="another wkv4.cu, timed as variant auto@base")
     args = ap.parse_args()
+    variants = dict(VARIANTS)
+    if args.baseline_source:
+        variants["auto@base"] = (dict(SOURCE=os.path.abspath(args.baseline_source)), True)
     want = None if args.variants is None else set(args.variants.split(","))
     shapes = SHAPES if args.shapes is None else [tuple(map(int, x.split("x"))) for x in args.shapes.split(",")]
     reps = 5 if args.quick else 10
@@ -71,7 +77,8 @@ def main():
         from rwkvops import _dispatch       # (a bare `import rwkvops._dispatch` here would make rwkvops local)
         _dispatch.LAUNCH_PLANS = False
     recs = []
-    names = ("FORWARD", "LOOKBACK", "LOOKBACK_FAST", "KERNEL_VERSION", "FUSED_L_LONG", "LOOKBACK_STAGED", "LOOKBACK_S")
+    names = ("FORWARD", "LOOKBACK", "LOOKBACK_FAST", "KERNEL_VERSION", "FUSED_L_LONG", "LOOKBACK_STAGED", "LOOKBACK_S",
+             "SOURCE")
     saved = {n: getattr(W, n) for n in names}
     try:
         from peers import wkv4 as peers
@@ -87,7 +94,7 @@ def main():
         x = {k: v.to(dt).contiguous() for k, v in x.items()}
         xg = {k: v.clone().requires_grad_(True) for k, v in x.items()}
         gy = torch.randn(B, T, C, device="cuda").to(dt)
-        for name, (settings, fb) in VARIANTS.items():
+        for name, (settings, fb) in variants.items():
             if want is not None and name not in want:
                 continue
             for n, val in saved.items():

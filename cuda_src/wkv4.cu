@@ -65,6 +65,25 @@ __device__ __forceinline__ bool find_chunk(const int* cu, int T, long long total
 
 __device__ __forceinline__ float decay_log(float w) { return -expf(w); }
 
+// An output y = num / den with num = e1 aa + e2 v, den = e1 bb + e2, e1 = e^{pp - m}, e2 = e^{u + k - m},
+// m = max(pp, u + k).  One of e1, e2 is 1 and bb is 0 (empty history) or at least 1 (every token adds a term of 1 at
+// the running max), so den is 0 or a normal float: 0 only for an empty history whose e2 fell below the float range
+// (u + k far below pp), where the limit of y is v.  Taking v there (not 0/0) also lets FAST flush: e2 from
+// ex2.approx.ftz and the quotient by div.approx.ftz (no subnormal fix-ups around MUFU.EX2 and MUFU.RCP).  A NaN den
+// stays NaN.
+template <bool FAST = false>
+__device__ __forceinline__ float out_quot(float num, float den, float v) {
+    if (den < 1.17549435e-38f) return v;
+#ifdef __CUDA_ARCH__
+    if (FAST) {
+        float r;
+        asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(num), "f"(den));
+        return r;
+    }
+#endif
+    return num / den;
+}
+
 }  // namespace wkv4
 
 // Phase 1: each chunk's own history (from empty): agg[slot] = (aa, bb, pp).
@@ -169,7 +188,7 @@ __global__ void __launch_bounds__(128) wkv4_fwd_out(
         const float uk = uu + kt;
         const float m = fmaxf(P, uk);
         const float e1 = expf(P - m), e2 = expf(uk - m);
-        y[i] = rwkv::from_float<T>((e1 * A + e2 * vt) / (e1 * B + e2));
+        y[i] = rwkv::from_float<T>(wkv4::out_quot(e1 * A + e2 * vt, e1 * B + e2, vt));
         const float pw = P + wp;
         const float p1 = fmaxf(pw, kt);
         const float f1 = expf(pw - p1), f2 = expf(kt - p1);
@@ -512,7 +531,7 @@ __global__ void __launch_bounds__(128) wkv4_fwd_out2(
         const float kt = rwkv::to_float(k[i]), vt = rwkv::to_float(v[i]);
         float e1, e2;
         wkv4::pair_exp<FAST>(P, uu + kt, e1, e2);
-        y[i] = rwkv::from_float<T>(wkv4::quot<FAST>(e1 * A + e2 * vt, e1 * B + e2));
+        y[i] = rwkv::from_float<T>(wkv4::out_quot<FAST>(e1 * A + e2 * vt, e1 * B + e2, vt));
         float f1, f2;
         wkv4::step<FAST>(A, B, P, wp, kt, vt, f1, f2);
     }
@@ -856,7 +875,7 @@ __device__ __forceinline__ void fwd_fused(
         if (r < n) {
             float e1, e2;
             pair_exp(P, uu + kr[r], e1, e2);
-            y[i0 + (long long)r * C] = rwkv::from_float<T>((e1 * A + e2 * vr[r]) / (e1 * B + e2));
+            y[i0 + (long long)r * C] = rwkv::from_float<T>(out_quot(e1 * A + e2 * vr[r], e1 * B + e2, vr[r]));
             float f1, f2;
             step(A, B, P, wp, kr[r], vr[r], f1, f2);
         }
@@ -1062,30 +1081,34 @@ __device__ __forceinline__ void first_checkpoint(long long& nb, int& rb, int cid
     }
 }
 
-// Phase 4, row r of the warp: the checkpoint if one is due, y of the token and the state after it; row(kr, vr) gives
-// the row's k, v and yat() where its y goes, called only here so that they keep their place in the order of work.
+// Phase 4: the backward's checkpoint nb (the state X before row rb) into sinb; moves on to the next one.
+__device__ __forceinline__ void put_checkpoint(const float (&X)[2][3], long long& nb, int& rb, float* sinb,
+                                               const int* cu_seqlens, int Tlen, const Chunk& q, int Lb, int ch, int C) {
+    const long long C3 = 3LL * C;
+    float* o = sinb + rwkv::chunk_slot(cu_seqlens, Tlen, q.s, q.start, Lb, (int)nb) * C3 + ch;
+    o[0] = X[0][0]; o[C] = X[0][1]; o[2 * C] = X[0][2];
+    o[1] = X[1][0]; o[C + 1] = X[1][1]; o[2 * C + 1] = X[1][2];
+    ++nb;
+    rb += Lb;
+}
+
+// y of one token from the state before it (see out_quot).
+template <bool FAST>
+__device__ __forceinline__ float token_y(const float (&X)[3], float uk, float vt) {
+    float e1, e2;
+    pair_exp<FAST, FAST>(X[2], uk, e1, e2);
+    return out_quot<FAST>(e1 * X[0] + e2 * vt, e1 * X[1] + e2, vt);
+}
+
+// Phase 4, row r of the warp: y of the token and the state after it; row(kr, vr) gives the row's k, v and yat() where
+// its y goes, called only here so that they keep their place in the order of work.
 template <typename T, bool FAST, typename Row, typename YAt>
-__device__ __forceinline__ void token_out(float (&X)[2][3], long long& nb, int& rb, int r, float* sinb,
-                                          const int* cu_seqlens, int Tlen, const Chunk& q, int Lb, int ch, int C,
-                                          Row row, YAt yat, const float (&uu)[2], const float (&wp)[2]) {
+__device__ __forceinline__ void token_out(float (&X)[2][3], Row row, YAt yat, const float (&uu)[2], const float (&wp)[2]) {
     using IO = TwoIO<T>;
-    if (r == rb) {
-        const long long C3 = 3LL * C;
-        float* o = sinb + rwkv::chunk_slot(cu_seqlens, Tlen, q.s, q.start, Lb, (int)nb) * C3 + ch;
-        o[0] = X[0][0]; o[C] = X[0][1]; o[2 * C] = X[0][2];
-        o[1] = X[1][0]; o[C + 1] = X[1][1]; o[2 * C + 1] = X[1][2];
-        ++nb;
-        rb += Lb;
-    }
     typename IO::raw kr, vr;
     row(kr, vr);
     const float k0 = IO::lo(kr), v0 = IO::lo(vr), k1 = IO::hi(kr), v1 = IO::hi(vr);
-    float e1, e2, f1, f2;
-    pair_exp<FAST>(X[0][2], uu[0] + k0, e1, e2);
-    pair_exp<FAST>(X[1][2], uu[1] + k1, f1, f2);
-    const float y0 = quot<FAST>(e1 * X[0][0] + e2 * v0, e1 * X[0][1] + e2);
-    const float y1 = quot<FAST>(f1 * X[1][0] + f2 * v1, f1 * X[1][1] + f2);
-    store_two(yat(), y0, y1);
+    store_two(yat(), token_y<FAST>(X[0], uu[0] + k0, v0), token_y<FAST>(X[1], uu[1] + k1, v1));
     step_ex<FAST>(X[0][0], X[0][1], X[0][2], wp[0], k0, v0);
     step_ex<FAST>(X[1][0], X[1][1], X[1][2], wp[1], k1, v1);
 }
@@ -1267,11 +1290,12 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lb(
     wkv4::first_checkpoint<TL, S>(nb, rb, q.c, wi, Lb, sinb);
 #pragma unroll
     for (int r = 0; r < S; ++r)
-        if (r < nw)
+        if (r < nw) {
+            if (r == rb) wkv4::put_checkpoint(X, nb, rb, sinb, cu_seqlens, Tlen, q, Lb, ch, C);
             wkv4::token_out<T, FAST>(
-                X, nb, rb, r, sinb, cu_seqlens, Tlen, q, Lb, ch, C,
-                [&](typename IO::raw& kt, typename IO::raw& vt) { kt = kr[r]; vt = vr[r]; },
+                X, [&](typename IO::raw& kt, typename IO::raw& vt) { kt = kr[r]; vt = vr[r]; },
                 [&] { return y + i0 + r * C; }, uu, wp);
+        }
 }
 
 // =====================================================================================================================
@@ -1510,13 +1534,21 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
     const T* kp = &s_k[wi * S][c0];
     const T* vp = &s_v[wi * S][c0];
     T* yp = y + (q.t0 + (long long)wi * S) * C + ch;
+    // runs of tokens between checkpoints (rb = S without them: one run), so the token loop has no test per token
+    // (yr: row r's y, stepped by C rather than recomputed from r, which cost 64-bit multiplies per token)
+    T* yr = yp;
+    for (int r = 0;;) {
+        const int stop = min(rb, nw);
 #pragma unroll 8
-    for (int r = 0; r < nw; ++r)
-        wkv4::token_out<T, FAST>(
-            X, nb, rb, r, sinb, cu_seqlens, Tlen, q, Lb, ch, C,
-            [&](typename IO::raw& kt, typename IO::raw& vt) {
-                kt = IO::load(kp + r * WKV4_LB_CH);
-                vt = IO::load(vp + r * WKV4_LB_CH);
-            },
-            [&] { return yp + (long long)r * C; }, uu, wp);
+        for (; r < stop; ++r, yr += C)
+            wkv4::token_out<T, FAST>(
+                X,
+                [&](typename IO::raw& kt, typename IO::raw& vt) {
+                    kt = IO::load(kp + r * WKV4_LB_CH);
+                    vt = IO::load(vp + r * WKV4_LB_CH);
+                },
+                [&] { return yr; }, uu, wp);
+        if (r >= nw) break;
+        wkv4::put_checkpoint(X, nb, rb, sinb, cu_seqlens, Tlen, q, Lb, ch, C);
+    }
 }

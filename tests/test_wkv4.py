@@ -1681,3 +1681,37 @@ def test_gpu_fused_forward_matches_chunked_and_is_deterministic(need_gpu, monkey
     tol = 1e-5 if dtype == "float32" else 1e-2
     for i, (a, b) in enumerate(zip(out["fused"], out["chunked"])):
         assert rel_rms(a, b) < tol, i
+
+
+def _underflow_inputs():
+    """u + k far below the state's running max P while the history is empty (aa = bb = 0): the bonus term
+    e^{u + k - P} underflows float32 (and flushes in the FAST forms) and y must still be its limit, v."""
+    rng = np.random.default_rng(5)
+    B, T, C = 2, 40, 4
+    x = make_inputs(rng, B, T, C)
+    x["u"][:] = [-60.0, -30.0, 0.0, -45.0]
+    x["k"] = rng.uniform(-60, -40, (B, T, C))
+    s0 = np.zeros((B, 3, C))
+    # batch 1: an empty history at a running max above 0, low enough that the first token's own term e^{k - P - w'}
+    # stays a normal float (an empty state far above every k, e.g. P = 90, is no float32 state: the history's terms
+    # underflow however the outputs are formed)
+    s0[1, 2] = [10.0, 20.0, 15.0, 0.0]
+    return x, s0
+
+
+@pytest.mark.parametrize("forward,version,kind", [("lookback", 3, "lbs"), ("lookback", 3, "lb"), ("fused", 2, None),
+                                                  ("chunked", 1, None), ("chunked", 2, None), ("chunked", 3, None)])
+def test_emulated_empty_history_underflow(emu4, monkeypatch, forward, version, kind):
+    monkeypatch.setattr(W, "KERNEL_VERSION", version)
+    monkeypatch.setattr(W, "FORWARD", forward)
+    if kind is not None:
+        _set_lb(monkeypatch, kind, (2, 4, 8))
+    x, s0 = _underflow_inputs()
+    B, T, C = x["k"].shape
+    for fast in (True, False):
+        monkeypatch.setattr(W, "LOOKBACK_FAST", fast)
+        for dtype in ("float32", "bfloat16"):
+            y, s, _ = _emu_run(dtype, x, B=B, T=T, s0=s0, bwd=False)
+            yr, sr, _ = _emu_ref(dtype, x, s0=s0)
+            assert np.isfinite(y).all() and np.isfinite(s).all(), (forward, dtype, fast)
+            assert rel_rms(y, yr) < TOL[dtype][0] and rel_rms(s, sr) < TOL[dtype][0], (forward, dtype, fast)
