@@ -3,6 +3,7 @@
 
     python benchmarks/wkv4_paths.py [--out PATH.json] [--quick] [--dtype bfloat16,float32] [--variants a,b]
                                     [--shapes 1x16384,8x4096] [--no-fla] [--graph] [--baseline-source OLD.cu]
+                                    [--source NAME=PATH ...]
 
 C = 2048, CUDA-event medians (harness.cuda_time).  Forward variants: the look-back forward (wkv4_fwd_lb) per tile
 shape (warps x tokens per warp) with FAST or precise math, the staged look-back forward (wkv4_fwd_lbs, k and v in
@@ -12,7 +13,10 @@ and 3; fwd+bwd for the variants marked so (the backward's kernel version is the 
 no host path), beside ``fwd_ms`` (one call between two events, as benchmarks/bench_ops.py times it: the host path
 up to the first launch included).  ``--baseline-source`` adds the variant ``auto@base``: "auto" compiled from another
 copy of wkv4.cu (e.g. ``git show HEAD~1:cuda_src/wkv4.cu``), so a kernel change is timed against its predecessor in
-the same process.  The data behind the "auto" rule in the module docstring.
+the same process; ``--source NAME=PATH`` (repeatable) adds ``auto@NAME``, the forward alone compiled from PATH with
+only the staged look-back forward's instantiations (a few seconds of NVRTC, not the whole module's), for A/B sweeps
+of one kernel's variants (PATH may be two lines: ``#define WKV4_LBS_BATCH 4`` and ``#include "wkv4.cu"``).  The data
+behind the "auto" rule in the module docstring.
 """
 import argparse
 import json
@@ -66,10 +70,15 @@ def main():
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays of the forward")
     ap.add_argument("--baseline-source", default=None, help="another wkv4.cu, timed as variant auto@base")
+    ap.add_argument("--source", action="append", default=[], help="NAME=PATH: forward variant auto@NAME")
     args = ap.parse_args()
     variants = dict(VARIANTS)
     if args.baseline_source:
         variants["auto@base"] = (dict(SOURCE=os.path.abspath(args.baseline_source)), True)
+    lbs_only = tuple(n for n in W.NAME_EXPRESSIONS if n.startswith("wkv4_fwd_lbs<"))
+    for spec in args.source:
+        name, path = spec.split("=", 1)
+        variants[f"auto@{name}"] = (dict(SOURCE=os.path.abspath(path), NAME_EXPRESSIONS=lbs_only), False)
     want = None if args.variants is None else set(args.variants.split(","))
     shapes = SHAPES if args.shapes is None else [tuple(map(int, x.split("x"))) for x in args.shapes.split(",")]
     reps = 5 if args.quick else 10
@@ -78,7 +87,7 @@ def main():
         _dispatch.LAUNCH_PLANS = False
     recs = []
     names = ("FORWARD", "LOOKBACK", "LOOKBACK_FAST", "KERNEL_VERSION", "FUSED_L_LONG", "LOOKBACK_STAGED", "LOOKBACK_S",
-             "SOURCE")
+             "SOURCE", "NAME_EXPRESSIONS")
     saved = {n: getattr(W, n) for n in names}
     try:
         from peers import wkv4 as peers
@@ -95,7 +104,7 @@ def main():
         xg = {k: v.clone().requires_grad_(True) for k, v in x.items()}
         gy = torch.randn(B, T, C, device="cuda").to(dt)
         for name, (settings, fb) in variants.items():
-            if want is not None and name not in want:
+            if want is not None and name not in want and not name.startswith("auto@"):
                 continue
             for n, val in saved.items():
                 setattr(W, n, val)

@@ -1444,6 +1444,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
     __syncthreads();
     // 3. prefixes (warp i > 0); the tile's aggregate, the look-back and the inclusive state (warp 0, all lanes)
     float pre[2][3];
+    float I[2][3];                                           // warp 0: the tile's inclusive state
     if (mine && wi > 0) wkv4::fold_subs<FAST, true, S>(pre, s_sub, c0, wi, n, wp);
     if (wi == 0) {
         const int nact = (n + S - 1) / S;
@@ -1495,35 +1496,36 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
                 X[0][0] = x0.x; X[0][1] = x0.y; X[0][2] = x0.z;
                 X[1][0] = x1.x; X[1][1] = x1.y; X[1][2] = x1.z;
                 for (long long m0 = j + 1; m0 < g; m0 += WKV4_LBS_BATCH) {   // the aggregates after j, in chunk order
-                    float4 ag[WKV4_LBS_BATCH][2];
+                    float ag[WKV4_LBS_BATCH][2][3];          // (A, B, P): the records' 4th word is not loaded
 #pragma unroll
                     for (int r = 0; r < WKV4_LBS_BATCH; ++r)
-                        if (m0 + r < g) {
-                            const float4* ap = agg + (m0 + r) * C + ch;
-                            ag[r][0] = __ldcg(ap);
-                            ag[r][1] = __ldcg(ap + 1);
-                        }
+                        if (m0 + r < g)
+                            for (int e = 0; e < 2; ++e) {
+                                const float* ap = reinterpret_cast<const float*>(agg + (m0 + r) * C + ch + e);
+                                const float2 ab = __ldcg(reinterpret_cast<const float2*>(ap));
+                                ag[r][e][0] = ab.x; ag[r][e][1] = ab.y; ag[r][e][2] = __ldcg(ap + 2);
+                            }
 #pragma unroll
                     for (int r = 0; r < WKV4_LBS_BATCH; ++r)
                         if (m0 + r < g)
                             for (int e = 0; e < 2; ++e)
-                                wkv4::fold<FAST>(X[e][0], X[e][1], X[e][2], ag[r][e].x, ag[r][e].y, ag[r][e].z,
+                                wkv4::fold<FAST>(X[e][0], X[e][1], X[e][2], ag[r][e][0], ag[r][e][1], ag[r][e][2],
                                                  (float)TL, wp[e]);
                 }
             }
         }
-        float I[2][3];
         if (act)
             for (int e = 0; e < 2; ++e) wkv4::inclusive<FAST>(I[e], X[e], G[e], s_x, c0 + e, n, wp[e]);
-        if (!last) {
-            if (act)
-                for (int e = 0; e < 2; ++e) inc[g * C + ch + e] = make_float4(I[e][0], I[e][1], I[e][2], 0.f);
-            wkv4::warp_publish(status + g, 2);
-        } else if (act) {
+        if (last && act)
             for (int e = 0; e < 2; ++e) wkv4::put_final(state_out, fin, slot, q.s, ch, e, C, I[e][0], I[e][1], I[e][2]);
-        }
     }
     __syncthreads();
+    // the inclusive state goes out after the barrier: the other warps start their outputs while its fence drains
+    if (wi == 0 && !last) {
+        if (act)
+            for (int e = 0; e < 2; ++e) inc[g * C + ch + e] = make_float4(I[e][0], I[e][1], I[e][2], 0.f);
+        wkv4::warp_publish(flags + 4 + (long long)cgi * (ntiles / ncg) + g, 2);
+    }
     if (!mine) return;
     // 4. this warp's incoming state, outputs and checkpoints
     float X[2][3];

@@ -757,6 +757,8 @@ struct alignas(16) float4 { float x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 inline float4 __ldcg(const float4* p) {
     float4 r; for (int i = 0; i < 4; ++i) (&r.x)[i] = ((const volatile float*)p)[i]; return r; }
+inline float2 __ldcg(const float2* p) {
+    float2 r; for (int i = 0; i < 2; ++i) (&r.x)[i] = ((const volatile float*)p)[i]; return r; }
 #define __align__(n) __attribute__((aligned(n)))
 """
 
