@@ -1396,6 +1396,14 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
     const bool last = q.t1 == q.end;
     const int nw = min(S, max(0, n - wi * S));               // this warp's tokens
     const bool mine = act && nw > 0;
+    // w, u of the lane's channels, loaded before the rows are copied and converted after (their round trip overlaps
+    // the copies')
+    T wr[2], ur[2];
+    if (mine)
+        for (int e = 0; e < 2; ++e) {
+            wr[e] = w[ch + e];
+            ur[e] = u[ch + e];
+        }
     // 1. this warp's rows into shared memory
     {
         const long long r0 = q.t0 + (long long)wi * S;
@@ -1416,14 +1424,14 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
                 wkv4::copy_async<2 * sizeof(T)>(&s_v[wi * S + r][c0], v + gi);
             }
         }
-        wkv4::copy_wait();
-        __syncwarp();
     }
+    wkv4::copy_wait();
+    __syncwarp();
     float wp[2] = {0.f, 0.f}, uu[2] = {0.f, 0.f};
     if (mine) {
         for (int e = 0; e < 2; ++e) {
-            wp[e] = wkv4::decay_log(rwkv::to_float(w[ch + e]));
-            uu[e] = rwkv::to_float(u[ch + e]);
+            wp[e] = wkv4::decay_log(rwkv::to_float(wr[e]));
+            uu[e] = rwkv::to_float(ur[e]);
         }
         // 2. this warp's own history
         const T* kp = &s_k[wi * S][c0];
