@@ -1717,3 +1717,28 @@ def test_emulated_empty_history_underflow(emu4, monkeypatch, forward, version, k
             yr, sr, _ = _emu_ref(dtype, x, s0=s0)
             assert np.isfinite(y).all() and np.isfinite(s).all(), (forward, dtype, fast)
             assert rel_rms(y, yr) < TOL[dtype][0] and rel_rms(s, sr) < TOL[dtype][0], (forward, dtype, fast)
+
+
+@gpu
+@pytest.mark.parametrize("forward,version,kind", [("lookback", 3, "lbs"), ("lookback", 3, "lb"), ("lookback", 3, None),
+                                                  ("fused", 2, None), ("chunked", 1, None), ("chunked", 2, None),
+                                                  ("chunked", 3, None)])
+def test_gpu_empty_history_underflow(need_gpu, monkeypatch, forward, version, kind):
+    """As test_emulated_empty_history_underflow on the device, where FAST also flushes e^{u + k - P} below 2^-126."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(W, "KERNEL_VERSION", version)
+    monkeypatch.setattr(W, "FORWARD", forward)
+    if kind is not None:
+        _set_lb(monkeypatch, kind, (2, 4, 8))
+    x, s0 = _underflow_inputs()
+    for fast in (True, False):
+        monkeypatch.setattr(W, "LOOKBACK_FAST", fast)
+        for dtype in ("float32", "bfloat16"):
+            x64 = _rounded(x, dtype)
+            ref_y, ref_s = W.reference_forward(x64, s0)
+            xt = {n: _to_torch_cuda(v, dtype) for n, v in x64.items()}
+            with torch.no_grad():
+                y, s = rwkvops.wkv4(*args(xt), state=torch.tensor(s0, dtype=torch.float32, device="cuda"))
+            assert bool(torch.isfinite(y.float()).all()) and bool(torch.isfinite(s).all()), (dtype, fast)
+            assert rel_rms(y, ref_y) < TOL[dtype][0] and rel_rms(s, ref_s) < TOL[dtype][0], (dtype, fast)
+    rwkvops.check_errors()
