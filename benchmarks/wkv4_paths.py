@@ -53,6 +53,7 @@ VARIANTS = {   # name: (module settings, whether to time fwd+bwd too)
     "lbs4x32x6_fast": _lbs((4, 32, 6), (4, 16, 6), fb=True), "lbs4x32x6_precise": _lbs((4, 32, 6), (4, 16, 6), False),
     "lbs4x16x6_fast": _lbs((4, 16, 6), (4, 16, 6)), "lbs8x16x3_fast": _lbs((8, 16, 3), (4, 16, 6)),
     "lbs4x16x8_fast": _lbs((4, 16, 8), (4, 16, 8)),
+    "lbs4x24x7_fast": _lbs((4, 24, 7), (4, 12, 7), fb=True),
     "fused16_v2": (dict(FORWARD="fused", FUSED_L_LONG=16, KERNEL_VERSION=2), False),
     "chunked_v2": (dict(FORWARD="chunked", KERNEL_VERSION=2), True),
     "chunked_v3": (dict(FORWARD="chunked", KERNEL_VERSION=3), True),

@@ -1441,7 +1441,8 @@ def _tile_len(kind, cfg, dtype):
 
 
 _LB_KINDS = [("lb", (2, 4, 8)), ("lb", (8, 16, 2)), ("lb", (16, 8, 1)),
-             ("lbs", (2, 4, 8)), ("lbs", (4, 32, 6)), ("lbs", (4, 16, 6)), ("lbs", (4, 16, 8)), ("lbs", (8, 16, 3))]
+             ("lbs", (2, 4, 8)), ("lbs", (4, 32, 6)), ("lbs", (4, 16, 6)), ("lbs", (4, 16, 8)), ("lbs", (8, 16, 3)),
+             ("lbs", (4, 24, 7)), ("lbs", (4, 12, 7))]
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "precise"])

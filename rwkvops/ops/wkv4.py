@@ -150,7 +150,7 @@ _LB_CONFIGS = ((8, 16, 2), (8, 16, 3), (4, 16, 4), (8, 8, 2), (8, 8, 4), (16, 8,
 # wkv4_fwd_lbs<T, NW, S, FAST, MINB> (k, v of a tile staged in shared memory: NW * S * 64 channels * 2 arrays, at
 # most _LBS_MAX_BYTES of static shared memory): the shapes (NW, S, MINB) per element size that
 # benchmarks/wkv4_paths.py sweeps; (2, 4, 8) gives many small tiles for the tests.
-_LBS_CONFIGS = ((4, 32, 6), (4, 16, 6), (4, 16, 8), (8, 16, 3), (2, 4, 8))
+_LBS_CONFIGS = ((4, 32, 6), (4, 16, 6), (4, 16, 8), (8, 16, 3), (4, 24, 7), (4, 12, 7), (2, 4, 8))
 _LBS_MAX_BYTES = 40 * 1024
 _ESIZE = {"float": 4, "__half": 2, "__nv_bfloat16": 2}
 
