@@ -32,7 +32,10 @@ alone, at cc8bc99 + the staged forward; logs in benchmarks/results/logs/s4-h2/):
   a status word per tile, deterministic; dense batches interleaved chunk by chunk).  bf16: B=1 T=16384 0.115 ms (the
   register look-back forward below: 0.171, three launches 0.213; byte floor 0.068), B=8 T=4096 0.216 (0.329, 0.305;
   floor 0.135), B=1 T=4096 0.047 (0.053); fp32: B=1 T=16384 0.180 (0.227, 0.307; floor 0.135), B=8 T=4096 0.349
-  (0.428, 0.505; floor 0.271).  Other shapes (_LBS_CONFIGS: 4 x 16, 8 x 16 in bf16) measured slower.  A variant
+  (0.428, 0.505; floor 0.271).  Session 7 (logs/s7/, H100, against the older kernels compiled in the same process):
+  outputs with flushing exps and quotient, token runs between checkpoints, w/u loaded beside the row copies: bf16
+  0.109-0.111 / 0.203-0.206 / 0.043-0.045, fp32 0.177 / 0.323-0.325 / 0.060-0.061.  Other shapes (_LBS_CONFIGS:
+  4 x 16, 8 x 16, 4 x 24 at 7 tiles per SM in bf16, 4 x 12 at 7 in fp32) measured slower.  A variant
   with fully unrolled phases, two token segments per warp side by side (four independent chains per lane) and a
   quotient without __fdividef's fix-ups measured slower (bf16 B=1 T=16384: 0.152 ms, 0.139 with one segment; its
   code was 2.3x larger) and was dropped;
