@@ -1235,17 +1235,19 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
             const int j = e % N;
             float g = 0.f;
             if (e < N) {
+                float ex = 1.f;                         // exp(G(-1, t-1)): the previous token's exp(G(-1, t))
 #pragma unroll 4
                 for (int t = 0; t < L; ++t) {
-                    const float gx = g;                 // G(-1, t-1)
                     g += sLW[t * LDA + j];              // G(-1, t)
-                    sAg[t * LDA + j] *= expf(gx);
-                    sRg[t * LDA + j] *= expf(g);
+                    const float eg = expf(g);
+                    sAg[t * LDA + j] *= ex;
+                    sRg[t * LDA + j] *= eg;
                     const float inv = expf(-g);         // overflows only in unsafe chunks (then unused)
                     sBi[t * LDA + j] = sB[t * LDA + j] * inv;
                     sKi[t * LDA + j] = sK[t * LDA + j] * inv;
+                    ex = eg;
                 }
-                sGam[j] = expf(g);
+                sGam[j] = ex;
                 if (!(g >= -wkv7::TC_SAFE_SPAN)) bad = 1;
             } else {
 #pragma unroll 4
