@@ -74,12 +74,13 @@ def main():
     ap.add_argument("--source", action="append", default=[], help="NAME=PATH: forward variant auto@NAME")
     args = ap.parse_args()
     variants = dict(VARIANTS)
-    if args.baseline_source:
-        variants["auto@base"] = (dict(SOURCE=os.path.abspath(args.baseline_source)), True)
     lbs_only = tuple(n for n in W.NAME_EXPRESSIONS if n.startswith("wkv4_fwd_lbs<"))
+    sources = [("base", args.baseline_source, True)] if args.baseline_source else []
     for spec in args.source:
-        name, path = spec.split("=", 1)
-        variants[f"auto@{name}"] = (dict(SOURCE=os.path.abspath(path), NAME_EXPRESSIONS=lbs_only), False)
+        sources.append((*spec.split("=", 1), False))
+    for name, path, whole in sources:    # whole: every instantiation, fwd+bwd timed too; else the forward alone
+        only = {} if whole else {"NAME_EXPRESSIONS": lbs_only}
+        variants[f"auto@{name}"] = (dict(SOURCE=os.path.abspath(path), **only), whole)
     want = None if args.variants is None else set(args.variants.split(","))
     shapes = SHAPES if args.shapes is None else [tuple(map(int, x.split("x"))) for x in args.shapes.split(",")]
     reps = 5 if args.quick else 10

@@ -1453,13 +1453,13 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
     // 3. prefixes (warp i > 0); the tile's aggregate, the look-back and the inclusive state (warp 0, all lanes)
     float pre[2][3];
     float I[2][3];                                           // warp 0: the tile's inclusive state
+    int* status = flags + 4 + (long long)cgi * (ntiles / ncg);   // status of slot m: status[m] (a group's slots side
+                                                                 // by side: the window is one 128-byte read)
     if (mine && wi > 0) wkv4::fold_subs<FAST, true, S>(pre, s_sub, c0, wi, n, wp);
     if (wi == 0) {
         const int nact = (n + S - 1) / S;
         float X[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}}, G[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
         if (act) wkv4::fold_subs<FAST, false, S>(G, s_sub, c0, nact, n, wp);
-        int* status = flags + 4 + (long long)cgi * (ntiles / ncg);   // status of slot m: status[m] (a group's slots
-                                                                   // side by side: the window is one 128-byte read)
         long long slot = -1;
         if (q.c == 0 || last) slot = rwkv::state_slot(state_idx, q.s, pool_size, err);
         if (q.c == 0) {
@@ -1532,7 +1532,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) wkv4_fwd_lbs(
     if (wi == 0 && !last) {
         if (act)
             for (int e = 0; e < 2; ++e) inc[g * C + ch + e] = make_float4(I[e][0], I[e][1], I[e][2], 0.f);
-        wkv4::warp_publish(flags + 4 + (long long)cgi * (ntiles / ncg) + g, 2);
+        wkv4::warp_publish(status + g, 2);
     }
     if (!mine) return;
     // 4. this warp's incoming state, outputs and checkpoints

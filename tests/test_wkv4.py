@@ -1702,8 +1702,12 @@ def _underflow_inputs():
     return x, s0
 
 
-@pytest.mark.parametrize("forward,version,kind", [("lookback", 3, "lbs"), ("lookback", 3, "lb"), ("fused", 2, None),
-                                                  ("chunked", 1, None), ("chunked", 2, None), ("chunked", 3, None)])
+# every forward path: (FORWARD, KERNEL_VERSION, look-back kind with tiles (2, 4, 8) or None for the default)
+_UNDERFLOW_PATHS = [("lookback", 3, "lbs"), ("lookback", 3, "lb"), ("fused", 2, None), ("chunked", 1, None),
+                    ("chunked", 2, None), ("chunked", 3, None)]
+
+
+@pytest.mark.parametrize("forward,version,kind", _UNDERFLOW_PATHS)
 def test_emulated_empty_history_underflow(emu4, monkeypatch, forward, version, kind):
     monkeypatch.setattr(W, "KERNEL_VERSION", version)
     monkeypatch.setattr(W, "FORWARD", forward)
@@ -1721,9 +1725,7 @@ def test_emulated_empty_history_underflow(emu4, monkeypatch, forward, version, k
 
 
 @gpu
-@pytest.mark.parametrize("forward,version,kind", [("lookback", 3, "lbs"), ("lookback", 3, "lb"), ("lookback", 3, None),
-                                                  ("fused", 2, None), ("chunked", 1, None), ("chunked", 2, None),
-                                                  ("chunked", 3, None)])
+@pytest.mark.parametrize("forward,version,kind", _UNDERFLOW_PATHS + [("lookback", 3, None)])
 def test_gpu_empty_history_underflow(need_gpu, monkeypatch, forward, version, kind):
     """As test_emulated_empty_history_underflow on the device, where FAST also flushes e^{u + k - P} below 2^-126."""
     torch = pytest.importorskip("torch")
