@@ -18,17 +18,20 @@ namespace tc {
 template <class T> struct is_f32 { static constexpr bool value = false; };
 template <> struct is_f32<float> { static constexpr bool value = true; };
 
+// Round to TF32 (10 explicit mantissa bits), to nearest.  sm_90+: cvt.rn (ties to even), one F2FP instruction;
+// sm_80: cvt.rna (ties away from zero; ptxas expands it to a compare and a predicated add).  The host version (the CPU
+// emulation) rounds ties to even, as sm_90.  NaN stays NaN, infinities stay infinite.
 __device__ __forceinline__ unsigned to_tf32(float x) {
-#ifdef __CUDA_ARCH__
     unsigned u;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm("cvt.rn.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
+#elif defined(__CUDA_ARCH__)
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
-    return u;
 #else
-    unsigned u;
     __builtin_memcpy(&u, &x, 4);
-    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;   // round half away from zero
-    return u;
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0xfffu + ((u >> 13) & 1u)) & 0xffffe000u;
 #endif
+    return u;
 }
 
 __device__ __forceinline__ float tf32_value(unsigned u) {
@@ -74,13 +77,22 @@ __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const floa
                                                  const float* B, const float* B2, int ldb, const float* fb,
                                                  int K) {
     const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    // Each lane's elements as fixed offsets from pointers that step once per k-step (the offsets fold into the
+    // shared-memory loads' immediates instead of an index computation per element).
+    const int a_m8 = TA ? 8 : 8 * lda, a_k4 = TA ? 4 * lda : 4, a_k8 = 2 * a_k4;   // A: m + 8, k + 4, k + 8
+    const int b_k4 = TB ? 4 : 4 * ldb, b_n8 = TB ? 8 * ldb : 8, b_k8 = 2 * b_k4;   // B: k + 4, n + 8, k + 8
+    const float* pa = TA ? A + c * lda + g : A + g * lda + c;
+    const float* pb = TB ? B + g * ldb + c : B + c * ldb + g;
+    const float* pb2 = B2 != nullptr ? B2 + (pb - B) : nullptr;
+    const float* pfa = fa != nullptr ? fa + c : nullptr;
+    const float* pfb = fb != nullptr ? fb + (TB ? c : g) : nullptr;   // fb[k] (TB) or fb[n]
+#pragma unroll 2
     for (int k = 0; k < K; k += 8) {
         unsigned a[4], alo[4];
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            const int m = g + 8 * (r % 2), kk = k + c + 4 * (r / 2);
-            float x = TA ? A[kk * lda + m] : A[m * lda + kk];
-            if (fa != nullptr) x *= fa[kk];
+            float x = pa[(r % 2) * a_m8 + (r / 2) * a_k4];
+            if (fa != nullptr) x *= pfa[4 * (r / 2)];
             split<SPLIT>(x, a[r], alo[r]);
         }
 #pragma unroll
@@ -90,11 +102,10 @@ __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const floa
                 unsigned b[2], blo[2];
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    const int kk = k + c + 4 * r, nn = 16 * n + 8 * half + g;
-                    const int o = TB ? nn * ldb + kk : kk * ldb + nn;
-                    float x = B[o];
-                    if (B2 != nullptr) x *= B2[o];
-                    if (fb != nullptr) x *= fb[TB ? kk : nn];
+                    const int o = r * b_k4 + (2 * n + half) * b_n8;
+                    float x = pb[o];
+                    if (B2 != nullptr) x *= pb2[o];
+                    if (fb != nullptr) x *= pfb[TB ? 4 * r : 16 * n + 8 * half];
                     split<SPLIT>(x, b[r], blo[r]);
                 }
                 if (SPLIT) {
@@ -103,6 +114,11 @@ __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const floa
                 }
                 mma_m16n8k8(acc[n] + 4 * half, a, b);
             }
+        pa += a_k8;
+        pb += b_k8;
+        if (B2 != nullptr) pb2 += b_k8;
+        if (fa != nullptr) pfa += 8;
+        if (fb != nullptr && TB) pfb += 8;
     }
 }
 
