@@ -10,6 +10,10 @@
 //   A (16 x 8):  a[r] = A(g + 8*(r%2), c + 4*(r/2));   B (8 x 8): b[r] = B(c + 4*r, g);
 //   C (16 x 8):  acc[r] = C(g + 8*(r/2), 2*c + r%2).   A 16 x 16 tile holds two C halves: acc[4*half + r].
 // Host compilers (the CPU emulation in tests/) provide rwkv_emu_mma_m16n8k8 instead of the instruction.
+// Cost: the chunked kernels issue far more fragment loads, roundings and scalings than mma instructions, so those are
+// what the helpers below keep short (fixed load offsets from per-lane pointers, one F2FP per rounding on sm_90; the
+// k-loop's unrolling is left to the compiler).  Session 8, H100, bf16: wkv6 fwd B=8 T=4096 1.047 -> 0.956 ms, wkv7
+// fwd 1.657 -> 1.377 ms against the previous helpers (benchmarks/results/logs/s8, call B).
 #pragma once
 
 namespace rwkv {
@@ -86,7 +90,6 @@ __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const floa
     const float* pb2 = B2 != nullptr ? B2 + (pb - B) : nullptr;
     const float* pfa = fa != nullptr ? fa + c : nullptr;
     const float* pfb = fb != nullptr ? fb + (TB ? c : g) : nullptr;   // fb[k] (TB) or fb[n]
-#pragma unroll 2
     for (int k = 0; k < K; k += 8) {
         unsigned a[4], alo[4];
 #pragma unroll
