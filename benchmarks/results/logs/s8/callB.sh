@@ -1,7 +1,8 @@
 # Session 8, device call B: the fragment-addressing rewrite of rwkv::tc::mma_strip_scaled (cuda_src/tc.cuh) against
 # the previous tc.cuh, each variant in its own copy of the tree, timed one after another on the same device by
 # time_ops.py (wkv6/wkv7 bf16 cases; only bf16 N=64 instantiations compiled).  Variants (tmp_variants/tc_*.cuh):
-# orig = the previous tc.cuh; u1 / u2 = the rewrite with its k-loop unrolled 1 / 2 times; full = the compiler's choice.
+# orig = the previous tc.cuh; u1 = the rewrite, k-loop not unrolled, cvt.rna; u1rn / u2rn = with cvt.rn, k-loop unrolled
+# 1 / 2 times; fullrn = cvt.rn, unrolling left to the compiler (kept).  tmp_variants/ is not committed: see callB/tc_variants.diff.
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv | tee $OUT/env.txt
 for v in ${VARIANTS:-orig u1 u1rn u2rn fullrn}; do
