@@ -48,6 +48,23 @@ __device__ __forceinline__ float tf32_value(unsigned u) {
     return x;
 }
 
+// ldmatrix.x4 (b16) of four 8 x 4 fp32 blocks in shared memory: lane l gives the address of row l % 8 of block
+// l / 8 (16-byte aligned) and receives element (l / 4, l % 4) of each block: an 8 x 8 b16 matrix row is 4 fp32, so
+// the 32-bit pieces land exactly where an fp32 fragment wants them.  One instruction in place of four LDS at the
+// same shared-memory wavefronts (conflict-free when the rows' 16-byte pieces fall in distinct bank groups, as
+// with a row stride of 4 mod 32 floats).  Host compilers provide rwkv_emu_ldmatrix_x4, which also checks the
+// alignment and that the rows are in shared memory.
+__device__ __forceinline__ void ldsm_x4(unsigned* d, const float* row) {
+#ifdef __CUDA_ARCH__
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(s));
+#else
+    rwkv_emu_ldmatrix_x4(d, row);
+#endif
+}
+
 // acc[0..3] += A(16 x 8) B(8 x 8) for one warp, fragments as above.
 __device__ __forceinline__ void mma_m16n8k8(float* acc, const unsigned* a, const unsigned* b) {
 #ifdef __CUDA_ARCH__
@@ -75,39 +92,48 @@ __device__ __forceinline__ void zero(float* acc) {
 // A 16 x (16 NT) strip with the operands scaled as their fragments load (no scaled copy in shared memory, no
 // extra barrier): op(A) element (m, k) times fa[k] (fa null: 1), and B's element stored at row x, column y
 // (B[x * ldb + y]: TB ? (n, k) : (k, n)) times fb[y] (null: 1) and, when B2 is given, times B2[x * ldb + y].
-// A and B may be in shared or global memory.
+// Operands stored along k (A when !TA, B and B2 when TB) load by ldmatrix: they must be in shared memory with
+// 16-byte aligned rows (pointer and leading dimension multiples of 4 floats); the others may be anywhere.
 template <bool TA, bool TB, bool SPLIT, int NT>
 __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const float* A, int lda, const float* fa,
                                                  const float* B, const float* B2, int ldb, const float* fb,
                                                  int K) {
-    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4, blk = lane / 8, row = lane % 8;
     // Each lane's elements as fixed offsets from pointers that step once per k-step (the offsets fold into the
-    // shared-memory loads' immediates instead of an index computation per element).
+    // shared-memory loads' immediates instead of an index computation per element).  ldmatrix rows: A's blocks in
+    // fragment order (m 0-7, k 0-3), (m 8-15, k 0-3), (m 0-7, k 4-7), (m 8-15, k 4-7); B's (n 0-7, k 0-3),
+    // (n 0-7, k 4-7), (n 8-15, k 0-3), (n 8-15, k 4-7): both n-halves of a 16-column tile in one load.
     const int a_m8 = TA ? 8 : 8 * lda, a_k4 = TA ? 4 * lda : 4, a_k8 = 2 * a_k4;   // A: m + 8, k + 4, k + 8
     const int b_k4 = TB ? 4 : 4 * ldb, b_n8 = TB ? 8 * ldb : 8, b_k8 = 2 * b_k4;   // B: k + 4, n + 8, k + 8
-    const float* pa = TA ? A + c * lda + g : A + g * lda + c;
-    const float* pb = TB ? B + g * ldb + c : B + c * ldb + g;
+    const float* pa = TA ? A + c * lda + g : A + (row + 8 * (blk % 2)) * lda + 4 * (blk / 2);
+    const float* pb = TB ? B + (row + 8 * (blk / 2)) * ldb + 4 * (blk % 2) : B + c * ldb + g;
     const float* pb2 = B2 != nullptr ? B2 + (pb - B) : nullptr;
     const float* pfa = fa != nullptr ? fa + c : nullptr;
     const float* pfb = fb != nullptr ? fb + (TB ? c : g) : nullptr;   // fb[k] (TB) or fb[n]
     for (int k = 0; k < K; k += 8) {
-        unsigned a[4], alo[4];
+        unsigned a[4], alo[4], araw[4];
+        if (!TA) ldsm_x4(araw, pa);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            float x = pa[(r % 2) * a_m8 + (r / 2) * a_k4];
+            float x = TA ? pa[(r % 2) * a_m8 + (r / 2) * a_k4] : tf32_value(araw[r]);
             if (fa != nullptr) x *= pfa[4 * (r / 2)];
             split<SPLIT>(x, a[r], alo[r]);
         }
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n) {
+            unsigned braw[4], b2raw[4];
+            if (TB) {
+                ldsm_x4(braw, pb + 2 * n * b_n8);
+                if (B2 != nullptr) ldsm_x4(b2raw, pb2 + 2 * n * b_n8);
+            }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 unsigned b[2], blo[2];
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     const int o = r * b_k4 + (2 * n + half) * b_n8;
-                    float x = pb[o];
-                    if (B2 != nullptr) x *= pb2[o];
+                    float x = TB ? tf32_value(braw[2 * half + r]) : pb[o];
+                    if (B2 != nullptr) x *= TB ? tf32_value(b2raw[2 * half + r]) : pb2[o];
                     if (fb != nullptr) x *= pfb[TB ? 4 * r : 16 * n + 8 * half];
                     split<SPLIT>(x, b[r], blo[r]);
                 }
@@ -117,6 +143,7 @@ __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const floa
                 }
                 mma_m16n8k8(acc[n] + 4 * half, a, b);
             }
+        }
         pa += a_k8;
         pb += b_k8;
         if (B2 != nullptr) pb2 += b_k8;

@@ -37,8 +37,27 @@ def bf16_values(bits):
 
 # mma.sync.m16n8k8 (tf32 in, fp32 accumulate) for one warp, with the fragment layout of cuda_src/tc.cuh: every
 # lane publishes its fragments, the warp meets (__syncwarp, which the including shim defines per warp), and each
-# lane computes its four accumulator values from the whole matrices.  Needs <cstring> and threadIdx.
+# lane computes its four accumulator values from the whole matrices.  ldmatrix.x4 the same way: every lane publishes
+# its row address and takes its four 32-bit pieces from the rows of the others; a row that is not 16-byte aligned or
+# not inside the block's dynamic shared memory (g_dyn, g_dyn_floats: set by the launcher) stops the process with a
+# message, as the instruction would fault or read garbage on the GPU.  Needs <cstring>, threadIdx and g_dyn.
 MMA_EMU = r"""
+#include <cstdio>
+#include <cstdlib>
+inline const float* g_ldsm[32][32];
+inline long g_dyn_floats = 0;
+inline void rwkv_emu_ldmatrix_x4(unsigned* d, const float* row) {
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    if (reinterpret_cast<unsigned long>(row) % 16 != 0 || row < g_dyn || row + 4 > g_dyn + g_dyn_floats) {
+        std::fprintf(stderr, "ldmatrix emulation: lane %d row address %p not 16-byte aligned or outside shared "
+                     "memory [%p, +%ld floats)\n", l, (const void*)row, (const void*)g_dyn, g_dyn_floats);
+        std::abort();
+    }
+    g_ldsm[w][l] = row;
+    __syncwarp();
+    for (int i = 0; i < 4; ++i) std::memcpy(&d[i], g_ldsm[w][8 * i + l / 4] + l % 4, 4);
+    __syncwarp();
+}
 inline float g_mma[32][32][6];
 inline void rwkv_emu_mma_m16n8k8(float* acc, const unsigned* a, const unsigned* b) {
     const int w = threadIdx.x / 32, l = threadIdx.x % 32;

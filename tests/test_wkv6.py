@@ -672,6 +672,7 @@ extern "C" int wkv6_emu_launch(const char* name, int grid, int block, long smem,
     const long nd = smem / 4, guard = 1024;
     std::vector<float> dyn(nd + guard);
     g_dyn = dyn.data();
+    g_dyn_floats = nd;
     std::fill(dyn.begin() + nd, dyn.end(), 12345.f);
     for (int b = 0; b < grid; ++b) {
         std::fill(dyn.begin(), dyn.begin() + nd, std::nanf(""));

@@ -647,6 +647,7 @@ using std::min;
 template <class F> void emu_run(int grid, int block, size_t dyn, F f) {
     std::vector<float> dynbuf(dyn / 4 + 16, NAN);
     g_dyn = dynbuf.data();
+    g_dyn_floats = (long)(dyn / 4);
     gridDim = {(unsigned)grid, 1, 1}; blockDim = {(unsigned)block, 1, 1};
     g_x.assign(block, 0.f);
     for (int b = 0; b < grid; ++b) {
