@@ -92,9 +92,11 @@ __device__ __forceinline__ void zero(float* acc) {
 // A 16 x (16 NT) strip with the operands scaled as their fragments load (no scaled copy in shared memory, no
 // extra barrier): op(A) element (m, k) times fa[k] (fa null: 1), and B's element stored at row x, column y
 // (B[x * ldb + y]: TB ? (n, k) : (k, n)) times fb[y] (null: 1) and, when B2 is given, times B2[x * ldb + y].
-// Operands stored along k (A when !TA, B and B2 when TB) load by ldmatrix: they must be in shared memory with
-// 16-byte aligned rows (pointer and leading dimension multiples of 4 floats); the others may be anywhere.
-template <bool TA, bool TB, bool SPLIT, int NT>
+// With LDSM, operands stored along k (A when !TA, B and B2 when TB) load by ldmatrix: they must be in shared memory
+// with 16-byte aligned rows (pointer and leading dimension multiples of 4 floats); the others may be anywhere.
+// LDSM = false keeps scalar loads: ldmatrix saves issue slots but has the longer latency, which a latency-bound
+// chain pays (wkv7_tc_chunk: H100, bf16, B=1 T=16384 forward 5% slower with it; wkv6's kernels 2% faster).
+template <bool TA, bool TB, bool SPLIT, int NT, bool LDSM = true>
 __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const float* A, int lda, const float* fa,
                                                  const float* B, const float* B2, int ldb, const float* fb,
                                                  int K) {
@@ -105,24 +107,24 @@ __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const floa
     // (n 0-7, k 4-7), (n 8-15, k 0-3), (n 8-15, k 4-7): both n-halves of a 16-column tile in one load.
     const int a_m8 = TA ? 8 : 8 * lda, a_k4 = TA ? 4 * lda : 4, a_k8 = 2 * a_k4;   // A: m + 8, k + 4, k + 8
     const int b_k4 = TB ? 4 : 4 * ldb, b_n8 = TB ? 8 * ldb : 8, b_k8 = 2 * b_k4;   // B: k + 4, n + 8, k + 8
-    const float* pa = TA ? A + c * lda + g : A + (row + 8 * (blk % 2)) * lda + 4 * (blk / 2);
-    const float* pb = TB ? B + (row + 8 * (blk / 2)) * ldb + 4 * (blk % 2) : B + c * ldb + g;
+    const float* pa = TA ? A + c * lda + g : LDSM ? A + (row + 8 * (blk % 2)) * lda + 4 * (blk / 2) : A + g * lda + c;
+    const float* pb = !TB ? B + c * ldb + g : LDSM ? B + (row + 8 * (blk / 2)) * ldb + 4 * (blk % 2) : B + g * ldb + c;
     const float* pb2 = B2 != nullptr ? B2 + (pb - B) : nullptr;
     const float* pfa = fa != nullptr ? fa + c : nullptr;
     const float* pfb = fb != nullptr ? fb + (TB ? c : g) : nullptr;   // fb[k] (TB) or fb[n]
     for (int k = 0; k < K; k += 8) {
         unsigned a[4], alo[4], araw[4];
-        if (!TA) ldsm_x4(araw, pa);
+        if (!TA && LDSM) ldsm_x4(araw, pa);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            float x = TA ? pa[(r % 2) * a_m8 + (r / 2) * a_k4] : tf32_value(araw[r]);
+            float x = TA || !LDSM ? pa[(r % 2) * a_m8 + (r / 2) * a_k4] : tf32_value(araw[r]);
             if (fa != nullptr) x *= pfa[4 * (r / 2)];
             split<SPLIT>(x, a[r], alo[r]);
         }
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
             unsigned braw[4], b2raw[4];
-            if (TB) {
+            if (TB && LDSM) {
                 ldsm_x4(braw, pb + 2 * n * b_n8);
                 if (B2 != nullptr) ldsm_x4(b2raw, pb2 + 2 * n * b_n8);
             }
@@ -132,8 +134,8 @@ __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const floa
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     const int o = r * b_k4 + (2 * n + half) * b_n8;
-                    float x = TB ? tf32_value(braw[2 * half + r]) : pb[o];
-                    if (B2 != nullptr) x *= TB ? tf32_value(b2raw[2 * half + r]) : pb2[o];
+                    float x = TB && LDSM ? tf32_value(braw[2 * half + r]) : pb[o];
+                    if (B2 != nullptr) x *= TB && LDSM ? tf32_value(b2raw[2 * half + r]) : pb2[o];
                     if (fb != nullptr) x *= pfb[TB ? 4 * r : 16 * n + 8 * half];
                     split<SPLIT>(x, b[r], blo[r]);
                 }
@@ -154,18 +156,18 @@ __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const floa
 
 // A 16 x (16 NT) strip: acc[n] += op(A)[16 x K] op(B)[K x 16n .. 16n+15] for n < NT, each A fragment loaded
 // once per k-step for all NT tiles (B tile n starts at B + 16n, or B + 16n ldb when TB).
-template <bool TA, bool TB, bool SPLIT, int NT>
+template <bool TA, bool TB, bool SPLIT, int NT, bool LDSM = true>
 __device__ __forceinline__ void mma_strip(float (&acc)[NT][8], const float* A, int lda, const float* B, int ldb, int K) {
-    mma_strip_scaled<TA, TB, SPLIT, NT>(acc, A, lda, nullptr, B, nullptr, ldb, nullptr, K);   // the nulls fold away
+    mma_strip_scaled<TA, TB, SPLIT, NT, LDSM>(acc, A, lda, nullptr, B, nullptr, ldb, nullptr, K);   // the nulls fold away
 }
 
 // acc (a 16 x 16 tile, this lane's 8 values) += op(A)[16 x K] op(B)[K x 16], K a multiple of 8: the one-tile
 // strip.  op(A): TA = false: A row-major, element (m, k) at A[m*lda + k]; TA = true: element (m, k) at
 // A[k*lda + m].  op(B): TB = false: B row-major, element (k, n) at B[k*ldb + n]; TB = true: at B[n*ldb + k].
 // A and B point at the tile's first row / column.
-template <bool TA, bool TB, bool SPLIT>
+template <bool TA, bool TB, bool SPLIT, bool LDSM = true>
 __device__ __forceinline__ void mma_tile(float* acc, const float* A, int lda, const float* B, int ldb, int K) {
-    mma_strip<TA, TB, SPLIT, 1>(*reinterpret_cast<float(*)[1][8]>(acc), A, lda, B, ldb, K);
+    mma_strip<TA, TB, SPLIT, 1, LDSM>(*reinterpret_cast<float(*)[1][8]>(acc), A, lda, B, ldb, K);
 }
 
 // Element (row, col) of this lane's r-th accumulator value (r < 8) inside a 16 x 16 tile.

@@ -1132,7 +1132,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
     const float* state_in, float* state_out, const int* state_idx, int pool_size, int* err,
     float* __restrict__ ckpt, float* segbuf, int vec) {
     using C = TcCfg<N, MODE>;
-    using namespace rwkv::tc;
+    using namespace rwkv::tc;   // LDSM = false below: a latency-bound chain (see mma_strip_scaled)
     constexpr int L = C::L, R = C::R, NT = C::NT, RW = C::RW, LDA = C::LDA, LDK = C::LDK, LDU = C::LDU,
                   LDI = C::LDI, CPA = C::CPA, NCH = C::NCH, N8 = N / 8;
     constexpr bool SPLIT = is_f32<T>::value;
@@ -1268,7 +1268,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
             if (!unsafe) {
                 float acc[8];
                 zero(acc);
-                mma_tile<false, true, SPLIT>(acc, m < 2 ? sAg : sRg, LDA, (m & 1) ? sKi : sBi, LDA, N);
+                mma_tile<false, true, SPLIT, false>(acc, m < 2 ? sAg : sRg, LDA, (m & 1) ? sKi : sBi, LDA, N);
 #pragma unroll
                 for (int rr = 0; rr < 8; ++rr) {
                     const int t = acc_row(rr), s = acc_col(rr);
@@ -1299,11 +1299,11 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
             float acc[8];
             zero(acc);
             if (REV) {
-                mma_tile<false, true, SPLIT>(acc, sBg, LDK, sS + base * LDA, LDA, N);
-                if (base < N) mma_tile<true, false, SPLIT>(acc, Qab, LDI, sV + base, LDK, L);
+                mma_tile<false, true, SPLIT, false>(acc, sBg, LDK, sS + base * LDA, LDA, N);
+                if (base < N) mma_tile<true, false, SPLIT, false>(acc, Qab, LDI, sV + base, LDK, L);
             } else {
-                mma_tile<false, true, SPLIT>(acc, sAg, LDA, sS + base * LDA, LDA, N);
-                if (base < N) mma_tile<false, false, SPLIT>(acc, Mak, LDI, sV + base, LDK, L);
+                mma_tile<false, true, SPLIT, false>(acc, sAg, LDA, sS + base * LDA, LDA, N);
+                if (base < N) mma_tile<false, false, SPLIT, false>(acc, Mak, LDI, sV + base, LDK, L);
             }
             store_tile(sU + base, LDU, acc);
         }
@@ -1330,9 +1330,9 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
         if (MODE == 0) {
             const int base = q * RW;
             zero(yacc);
-            mma_tile<false, true, SPLIT>(yacc, sRg, LDA, sS + base * LDA, LDA, N);
-            mma_tile<false, false, SPLIT>(yacc, Qab, LDI, sU + base, LDU, L);
-            mma_tile<false, false, SPLIT>(yacc, Qak, LDI, sV + base, LDK, L);
+            mma_tile<false, true, SPLIT, false>(yacc, sRg, LDA, sS + base * LDA, LDA, N);
+            mma_tile<false, false, SPLIT, false>(yacc, Qab, LDI, sU + base, LDU, L);
+            mma_tile<false, false, SPLIT, false>(yacc, Qak, LDI, sV + base, LDK, L);
         }
         __syncwarp();
         // ---- S' = S diag(gamma) + U^T B_g + V^T K_g (own rows).  MODE 2: X' = X diag(gamma) + Z^T A_g + dY^T R_g
@@ -1350,11 +1350,11 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
                 for (int rr = 0; rr < 8; ++rr) acc[n][rr] *= sGam[16 * n + acc_col(rr)];
             }
             if (REV) {
-                mma_strip<true, false, SPLIT, NTL>(acc, sU + base, LDU, sAg, LDA, L);
-                if (base < N) mma_strip<true, false, SPLIT, NTL>(acc, sV + base, LDK, sRg, LDA, L);
+                mma_strip<true, false, SPLIT, NTL, false>(acc, sU + base, LDU, sAg, LDA, L);
+                if (base < N) mma_strip<true, false, SPLIT, NTL, false>(acc, sV + base, LDK, sRg, LDA, L);
             } else {
-                mma_strip<true, false, SPLIT, NTL>(acc, sU + base, LDU, sBg, LDK, L);
-                if (base < N) mma_strip<true, false, SPLIT, NTL>(acc, sV + base, LDK, sKg, LDK, L);
+                mma_strip<true, false, SPLIT, NTL, false>(acc, sU + base, LDU, sBg, LDK, L);
+                if (base < N) mma_strip<true, false, SPLIT, NTL, false>(acc, sV + base, LDK, sKg, LDK, L);
             }
 #pragma unroll
             for (int n = 0; n < NTL; ++n) store_tile(st + 16 * n, LDA, acc[n]);
