@@ -1,4 +1,4 @@
-// Tensor-core matrix products for the chunked kernels: fp32 matrices in shared (or global) memory, TF32
+// Tensor-core matrix products for the chunked kernels: fp32 matrices in shared memory (see mma_strip_scaled), TF32
 // inputs, fp32 accumulation, through the PTX instruction mma.sync.m16n8k8 (sm_80+; no header needed).
 // A warp computes one 16 x 16 output tile at a time (two m16n8 halves); callers deal tiles to warps.
 //
@@ -13,7 +13,9 @@
 // Cost: the chunked kernels issue far more fragment loads, roundings and scalings than mma instructions, so those are
 // what the helpers below keep short (fixed load offsets from per-lane pointers, one F2FP per rounding on sm_90; the
 // k-loop's unrolling is left to the compiler).  Session 8, H100, bf16: wkv6 fwd B=8 T=4096 1.047 -> 0.956 ms, wkv7
-// fwd 1.657 -> 1.377 ms against the previous helpers (benchmarks/results/logs/s8, call B).
+// fwd 1.657 -> 1.377 ms against the previous helpers (benchmarks/results/logs/s8, call B).  Session 9: ldmatrix for
+// the operands stored along k (one LDSM in place of four LDS): wkv6 fwd B=8 T=4096 0.958 -> 0.942
+// ms, fwd+bwd 4.04 -> 3.96, wkv7 fwd+bwd 5.69 -> 5.62 (benchmarks/results/logs/s9, call A).
 #pragma once
 
 namespace rwkv {
