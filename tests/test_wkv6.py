@@ -240,10 +240,12 @@ def test_backward_algorithm_emulated():
 
 DTYPES = ("float32", "float16", "bfloat16")
 TOL = {"float32": (1e-5, 1e-4), "float16": (3e-3, 6e-3), "bfloat16": (3e-3, 6e-3)}
-# dw in fp32: the kernels get dlog(decay) as W_t - k_t (G_t^T v_t) (no division by the decay, see wkv6.cu); at
-# strongly decayed steps (w near 4, decay ~1e-24) the true value is ~0 and what is left is fp32 rounding of the
-# state times exp(w) <= 55.  Measured on a CPU emulation of the kernels: rel. RMS 2e-5 .. 7e-5 for T <= 300.
-DW_TOL_FP32 = 1.5e-4
+# dw in fp32: the recurrent backward gets dlog(decay) as W_t - k_t (G_t^T v_t) (no division by the decay, see
+# wkv6.cu); at strongly decayed steps (w near 4, decay ~1e-24) the true value is ~0, and the rounding the W recursion
+# carries (times exp(w) <= 55) is removed by clamping to d_t |G_t[:, j]| |S_{t-1}[:, j]|.  Measured on a CPU
+# emulation of the kernels: rel. RMS <= 1.3e-5 (1.2e-4 before the clamp, N = 128, w in [0, 4]); the tensor-core
+# backward ~2e-7.  So dw meets the project's fp32 gradient target like the other gradients.
+DW_TOL_FP32 = 1e-4
 
 
 def _gtol(dtype, name):
@@ -694,6 +696,12 @@ extern "C" int wkv6_emu_launch(const char* name, int grid, int block, long smem,
 """.replace("KERNEL_REGISTRY", cuda_emulation.KERNEL_REGISTRY)
 
 
+# N = 128 (fp32 only): the recurrent forward and the three-pass backward, sequential or chunk-parallel (with the
+# chunk scans), the path of every N = 128 backward.
+_EMU_N128 = ("wkv6_forward", "wkv6_tc_state", "wkv6_chunk_scan", "wkv6_bwd_colfwd", "wkv6_bwd_colrev",
+             "wkv6_bwd_rowrev", "wkv6_reduce_u")
+
+
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
     import ctypes
@@ -710,7 +718,8 @@ def emu_lib(tmp_path_factory):
     dyn = "extern __shared__ __align__(32) float smem[];"
     assert dyn in src
     (d / "wkv6_emu.cu").write_text(src.replace(dyn, "float* smem = g_dyn;"))
-    (d / "emu.cpp").write_text(_MAIN.replace("KERNELS", " ".join(f"RK({k})" for k in W._KERNEL_NAMES)))
+    n128 = " ".join(f'R1({k}, float, "float", 128)' for k in _EMU_N128)
+    (d / "emu.cpp").write_text(_MAIN.replace("KERNELS", " ".join(f"RK({k})" for k in W._KERNEL_NAMES) + n128))
     out = subprocess.run([cxx, "-std=c++20", "-O1", "-w", "-fPIC", "-shared", f"-I{d / 'inc'}", f"-I{CUDA_SRC}",
                           str(d / "emu.cpp"), "-o", str(d / "emu.so"), "-lpthread"], capture_output=True, text=True)
     if out.returncode != 0:
@@ -946,6 +955,34 @@ def test_emulated_chunked_decay_extremes(emu, monkeypatch, dtype, w_range):
     monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
     errs = _emu_case(dtype, 32, T=70, seed=11, w_range=w_range)
     _assert_errs(errs, dtype)
+
+
+# fp32 dw at strong decays (w in [0, 4]: exp(w) up to 55, decays down to 1e-24) on the recurrent backward passes:
+# dense T < CK (one chunk), varlen with chunk ends inside a sequence, the chunk-parallel per-chunk passes (N = 128's
+# path from T = 128 on; L = 16 at N = 64).  Before D_t was clamped in wkv6_bwd_colrev (the carried rounding of the
+# W recursion, times exp(w)): 1.17e-4 .. 1.23e-4 at N = 128 (a GPU property test failed at 1.1e-4), 4.9e-5 at
+# N = 64 with L = 16; after: 0.75e-5 .. 1.2e-5.
+DW_STRONG_TOL_FP32 = 3e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["dense", "varlen", "chunked", "chunked-n64"])
+def test_emulated_strong_decay_dw_fp32(emu, monkeypatch, case):
+    from rwkvops.ops import wkv6 as W
+    wr = (0.0, 4.0)
+    if case == "dense":
+        errs = _emu_case("float32", 128, T=63, B=1, H=1, seed=0, w_range=wr)
+    elif case == "varlen":
+        errs = _emu_case("float32", 128, lens=[63, 0, 150], H=1, seed=5, w_range=wr)
+    else:
+        monkeypatch.setattr(W, "BACKWARD_PATH", "chunked")
+        if case == "chunked":
+            errs = _emu_case("float32", 128, T=130, B=1, H=1, seed=6, w_range=wr)
+        else:
+            monkeypatch.setattr(W, "BWD_CHUNK_L", 16)
+            errs = _emu_case("float32", 64, T=100, B=1, H=1, seed=7, w_range=wr)
+    _assert_errs(errs, "float32")
+    assert errs["dw"] < DW_STRONG_TOL_FP32, errs
 
 
 # L = 64 with N <= 64 runs the tensor-core backward (with the chunked forward's saved states or recomputed ones);

@@ -44,11 +44,12 @@ Files: this module (declaration, NumPy reference forward/backward, GPU launchers
 * backward, sequential (varlen, short T): three passes over the recurrence, none divides by the decay (no clamp;
   decays down to 1e-24):
   (1) forward, thread = key column ``j``: recomputes S, writes dr, the terms X_t[j] = r_t[j] (dy_t . S_{t-1}[:, j])
-      and fp32 checkpoints of S at the end of every CK-token chunk;
+      with bounds of |S_{t-1}[:, j]|, and fp32 checkpoints of S at the end of every CK-token chunk;
   (2) reverse, thread = key column ``j`` of the adjoint G: dk, du partials (per sequence and head, reduced
       deterministically afterwards), dstate, and dw through W_t = <G_t, S_t>_col, re-anchored exactly from the
       checkpoint at every chunk and stepped inside a chunk with W_{t-1} = W_t - Y_t + X_t, Y_t = k_t (G_t^T v_t);
-      (dw at strongly decayed steps carries fp32 rounding of the state: absolute error ~1e-7 |G||S| exp(w));
+      the step's term D_t = W_t - Y_t is clamped to d_t |G_t[:, j]| |S_{t-1}[:, j]| (Cauchy-Schwarz, norm bounds
+      carried by both passes), which removes the carried fp32 rounding at strongly decayed steps;
   (3) reverse, thread = value row ``i`` of G: dv.
   The recurrent forward saves nothing for the backward (it recomputes from the inputs and the initial state);
   the chunked forward with save=True keeps its chunk-start states for the chunk-parallel backward.
@@ -314,6 +315,12 @@ def _backward_path(call) -> str:
     return "sequential"
 
 
+def _bwd_scratch(call):
+    """Per-token scratch of the recurrent backward passes (from the caller's allocator, like the state checkpoints
+    and du partials): pairs (X_t[j], d_t[j] * bound of |S_{t-1}[:, j]|), written by pass 1 for pass 2's dw."""
+    return call.empty((max(call.seqs.total, 1), call.dims["H"], call.dims["N"], 2), "float32")
+
+
 def gpu_backward(call, x, state_in, saved, dy, dstate):
     from .._gpu import error_ptr, ptr
     i32, i64 = np.int32, np.int64
@@ -327,8 +334,6 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
     grads = {n: call.empty(shape, call.dtype) for n in ("r", "k", "v", "w")}
     du = call.empty((H, N), call.dtype)
     dstate_in = call.empty((seqs.num, H, N, N), "float32")
-    # scratch (from the caller's allocator too): X terms; below: state checkpoints, du partials
-    xs = call.empty((max(seqs.total, 1), H, N), "float32")
     head = (ptr(seqs.cu_seqlens), i32(seqs.T), i64(seqs.total), i32(H),
             ptr(x["r"]), ptr(x["k"]), ptr(x["v"]), ptr(x["w"]), ptr(x["u"]), ptr(dy))
     err = error_ptr()
@@ -364,6 +369,7 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
             grads["state"] = dstate_in
             return grads
         ckpt = call.empty((units, H, N, N), "float32")
+        xs = _bwd_scratch(call)
         grid, block, cl = (units * H,), (N,), i32(L)
         _launch("wkv6_bwd_colfwd", call, grid, block,
                 head + (ptr(sbuf), i32(L), ptr(grads["r"]), ptr(xs), ptr(ckpt), err, cl))
@@ -377,6 +383,7 @@ def gpu_backward(call, x, state_in, saved, dy, dstate):
         grads["state"] = dstate_in
         return grads
     ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
+    xs = _bwd_scratch(call)
     du_part = call.empty((max(seqs.num, 1), H, N), "float32")
     grid, block = (seqs.num * H,), (N,)
     if seqs.num > 0:
