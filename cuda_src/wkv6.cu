@@ -1327,8 +1327,8 @@ __global__ void __launch_bounds__(256) wkv6_forward_stream(
 //     X_t[j] = r_t[j] * sum_i dy_t[i] S_{t-1}[i,j],  nS_{t-1}[j] >= |S_{t-1}[:, j]|
 //   ckpt[chunk c] = S at the end of chunk c (tokens [c*CK, min((c+1)*CK, len)))
 // nS: the exact norm at the start and at every chunk end, else nS_t = d_t nS_{t-1} + |k_t[j]| |v_t| (triangle
-// inequality; one scalar per step instead of N more FMAs).
-// Broadcast: dy, v, the step's dy.v and |v|^2 (warp sums).  Own: r_j, k_j, d_j.
+// inequality; one scalar per step instead of N more FMAs).  fp32 I/O only (CLAMP, see pass 2); else xs[t][j] = X_t[j].
+// Broadcast: dy, v, the step's dy.v and (CLAMP) |v|^2 (warp sums).  Own: r_j, k_j, d_j.
 template <typename T, int N>
 __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
     const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
@@ -1338,6 +1338,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
     T* __restrict__ dr, float* __restrict__ xs, float* __restrict__ ckpt, int* err, int CL)
 {
     constexpr int TT = wkv6::Tile<N>::TT, NW = N / 32;
+    constexpr bool CLAMP = rwkv::tc::is_f32<T>::value;
     __shared__ __align__(16) float sdy[2][TT * N];
     __shared__ __align__(16) float sv[2][TT * N];
     __shared__ float sp[2][TT * NW], sq[2][TT * NW];
@@ -1354,7 +1355,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
         const float* p0 = state_in + (long long)s * H * N * N + hb;
 #pragma unroll
         for (int i = 0; i < N; ++i) st[i] = p0[(long long)i * N];
-        nS = wkv6::col_norm<N>(st);
+        if (CLAMP) nS = wkv6::col_norm<N>(st);
     } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) st[i] = 0.f;
@@ -1373,7 +1374,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
             sk[tt * N + j] = rwkv::to_float(k[off]);
             sd[tt * N + j] = wkv6::decay_of(rwkv::to_float(w[off]));
             wkv6::warp_part<N>(e * vj, &sp[p][tt * NW]);
-            wkv6::warp_part<N>(vj * vj, &sq[p][tt * NW]);
+            if (CLAMP) wkv6::warp_part<N>(vj * vj, &sq[p][tt * NW]);
         }
         __syncthreads();
         for (int tt = 0; tt < cnt; ++tt) {
@@ -1398,14 +1399,18 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
             const long long t = t0 + tt;
             const long long off = ((start + t) * H + h) * N + j;
             dr[off] = rwkv::from_float<T>(fmaf(uj * kj, dyv, acc));
-            *reinterpret_cast<float2*>(xs + 2 * off) = make_float2(rj * acc, dj * nS * wkv6::BOUND_SLACK);
-            nS = fmaf(dj, nS, fabsf(kj) * sqrtf(wkv6::part_sum<N>(&sq[p][tt * NW])));
+            if (CLAMP) {
+                *reinterpret_cast<float2*>(xs + 2 * off) = make_float2(rj * acc, dj * nS * wkv6::BOUND_SLACK);
+                nS = fmaf(dj, nS, fabsf(kj) * sqrtf(wkv6::part_sum<N>(&sq[p][tt * NW])));
+            } else {
+                xs[off] = rj * acc;
+            }
             if ((t + 1) % CK == 0 || t + 1 == len) {
                 const long long c = wkv6::bwd_ckpt_slot(cu_seqlens, Tlen, CL, s, start, CK, (int)(t / CK));
                 float* p0 = ckpt + c * H * N * N + hb;
 #pragma unroll
                 for (int i = 0; i < N; ++i) p0[(long long)i * N] = st[i];
-                nS = wkv6::col_norm<N>(st);
+                if (CLAMP) nS = wkv6::col_norm<N>(st);
             }
         }
     }
@@ -1427,8 +1432,10 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
 //   |D_t| <= d_t |G_t[:, j]| |S_{t-1}[:, j]|, with nS from pass 1 and nG >= |G_t[:, j]| (exact at the end and
 //   at every chunk end, else nG_{t-1} = d_t nG_t + |r_t[j]| |dy_t|): the true value is inside, so the clamp
 //   never moves D_t away from it, and where the decay is strong it takes out the carried error, in dw and in W.
-// Broadcast: dy, v, the step's dy.v and |dy|^2 (warp sums).  Own: r_j, k_j, d_j, exp(w_j), X_t[j], the bound
-// factor d_t nS_{t-1}[j].
+//   fp32 I/O only (CLAMP): the bound's per-token norms cost 10-30% of the two passes (H100, bf16, N = 128 / 64,
+//   benchmarks/results/logs/s9 call C), and 16-bit I/O's own rounding (dw bound 6e-3) is far above that error.
+// Broadcast: dy, v, the step's dy.v and (CLAMP) |dy|^2 (warp sums).  Own: r_j, k_j, d_j, exp(w_j), X_t[j], (CLAMP)
+// the bound factor d_t nS_{t-1}[j].
 template <typename T, int N>
 __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
     const int* __restrict__ cu_seqlens, int Tlen, long long total, int H,
@@ -1439,10 +1446,11 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
     int CL)
 {
     constexpr int TT = wkv6::Tile<N>::TT, NW = N / 32;
+    constexpr bool CLAMP = rwkv::tc::is_f32<T>::value;
     __shared__ __align__(16) float sdy[2][TT * N];
     __shared__ __align__(16) float sv[2][TT * N];
     __shared__ float sp[2][TT * NW], sq[2][TT * NW];
-    __shared__ float sr[TT * N], sk[TT * N], sd[TT * N], se[TT * N], sx[TT * N], sb[TT * N];
+    __shared__ float sr[TT * N], sk[TT * N], sd[TT * N], se[TT * N], sx[TT * N], sb[CLAMP ? TT * N : 1];
 
     const int s = blockIdx.x / H, h = blockIdx.x % H, j = threadIdx.x;
     long long start, end;
@@ -1455,7 +1463,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
         const float* p0 = dstate + (long long)s * H * N * N + hb;
 #pragma unroll
         for (int i = 0; i < N; ++i) g[i] = p0[(long long)i * N];
-        nG = wkv6::col_norm<N>(g);
+        if (CLAMP) nG = wkv6::col_norm<N>(g);
     } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) g[i] = 0.f;
@@ -1476,14 +1484,18 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
             sdy[p][tt * N + j] = e;
             sv[p][tt * N + j] = vj;
             wkv6::warp_part<N>(e * vj, &sp[p][tt * NW]);
-            wkv6::warp_part<N>(e * e, &sq[p][tt * NW]);
+            if (CLAMP) wkv6::warp_part<N>(e * e, &sq[p][tt * NW]);
             sr[tt * N + j] = rwkv::to_float(r[off]);
             sk[tt * N + j] = rwkv::to_float(k[off]);
             sd[tt * N + j] = expf(-ew);
             se[tt * N + j] = ew;
-            const float2 xb = *reinterpret_cast<const float2*>(xs + 2 * off);
-            sx[tt * N + j] = xb.x;
-            sb[tt * N + j] = xb.y;
+            if (CLAMP) {
+                const float2 xb = *reinterpret_cast<const float2*>(xs + 2 * off);
+                sx[tt * N + j] = xb.x;
+                sb[tt * N + j] = xb.y;
+            } else {
+                sx[tt * N + j] = xs[off];
+            }
         }
         __syncthreads();
         for (int tt = cnt - 1; tt >= 0; --tt) {
@@ -1498,7 +1510,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
                     a1 = fmaf(g[i + 1], p0[(long long)(i + 1) * N], a1);
                 }
                 W = a0 + a1;
-                nG = wkv6::col_norm<N>(g);
+                if (CLAMP) nG = wkv6::col_norm<N>(g);
             }
             const float kj = sk[tt * N + j], dj = sd[tt * N + j], rj = sr[tt * N + j];
             const float* pdy = &sdy[p][tt * N];
@@ -1522,11 +1534,13 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
             dk[off] = rwkv::from_float<T>(fmaf(rj * uj, dyv, gv));
             du = fmaf(rj * kj, dyv, du);
             float D = W - kj * gv;
-            const float bound = nG * sb[tt * N + j];
-            if (fabsf(D) > bound) D = copysignf(bound, D);   // NaN bound or D: no clamp
+            if (CLAMP) {
+                const float bound = nG * sb[tt * N + j];
+                if (fabsf(D) > bound) D = copysignf(bound, D);   // NaN bound or D: no clamp
+            }
             dw[off] = rwkv::from_float<T>(-D * se[tt * N + j]);
             W = D + sx[tt * N + j];
-            nG = fmaf(dj, nG, fabsf(rj) * sqrtf(wkv6::part_sum<N>(&sq[p][tt * NW])));
+            if (CLAMP) nG = fmaf(dj, nG, fabsf(rj) * sqrtf(wkv6::part_sum<N>(&sq[p][tt * NW])));
         }
     }
     if (dstate_in != nullptr) {   // null in chunk-parallel mode (the reverse chunk scan yields dstate)

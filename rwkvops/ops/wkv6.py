@@ -48,8 +48,9 @@ Files: this module (declaration, NumPy reference forward/backward, GPU launchers
   (2) reverse, thread = key column ``j`` of the adjoint G: dk, du partials (per sequence and head, reduced
       deterministically afterwards), dstate, and dw through W_t = <G_t, S_t>_col, re-anchored exactly from the
       checkpoint at every chunk and stepped inside a chunk with W_{t-1} = W_t - Y_t + X_t, Y_t = k_t (G_t^T v_t);
-      the step's term D_t = W_t - Y_t is clamped to d_t |G_t[:, j]| |S_{t-1}[:, j]| (Cauchy-Schwarz, norm bounds
-      carried by both passes), which removes the carried fp32 rounding at strongly decayed steps;
+      for fp32 I/O the step's term D_t = W_t - Y_t is clamped to d_t |G_t[:, j]| |S_{t-1}[:, j]| (Cauchy-Schwarz,
+      norm bounds carried by both passes), which removes the carried fp32 rounding at strongly decayed steps (16-bit
+      I/O skips it: its own rounding is far above that error, and the bounds cost 10-30% of the passes);
   (3) reverse, thread = value row ``i`` of G: dv.
   The recurrent forward saves nothing for the backward (it recomputes from the inputs and the initial state);
   the chunked forward with save=True keeps its chunk-start states for the chunk-parallel backward.
@@ -317,8 +318,10 @@ def _backward_path(call) -> str:
 
 def _bwd_scratch(call):
     """Per-token scratch of the recurrent backward passes (from the caller's allocator, like the state checkpoints
-    and du partials): pairs (X_t[j], d_t[j] * bound of |S_{t-1}[:, j]|), written by pass 1 for pass 2's dw."""
-    return call.empty((max(call.seqs.total, 1), call.dims["H"], call.dims["N"], 2), "float32")
+    and du partials), written by pass 1 for pass 2's dw: X_t[j], and for fp32 I/O (the kernels' CLAMP) pairs
+    (X_t[j], d_t[j] * bound of |S_{t-1}[:, j]|)."""
+    pair = (2,) if call.dtype == "float32" else ()
+    return call.empty((max(call.seqs.total, 1), call.dims["H"], call.dims["N"], *pair), "float32")
 
 
 def gpu_backward(call, x, state_in, saved, dy, dstate):
