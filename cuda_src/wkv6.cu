@@ -1362,6 +1362,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
     }
     const float uj = rwkv::to_float(u[h * N + j]);
     const long long len = end - start;
+    int to_ckpt = CK;   // steps to the chunk's end: a 64-bit (t + 1) % CK per step cost a division sequence
     int p = 0;
     for (long long t0 = 0; t0 < len; t0 += TT, p ^= 1) {
         const int cnt = (int)min((long long)TT, len - t0);
@@ -1405,7 +1406,8 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
             } else {
                 xs[off] = rj * acc;
             }
-            if ((t + 1) % CK == 0 || t + 1 == len) {
+            if (--to_ckpt == 0 || t + 1 == len) {
+                to_ckpt = CK;
                 const long long c = wkv6::bwd_ckpt_slot(cu_seqlens, Tlen, CL, s, start, CK, (int)(t / CK));
                 float* p0 = ckpt + c * H * N * N + hb;
 #pragma unroll
@@ -1471,6 +1473,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
     const float uj = rwkv::to_float(u[h * N + j]);
     const long long len = end - start;
     float du = 0.f, W = 0.f;
+    int ck_phase = (int)(len % CK);   // (t + 1) % CK, stepped down with t (one 64-bit remainder, not one per step)
     int p = 0;
     const long long ntiles = (len + TT - 1) / TT;
     for (long long tile = ntiles - 1; tile >= 0; --tile, p ^= 1) {
@@ -1500,7 +1503,9 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
         __syncthreads();
         for (int tt = cnt - 1; tt >= 0; --tt) {
             const long long t = t0 + tt;
-            if ((t + 1) % CK == 0 || t + 1 == len) {   // last step of a chunk: W_t from the checkpoint S_t
+            const bool chunk_end = ck_phase == 0 || t + 1 == len;
+            ck_phase = (ck_phase == 0 ? CK : ck_phase) - 1;
+            if (chunk_end) {   // last step of a chunk: W_t from the checkpoint S_t
                 const long long c = wkv6::bwd_ckpt_slot(cu_seqlens, Tlen, CL, s, start, CK, (int)(t / CK));
                 const float* p0 = ckpt + c * H * N * N + hb;
                 float a0 = 0.f, a1 = 0.f;
