@@ -1,5 +1,5 @@
 # Session 9, device call D (little device time left): the clamp of wkv6's recurrent backward limited to fp32 I/O
-# (commit in README): time_rec.py on this tree (fp32 strong-decay dw error; bf16 fwd+bwd times, to set beside call
+# and chunk ends by a counter (600694c): time_rec.py on this tree (fp32 strong-decay dw error; bf16 fwd+bwd times, to set beside call
 # C's old/new on another H100 of the same kind), and the wkv6 GPU tests outside the chunked/fla ones, sharded.
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks
 python3 -c "import torch, cupy; print(torch.__version__, cupy.__version__, torch.cuda.get_device_name(0))" | tee $OUT/env.txt
