@@ -1,6 +1,6 @@
 # Session 9, device call A: (1) ldmatrix fragment loads in rwkv::tc::mma_strip_scaled (cuda_src/tc.cuh) against the
 # session-8 helpers ("orig" = tc.cuh of e37e5ab), each in its own copy of the tree, timed one after another on the
-# same device by time_ops.py (accuracy CHECK lines first; per-kernel device times of the kept variant); (2) the
+# same device by time_ops.py, now benchmarks/ab_time.py (accuracy CHECK lines first; per-kernel device times of the kept variant); (2) the
 # chunked-path GPU tests of wkv6/wkv7 and their GPU hypothesis properties in parallel shards, memcheck and racecheck
 # of wkv6/wkv7 (sanitize.py --quick) beside them.  Logs under $OUT.
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks:/tmp/site
@@ -11,7 +11,7 @@ for v in orig new; do
   d=/tmp/t_$v; rm -rf $d; mkdir -p $d
   cp -r rwkvops cuda_src benchmarks $d/
   [ $v = orig ] && cp tmp_variants/orig/tc.cuh $d/cuda_src/tc.cuh
-  (cd $d && PYTHONPATH=.:benchmarks timeout ${AB_S:-130} python3 benchmarks/results/logs/s9/time_ops.py $v $([ $v = new ] && echo --profile)) > $OUT/time_$v.log 2>&1
+  (cd $d && PYTHONPATH=.:benchmarks timeout ${AB_S:-130} python3 benchmarks/ab_time.py $v $([ $v = new ] && echo --profile)) > $OUT/time_$v.log 2>&1
   echo "[$v] rc=$? ${SECONDS}s"
   grep "^CHECK" $OUT/time_$v.log
   grep "^TIME" $OUT/time_$v.log | python3 -c "

@@ -1,7 +1,14 @@
-"""Session 9: device and call time of rwkvops' chunked wkv6/wkv7 cases (bf16, H=32, N=64) in this tree, one JSON line
-per case, plus (--profile) each case's device time per kernel (torch.profiler, CUPTI): python time_ops.py LABEL
-[--profile].  Run once per variant tree (same device, one after another) to compare them.  As session 8's script, but
-the N-less kernels (wkv7_tc_scan<64>) are compiled too, so every case runs."""
+"""A/B timing of the chunked wkv6/wkv7 paths across variant trees: device and call time of the training-size cases
+(bf16, H=32, N=64), one JSON line per case (``TIME``), after an accuracy check of the chunked forward and backward at
+B=2 T=300 against the float64 reference (``CHECK``), and with ``--profile`` each case's device time per kernel
+(torch.profiler, ``KERNELS``).
+
+    cd VARIANT_TREE && PYTHONPATH=.:benchmarks python benchmarks/ab_time.py LABEL [--profile]
+
+Run once per copy of the tree (each with its variant of cuda_src/), one after another on the same device, and compare
+the lines: only the bf16 / fp32 N=64 instantiations are compiled, minutes saved per variant.  (Sessions 8 and 9 ran it
+from benchmarks/results/logs/s8|s9/time_ops.py; session 8's copy also dropped the N-less wkv7_tc_scan<64>, so its
+wkv7 B=1 and fwd+bwd cases did not run.)"""
 import json
 import sys
 
