@@ -4,8 +4,9 @@
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks
 python3 -c "import torch, cupy; print(torch.__version__, cupy.__version__, torch.cuda.get_device_name(0))" | tee $OUT/env.txt
 for v in new old; do
-  d=/tmp/t_$v; rm -rf $d; mkdir -p $d; cp -r rwkvops cuda_src benchmarks $d/
-  [ $v = old ] && cp tmp_variants/head/wkv6.cu $d/cuda_src/ && cp tmp_variants/head/wkv6.py $d/rwkvops/ops/
+  if [ $v = old ]; then d=$(bash benchmarks/variant_tree.sh old tmp_variants/head/wkv6.cu:cuda_src/wkv6.cu \
+                              tmp_variants/head/wkv6.py:rwkvops/ops/wkv6.py)
+  else d=$(bash benchmarks/variant_tree.sh new); fi
   (cd $d && PYTHONPATH=.:benchmarks timeout ${AB_S:-60} python3 benchmarks/results/logs/s9/time_rec.py $v) > $OUT/rec_$v.log 2>&1
   echo "[$v] rc=$? ${SECONDS}s"; grep "^CHECK\|^TIME\|Error" $OUT/rec_$v.log | cut -c1-300
 done
