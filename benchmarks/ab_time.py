@@ -67,17 +67,7 @@ for op_name, mode, B, T in cases:
                ms_device=harness.device_time(fn, reps=20))
     print("TIME " + json.dumps(rec), flush=True)
     if profile:
-        from torch.profiler import ProfilerActivity, profile as tprofile
-        reps = 5
-        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                fn()
-            torch.cuda.synchronize()
-        per = {}
-        for e in prof.events():
-            if e.device_type.name == "CUDA":
-                per[e.name[:60]] = per.get(e.name[:60], 0.0) + e.time_range.elapsed_us() / 1000.0 / reps
-        top = sorted(per.items(), key=lambda kv: -kv[1])[:10]
+        top = sorted(harness.kernel_times(fn, calls=5).items(), key=lambda kv: -kv[1])[:10]
         print("KERNELS " + json.dumps(dict(label=label, op=op_name, mode=mode, B=B, T=T,
                                            ms_per_call={k: round(v, 4) for k, v in top})), flush=True)
     del x

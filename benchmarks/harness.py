@@ -152,6 +152,29 @@ def host_time(fn, reps=200):
     return float(np.median(ts))
 
 
+def kernel_times(fn, calls=3, match=None):
+    """{kernel name (up to its template arguments): GPU ms per call} of ``fn`` over ``calls`` calls (torch profiler,
+    after one warm-up call); ``match``: only kernels whose name contains it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if match is not None and match not in e.key:
+            continue
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = e.self_cuda_time_total
+        name = e.key.split("(")[0].replace("void ", "").replace("__nv_bfloat16", "bf16")
+        out[name] = out.get(name, 0.0) + t / 1e3 / calls
+    return out
+
+
 def peak_mem_mb(fn):
     """Peak CUDA memory (MB, torch's allocator) that one call of ``fn`` adds over what was allocated before."""
     import torch

@@ -248,28 +248,6 @@ def bwd_sweep(emit, opt):
     W.BACKWARD_PATH = "auto"
 
 
-def kernel_times(fn, calls=3):
-    """{kernel name (up to its template arguments): GPU ms per call} of ``fn`` over ``calls`` calls (torch profiler)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        if "wkv7" not in e.key:
-            continue
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = e.self_cuda_time_total
-        name = e.key.split("(")[0].replace("void ", "").replace("__nv_bfloat16", "bf16")
-        out[name] = out.get(name, 0.0) + t / 1e3 / calls
-    return out
-
-
 def wy_sweep(emit, opt):
     """wkv7_tc_wy (TC_WY = True) against wkv7_tc_chunk at the issue's shapes: CUDA-event times and per-kernel GPU
     times of the forward and fwd+bwd, the segment count of the B = 1 passes, gradients of the two against each other
@@ -285,7 +263,7 @@ def wy_sweep(emit, opt):
         for wy in (False, True):
             W.TC_WY = wy
             emit(kind=mode, B=B, T=T, wy=wy, ms=harness.cuda_time(fn, reps=7))
-            for name, ms in sorted(kernel_times(fn).items(), key=lambda kv: -kv[1]):
+            for name, ms in sorted(harness.kernel_times(fn, match="wkv7").items(), key=lambda kv: -kv[1]):
                 emit(kind="kernel", case=f"{mode}-B{B}-T{T}", wy=wy, name=name, ms=ms)
         W.TC_WY = True
         if B == 1:   # time segments of the B = 1 passes (forward: TC_NSEG; adjoint: TC_BWD_NSEG)

@@ -1341,7 +1341,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colfwd(
     constexpr bool CLAMP = rwkv::tc::is_f32<T>::value;
     __shared__ __align__(16) float sdy[2][TT * N];
     __shared__ __align__(16) float sv[2][TT * N];
-    __shared__ float sp[2][TT * NW], sq[2][TT * NW];
+    __shared__ float sp[2][TT * NW], sq[2][CLAMP ? TT * NW : 1];
     __shared__ float sr[TT * N], sk[TT * N], sd[TT * N];
 
     const int s = blockIdx.x / H, h = blockIdx.x % H, j = threadIdx.x;
@@ -1451,7 +1451,7 @@ __global__ void __launch_bounds__(N, 1) wkv6_bwd_colrev(
     constexpr bool CLAMP = rwkv::tc::is_f32<T>::value;
     __shared__ __align__(16) float sdy[2][TT * N];
     __shared__ __align__(16) float sv[2][TT * N];
-    __shared__ float sp[2][TT * NW], sq[2][TT * NW];
+    __shared__ float sp[2][TT * NW], sq[2][CLAMP ? TT * NW : 1];
     __shared__ float sr[TT * N], sk[TT * N], sd[TT * N], se[TT * N], sx[TT * N], sb[CLAMP ? TT * N : 1];
 
     const int s = blockIdx.x / H, h = blockIdx.x % H, j = threadIdx.x;
