@@ -3,7 +3,7 @@
 B=2 T=300 against the float64 reference (``CHECK``), and with ``--profile`` each case's device time per kernel
 (torch.profiler, ``KERNELS``).
 
-    cd VARIANT_TREE && PYTHONPATH=.:benchmarks python benchmarks/ab_time.py LABEL [--profile]
+    cd VARIANT_TREE && PYTHONPATH=.:benchmarks python benchmarks/ab_time.py LABEL [--profile] [--ops=wkv7]
 
 Run once per copy of the tree (each with its variant of cuda_src/), one after another on the same device, and compare
 the lines: only the bf16 / fp32 N=64 instantiations are compiled, minutes saved per variant.  (Sessions 8 and 9 ran it
@@ -25,9 +25,10 @@ for m in (wkv6, wkv7):   # only what the bf16 / fp32 N = 64 cases use: minutes o
     m.NAME_EXPRESSIONS = tuple(e for e in m.NAME_EXPRESSIONS
                                if "__nv_bfloat16, 64" in e or "float, 64" in e or e.endswith("<64>"))
 label, profile = sys.argv[1], "--profile" in sys.argv
+ops = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--ops=")), ["wkv6", "wkv7"])
 
 # correctness first: chunked forward and backward (T = 300) against the float64 reference on the same rounded inputs
-for mod in (wkv6, wkv7):
+for mod in (m for m in (wkv6, wkv7) if m.OP.name in ops):
     for dt in (torch.float32, torch.bfloat16):
         x = harness.random_inputs(mod.OP.name, dict(B=2, T=300, H=2, N=64, C=128), device="cuda", seed=1, dtype=dt)
         s0 = torch.randn(2, 2, 64, 64, device="cuda") * 0.1
@@ -46,7 +47,7 @@ for mod in (wkv6, wkv7):
 
 cases = [("wkv6", "fwd", 8, 4096), ("wkv6", "fwd", 1, 16384), ("wkv6", "fwdbwd", 8, 4096),
          ("wkv7", "fwd", 8, 4096), ("wkv7", "fwd", 1, 16384), ("wkv7", "fwdbwd", 8, 4096)]
-for op_name, mode, B, T in cases:
+for op_name, mode, B, T in (c for c in cases if c[0] in ops):
     x = harness.random_inputs(op_name, dict(B=B, T=T, H=32, N=64, C=2048), device="cuda", seed=0,
                               dtype=torch.bfloat16)
     f = rwkvops.get_op(op_name)

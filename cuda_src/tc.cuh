@@ -91,6 +91,79 @@ __device__ __forceinline__ void zero(float* acc) {
     for (int r = 0; r < 8; ++r) acc[r] = 0.f;
 }
 
+// acc[0..3] += A B, three products for SPLIT (lo*hi + hi*lo, then hi*hi).
+template <bool SPLIT>
+__device__ __forceinline__ void mma_split(float* acc, const unsigned* a, const unsigned* alo, const unsigned* b,
+                                          const unsigned* blo) {
+    if (SPLIT) {
+        mma_m16n8k8(acc, alo, b);
+        mma_m16n8k8(acc, a, blo);
+    }
+    mma_m16n8k8(acc, a, b);
+}
+
+// ---- Pair loads.  A sum over k does not care about the order of k, so the helpers below permute k inside each
+// 8-block: fragment k = c + 4r is column 2c + r.  A lane's two k of a row are then adjacent: one 8-byte load where
+// the fragment layout needs two 4-byte ones, for operands stored along k; and a warp's accumulator tiles (C above:
+// lane holds columns 2c, 2c + 1) are B fragments of the transposed product as they stand, so a state kept in
+// registers as accumulators needs no trip through shared memory.  Row strides of 8 mod 32 floats: conflict-free.
+
+// A fragment of the 16 x 8 block of A (row-major along k) at p = A + g * lda + 2c + k0 (m8 = 8 * lda).
+template <bool SPLIT>
+__device__ __forceinline__ void a_pairs(unsigned (&a)[4], unsigned (&alo)[4], const float* p, int m8) {
+    const float2 x0 = *reinterpret_cast<const float2*>(p);
+    const float2 x1 = *reinterpret_cast<const float2*>(p + m8);
+    split<SPLIT>(x0.x, a[0], alo[0]);
+    split<SPLIT>(x1.x, a[1], alo[1]);
+    split<SPLIT>(x0.y, a[2], alo[2]);
+    split<SPLIT>(x1.y, a[3], alo[3]);
+}
+
+// acc[n] += A[16 x K] B_n^T for n < NT: A (m, k) at A[m * lda + k], B_n (nn, k) at B[(16 n + nn) * ldb + k] (both
+// stored along k, pair loads).  K a multiple of 8; A, B 8-byte aligned, lda and ldb even.
+template <bool SPLIT, int NT>
+__device__ __forceinline__ void mma_strip_pairs(float (&acc)[NT][8], const float* A, int lda, const float* B,
+                                                int ldb, int K) {
+    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    const float* pa = A + g * lda + 2 * c;
+    const float* pb = B + g * ldb + 2 * c;
+    for (int k = 0; k < K; k += 8) {
+        unsigned a[4], alo[4];
+        a_pairs<SPLIT>(a, alo, pa + k, 8 * lda);
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const float2 x = *reinterpret_cast<const float2*>(pb + (16 * n + 8 * half) * ldb + k);
+                unsigned b[2], blo[2];
+                split<SPLIT>(x.x, b[0], blo[0]);
+                split<SPLIT>(x.y, b[1], blo[1]);
+                mma_split<SPLIT>(acc[n] + 4 * half, a, alo, b, blo);
+            }
+    }
+}
+
+// acc (16 x 16) += A[16 x 16 KT] S^T, S a warp's 16 x 16 KT accumulator strip s[KT][8] (S (n, k) = element (n, k)
+// of the strip): B (k, n) = S (n, k) comes from the registers (b[r] of k-block kb, n-half h = s[kb/2][4 (kb%2) +
+// 2h + r]).  A (m, k) at A[m * lda + k] (pair loads).
+template <bool SPLIT, int KT>
+__device__ __forceinline__ void mma_tile_acc_t(float* acc, const float* A, int lda, const float (&s)[KT][8]) {
+    const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+    const float* pa = A + g * lda + 2 * c;
+#pragma unroll
+    for (int kb = 0; kb < 2 * KT; ++kb) {
+        unsigned a[4], alo[4];
+        a_pairs<SPLIT>(a, alo, pa + 8 * kb, 8 * lda);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            unsigned b[2], blo[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) split<SPLIT>(s[kb / 2][4 * (kb % 2) + 2 * half + r], b[r], blo[r]);
+            mma_split<SPLIT>(acc + 4 * half, a, alo, b, blo);
+        }
+    }
+}
+
 // A 16 x (16 NT) strip with the operands scaled as their fragments load (no scaled copy in shared memory, no
 // extra barrier): op(A) element (m, k) times fa[k] (fa null: 1), and B's element stored at row x, column y
 // (B[x * ldb + y]: TB ? (n, k) : (k, n)) times fb[y] (null: 1) and, when B2 is given, times B2[x * ldb + y].
@@ -141,11 +214,7 @@ __device__ __forceinline__ void mma_strip_scaled(float (&acc)[NT][8], const floa
                     if (fb != nullptr) x *= pfb[TB ? 4 * r : 16 * n + 8 * half];
                     split<SPLIT>(x, b[r], blo[r]);
                 }
-                if (SPLIT) {
-                    mma_m16n8k8(acc[n] + 4 * half, alo, b);
-                    mma_m16n8k8(acc[n] + 4 * half, a, blo);
-                }
-                mma_m16n8k8(acc[n] + 4 * half, a, b);
+                mma_split<SPLIT>(acc[n] + 4 * half, a, alo, b, blo);
             }
         }
         pa += a_k8;

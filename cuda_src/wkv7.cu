@@ -165,6 +165,18 @@ template <typename T> struct Chunk8 {
             f[2 * j + 1] = bits_to_float((unsigned short)(wd[j] >> 16), (const T*)nullptr);
         }
     }
+    // 8 consecutive output elements from fp32 (one 16-byte store when vec)
+    static __device__ __forceinline__ void store(T* p, const float (&f)[8], bool vec) {
+        if (vec) {
+            T x[8];
+#pragma unroll
+            for (int m = 0; m < 8; ++m) x[m] = rwkv::from_float<T>(f[m]);
+            *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(x);
+        } else {
+#pragma unroll
+            for (int m = 0; m < 8; ++m) p[m] = rwkv::from_float<T>(f[m]);
+        }
+    }
 };
 template <> struct Chunk8<float> {
     float4 lo, hi;
@@ -173,6 +185,15 @@ template <> struct Chunk8<float> {
             lo = *reinterpret_cast<const float4*>(p); hi = *reinterpret_cast<const float4*>(p + 4);
         } else {
             lo = make_float4(p[0], p[1], p[2], p[3]); hi = make_float4(p[4], p[5], p[6], p[7]);
+        }
+    }
+    static __device__ __forceinline__ void store(float* p, const float (&f)[8], bool vec) {
+        if (vec) {
+            *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
+            *reinterpret_cast<float4*>(p + 4) = make_float4(f[4], f[5], f[6], f[7]);
+        } else {
+#pragma unroll
+            for (int m = 0; m < 8; ++m) p[m] = f[m];
         }
     }
     __device__ __forceinline__ void get(float (&f)[8]) const {
@@ -1108,15 +1129,17 @@ template <int N, int MODE> struct TcCfg {
     static constexpr int NW = R / 16 < 4 ? R / 16 : 4;  // warps
     static constexpr int NT = 32 * NW;                  // block size (= wkv7.py _tc_threads)
     static constexpr int RW = R / NW;                   // state rows (and U columns) per warp
-    static constexpr int LDA = N + 4;   // arrays read as mma A (row-major) or transposed B: conflict-free
-    static constexpr int LDK = N + 8;   // arrays read with the token as the k index: conflict-free
+    // token arrays [L][N + 8]: rows 8 mod 32 floats apart, conflict-free for pair loads along the channel (the
+    // products over channels, rwkv::tc::*_pairs) and for fragment loads with the token as the k index
+    static constexpr int LDA = N + 8;
     static constexpr int LDU = R + 8;
     static constexpr int LDI = 20;      // the 16 x 16 intra-chunk matrices
-    static constexpr int A_ = L * LDA, K_ = L * LDK;
-    // floats: Rg Ag Bi Ki LW Braw Kraw [L][LDA]; V Bg Kg [L][LDK]; S [R][LDA]; U [L][LDU]; I [4][L][LDI]; gam [N]
+    static constexpr int A_ = L * LDA;
+    // floats: Rg Ag Bi Ki LW Braw Kraw V Bg Kg [L][LDA]; U [L][LDU]; I [4][L][LDI]; gam [N].  The state is in
+    // registers (each warp's rows as mma accumulators), not here.
     static constexpr int O_RG = 0, O_AG = A_, O_BI = 2 * A_, O_KI = 3 * A_, O_LW = 4 * A_, O_B = 5 * A_,
-                         O_K = 6 * A_, O_V = 7 * A_, O_BG = O_V + K_, O_KG = O_BG + K_, O_S = O_KG + K_,
-                         O_U = O_S + R * LDA, O_I = O_U + L * LDU, O_GAM = O_I + 4 * L * LDI;
+                         O_K = 6 * A_, O_V = 7 * A_, O_BG = 8 * A_, O_KG = 9 * A_, O_U = 10 * A_,
+                         O_I = O_U + L * LDU, O_GAM = O_I + 4 * L * LDI;
     static constexpr int SMEM_FLOATS = O_GAM + N;       // = wkv7.py _tc_smem
     static constexpr int NCH = L * N / 8;               // 8-element input chunks per array per chunk
     static constexpr int CPA = (NCH + NT - 1) / NT;
@@ -1133,14 +1156,14 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
     float* __restrict__ ckpt, float* segbuf, int vec) {
     using C = TcCfg<N, MODE>;
     using namespace rwkv::tc;   // LDSM = false below: a latency-bound chain (see mma_strip_scaled)
-    constexpr int L = C::L, R = C::R, NT = C::NT, RW = C::RW, LDA = C::LDA, LDK = C::LDK, LDU = C::LDU,
-                  LDI = C::LDI, CPA = C::CPA, NCH = C::NCH, N8 = N / 8;
+    constexpr int L = C::L, R = C::R, NT = C::NT, RW = C::RW, LDA = C::LDA, LDU = C::LDU,
+                  LDI = C::LDI, CPA = C::CPA, NCH = C::NCH, N8 = N / 8, NTL = N / 16, RT = RW / 16;
     constexpr bool SPLIT = is_f32<T>::value;
     extern __shared__ __align__(16) float smem[];
     float* sRg = smem + C::O_RG;  float* sAg = smem + C::O_AG;  float* sBi = smem + C::O_BI;
     float* sKi = smem + C::O_KI;  float* sLW = smem + C::O_LW;  float* sB = smem + C::O_B;
     float* sK = smem + C::O_K;    float* sV = smem + C::O_V;    float* sBg = smem + C::O_BG;
-    float* sKg = smem + C::O_KG;  float* sS = smem + C::O_S;    float* sU = smem + C::O_U;
+    float* sKg = smem + C::O_KG;  float* sU = smem + C::O_U;
     float* sI = smem + C::O_I;    float* sGam = smem + C::O_GAM;
 
     constexpr bool REV = MODE >= 2;     // the reverse-time adjoint passes
@@ -1165,17 +1188,44 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
             src = seg_state;
         }
     }
-    for (int e = lane; e < RW * N; e += 32) {
-        const int i = q * RW + e / N, j = e % N;
-        float x = 0.f;
-        if (TRANS) x = (i - N == j) ? 1.f : 0.f;
-        else if (src != nullptr) x = src[(long long)i * N + j];
-        sS[i * LDA + j] = x;
-    }
+    // The warp's state rows q*RW + 16 rt + (0..15) as RT strips of NTL accumulator tiles (columns j): element
+    // (acc_row(e), 16 n + acc_col(e)) of strip rt in S[rt][n][e].  Kept in registers for the whole segment: the
+    // products with S^T take them as B fragments (mma_tile_acc_t), the update accumulates onto them.
+    float S[RT][NTL][8];
+    // this lane's pairs of S (e even: columns acc_col(e), acc_col(e) + 1) from or to global memory (row-major N x N)
+    auto pair_at = [&](int rt, int n, int e, int& i, int& j) {
+        i = q * RW + 16 * rt + acc_row(e);
+        j = 16 * n + acc_col(e);
+    };
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int n = 0; n < NTL; ++n)
+#pragma unroll
+            for (int e = 0; e < 8; e += 2) {
+                int i, j;
+                pair_at(rt, n, e, i, j);
+                float2 x = make_float2(0.f, 0.f);
+                if (TRANS) x = make_float2(i - N == j ? 1.f : 0.f, i - N == j + 1 ? 1.f : 0.f);
+                else if (src != nullptr) x = *reinterpret_cast<const float2*>(src + (long long)i * N + j);
+                S[rt][n][e] = x.x;
+                S[rt][n][e + 1] = x.y;
+            }
+    auto store_state = [&](float* dst) {
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int n = 0; n < NTL; ++n)
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) {
+                    int i, j;
+                    pair_at(rt, n, e, i, j);
+                    *reinterpret_cast<float2*>(dst + (long long)i * N + j) = make_float2(S[rt][n][e], S[rt][n][e + 1]);
+                }
+    };
 
     const T* const ins[6] = {r, w, k, v, a, b};
     float* const dst_of[6] = {sRg, sLW, sK, sV, sAg, sB};
-    const int ld_of[6] = {LDA, LDA, LDA, LDK, LDA, LDA};
     wkv7::Chunk8<T> pre[6][CPA];
     auto load = [&](int t0) {
 #pragma unroll
@@ -1200,7 +1250,7 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
                     pre[arr][jj].get(f);
 #pragma unroll
                     for (int z = 0; z < 8; ++z) f[z] = in ? (arr == 1 ? -expf(f[z]) : f[z]) : 0.f;
-                    float* d = dst_of[arr] + t * ld_of[arr] + col;
+                    float* d = dst_of[arr] + t * LDA + col;
                     *reinterpret_cast<float4*>(d) = make_float4(f[0], f[1], f[2], f[3]);
                     *reinterpret_cast<float4*>(d + 4) = make_float4(f[4], f[5], f[6], f[7]);
                 }
@@ -1213,17 +1263,11 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
     for (int ci = 0; ci < nchunks; ++ci) {
         const int c = REV ? nchunks - 1 - ci : ci;
         const int t0 = c * L;
-        __syncwarp();
         // the state before this chunk (own rows) = checkpoint; MODE 2: the adjoint after the chunk's last token
         // (w.r.t. the state the chunk ends with, everything later included)
         if (!TRANS && ckpt != nullptr) {
             const long long cs = rwkv::chunk_slot(nullptr, T_len, sq, 0, WKV7_CK, (seg * seg_len + t0) / WKV7_CK);
-            float* dst = ckpt + ((cs * H + h) * N) * (long long)N;
-            for (int e = lane; e < RW * N / 4; e += 32) {
-                const int i = q * RW + e / (N / 4), j4 = 4 * (e % (N / 4));
-                *reinterpret_cast<float4*>(dst + (long long)i * N + j4) =
-                    *reinterpret_cast<const float4*>(sS + i * LDA + j4);
-            }
+            store_state(ckpt + ((cs * H + h) * N) * (long long)N);
         }
         __syncthreads();   // (B1) the previous chunk is done with the token matrices
         stage(t0);
@@ -1253,8 +1297,8 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
 #pragma unroll 4
                 for (int t = L - 1; t >= 0; --t) {      // g = G(t, L-1)
                     const float f = expf(g);
-                    sBg[t * LDK + j] = sB[t * LDA + j] * f;
-                    sKg[t * LDK + j] = sK[t * LDA + j] * f;
+                    sBg[t * LDA + j] = sB[t * LDA + j] * f;
+                    sKg[t * LDA + j] = sK[t * LDA + j] * f;
                     g += sLW[t * LDA + j];
                 }
             }
@@ -1266,13 +1310,13 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
             float* Im = sI + m * L * LDI;
             const bool strict = m < 2;
             if (!unsafe) {
-                float acc[8];
-                zero(acc);
-                mma_tile<false, true, SPLIT, false>(acc, m < 2 ? sAg : sRg, LDA, (m & 1) ? sKi : sBi, LDA, N);
+                float acc[1][8];
+                zero(acc[0]);
+                mma_strip_pairs<SPLIT, 1>(acc, m < 2 ? sAg : sRg, LDA, (m & 1) ? sKi : sBi, LDA, N);
 #pragma unroll
                 for (int rr = 0; rr < 8; ++rr) {
                     const int t = acc_row(rr), s = acc_col(rr);
-                    Im[t * LDI + s] = (strict ? s < t : s <= t) ? acc[rr] : 0.f;
+                    Im[t * LDI + s] = (strict ? s < t : s <= t) ? acc[0][rr] : 0.f;
                 }
             } else {
                 // x from global memory (a or r), y from the staged b or k, the log decays staged
@@ -1298,12 +1342,10 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
             const int base = q * RW + 16 * rt;
             float acc[8];
             zero(acc);
-            if (REV) {
-                mma_tile<false, true, SPLIT, false>(acc, sBg, LDK, sS + base * LDA, LDA, N);
-                if (base < N) mma_tile<true, false, SPLIT, false>(acc, Qab, LDI, sV + base, LDK, L);
-            } else {
-                mma_tile<false, true, SPLIT, false>(acc, sAg, LDA, sS + base * LDA, LDA, N);
-                if (base < N) mma_tile<false, false, SPLIT, false>(acc, Mak, LDI, sV + base, LDK, L);
+            mma_tile_acc_t<SPLIT>(acc, REV ? sBg : sAg, LDA, S[rt]);
+            if (base < N) {
+                if (REV) mma_tile<true, false, SPLIT, false>(acc, Qab, LDI, sV + base, LDA, L);
+                else mma_tile<false, false, SPLIT, false>(acc, Mak, LDI, sV + base, LDA, L);
             }
             store_tile(sU + base, LDU, acc);
         }
@@ -1330,57 +1372,48 @@ __global__ void __launch_bounds__(TcCfg<N, MODE>::NT) wkv7_tc_chunk(
         if (MODE == 0) {
             const int base = q * RW;
             zero(yacc);
-            mma_tile<false, true, SPLIT, false>(yacc, sRg, LDA, sS + base * LDA, LDA, N);
+            mma_tile_acc_t<SPLIT>(yacc, sRg, LDA, S[0]);
             mma_tile<false, false, SPLIT, false>(yacc, Qab, LDI, sU + base, LDU, L);
-            mma_tile<false, false, SPLIT, false>(yacc, Qak, LDI, sV + base, LDK, L);
+            mma_tile<false, false, SPLIT, false>(yacc, Qak, LDI, sV + base, LDA, L);
         }
         __syncwarp();
         // ---- S' = S diag(gamma) + U^T B_g + V^T K_g (own rows).  MODE 2: X' = X diag(gamma) + Z^T A_g + dY^T R_g
-        // (the N/16 column tiles of a row block as one strip: the A fragments of U^T and V^T loaded once)
+        // (the N/16 column tiles of a row block as one strip: the A fragments of U^T and V^T loaded once), onto
+        // the registers
 #pragma unroll
-        for (int rt = 0; rt < RW / 16; ++rt) {
+        for (int rt = 0; rt < RT; ++rt) {
             const int base = q * RW + 16 * rt;
-            constexpr int NTL = N / 16;
-            float acc[NTL][8];
-            float* st = sS + base * LDA;
 #pragma unroll
-            for (int n = 0; n < NTL; ++n) {
-                load_tile(acc[n], st + 16 * n, LDA);
+            for (int n = 0; n < NTL; ++n)
 #pragma unroll
-                for (int rr = 0; rr < 8; ++rr) acc[n][rr] *= sGam[16 * n + acc_col(rr)];
-            }
+                for (int rr = 0; rr < 8; ++rr) S[rt][n][rr] *= sGam[16 * n + acc_col(rr)];
             if (REV) {
-                mma_strip<true, false, SPLIT, NTL, false>(acc, sU + base, LDU, sAg, LDA, L);
-                if (base < N) mma_strip<true, false, SPLIT, NTL, false>(acc, sV + base, LDK, sRg, LDA, L);
+                mma_strip<true, false, SPLIT, NTL, false>(S[rt], sU + base, LDU, sAg, LDA, L);
+                if (base < N) mma_strip<true, false, SPLIT, NTL, false>(S[rt], sV + base, LDA, sRg, LDA, L);
             } else {
-                mma_strip<true, false, SPLIT, NTL, false>(acc, sU + base, LDU, sBg, LDK, L);
-                if (base < N) mma_strip<true, false, SPLIT, NTL, false>(acc, sV + base, LDK, sKg, LDK, L);
+                mma_strip<true, false, SPLIT, NTL, false>(S[rt], sU + base, LDU, sBg, LDA, L);
+                if (base < N) mma_strip<true, false, SPLIT, NTL, false>(S[rt], sV + base, LDA, sKg, LDA, L);
             }
-#pragma unroll
-            for (int n = 0; n < NTL; ++n) store_tile(st + 16 * n, LDA, acc[n]);
         }
-        if (MODE == 0) {   // y through the warp's own U columns (no longer needed), coalesced stores
+        if (MODE == 0) {   // y through the warp's own U columns (no longer needed): lane -> 8 values of a token
             const int base = q * RW;
             __syncwarp();
             store_tile(sU + base, LDU, yacc);
             __syncwarp();
-            for (int e = lane; e < L * 16; e += 32) {
-                const int t = e / 16, i = e % 16;
-                if (t0 + t < len) y[((start + t0 + t) * H + h) * N + base + i] = rwkv::from_float<T>(sU[t * LDU + base + i]);
+            const int t = lane / 2, i = base + 8 * (lane % 2);
+            if (t0 + t < len) {
+                float f[8];
+#pragma unroll
+                for (int m = 0; m < 8; ++m) f[m] = sU[t * LDU + i + m];
+                wkv7::Chunk8<T>::store(y + ((start + t0 + t) * H + h) * N + i, f, vv);
             }
         }
     }
-    __syncwarp();
     // ---- results (own rows)
     float* out = nullptr;
     if (TRANS) out = seg_state;
     else if (nseg == 1 && state_out != nullptr && slot >= 0) out = state_out + (slot * H + h) * (long long)(N * N);
-    if (out != nullptr) {
-        for (int e = lane; e < RW * N / 4; e += 32) {
-            const int i = q * RW + e / (N / 4), j4 = 4 * (e % (N / 4));
-            *reinterpret_cast<float4*>(out + (long long)i * N + j4) = *reinterpret_cast<const float4*>(sS + i * LDA + j4);
-        }
-    }
+    if (out != nullptr) store_state(out);
 }
 
 // Scan over segments: grid num * H * (N / 16), block 256; block (sequence sq, head h, rows 16*rb ..) carries its 16

@@ -1,6 +1,7 @@
 """cuda_src/tc.cuh's warp-level products on the CPU emulation (one OS thread per lane, tests/cuda_emulation.py),
 against NumPy float64: every operand layout (TA, TB), the scalings as fragments load (fa, fb, B2), 3xTF32 (SPLIT),
-ldmatrix on and off (LDSM), and ldmatrix's operand rule (16-byte aligned rows in shared memory) enforced."""
+ldmatrix on and off (LDSM), and ldmatrix's operand rule (16-byte aligned rows in shared memory) enforced; the pair
+loads (k permuted inside 8-blocks): mma_strip_pairs, and mma_tile_acc_t with B taken from accumulator registers."""
 import ctypes
 import os
 import subprocess
@@ -25,6 +26,7 @@ inline thread_local uint3_ threadIdx;
 inline std::barrier<>* g_warp = nullptr;
 inline void __syncwarp(unsigned = 0xffffffffu) { g_warp->arrive_and_wait(); }
 inline float* g_dyn = nullptr;   // the emulated shared memory
+struct alignas(8) float2 { float x, y; };
 #define __device__
 #define __forceinline__ inline
 MMA_EMU
@@ -62,6 +64,44 @@ extern "C" void run(int variant, float* smem, long nsmem, long a_off, int lda, c
         });
     for (auto& t : th) t.join();
 }
+
+// C (16 x 16 NT) = A B^T, A [16][K] and B [16 NT][K] both stored along k (mma_strip_pairs)
+template <bool SPLIT>
+static void pairs(const float* A, int lda, const float* B, int ldb, int K, float* C) {
+    float acc[NT][8];
+    for (int n = 0; n < NT; ++n) rwkv::tc::zero(acc[n]);
+    rwkv::tc::mma_strip_pairs<SPLIT, NT>(acc, A, lda, B, ldb, K);
+    for (int n = 0; n < NT; ++n)
+        for (int r = 0; r < 8; ++r) C[rwkv::tc::acc_row(r) * (16 * NT) + 16 * n + rwkv::tc::acc_col(r)] = acc[n][r];
+}
+
+// C (16 x 16) = C0 + A S^T, A [16][16 NT] along k, S (16 x 16 NT, row-major) held as accumulator tiles
+template <bool SPLIT>
+static void acc_t(const float* A, int lda, const float* S, const float* C0, float* C) {
+    float s[NT][8], acc[8];
+    for (int n = 0; n < NT; ++n)
+        for (int r = 0; r < 8; ++r) s[n][r] = S[rwkv::tc::acc_row(r) * (16 * NT) + 16 * n + rwkv::tc::acc_col(r)];
+    for (int r = 0; r < 8; ++r) acc[r] = C0[rwkv::tc::acc_row(r) * 16 + rwkv::tc::acc_col(r)];
+    rwkv::tc::mma_tile_acc_t<SPLIT, NT>(acc, A, lda, s);
+    for (int r = 0; r < 8; ++r) C[rwkv::tc::acc_row(r) * 16 + rwkv::tc::acc_col(r)] = acc[r];
+}
+
+// which = 0: pairs (B at b_off, ldb), 1: acc_t (S: the host array s, C0: the host array c0)
+extern "C" void run_pairs(int which, int split, float* smem, long nsmem, long a_off, int lda, long b_off, int ldb,
+                          int K, const float* s, const float* c0, float* C) {
+    g_dyn = smem;
+    g_dyn_floats = nsmem;
+    std::barrier<> bar(32);
+    g_warp = &bar;
+    std::vector<std::thread> th;
+    for (int l = 0; l < 32; ++l)
+        th.emplace_back([=] {
+            threadIdx.x = l;
+            if (which == 0) (split ? pairs<true> : pairs<false>)(smem + a_off, lda, smem + b_off, ldb, K, C);
+            else (split ? acc_t<true> : acc_t<false>)(smem + a_off, lda, s, c0, C);
+        });
+    for (auto& t : th) t.join();
+}
 """.replace("MMA_EMU", cuda_emulation.MMA_EMU).replace("NT_VALUE", str(NT))
 
 
@@ -86,6 +126,9 @@ def _load(path):
     lib.run.argtypes = [ctypes.c_int, P, ctypes.c_long, ctypes.c_long, ctypes.c_int, P, ctypes.c_long,
                         ctypes.c_long, ctypes.c_int, P, ctypes.c_int, P]
     lib.run.restype = None
+    lib.run_pairs.argtypes = [ctypes.c_int, ctypes.c_int, P, ctypes.c_long, ctypes.c_long, ctypes.c_int,
+                              ctypes.c_long, ctypes.c_int, ctypes.c_int, P, P, P]
+    lib.run_pairs.restype = None
     return lib
 
 
@@ -182,3 +225,45 @@ def test_ldmatrix_rows_must_be_aligned(tc_lib, a_shift, lda_pad):
 def test_ldmatrix_aligned_control_runs(tc_lib):
     res = _run_misplaced(tc_lib, 0, 4)
     assert res.returncode == 0 and "ran" in res.stdout, res.stdout + res.stderr
+
+
+def _check_tf32(err, split):
+    # TF32 keeps 11 significant bits per operand, 3xTF32 about 22 (fp32 products); a plain TF32 error far below
+    # 2^-11 would mean the rounding went missing
+    if split:
+        assert err < 2e-6, err
+    else:
+        assert 1e-5 < err < 2e-3, err
+
+
+def _rel(C, want):
+    return np.sqrt(np.mean((C - want) ** 2) / np.mean(want ** 2))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["tf32", "3xtf32"])
+@pytest.mark.parametrize("K", [8, 64])
+def test_strip_pairs_matches_float64(tc_lib, split, K):
+    """Both operands stored along k (row strides 8 mod 32, as the kernels use), k permuted by the pair loads."""
+    lib = _load(tc_lib)
+    rng = np.random.default_rng(K + 2 * split)
+    A, B = rng.standard_normal((M, K)), rng.standard_normal((NCOL, K))
+    smem, (a_off, b_off) = _pack([(A, K + 8), (B, K + 8)])
+    C = np.full((M, NCOL), np.nan, np.float32)
+    lib.run_pairs(0, int(split), smem.ctypes.data, smem.size, a_off, K + 8, b_off, K + 8, K, None, None,
+                  C.ctypes.data)
+    _check_tf32(_rel(C, A @ B.T), split)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["tf32", "3xtf32"])
+def test_tile_acc_t_takes_b_from_accumulators(tc_lib, split):
+    """C0 + A S^T with S given as a warp's accumulator tiles (the state kept in registers by wkv7_tc_chunk)."""
+    lib = _load(tc_lib)
+    rng = np.random.default_rng(7 + split)
+    K = NCOL
+    A, S, C0 = rng.standard_normal((M, K)), rng.standard_normal((M, K)), rng.standard_normal((M, M))
+    smem, (a_off,) = _pack([(A, K + 8)])
+    S32, C032 = S.astype(np.float32), C0.astype(np.float32)
+    C = np.full((M, M), np.nan, np.float32)
+    lib.run_pairs(1, int(split), smem.ctypes.data, smem.size, a_off, K + 8, -1, 0, K, S32.ctypes.data,
+                  C032.ctypes.data, C.ctypes.data)
+    _check_tf32(_rel(C - C0, A @ S.T), split)

@@ -692,6 +692,7 @@ template <typename T, int N> void bwd(const uint64_t* a, int grid, int blk, size
      (const int*)P_(13), I_(14), L_(15), (const float*)P_(16), (float*)P_(17), (const int*)P_(18), I_(19), (int*)P_(20),
      (const float*)P_(21), (float*)P_(22), I_(23), I_(24)); }); }
 template <typename T, int N, int M> void tcc(const uint64_t* a, int grid, int blk, size_t smem) {
+  if (smem != (size_t)TcCfg<N, M>::SMEM_FLOATS * 4 || blk != TcCfg<N, M>::NT) std::abort();   // launcher mismatch
   emu_run(grid, blk, smem, [&]{ wkv7_tc_chunk<T, N, M>((const T*)P_(0),(const T*)P_(1),(const T*)P_(2),(const T*)P_(3),
      (const T*)P_(4),(const T*)P_(5),(T*)P_(6), I_(7), I_(8), I_(9), I_(10), (const float*)P_(11), (float*)P_(12),
      (const int*)P_(13), I_(14), (int*)P_(15), (float*)P_(16), (float*)P_(17), I_(18)); }); }

@@ -311,10 +311,10 @@ def _tc_threads(N, mode):
 
 
 def _tc_smem(N, mode):
-    """Dynamic shared memory (bytes) of wkv7_tc_chunk<T, N, mode> (TcCfg::SMEM_FLOATS): 7 token arrays [L][N+4],
-    3 [L][N+8], the state [R][N+4], U [L][R+8], 4 intra-chunk matrices [L][20], the chunk decay [N]."""
+    """Dynamic shared memory (bytes) of wkv7_tc_chunk<T, N, mode> (TcCfg::SMEM_FLOATS): 10 token arrays [L][N+8],
+    U [L][R+8], 4 intra-chunk matrices [L][20], the chunk decay [N] (the state stays in registers)."""
     L, R = TC_L, (2 * N if mode in (1, 3) else N)
-    return 4 * (7 * L * (N + 4) + 3 * L * (N + 8) + R * (N + 4) + L * (R + 8) + 4 * L * 20 + N)
+    return 4 * (10 * L * (N + 8) + L * (R + 8) + 4 * L * 20 + N)
 
 
 def _tc_bwd_warps(N):
@@ -489,7 +489,7 @@ def gpu_forward(call, x, state_in, state_out, save):
     else:
         if save:
             ckpt = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
-        vec = _gpu.aligned(*(x[n] for n in ("r", "w", "k", "v", "a", "b")))   # 16-byte input loads
+        vec = _gpu.aligned(*(x[n] for n in ("r", "w", "k", "v", "a", "b")), y)   # 16-byte loads (and y stores)
         if _use_chunked(call):
             _forward_chunked(call, x, y, state_in, state_out, ckpt, vec)
             return y, {"ckpt": ckpt}
