@@ -2026,16 +2026,23 @@ __global__ void __launch_bounds__(WyCfg<N, MODE>::NT, 2) wkv7_tc_wy(
 // and the factorization overflow) is appended to the list `fix` ([count, ids]) and done exactly by
 // wkv7_backward's per-chunk mode.  Products on tensor cores (TF32; 3xTF32 for fp32 I/O), the rest in fp32.
 namespace wkv7 {
-// Sums of the log decays lw (column p[s * LD], s < L) before token t (G(-1, t-1) -> gp) and after it (G(t, L-1)
-// -> gs), each over exactly its tokens in token order.
-template <int L, int LD>
-__device__ __forceinline__ void chunk_sums(const float* p, int t, float& gp, float& gs) {
-    gp = 0.f; gs = 0.f;
+// Sums of the log decays lw (column p[s * LD], s < L) before and after each of the TPG tokens t0 .. t0+TPG-1:
+// gp[u] = G(-1, t-1) (summed in token order) and gs[u] = G(t, L-1) (summed from the chunk's end), each over
+// exactly its tokens; running sums, so a thread's TPG tokens share the additions.
+template <int L, int LD, int TPG>
+__device__ __forceinline__ void chunk_sums(const float* p, int t0, float (&gp)[TPG], float (&gs)[TPG]) {
+    float a = 0.f, b = 0.f;
+    for (int s = 0; s < t0; ++s) a += p[s * LD];
+    for (int s = L - 1; s >= t0 + TPG; --s) b += p[s * LD];
 #pragma unroll
-    for (int s = 0; s < L; ++s) {
-        const float x = p[s * LD];
-        if (s < t) gp += x;
-        else if (s > t) gs += x;
+    for (int u = 0; u < TPG; ++u) {
+        gp[u] = a;
+        a += p[(t0 + u) * LD];
+    }
+#pragma unroll
+    for (int u = TPG - 1; u >= 0; --u) {
+        gs[u] = b;
+        b += p[(t0 + u) * LD];
     }
 }
 }  // namespace wkv7
@@ -2095,6 +2102,8 @@ __global__ void __launch_bounds__(TcBwdCfg<N, NW_, ST_>::NT, TcBwdCfg<N, NW_, ST
     constexpr int L = C::L, NW = C::NW, NT = C::NT, LD = C::LD, LDI = C::LDI, TA = C::TA, NB = N / 16;
     static_assert(NB % C::ST == 0, "strip");
     constexpr int ST = C::ST, NS = NB / ST;   // tiles per strip, strips per 16 x N product
+    constexpr int TPG = L / (NT / N);         // tokens per thread in the per-element phases
+    static_assert(NT % N == 0 && L % (NT / N) == 0, "per-element phases");
     constexpr bool SPLIT = is_f32<T>::value;
     extern __shared__ __align__(16) float smem[];
     float* sR = smem;            float* sLW = smem + TA;      float* sK = smem + 2 * TA;  float* sV = smem + 3 * TA;
@@ -2186,13 +2195,16 @@ __global__ void __launch_bounds__(TcBwdCfg<N, NW_, ST_>::NT, TcBwdCfg<N, NW_, ST
         Pyu[part * N + j] = d0 + d1;
     }
     // ---- decay factors per (token, channel), each from sums over exactly its tokens: A_g, R_g, Bi, Ki, B_g, K_g
-    for (int e = tid; e < L * N; e += NT) {
-        const int t = e / N, j = e % N, o = t * LD + j;
-        float gp, gs;
-        wkv7::chunk_sums<L, LD>(sLW + j, t, gp, gs);
-        const float g = gp + sLW[o];
-        const float inv = expf(-g), kd = expf(gs);
-        sAg[o] = sA[o] * expf(gp);
+    // the per-element phases: thread -> channel dj, tokens dt0 .. dt0+TPG-1 (their decay sums shared)
+    const int dj = tid % N, dt0 = TPG * (tid / N);
+    float gp[TPG], gs[TPG];
+    wkv7::chunk_sums<L, LD, TPG>(sLW + dj, dt0, gp, gs);
+#pragma unroll
+    for (int u = 0; u < TPG; ++u) {
+        const int o = (dt0 + u) * LD + dj;
+        const float g = gp[u] + sLW[o];
+        const float inv = expf(-g), kd = expf(gs[u]);
+        sAg[o] = sA[o] * expf(gp[u]);
         sRg[o] = sR[o] * expf(g);
         sBi[o] = sB[o] * inv;
         sKi[o] = sK[o] * inv;
@@ -2316,14 +2328,14 @@ __global__ void __launch_bounds__(TcBwdCfg<N, NW_, ST_>::NT, TcBwdCfg<N, NW_, ST
     __syncthreads();
     // ---- per (token, channel): the decay factors of dR, dA, dK, dB (in place); the decay gradient's terms:
     // sU <- r dr - b db - k dk, sV <- a da, sBi <- Kd (b (U X) + k (V X))   (U, V, Bi are dead after phase 4)
-    for (int e = tid; e < L * N; e += NT) {
-        const int t = e / N, j = e % N, o = t * LD + j;
-        float gp, gs;
-        wkv7::chunk_sums<L, LD>(sLW + j, t, gp, gs);
-        const float g = gp + sLW[o];
-        const float inv = expf(-g), kd = expf(gs);
+    wkv7::chunk_sums<L, LD, TPG>(sLW + dj, dt0, gp, gs);   // again (as above): cheaper than registers held
+#pragma unroll
+    for (int u = 0; u < TPG; ++u) {
+        const int o = (dt0 + u) * LD + dj;
+        const float g = gp[u] + sLW[o];
+        const float inv = expf(-g), kd = expf(gs[u]);
         const float vdr = expf(g) * sdR[o];
-        const float vda = expf(gp) * sdA[o];
+        const float vda = expf(gp[u]) * sdA[o];
         const float vdk = fmaf(kd, sVX[o], inv * sdK[o]);
         const float vdb = fmaf(kd, sUX[o], inv * sdB[o]);
         sdR[o] = vdr; sdA[o] = vda; sdK[o] = vdk; sdB[o] = vdb;
