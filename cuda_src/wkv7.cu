@@ -2360,15 +2360,18 @@ __global__ void __launch_bounds__(TcBwdCfg<N, NW_, ST_>::NT, TcBwdCfg<N, NW_, ST
         }
     }
     __syncthreads();
-    // ---- outputs (dw = dlw * lw), coalesced over channels
-    for (int e = tid; e < len * N; e += NT) {
-        const int t = e / N, j = e % N, o = t * LD + j;
-        const long long go = ((tok0 + t) * H + h) * N + j;
-        dr[go] = rwkv::from_float<T>(sdR[o]);
-        dk[go] = rwkv::from_float<T>(sdK[o]);
-        db[go] = rwkv::from_float<T>(sdB[o]);
-        da[go] = rwkv::from_float<T>(sdA[o]);
-        dw[go] = rwkv::from_float<T>(sU[o] * sLW[o]);
-        dv[go] = rwkv::from_float<T>(sdV[o]);
+    // ---- outputs (dw = dlw * lw): 8 consecutive channels of one token and array per item (16-byte stores)
+    {
+        constexpr int N8 = N / 8, PIECES = L * N8;
+        for (int e = tid; e < 6 * PIECES; e += NT) {
+            const int arr = e / PIECES, t = (e % PIECES) / N8, j = 8 * (e % N8), o = t * LD + j;
+            if (t >= len) continue;
+            const float* src = arr == 0 ? sdR : arr == 1 ? sU : arr == 2 ? sdK : arr == 3 ? sdV : arr == 4 ? sdA : sdB;
+            T* dst = arr == 0 ? dr : arr == 1 ? dw : arr == 2 ? dk : arr == 3 ? dv : arr == 4 ? da : db;
+            float f[8];
+#pragma unroll
+            for (int m = 0; m < 8; ++m) f[m] = arr == 1 ? src[o + m] * sLW[o + m] : src[o + m];
+            wkv7::Chunk8<T>::store(dst + ((tok0 + t) * H + h) * N + j, f, vec != 0);
+        }
     }
 }

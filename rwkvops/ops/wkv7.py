@@ -372,7 +372,7 @@ def _backward_chunked(call, x, saved, dy, dstate, g, dstate_in):
         dy = call.empty(tuple(x["r"].shape), call.dtype)
         _gpu.zero(dy)
     ins = [ptr(x[n]) for n in ("r", "w", "k", "v", "a", "b")]
-    vec = _gpu.aligned(*(x[n] for n in ("r", "w", "k", "v", "a", "b")), dy)
+    vec = _gpu.aligned(*(x[n] for n in ("r", "w", "k", "v", "a", "b")), dy, *g.values())   # 16-byte accesses
     dck = call.empty((max(seqs.chunk_slots(CK), 1), H, N, N), "float32")
     fix = call.empty((1 + B * nch * H,), "int32")   # [count, chunk ids]
     _gpu.zero(fix)
